@@ -1,0 +1,54 @@
+# `make demo` and `make test` each set up everything they need on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+OUT := out
+DEMO_BUNDLE := $(OUT)/bundles/lesion-unet
+ECHO_CINE = $$($(PY) -c "from pydicom.data import get_testdata_file; print(get_testdata_file('color3d_jpeg_baseline.dcm'))")
+
+.PHONY: demo test lint typecheck pytest proto train clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# The CPU build of torch first, so nothing can pull a multi-GB CUDA build.
+	$(PIP) install --quiet "torch==2.13.0"
+	$(PIP) install --quiet -e ".[export,demo,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/edgescope export --name lesion-unet --out $(DEMO_BUNDLE) --overwrite \
+		--factory examples/ultrasound_unet/model.py:build --weights examples/ultrasound_unet/weights.pt \
+		--description "Lesion segmentation in B-mode ultrasound (trained on simulated images)" \
+		--input-size 256x256 --color gray --data synthetic:ultrasound --samples 16
+	$(PY) -m edgescope.runtime.demo --bundle $(DEMO_BUNDLE) --source "dicom:$(ECHO_CINE)" \
+		--save $(OUT)/demo_overlay.mp4 --summary $(OUT)/demo_summary.json
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# mypy reads the installed layout (edgescope.export lives in export/), so it
+# checks a link tree that mirrors it.
+typecheck: $(STAMP)
+	rm -rf build/typecheck && mkdir -p build/typecheck
+	cp -rs $(CURDIR)/edgescope build/typecheck/edgescope
+	ln -s $(CURDIR)/export build/typecheck/edgescope/export
+	ln -s $(CURDIR)/runtime build/typecheck/edgescope/runtime
+	cd build/typecheck && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p edgescope
+
+pytest: $(STAMP)
+	$(VENV)/bin/pytest
+
+test: lint typecheck pytest
+
+proto: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) scripts/gen_proto.py
+
+train: $(STAMP)
+	$(PY) examples/ultrasound_unet/train.py
+
+clean:
+	rm -rf $(VENV) build $(OUT)

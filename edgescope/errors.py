@@ -1,0 +1,65 @@
+"""The one exception hierarchy of edgescope.
+
+::
+
+    EdgescopeError
+    ├── ConfigError              bad configuration or command-line arguments
+    ├── MissingDependencyError   an optional package or capability is absent
+    ├── BundleError              a bundle is missing, malformed or altered
+    ├── ExportError              a model could not be turned into a bundle
+    │   └── ValidationFailedError    the accuracy gate refused the bundle
+    ├── SourceError              a frame source cannot be opened or read
+    ├── FrameError               one frame is malformed (the stream goes on)
+    ├── ModelNotFoundError       a request names a model that is not loaded
+    └── BackendError             an inference backend failed
+
+Errors are translated at boundaries (``raise ... from exc``); the runtime maps
+them to gRPC status codes in one place (``edgescope.runtime.status``).
+"""
+
+from __future__ import annotations
+
+
+class EdgescopeError(Exception):
+    """Base class of every error edgescope raises on purpose."""
+
+
+class ConfigError(EdgescopeError):
+    """Configuration or command-line arguments are invalid."""
+
+
+class MissingDependencyError(EdgescopeError):
+    """An optional dependency is not installed; the message says how to get it."""
+
+    def __init__(self, what: str, install_hint: str) -> None:
+        super().__init__(f"{what} is not available: {install_hint}")
+        self.what = what
+        self.install_hint = install_hint
+
+
+class BundleError(EdgescopeError):
+    """A model bundle is missing, malformed, or does not match its manifest."""
+
+
+class ExportError(EdgescopeError):
+    """A model could not be exported to a bundle."""
+
+
+class ValidationFailedError(ExportError):
+    """The exported model does not reproduce the original within the thresholds."""
+
+
+class SourceError(EdgescopeError):
+    """A frame source cannot be opened or read."""
+
+
+class FrameError(EdgescopeError):
+    """One frame is malformed; only that frame fails."""
+
+
+class ModelNotFoundError(EdgescopeError):
+    """A request names a model the server has not loaded."""
+
+
+class BackendError(EdgescopeError):
+    """An inference backend failed to load a model or to run it."""

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC modules for the edgescope.v1 API (see proto/)."""

@@ -1,0 +1,214 @@
+"""One-call export: model -> ONNX -> accuracy gate -> bundle.
+
+::
+
+    from edgescope.export import ExportRequest, export_model
+    export_model(ExportRequest(name="lesion-unet", output=Path("bundles/lesion-unet"),
+                               factory="examples/ultrasound_unet/model.py:build",
+                               weights=Path("examples/ultrasound_unet/weights.pt")))
+
+Every step prints one timing line. Nothing is written at ``output`` unless
+every step succeeds (or the user forces a bundle that failed the gate, which
+the manifest then records).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+import edgescope
+from edgescope.bundle import ONNX_FILE, Bundle, load_bundle, sha256_file, staged_bundle, write_manifest
+from edgescope.errors import ConfigError, ExportError, ValidationFailedError
+from edgescope.export.loading import load_model
+from edgescope.export.onnx_export import DEFAULT_OPSET, export_onnx
+from edgescope.export.validation import GateThresholds, compare, format_report
+from edgescope.runtime.pipeline.preprocess import preprocess
+from edgescope.runtime.sources import open_source
+from edgescope.v1 import manifest_pb2
+
+Log = Callable[[str], None]
+
+_COLORS = {"gray": manifest_pb2.COLOR_MODE_GRAY, "rgb": manifest_pb2.COLOR_MODE_RGB, "bgr": manifest_pb2.COLOR_MODE_BGR}
+_RESIZE = {"stretch": manifest_pb2.RESIZE_MODE_STRETCH, "letterbox": manifest_pb2.RESIZE_MODE_LETTERBOX}
+_ACTIVATIONS = {"sigmoid": manifest_pb2.ACTIVATION_SIGMOID, "softmax": manifest_pb2.ACTIVATION_SOFTMAX, "none": manifest_pb2.ACTIVATION_NONE}
+SUPPORTED_TASKS = {"segmentation": manifest_pb2.TASK_SEGMENTATION}
+SUPPORTED_PRECISIONS = {"fp32": manifest_pb2.PRECISION_FP32}
+
+
+@dataclass(slots=True)
+class ExportRequest:
+    """What to export and how the runtime should feed and read the model."""
+
+    name: str
+    output: Path
+    factory: str | None = None
+    weights: Path | None = None
+    torchscript: Path | None = None
+    version: str = "1"
+    description: str = ""
+    task: str = "segmentation"
+    precision: str = "fp32"
+    input_height: int = 256
+    input_width: int = 256
+    color: str = "gray"
+    resize: str = "stretch"
+    scale: float = 1.0 / 255.0
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    labels: list[str] = field(default_factory=lambda: ["background", "lesion"])
+    activation: str = "sigmoid"
+    threshold: float = 0.5
+    min_component_pixels: int = 0
+    data: str = "synthetic:ultrasound"
+    samples: int = 16
+    thresholds: GateThresholds = field(default_factory=GateThresholds)
+    force: bool = False
+    overwrite: bool = False
+    opset: int = DEFAULT_OPSET
+    input_name: str = "image"
+    output_name: str = "logits"
+
+
+def _choice(value: str, options: dict[str, int], what: str) -> int:
+    if value not in options:
+        raise ConfigError(f"{what} {value!r} is not supported; choose one of: {', '.join(options)}")
+    return options[value]
+
+
+def build_manifest(request: ExportRequest) -> manifest_pb2.ModelManifest:
+    """The manifest's model description (files and validation are added later)."""
+    task = _choice(request.task, SUPPORTED_TASKS, "task")
+    precision = _choice(request.precision, SUPPORTED_PRECISIONS, "precision")
+    if request.input_height <= 0 or request.input_width <= 0:
+        raise ConfigError(f"input size {request.input_height}x{request.input_width} must be positive")
+    channels = 1 if request.color == "gray" else 3
+    manifest = manifest_pb2.ModelManifest(
+        schema_version=1,
+        name=request.name,
+        version=request.version,
+        description=request.description,
+        task=task,
+        precision=precision,
+        labels=request.labels,
+        preprocessing=manifest_pb2.Preprocessing(
+            height=request.input_height,
+            width=request.input_width,
+            color=_choice(request.color, _COLORS, "color"),
+            resize=_choice(request.resize, _RESIZE, "resize"),
+            layout=manifest_pb2.LAYOUT_NCHW,
+            scale=request.scale,
+            mean=request.mean,
+            std=request.std,
+        ),
+        postprocessing=manifest_pb2.Postprocessing(
+            output=request.output_name,
+            segmentation=manifest_pb2.SegmentationParams(
+                activation=_choice(request.activation, _ACTIVATIONS, "activation"),
+                threshold=request.threshold,
+                min_component_pixels=request.min_component_pixels,
+            ),
+        ),
+    )
+    shape = [manifest_pb2.Dim(symbol="batch"), manifest_pb2.Dim(size=channels),
+             manifest_pb2.Dim(size=request.input_height), manifest_pb2.Dim(size=request.input_width)]
+    manifest.inputs.append(manifest_pb2.TensorSpec(name=request.input_name, dtype=manifest_pb2.DATA_TYPE_FLOAT32, shape=shape))
+    return manifest
+
+
+def _output_spec(proto: onnx.ModelProto, name: str) -> manifest_pb2.TensorSpec:
+    for output in proto.graph.output:
+        if output.name == name:
+            dims = [
+                manifest_pb2.Dim(symbol=d.dim_param) if d.dim_param else manifest_pb2.Dim(size=d.dim_value)
+                for d in output.type.tensor_type.shape.dim
+            ]
+            return manifest_pb2.TensorSpec(name=name, dtype=manifest_pb2.DATA_TYPE_FLOAT32, shape=dims)
+    raise ExportError(f"the ONNX graph has no output named {name!r}")
+
+
+def representative_inputs(data: str, samples: int, spec: manifest_pb2.Preprocessing) -> list[np.ndarray]:
+    """Preprocessed frames from a source, exactly as the runtime would feed them."""
+    if samples <= 0:
+        raise ConfigError("validation needs at least one sample")
+    inputs = []
+    with open_source(data) as source:
+        for frame in source:
+            inputs.append(preprocess(frame.pixels, spec)[0])
+            if len(inputs) == samples:
+                break
+    if not inputs:
+        raise ExportError(f"validation source {data} yielded no frames")
+    return inputs
+
+
+@contextmanager
+def _step(log: Log, what: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    log(f"  {what:<34} {time.perf_counter() - start:7.2f} s")
+
+
+def export_model(request: ExportRequest, log: Log = print) -> Bundle:
+    """Export, validate and write a bundle; raises ExportError (or a subclass) on failure."""
+    import torch
+
+    manifest = build_manifest(request)
+    log(f"edgescope export {request.name} -> {request.output}")
+    with _step(log, "load PyTorch model"):
+        model = load_model(request.factory, request.weights, request.torchscript)
+    with _step(log, f"read {request.samples} frames from {request.data}"):
+        inputs = representative_inputs(request.data, request.samples, manifest.preprocessing)
+    with staged_bundle(request.output, overwrite=request.overwrite) as staging:
+        onnx_path = staging / ONNX_FILE
+        with _step(log, f"export ONNX (opset {request.opset})"):
+            proto = export_onnx(model, torch.from_numpy(inputs[0]), onnx_path,
+                                input_name=request.input_name, output_name=request.output_name, opset=request.opset)
+            for key, value in (("edgescope.name", request.name), ("edgescope.version", request.version), ("edgescope.task", request.task)):
+                proto.metadata_props.add(key=key, value=value)
+            onnx.save(proto, str(onnx_path))
+            manifest.outputs.append(_output_spec(proto, request.output_name))
+        with _step(log, "run PyTorch and ONNX Runtime"):
+            with torch.inference_mode():
+                reference = [model(torch.from_numpy(x)).numpy() for x in inputs]
+            session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+            candidate = [session.run([request.output_name], {request.input_name: x})[0] for x in inputs]
+            # The batch axis is dynamic: a batch must give the same answers as single frames.
+            batched = session.run([request.output_name], {request.input_name: np.concatenate(inputs[:2])})[0]
+            if not np.allclose(batched, np.concatenate(candidate[:2]), atol=request.thresholds.max_abs_error):
+                raise ExportError("the ONNX model gives different answers in a batch than frame by frame")
+        report = manifest.validation
+        report.reference = f"pytorch {torch.__version__}"
+        report.candidate = f"onnxruntime {ort.__version__} CPU fp32"
+        report.samples = len(inputs)
+        report.data_source = request.data
+        report.metrics.extend(compare(reference, candidate, manifest, request.thresholds))
+        report.passed = all(m.passed for m in report.metrics)
+        report.forced = request.force and not report.passed
+        log(format_report(report))
+        if not report.passed and not request.force:
+            raise ValidationFailedError(
+                f"{request.name}: the ONNX model does not reproduce PyTorch within the thresholds; "
+                "nothing was written (fix the model, relax the thresholds, or pass force to keep a bundle marked failed)"
+            )
+        manifest.versions.CopyFrom(manifest_pb2.Versions(
+            edgescope=edgescope.__version__, torch=torch.__version__, onnx=onnx.__version__,
+            opset=request.opset, onnxruntime=ort.__version__,
+        ))
+        manifest.created_at = datetime.now(UTC).isoformat(timespec="seconds")
+        source_file = request.weights or request.torchscript
+        if source_file is not None:
+            manifest.source_sha256 = sha256_file(source_file)
+        write_manifest(staging, manifest)
+    bundle = load_bundle(request.output)
+    log(f"wrote {request.output}: {', '.join(e.path for e in bundle.manifest.files)}, manifest.json")
+    log(f"next: edgescope serve {request.output}")
+    return bundle

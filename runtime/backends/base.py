@@ -1,0 +1,88 @@
+"""The backend contract: ``load(bundle) -> Session``; ``session.infer(feed)``.
+
+Sessions follow the runner shape: ``infer`` is public and timed, the
+implementation lives in ``_infer_impl``; a session is a context manager so
+device memory and threads are released deterministically.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from edgescope.bundle import Bundle
+from edgescope.errors import BackendError
+from edgescope.v1 import manifest_pb2
+
+Feed = Mapping[str, npt.NDArray[np.generic]]
+Outputs = dict[str, npt.NDArray[np.generic]]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCapabilities:
+    """What a session can do, so the pipeline can adapt without probing."""
+
+    dynamic_batch: bool
+    device_buffers: bool
+    device: str
+
+
+class Session(ABC):
+    """A loaded model ready to run; one per model per server."""
+
+    backend_name: str
+
+    def __init__(self, manifest: manifest_pb2.ModelManifest) -> None:
+        self.manifest = manifest
+        self.inference_time = 0.0
+        self._closed = False
+
+    @property
+    @abstractmethod
+    def capabilities(self) -> SessionCapabilities: ...
+
+    def infer(self, feed: Feed) -> Outputs:
+        """Run the model; ``inference_time`` holds the last call's seconds."""
+        if self._closed:
+            raise BackendError(f"{self.backend_name} session for {self.manifest.name} is closed")
+        start = time.perf_counter()
+        outputs = self._infer_impl(feed)
+        self.inference_time = time.perf_counter() - start
+        return outputs
+
+    @abstractmethod
+    def _infer_impl(self, feed: Feed) -> Outputs: ...
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._close_impl()
+
+    def _close_impl(self) -> None:
+        """Release backend resources; the default holds none."""
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Backend(Protocol):
+    """Turns a bundle into a session."""
+
+    name: str
+
+    def load(self, bundle: Bundle) -> Session: ...

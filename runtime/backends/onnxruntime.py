@@ -1,0 +1,82 @@
+"""ONNX Runtime backend: the embedded default, on the CPU.
+
+Execution providers are chosen explicitly and never silently swapped: if a
+requested provider is missing from the installed onnxruntime, loading fails
+and names the providers that are available.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from edgescope.bundle import Bundle
+from edgescope.errors import BackendError
+from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
+from edgescope.v1 import manifest_pb2
+
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+
+
+class OnnxRuntimeSession(Session):
+    backend_name = "onnxruntime"
+
+    def __init__(
+        self,
+        manifest: manifest_pb2.ModelManifest,
+        inference: ort.InferenceSession,
+    ) -> None:
+        super().__init__(manifest)
+        self._session = inference
+        self._output_names = [o.name for o in inference.get_outputs()]
+        self._provider = inference.get_providers()[0]
+
+    @property
+    def capabilities(self) -> SessionCapabilities:
+        first = self.manifest.inputs[0].shape[0] if self.manifest.inputs else None
+        dynamic = first is not None and first.WhichOneof("kind") == "symbol"
+        device = "cpu" if self._provider == "CPUExecutionProvider" else self._provider
+        return SessionCapabilities(dynamic_batch=dynamic, device_buffers=False, device=device)
+
+    def _infer_impl(self, feed: Feed) -> Outputs:
+        try:
+            values = self._session.run(self._output_names, dict(feed))
+        except Exception as exc:  # onnxruntime raises its own untyped exceptions
+            raise BackendError(f"onnxruntime failed on {self.manifest.name}: {exc}") from exc
+        return {name: np.asarray(v) for name, v in zip(self._output_names, values, strict=True)}
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        providers: Sequence[str] = DEFAULT_PROVIDERS,
+        intra_op_threads: int | None = None,
+    ) -> None:
+        available = ort.get_available_providers()
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise BackendError(
+                f"onnxruntime execution provider(s) {', '.join(missing)} are not in this "
+                f"onnxruntime build (available: {', '.join(available)}); install the matching "
+                "onnxruntime package (e.g. onnxruntime-gpu) or choose an available provider"
+            )
+        self.providers = list(providers)
+        self.intra_op_threads = intra_op_threads or (os.cpu_count() or 1)
+
+    def load(self, bundle: Bundle) -> OnnxRuntimeSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            inference = ort.InferenceSession(
+                str(bundle.onnx_path), sess_options=options, providers=self.providers
+            )
+        except Exception as exc:
+            raise BackendError(f"onnxruntime cannot load {bundle.onnx_path}: {exc}") from exc
+        return OnnxRuntimeSession(bundle.manifest, inference)

@@ -1,0 +1,167 @@
+"""Stream a frame source to a server and collect results, latency and overlays.
+
+The sender paces frames at the source's native rate (or as fast as the
+server accepts them); the receiver checks that every frame gets exactly one
+answer, in order, and records per-stage and end-to-end latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from edgescope.errors import EdgescopeError
+from edgescope.runtime.latency import LatencyRecorder
+from edgescope.runtime.overlay import VideoRecorder, draw_overlay
+from edgescope.runtime.pipeline.decode import encode_raw
+from edgescope.runtime.pipeline.encode import decode_mask
+from edgescope.runtime.server import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from edgescope.runtime.sources.base import FrameSource, SourceFrame
+from edgescope.runtime.sources.display import to_display_rgb8
+from edgescope.v1 import stream_pb2, stream_pb2_grpc
+
+SOURCE_KINDS = {
+    "ultrasound": stream_pb2.SOURCE_KIND_ULTRASOUND,
+    "endoscopy": stream_pb2.SOURCE_KIND_ENDOSCOPY,
+    "fluoroscopy": stream_pb2.SOURCE_KIND_FLUOROSCOPY,
+    "microscope": stream_pb2.SOURCE_KIND_MICROSCOPE,
+    "other": stream_pb2.SOURCE_KIND_OTHER,
+}
+
+ResultCallback = Callable[[SourceFrame, stream_pb2.Result], None]
+
+
+class StreamError(EdgescopeError):
+    """The server broke the stream's contract (a missing or out-of-order answer)."""
+
+
+@dataclass(slots=True)
+class StreamOptions:
+    target: str
+    model: str
+    realtime: bool = True
+    max_frames: int | None = None
+    stream_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    save: Path | None = None
+    mask_encoding: int = stream_pb2.MASK_ENCODING_PNG
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    timeout_s: float | None = None
+
+
+@dataclass(slots=True)
+class StreamReport:
+    sent: int
+    latency: LatencyRecorder
+    video: Path | None
+
+
+def build_frame(source_frame: SourceFrame, seq: int, options: StreamOptions, kind: str) -> stream_pb2.Frame:
+    frame = stream_pb2.Frame(
+        stream_id=options.stream_id,
+        seq=seq,
+        capture_time_ns=time.time_ns(),
+        model=options.model,
+        source_kind=SOURCE_KINDS[kind],
+        mask_encoding=options.mask_encoding,
+        raw=encode_raw(source_frame.pixels),
+    )
+    if source_frame.spacing_mm is not None:
+        frame.spacing.row_mm, frame.spacing.column_mm = source_frame.spacing_mm
+    return frame
+
+
+def _overlay_lines(result: stream_pb2.Result, e2e_ms: float) -> list[str]:
+    if result.status.code != stream_pb2.FRAME_STATUS_CODE_OK:
+        return [f"seq {result.seq}: {stream_pb2.FrameStatusCode.Name(result.status.code)} {result.status.reason}"[:90]]
+    timings = {t.stage: t.duration_ns / 1e6 for t in result.timings}
+    lines = [f"{result.provenance.model} {result.provenance.version} [{result.provenance.backend}] seq {result.seq}"]
+    lines.append(f"end-to-end {e2e_ms:.1f} ms  infer {timings.get('infer', 0.0):.1f} ms")
+    for quantity in result.quantities:
+        if quantity.unit == "mm2":
+            lines.append(f"{quantity.name}: {quantity.value:.1f} mm^2")
+    return lines
+
+
+def _mask_of(result: stream_pb2.Result) -> npt.NDArray[np.uint8] | None:
+    for output in result.outputs:
+        if output.WhichOneof("value") == "mask":
+            return decode_mask(output.mask)
+    return None
+
+
+async def stream_source(
+    source: FrameSource, options: StreamOptions, on_result: ResultCallback | None = None
+) -> StreamReport:
+    """Stream ``source`` through the server's Stream call and summarise the run."""
+    latency = LatencyRecorder()
+    in_flight: dict[int, SourceFrame] = {}
+    sent = 0
+    frames_iter: Iterator[SourceFrame] = iter(source)
+
+    async def frames() -> AsyncIterator[stream_pb2.Frame]:
+        nonlocal sent
+        start = time.monotonic()
+        while options.max_frames is None or sent < options.max_frames:
+            # Decoding a source frame (JPEG, video) blocks; keep it off the loop.
+            source_frame = await asyncio.to_thread(next, frames_iter, None)
+            if source_frame is None:
+                return
+            if options.realtime:
+                delay = start + source_frame.timestamp_s - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            in_flight[sent] = source_frame
+            yield build_frame(source_frame, sent, options, source.kind)
+            sent += 1
+
+    recorder = VideoRecorder(options.save, source.fps) if options.save is not None else None
+    expected = 0
+    try:
+        async with grpc.aio.insecure_channel(options.target, options=channel_options(options.max_message_bytes)) as channel:
+            stub = stream_pb2_grpc.StreamServiceStub(channel)
+            call = stub.Stream(frames(), timeout=options.timeout_s)
+            async for result in call:
+                received_ns = time.time_ns()
+                if result.seq != expected:
+                    raise StreamError(f"expected the answer to frame {expected}, got {result.seq}")
+                expected += 1
+                source_frame = in_flight.pop(result.seq)
+                e2e_ns = received_ns - result.capture_time_ns
+                _record(latency, result, e2e_ns)
+                if recorder is not None:
+                    recorder.write(draw_overlay(to_display_rgb8(source_frame.pixels), _mask_of(result), _overlay_lines(result, e2e_ns / 1e6)))
+                if on_result is not None:
+                    on_result(source_frame, result)
+    finally:
+        if recorder is not None:
+            recorder.close()
+    if expected != sent:
+        raise StreamError(f"sent {sent} frames but received {expected} answers")
+    return StreamReport(sent=sent, latency=latency, video=options.save)
+
+
+def _record(latency: LatencyRecorder, result: stream_pb2.Result, e2e_ns: int) -> None:
+    latency.results += 1
+    latency.mark(time.monotonic())
+    code = result.status.code
+    if code == stream_pb2.FRAME_STATUS_CODE_DROPPED:
+        latency.dropped += 1
+        return
+    if code != stream_pb2.FRAME_STATUS_CODE_OK:
+        latency.errors += 1
+        return
+    server_ns = 0
+    for timing in result.timings:
+        latency.add(timing.stage, timing.duration_ns)
+        server_ns += timing.duration_ns
+    latency.add("server_total", server_ns)
+    latency.add("transport", max(0, e2e_ns - server_ns))
+    latency.add("end_to_end", e2e_ns)

@@ -1,0 +1,1 @@
+"""The per-frame stages: decode, preprocess, postprocess, encode."""

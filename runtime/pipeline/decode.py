@@ -1,0 +1,111 @@
+"""Frame message -> pixel array, with every field checked.
+
+A malformed frame raises ``FrameError`` with a reason a person can act on;
+the caller answers that frame with an error and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from edgescope.errors import FrameError
+from edgescope.v1 import manifest_pb2, stream_pb2
+
+# Larger than any imaging sensor in use (16K x 16K); stops absurd allocations.
+MAX_SIDE = 16384
+
+_RAW_DTYPES: dict[int, type[np.uint8] | type[np.uint16] | type[np.float32]] = {
+    manifest_pb2.DATA_TYPE_UINT8: np.uint8,
+    manifest_pb2.DATA_TYPE_UINT16: np.uint16,
+    manifest_pb2.DATA_TYPE_FLOAT32: np.float32,
+}
+
+Pixels = npt.NDArray[np.uint8] | npt.NDArray[np.uint16] | npt.NDArray[np.float32]
+
+
+def decode_frame(frame: stream_pb2.Frame) -> Pixels:
+    """Return ``(H, W)`` gray or ``(H, W, 3)`` RGB pixels for a frame."""
+    kind = frame.WhichOneof("pixels")
+    if kind == "raw":
+        return _decode_raw(frame.raw)
+    if kind == "encoded":
+        return _decode_encoded(frame.encoded)
+    raise FrameError("frame carries no pixels: set raw or encoded")
+
+
+def _check_size(width: int, height: int) -> None:
+    if width == 0 or height == 0:
+        raise FrameError(f"frame size {width}x{height} is empty")
+    if width > MAX_SIDE or height > MAX_SIDE:
+        raise FrameError(f"frame size {width}x{height} exceeds the {MAX_SIDE} pixel limit per side")
+
+
+def _decode_raw(raw: stream_pb2.RawImage) -> Pixels:
+    _check_size(raw.width, raw.height)
+    dtype = _RAW_DTYPES.get(raw.dtype)
+    if dtype is None:
+        name = manifest_pb2.DataType.Name(raw.dtype) if raw.dtype in manifest_pb2.DataType.values() else str(raw.dtype)
+        raise FrameError(f"raw dtype {name} is not supported; use UINT8, UINT16 or FLOAT32")
+    channels = raw.channels
+    fmt = raw.format
+    expected_channels = {stream_pb2.PIXEL_FORMAT_GRAY: 1, stream_pb2.PIXEL_FORMAT_RGB: 3, stream_pb2.PIXEL_FORMAT_BGR: 3}
+    if fmt not in expected_channels:
+        raise FrameError("raw pixel format must be GRAY, RGB or BGR")
+    if channels != expected_channels[fmt]:
+        raise FrameError(
+            f"raw format {stream_pb2.PixelFormat.Name(fmt)} needs {expected_channels[fmt]} channel(s), "
+            f"the frame says {channels}"
+        )
+    expected = raw.width * raw.height * channels * np.dtype(dtype).itemsize
+    if len(raw.data) != expected:
+        raise FrameError(
+            f"raw data is {len(raw.data)} bytes; {raw.width}x{raw.height}x{channels} "
+            f"{np.dtype(dtype).name} needs {expected}"
+        )
+    pixels = np.frombuffer(raw.data, dtype=np.dtype(dtype).newbyteorder("<"))
+    pixels = pixels.astype(dtype, copy=False)
+    if channels == 1:
+        return pixels.reshape(raw.height, raw.width)
+    image = pixels.reshape(raw.height, raw.width, 3)
+    if fmt == stream_pb2.PIXEL_FORMAT_BGR:
+        image = image[:, :, ::-1]
+    return image
+
+
+def _decode_encoded(encoded: stream_pb2.EncodedImage) -> Pixels:
+    if encoded.encoding not in (stream_pb2.ENCODING_PNG, stream_pb2.ENCODING_JPEG):
+        raise FrameError("encoded image must be PNG or JPEG")
+    if not encoded.data:
+        raise FrameError("encoded image is empty")
+    buffer = np.frombuffer(encoded.data, dtype=np.uint8)
+    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        name = stream_pb2.Encoding.Name(encoded.encoding).removeprefix("ENCODING_")
+        raise FrameError(f"encoded image could not be decoded as {name} (corrupt or truncated)")
+    _check_size(image.shape[1], image.shape[0])
+    if image.ndim == 2:
+        return image  # type: ignore[no-any-return]
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)  # type: ignore[no-any-return]
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)  # type: ignore[no-any-return]
+
+
+def encode_raw(pixels: npt.NDArray[np.uint8] | npt.NDArray[np.uint16]) -> stream_pb2.RawImage:
+    """Pack a ``(H, W)`` gray or ``(H, W, 3)`` RGB array as a RawImage."""
+    if pixels.ndim == 2:
+        fmt, channels = stream_pb2.PIXEL_FORMAT_GRAY, 1
+    elif pixels.ndim == 3 and pixels.shape[2] == 3:
+        fmt, channels = stream_pb2.PIXEL_FORMAT_RGB, 3
+    else:
+        raise FrameError(f"cannot send pixels of shape {pixels.shape}; need (H, W) or (H, W, 3)")
+    dtype = manifest_pb2.DATA_TYPE_UINT8 if pixels.dtype == np.uint8 else manifest_pb2.DATA_TYPE_UINT16
+    return stream_pb2.RawImage(
+        width=pixels.shape[1],
+        height=pixels.shape[0],
+        channels=channels,
+        dtype=dtype,
+        format=fmt,
+        data=np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<")).tobytes(),
+    )

@@ -1,0 +1,62 @@
+"""Task results -> Result message fields (mask as PNG or run lengths)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from edgescope.errors import BackendError
+from edgescope.runtime.pipeline.postprocess import TaskResult
+from edgescope.v1 import stream_pb2
+
+
+def rle_encode(mask: npt.NDArray[np.uint8]) -> list[int]:
+    """Run lengths of the flattened binary mask, starting with a run of zeros."""
+    flat = (mask.reshape(-1) > 0).astype(np.int8)
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate(([0], changes, [flat.size]))
+    runs = np.diff(bounds).tolist()
+    return ([0] + runs) if flat.size and flat[0] == 1 else runs
+
+
+def rle_decode(counts: list[int], height: int, width: int) -> npt.NDArray[np.uint8]:
+    values = np.arange(len(counts), dtype=np.int64) % 2
+    flat = np.repeat(values.astype(np.uint8), counts)
+    if flat.size != height * width:
+        raise ValueError(f"run lengths cover {flat.size} pixels, mask has {height * width}")
+    return flat.reshape(height, width)
+
+
+def encode_mask(mask: npt.NDArray[np.uint8], labels: list[str], encoding: int) -> stream_pb2.Mask:
+    message = stream_pb2.Mask(width=mask.shape[1], height=mask.shape[0], labels=labels)
+    if encoding == stream_pb2.MASK_ENCODING_RLE:
+        if int(mask.max(initial=0)) > 1:
+            raise BackendError("run-length masks carry one label; ask for PNG for multi-class masks")
+        message.encoding = stream_pb2.MASK_ENCODING_RLE
+        message.rle_counts.extend(rle_encode(mask))
+        return message
+    ok, png = cv2.imencode(".png", mask)
+    if not ok:
+        raise BackendError("PNG encoding of the mask failed")
+    message.encoding = stream_pb2.MASK_ENCODING_PNG
+    message.png = png.tobytes()
+    return message
+
+
+def decode_mask(mask: stream_pb2.Mask) -> npt.NDArray[np.uint8]:
+    """Label mask from a Mask message (used by clients)."""
+    if mask.encoding == stream_pb2.MASK_ENCODING_RLE:
+        return rle_decode(list(mask.rle_counts), mask.height, mask.width)
+    image = cv2.imdecode(np.frombuffer(mask.png, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError("mask PNG could not be decoded")
+    return image  # type: ignore[no-any-return]
+
+
+def fill_result(result: stream_pb2.Result, task: TaskResult, mask_encoding: int) -> None:
+    if task.mask is not None:
+        result.outputs.append(
+            stream_pb2.Output(name="mask", mask=encode_mask(task.mask, task.labels, mask_encoding))
+        )
+    result.quantities.extend(task.quantities)

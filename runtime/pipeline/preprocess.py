@@ -1,0 +1,88 @@
+"""Pixels -> model input tensor, exactly as the bundle's manifest says.
+
+Export and runtime share this code path so the tensor a model sees in the
+field is the one the accuracy gate measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from edgescope.errors import BundleError, FrameError
+from edgescope.runtime.pipeline.decode import Pixels
+from edgescope.v1 import manifest_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """Where the frame landed inside the model input, to map outputs back."""
+
+    frame_height: int
+    frame_width: int
+    # The resized frame occupies rows [top, top+height) and columns [left, left+width).
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def _to_color(pixels: Pixels, color: int) -> Pixels:
+    if color == manifest_pb2.COLOR_MODE_GRAY:
+        if pixels.ndim == 2:
+            return pixels
+        return cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)  # type: ignore[return-value]
+    if pixels.ndim == 2:
+        rgb = cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
+    else:
+        rgb = pixels
+    if color == manifest_pb2.COLOR_MODE_BGR:
+        return np.ascontiguousarray(rgb[:, :, ::-1])
+    return rgb  # type: ignore[return-value]
+
+
+def _to_8bit_range(pixels: Pixels) -> Pixels:
+    # The manifest's scale is defined for 8-bit pixels; 16-bit frames are mapped
+    # onto the same range so one manifest serves both kinds of source.
+    if pixels.dtype == np.uint16:
+        return (pixels.astype(np.float32) * (255.0 / 65535.0)).astype(np.float32)
+    return pixels
+
+
+def preprocess(pixels: Pixels, spec: manifest_pb2.Preprocessing) -> tuple[npt.NDArray[np.float32], Geometry]:
+    """Return a batch-of-one input tensor and the geometry of the resize."""
+    if spec.height == 0 or spec.width == 0:
+        raise BundleError("manifest preprocessing has no input height/width")
+    image = _to_8bit_range(_to_color(pixels, spec.color))
+    frame_h, frame_w = pixels.shape[:2]
+    if spec.resize == manifest_pb2.RESIZE_MODE_LETTERBOX:
+        ratio = min(spec.width / frame_w, spec.height / frame_h)
+        new_w, new_h = max(1, round(frame_w * ratio)), max(1, round(frame_h * ratio))
+        top, left = (spec.height - new_h) // 2, (spec.width - new_w) // 2
+    else:
+        new_w, new_h, top, left = spec.width, spec.height, 0, 0
+    shrinking = new_w < frame_w and new_h < frame_h
+    resized = cv2.resize(
+        image, (new_w, new_h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    )
+    if (new_w, new_h) != (spec.width, spec.height):
+        canvas = np.zeros((spec.height, spec.width, *resized.shape[2:]), dtype=resized.dtype)
+        canvas[top : top + new_h, left : left + new_w] = resized
+        resized = canvas
+    tensor = resized.astype(np.float32) * np.float32(spec.scale or 1.0)
+    if tensor.ndim == 2:
+        tensor = tensor[:, :, None]
+    channels = tensor.shape[2]
+    if spec.mean or spec.std:
+        mean = np.asarray(spec.mean or [0.0] * channels, dtype=np.float32)
+        std = np.asarray(spec.std or [1.0] * channels, dtype=np.float32)
+        if mean.shape[0] not in (1, channels) or std.shape[0] not in (1, channels):
+            raise FrameError(f"manifest mean/std have {mean.shape[0]}/{std.shape[0]} values for {channels} channels")
+        tensor = (tensor - mean) / std
+    if spec.layout != manifest_pb2.LAYOUT_NHWC:
+        tensor = tensor.transpose(2, 0, 1)
+    geometry = Geometry(frame_h, frame_w, top, left, new_h, new_w)
+    return np.ascontiguousarray(tensor[None], dtype=np.float32), geometry

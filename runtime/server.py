@@ -1,0 +1,120 @@
+"""The grpc.aio server: stream service, health, reflection, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from edgescope.runtime.backends.base import Backend
+from edgescope.runtime.models import ModelRegistry
+from edgescope.runtime.service import StreamService
+from edgescope.runtime.telemetry.gpu import NvmlSampler
+from edgescope.v1 import stream_pb2, stream_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+# gRPC's 4 MiB default is smaller than one 1080p RGB frame (6 MB); 64 MiB fits
+# a raw 4K RGB 16-bit frame (50 MB) with room for the envelope.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+SERVICE_NAME = stream_pb2.DESCRIPTOR.services_by_name["StreamService"].full_name
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Message limits set on both ends, so neither side falls back to 4 MiB."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    bundles: Sequence[Path]
+    host: str = "127.0.0.1"
+    port: int = 8731
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    workers: int = field(default_factory=lambda: max(2, os.cpu_count() or 1))
+    grace_s: float = 5.0
+    allow_failed_validation: bool = False
+
+
+class RunningServer:
+    """A started server; ``port`` is the bound port (useful with port 0)."""
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        port: int,
+        registry: ModelRegistry,
+        executor: ThreadPoolExecutor,
+        health_servicer: health.aio.HealthServicer,
+    ) -> None:
+        self.server = server
+        self.port = port
+        self.registry = registry
+        self._executor = executor
+        self._health = health_servicer
+
+    async def stop(self, grace_s: float) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        self._executor.shutdown(wait=True)
+        self.registry.close()
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
+    """Load and warm up every bundle, then start serving; health turns SERVING last."""
+    registry = ModelRegistry()
+    executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="edgescope-frame")
+    try:
+        for bundle in config.bundles:
+            model = registry.load(Path(bundle), backend, allow_failed_validation=config.allow_failed_validation)
+            logger.info("loaded %s %s (%s, sha256 %s)", model.name, model.manifest.version, backend.name, model.provenance.sha256[:12])
+    except BaseException:
+        executor.shutdown(wait=False)
+        registry.close()
+        raise
+    server = grpc.aio.server(options=channel_options(config.max_message_bytes))
+    stream_pb2_grpc.add_StreamServiceServicer_to_server(StreamService(registry, executor), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, port, registry, executor, health_servicer)
+
+
+async def serve(config: ServerConfig, backend: Backend) -> None:
+    """Run until SIGINT or SIGTERM, then stop with the configured grace period."""
+    gpu = NvmlSampler()
+    logger.info("GPU telemetry: %s", gpu.status.reason)
+    gpu.close()
+    running = await start_server(config, backend)
+    logger.info("edgescope serving %d model(s) on %s:%d", len(running.registry.all()), config.host, running.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("stopping (grace %.1f s)", config.grace_s)
+    await running.stop(config.grace_s)

@@ -1,0 +1,1 @@
+"""Device telemetry: GPU health through NVML, reported plainly when absent."""
