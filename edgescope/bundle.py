@@ -41,9 +41,7 @@ def sha256_file(path: Path) -> str:
 
 def file_entry(bundle_dir: Path, relative: str) -> manifest_pb2.FileEntry:
     path = bundle_dir / relative
-    return manifest_pb2.FileEntry(
-        path=relative, sha256=sha256_file(path), size_bytes=path.stat().st_size
-    )
+    return manifest_pb2.FileEntry(path=relative, sha256=sha256_file(path), size_bytes=path.stat().st_size)
 
 
 def manifest_to_json(manifest: manifest_pb2.ModelManifest) -> str:

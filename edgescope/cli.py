@@ -54,7 +54,9 @@ def _add_export(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--activation", default="sigmoid", choices=["sigmoid", "softmax", "none"])
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--min-component-pixels", type=int, default=0)
-    p.add_argument("--data", default="synthetic:ultrasound", help="validation frames: dicom:PATH, video:PATH, synthetic:ultrasound")
+    p.add_argument(
+        "--data", default="synthetic:ultrasound", help="validation frames: dicom:PATH, video:PATH, synthetic:ultrasound"
+    )
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--max-abs-error", type=float, default=1e-3)
     p.add_argument("--min-dice", type=float, default=0.99)
@@ -68,15 +70,31 @@ def _run_export(args: argparse.Namespace) -> int:
 
     export_model(
         ExportRequest(
-            name=args.name, output=args.out, factory=args.factory, weights=args.weights,
-            torchscript=args.torchscript, version=args.version, description=args.description,
-            task=args.task, precision=args.precision, input_height=args.input_size[0],
-            input_width=args.input_size[1], color=args.color, resize=args.resize, scale=args.scale,
-            mean=args.mean, std=args.std, labels=[v for v in args.labels.split(",") if v],
-            activation=args.activation, threshold=args.threshold,
-            min_component_pixels=args.min_component_pixels, data=args.data, samples=args.samples,
+            name=args.name,
+            output=args.out,
+            factory=args.factory,
+            weights=args.weights,
+            torchscript=args.torchscript,
+            version=args.version,
+            description=args.description,
+            task=args.task,
+            precision=args.precision,
+            input_height=args.input_size[0],
+            input_width=args.input_size[1],
+            color=args.color,
+            resize=args.resize,
+            scale=args.scale,
+            mean=args.mean,
+            std=args.std,
+            labels=[v for v in args.labels.split(",") if v],
+            activation=args.activation,
+            threshold=args.threshold,
+            min_component_pixels=args.min_component_pixels,
+            data=args.data,
+            samples=args.samples,
             thresholds=GateThresholds(max_abs_error=args.max_abs_error, min_dice=args.min_dice),
-            force=args.force, overwrite=args.overwrite,
+            force=args.force,
+            overwrite=args.overwrite,
         )
     )
     return 0
@@ -86,7 +104,8 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = commands.add_parser("serve", help="serve bundles over gRPC")
     p.add_argument("bundles", type=Path, nargs="+")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8731)
+    p.add_argument("--port", type=int, default=8731, help="0 picks a free port (see --port-file)")
+    p.add_argument("--port-file", type=Path, help="write the bound port here once serving")
     p.add_argument("--max-message-mb", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="frame worker threads (default: CPU count, at least 2)")
     p.add_argument("--allow-failed-validation", action="store_true", help="serve bundles whose accuracy gate failed")
@@ -97,9 +116,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     from edgescope.runtime.server import ServerConfig, serve
 
     config = ServerConfig(
-        bundles=args.bundles, host=args.host, port=args.port,
+        bundles=args.bundles,
+        host=args.host,
+        port=args.port,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         allow_failed_validation=args.allow_failed_validation,
+        port_file=args.port_file,
     )
     if args.workers > 0:
         config.workers = args.workers
@@ -127,8 +149,12 @@ def _run_stream(args: argparse.Namespace) -> int:
     from edgescope.v1 import stream_pb2
 
     options = StreamOptions(
-        target=args.target, model=args.model, realtime=not args.fast, max_frames=args.frames,
-        save=args.save, max_message_bytes=args.max_message_mb * 1024 * 1024,
+        target=args.target,
+        model=args.model,
+        realtime=not args.fast,
+        max_frames=args.frames,
+        save=args.save,
+        max_message_bytes=args.max_message_mb * 1024 * 1024,
         mask_encoding=stream_pb2.MASK_ENCODING_RLE if args.mask_encoding == "rle" else stream_pb2.MASK_ENCODING_PNG,
     )
     with open_source(args.source, loop=args.loop) as source:
@@ -139,8 +165,14 @@ def _run_stream(args: argparse.Namespace) -> int:
     if report.video is not None:
         print(f"overlay video: {report.video}")
     if args.summary is not None:
-        summary = {"source": args.source, "target": args.target, "model": args.model, "sent": report.sent,
-                   "realtime": not args.fast, **report.latency.as_dict()}
+        summary = {
+            "source": args.source,
+            "target": args.target,
+            "model": args.model,
+            "sent": report.sent,
+            "realtime": not args.fast,
+            **report.latency.as_dict(),
+        }
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         print(f"summary: {args.summary}")
@@ -161,7 +193,8 @@ def _run_models(args: argparse.Namespace) -> int:
         response = stream_pb2_grpc.StreamServiceStub(channel).ListModels(stream_pb2.ListModelsRequest(), timeout=10)
     for model in response.models:
         gate = "passed" if model.manifest.validation.passed else "FAILED"
-        print(f"{model.name}\t{model.manifest.version}\t{manifest_pb2.Task.Name(model.manifest.task)}\t{model.backend}\tgate {gate}")
+        task = manifest_pb2.Task.Name(model.manifest.task)
+        print(f"{model.name}\t{model.manifest.version}\t{task}\t{model.backend}\tgate {gate}")
     return 0
 
 
@@ -172,7 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for add in (_add_export, _add_serve, _add_stream, _add_models):
         add(commands)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     runners = {"export": _run_export, "serve": _run_serve, "stream": _run_stream, "models": _run_models}
     try:
         return runners[args.command](args)

@@ -15,33 +15,39 @@ the manifest then records).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-
-import edgescope
-from edgescope.bundle import ONNX_FILE, Bundle, load_bundle, sha256_file, staged_bundle, write_manifest
-from edgescope.errors import ConfigError, ExportError, ValidationFailedError
 from edgescope.export.loading import load_model
 from edgescope.export.onnx_export import DEFAULT_OPSET, export_onnx
 from edgescope.export.validation import GateThresholds, compare, format_report
 from edgescope.runtime.pipeline.preprocess import preprocess
 from edgescope.runtime.sources import open_source
+
+import edgescope
+from edgescope.bundle import ONNX_FILE, Bundle, load_bundle, sha256_file, staged_bundle, write_manifest
+from edgescope.errors import ConfigError, ExportError, ValidationFailedError
 from edgescope.v1 import manifest_pb2
 
 Log = Callable[[str], None]
+T = TypeVar("T")
 
-_COLORS = {"gray": manifest_pb2.COLOR_MODE_GRAY, "rgb": manifest_pb2.COLOR_MODE_RGB, "bgr": manifest_pb2.COLOR_MODE_BGR}
-_RESIZE = {"stretch": manifest_pb2.RESIZE_MODE_STRETCH, "letterbox": manifest_pb2.RESIZE_MODE_LETTERBOX}
-_ACTIVATIONS = {"sigmoid": manifest_pb2.ACTIVATION_SIGMOID, "softmax": manifest_pb2.ACTIVATION_SOFTMAX, "none": manifest_pb2.ACTIVATION_NONE}
-SUPPORTED_TASKS = {"segmentation": manifest_pb2.TASK_SEGMENTATION}
-SUPPORTED_PRECISIONS = {"fp32": manifest_pb2.PRECISION_FP32}
+_COLORS: dict[str, manifest_pb2.ColorMode.ValueType] = {"gray": manifest_pb2.COLOR_MODE_GRAY, "rgb": manifest_pb2.COLOR_MODE_RGB, "bgr": manifest_pb2.COLOR_MODE_BGR}
+_RESIZE: dict[str, manifest_pb2.ResizeMode.ValueType] = {"stretch": manifest_pb2.RESIZE_MODE_STRETCH, "letterbox": manifest_pb2.RESIZE_MODE_LETTERBOX}
+_ACTIVATIONS: dict[str, manifest_pb2.Activation.ValueType] = {
+    "sigmoid": manifest_pb2.ACTIVATION_SIGMOID,
+    "softmax": manifest_pb2.ACTIVATION_SOFTMAX,
+    "none": manifest_pb2.ACTIVATION_NONE,
+}
+SUPPORTED_TASKS: dict[str, manifest_pb2.Task.ValueType] = {"segmentation": manifest_pb2.TASK_SEGMENTATION}
+SUPPORTED_PRECISIONS: dict[str, manifest_pb2.Precision.ValueType] = {"fp32": manifest_pb2.PRECISION_FP32}
 
 
 @dataclass(slots=True)
@@ -78,7 +84,7 @@ class ExportRequest:
     output_name: str = "logits"
 
 
-def _choice(value: str, options: dict[str, int], what: str) -> int:
+def _choice(value: str, options: Mapping[str, T], what: str) -> T:
     if value not in options:
         raise ConfigError(f"{what} {value!r} is not supported; choose one of: {', '.join(options)}")
     return options[value]
@@ -118,9 +124,15 @@ def build_manifest(request: ExportRequest) -> manifest_pb2.ModelManifest:
             ),
         ),
     )
-    shape = [manifest_pb2.Dim(symbol="batch"), manifest_pb2.Dim(size=channels),
-             manifest_pb2.Dim(size=request.input_height), manifest_pb2.Dim(size=request.input_width)]
-    manifest.inputs.append(manifest_pb2.TensorSpec(name=request.input_name, dtype=manifest_pb2.DATA_TYPE_FLOAT32, shape=shape))
+    shape = [
+        manifest_pb2.Dim(symbol="batch"),
+        manifest_pb2.Dim(size=channels),
+        manifest_pb2.Dim(size=request.input_height),
+        manifest_pb2.Dim(size=request.input_width),
+    ]
+    manifest.inputs.append(
+        manifest_pb2.TensorSpec(name=request.input_name, dtype=manifest_pb2.DATA_TYPE_FLOAT32, shape=shape)
+    )
     return manifest
 
 
@@ -170,9 +182,19 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
     with staged_bundle(request.output, overwrite=request.overwrite) as staging:
         onnx_path = staging / ONNX_FILE
         with _step(log, f"export ONNX (opset {request.opset})"):
-            proto = export_onnx(model, torch.from_numpy(inputs[0]), onnx_path,
-                                input_name=request.input_name, output_name=request.output_name, opset=request.opset)
-            for key, value in (("edgescope.name", request.name), ("edgescope.version", request.version), ("edgescope.task", request.task)):
+            proto = export_onnx(
+                model,
+                torch.from_numpy(inputs[0]),
+                onnx_path,
+                input_name=request.input_name,
+                output_name=request.output_name,
+                opset=request.opset,
+            )
+            for key, value in (
+                ("edgescope.name", request.name),
+                ("edgescope.version", request.version),
+                ("edgescope.task", request.task),
+            ):
                 proto.metadata_props.add(key=key, value=value)
             onnx.save(proto, str(onnx_path))
             manifest.outputs.append(_output_spec(proto, request.output_name))
@@ -197,12 +219,18 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
         if not report.passed and not request.force:
             raise ValidationFailedError(
                 f"{request.name}: the ONNX model does not reproduce PyTorch within the thresholds; "
-                "nothing was written (fix the model, relax the thresholds, or pass force to keep a bundle marked failed)"
+                "nothing was written (fix the model, relax the thresholds, "
+                "or pass force to keep a bundle marked failed)"
             )
-        manifest.versions.CopyFrom(manifest_pb2.Versions(
-            edgescope=edgescope.__version__, torch=torch.__version__, onnx=onnx.__version__,
-            opset=request.opset, onnxruntime=ort.__version__,
-        ))
+        manifest.versions.CopyFrom(
+            manifest_pb2.Versions(
+                edgescope=edgescope.__version__,
+                torch=torch.__version__,
+                onnx=onnx.__version__,
+                opset=request.opset,
+                onnxruntime=ort.__version__,
+            )
+        )
         manifest.created_at = datetime.now(UTC).isoformat(timespec="seconds")
         source_file = request.weights or request.torchscript
         if source_file is not None:

@@ -18,9 +18,7 @@ def import_torch() -> object:
     try:
         import torch
     except ImportError as exc:
-        raise MissingDependencyError(
-            "PyTorch", "export needs torch: pip install 'edgescope[export]'"
-        ) from exc
+        raise MissingDependencyError("PyTorch", "export needs torch: pip install 'edgescope[export]'") from exc
     return torch
 
 
@@ -60,7 +58,7 @@ def load_model(factory: str | None, weights: Path | None, torchscript: Path | No
         if factory is not None or weights is not None:
             raise ExportError("give either a TorchScript file or a factory with weights, not both")
         try:
-            module = torch.jit.load(str(torchscript), map_location="cpu")
+            module: torch.jit.ScriptModule = torch.jit.load(str(torchscript), map_location="cpu")  # type: ignore[no-untyped-call]
         except (RuntimeError, ValueError, OSError) as exc:
             raise ExportError(f"{torchscript} is not a loadable TorchScript file: {exc}") from exc
         return module.eval()

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-
 from edgescope.runtime.pipeline.postprocess import segmentation_mask
+
 from edgescope.v1 import manifest_pb2
 
 Array = npt.NDArray[np.float32]
@@ -75,7 +75,11 @@ def format_report(report: manifest_pb2.ValidationReport) -> str:
         f"  {'metric':<16}{'value':>14}{'limit':>12}  result",
     ]
     for metric in report.metrics:
-        limit = "-" if metric.threshold == float("inf") else f"{'>=' if metric.higher_is_better else '<='}{metric.threshold:g}"
+        limit = (
+            "-"
+            if metric.threshold == float("inf")
+            else f"{'>=' if metric.higher_is_better else '<='}{metric.threshold:g}"
+        )
         lines.append(f"  {metric.name:<16}{metric.value:>14.6g}{limit:>12}  {'pass' if metric.passed else 'FAIL'}")
     verdict = "PASSED" if report.passed else ("FAILED (written anyway: forced)" if report.forced else "FAILED")
     lines.append(f"  gate {verdict}")

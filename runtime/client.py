@@ -17,8 +17,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import numpy.typing as npt
-
-from edgescope.errors import EdgescopeError
 from edgescope.runtime.latency import LatencyRecorder
 from edgescope.runtime.overlay import VideoRecorder, draw_overlay
 from edgescope.runtime.pipeline.decode import encode_raw
@@ -26,6 +24,8 @@ from edgescope.runtime.pipeline.encode import decode_mask
 from edgescope.runtime.server import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from edgescope.runtime.sources.base import FrameSource, SourceFrame
 from edgescope.runtime.sources.display import to_display_rgb8
+
+from edgescope.errors import EdgescopeError
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 SOURCE_KINDS = {
@@ -51,7 +51,7 @@ class StreamOptions:
     max_frames: int | None = None
     stream_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     save: Path | None = None
-    mask_encoding: int = stream_pb2.MASK_ENCODING_PNG
+    mask_encoding: stream_pb2.MaskEncoding.ValueType = stream_pb2.MASK_ENCODING_PNG
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     timeout_s: float | None = None
 
@@ -125,7 +125,9 @@ async def stream_source(
     recorder = VideoRecorder(options.save, source.fps) if options.save is not None else None
     expected = 0
     try:
-        async with grpc.aio.insecure_channel(options.target, options=channel_options(options.max_message_bytes)) as channel:
+        async with grpc.aio.insecure_channel(
+            options.target, options=channel_options(options.max_message_bytes)
+        ) as channel:
             stub = stream_pb2_grpc.StreamServiceStub(channel)
             call = stub.Stream(frames(), timeout=options.timeout_s)
             async for result in call:
@@ -137,7 +139,11 @@ async def stream_source(
                 e2e_ns = received_ns - result.capture_time_ns
                 _record(latency, result, e2e_ns)
                 if recorder is not None:
-                    recorder.write(draw_overlay(to_display_rgb8(source_frame.pixels), _mask_of(result), _overlay_lines(result, e2e_ns / 1e6)))
+                    recorder.write(
+                        draw_overlay(
+                            to_display_rgb8(source_frame.pixels), _mask_of(result), _overlay_lines(result, e2e_ns / 1e6)
+                        )
+                    )
                 if on_result is not None:
                     on_result(source_frame, result)
     finally:

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from edgescope.runtime.backends.base import Backend, Session
 
 from edgescope.bundle import Bundle, load_bundle
 from edgescope.errors import BundleError, ConfigError, ModelNotFoundError
-from edgescope.runtime.backends.base import Backend, Session
 from edgescope.v1 import manifest_pb2, stream_pb2
 
 
@@ -30,7 +30,11 @@ def _warm_up(session: Session, manifest: manifest_pb2.ModelManifest) -> None:
     # The first run allocates and picks kernels; pay that before reporting ready.
     pre = manifest.preprocessing
     channels = 1 if pre.color == manifest_pb2.COLOR_MODE_GRAY else 3
-    shape = (1, pre.height, pre.width, channels) if pre.layout == manifest_pb2.LAYOUT_NHWC else (1, channels, pre.height, pre.width)
+    shape = (
+        (1, pre.height, pre.width, channels)
+        if pre.layout == manifest_pb2.LAYOUT_NHWC
+        else (1, channels, pre.height, pre.width)
+    )
     session.infer({manifest.inputs[0].name: np.zeros(shape, dtype=np.float32)})
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 
-from edgescope.errors import EdgescopeError
 from edgescope.runtime.models import LoadedModel, ModelRegistry
 from edgescope.runtime.pipeline.decode import decode_frame
 from edgescope.runtime.pipeline.encode import fill_result
 from edgescope.runtime.pipeline.postprocess import postprocess
 from edgescope.runtime.pipeline.preprocess import preprocess
+
+from edgescope.errors import EdgescopeError
 from edgescope.v1 import stream_pb2
 
 
@@ -35,7 +36,9 @@ def result_for(frame: stream_pb2.Frame) -> stream_pb2.Result:
 def error_result(frame: stream_pb2.Frame, error: Exception) -> stream_pb2.Result:
     result = result_for(frame)
     result.status.code = stream_pb2.FRAME_STATUS_CODE_ERROR
-    result.status.reason = str(error) if isinstance(error, EdgescopeError) else f"internal error: {type(error).__name__}: {error}"
+    result.status.reason = (
+        str(error) if isinstance(error, EdgescopeError) else f"internal error: {type(error).__name__}: {error}"
+    )
     return result
 
 
@@ -50,7 +53,11 @@ def run_model(model: LoadedModel, frame: stream_pb2.Frame, queued_ns: int) -> st
     clock.lap("preprocess")
     outputs = model.session.infer({model.manifest.inputs[0].name: tensor})
     clock.lap("infer")
-    spacing = frame.spacing if frame.HasField("spacing") and frame.spacing.row_mm > 0 and frame.spacing.column_mm > 0 else None
+    spacing = (
+        frame.spacing
+        if frame.HasField("spacing") and frame.spacing.row_mm > 0 and frame.spacing.column_mm > 0
+        else None
+    )
     task = postprocess(outputs, model.manifest, geometry, spacing)
     clock.lap("postprocess")
     fill_result(result, task, frame.mask_encoding)
@@ -60,7 +67,9 @@ def run_model(model: LoadedModel, frame: stream_pb2.Frame, queued_ns: int) -> st
     return result
 
 
-def process_frame(registry: ModelRegistry, frame: stream_pb2.Frame, model_name: str, received_ns: int) -> stream_pb2.Result:
+def process_frame(
+    registry: ModelRegistry, frame: stream_pb2.Frame, model_name: str, received_ns: int
+) -> stream_pb2.Result:
     """Look up the model and run it; the queue time is measured from ``received_ns``."""
     model = registry.get(model_name)
     return run_model(model, frame, time.perf_counter_ns() - received_ns)

@@ -10,15 +10,16 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
 from edgescope.runtime.backends.base import Backend
 from edgescope.runtime.models import ModelRegistry
 from edgescope.runtime.service import StreamService
 from edgescope.runtime.telemetry.gpu import NvmlSampler
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class ServerConfig:
     workers: int = field(default_factory=lambda: max(2, os.cpu_count() or 1))
     grace_s: float = 5.0
     allow_failed_validation: bool = False
+    # Written with the bound port once serving, so callers can use port 0.
+    port_file: Path | None = None
 
 
 class RunningServer:
@@ -57,7 +60,7 @@ class RunningServer:
         port: int,
         registry: ModelRegistry,
         executor: ThreadPoolExecutor,
-        health_servicer: health.aio.HealthServicer,
+        health_servicer: Any,
     ) -> None:
         self.server = server
         self.port = port
@@ -82,14 +85,21 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
     try:
         for bundle in config.bundles:
             model = registry.load(Path(bundle), backend, allow_failed_validation=config.allow_failed_validation)
-            logger.info("loaded %s %s (%s, sha256 %s)", model.name, model.manifest.version, backend.name, model.provenance.sha256[:12])
+            logger.info(
+                "loaded %s %s (%s, sha256 %s)",
+                model.name,
+                model.manifest.version,
+                backend.name,
+                model.provenance.sha256[:12],
+            )
     except BaseException:
         executor.shutdown(wait=False)
         registry.close()
         raise
     server = grpc.aio.server(options=channel_options(config.max_message_bytes))
     stream_pb2_grpc.add_StreamServiceServicer_to_server(StreamService(registry, executor), server)
-    health_servicer = health.aio.HealthServicer()
+    # grpc_health's type stubs predate its asyncio servicer.
+    health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -111,6 +121,11 @@ async def serve(config: ServerConfig, backend: Backend) -> None:
     gpu.close()
     running = await start_server(config, backend)
     logger.info("edgescope serving %d model(s) on %s:%d", len(running.registry.all()), config.host, running.port)
+    if config.port_file is not None:
+        # Written whole and renamed, so a reader never sees a partial number.
+        partial = config.port_file.with_name(config.port_file.name + ".partial")
+        partial.write_text(f"{running.port}\n", encoding="utf-8")
+        partial.replace(config.port_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

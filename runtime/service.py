@@ -14,20 +14,18 @@ from collections.abc import AsyncIterable, AsyncIterator
 from concurrent.futures import Executor
 
 import grpc
-
-from edgescope.errors import EdgescopeError, ModelNotFoundError
 from edgescope.runtime.models import LoadedModel, ModelRegistry
 from edgescope.runtime.processing import error_result, process_frame
 from edgescope.runtime.status import status_code_for
+
+from edgescope.errors import EdgescopeError, ModelNotFoundError
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 
 def _model_info(model: LoadedModel) -> stream_pb2.ModelInfo:
-    return stream_pb2.ModelInfo(
-        name=model.name, manifest=model.manifest, backend=model.provenance.backend, ready=True
-    )
+    return stream_pb2.ModelInfo(name=model.name, manifest=model.manifest, backend=model.provenance.backend, ready=True)
 
 
 class StreamService(stream_pb2_grpc.StreamServiceServicer):

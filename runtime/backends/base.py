@@ -65,8 +65,9 @@ class Session(ABC):
             self._closed = True
             self._close_impl()
 
+    @abstractmethod
     def _close_impl(self) -> None:
-        """Release backend resources; the default holds none."""
+        """Release backend resources (device memory, threads)."""
 
     def __enter__(self) -> Session:
         return self

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
+from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
 
 from edgescope.bundle import Bundle
 from edgescope.errors import BackendError
-from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
 from edgescope.v1 import manifest_pb2
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
@@ -48,6 +48,10 @@ class OnnxRuntimeSession(Session):
             raise BackendError(f"onnxruntime failed on {self.manifest.name}: {exc}") from exc
         return {name: np.asarray(v) for name, v in zip(self._output_names, values, strict=True)}
 
+    def _close_impl(self) -> None:
+        # onnxruntime frees the session with the last reference.
+        del self._session
+
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
@@ -74,9 +78,7 @@ class OnnxRuntimeBackend:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            inference = ort.InferenceSession(
-                str(bundle.onnx_path), sess_options=options, providers=self.providers
-            )
+            inference = ort.InferenceSession(str(bundle.onnx_path), sess_options=options, providers=self.providers)
         except Exception as exc:
             raise BackendError(f"onnxruntime cannot load {bundle.onnx_path}: {exc}") from exc
         return OnnxRuntimeSession(bundle.manifest, inference)

@@ -6,6 +6,8 @@ the caller answers that frame with an error and the stream goes on.
 
 from __future__ import annotations
 
+from typing import cast
+
 import cv2
 import numpy as np
 import numpy.typing as npt
@@ -50,7 +52,11 @@ def _decode_raw(raw: stream_pb2.RawImage) -> Pixels:
         raise FrameError(f"raw dtype {name} is not supported; use UINT8, UINT16 or FLOAT32")
     channels = raw.channels
     fmt = raw.format
-    expected_channels = {stream_pb2.PIXEL_FORMAT_GRAY: 1, stream_pb2.PIXEL_FORMAT_RGB: 3, stream_pb2.PIXEL_FORMAT_BGR: 3}
+    expected_channels = {
+        stream_pb2.PIXEL_FORMAT_GRAY: 1,
+        stream_pb2.PIXEL_FORMAT_RGB: 3,
+        stream_pb2.PIXEL_FORMAT_BGR: 3,
+    }
     if fmt not in expected_channels:
         raise FrameError("raw pixel format must be GRAY, RGB or BGR")
     if channels != expected_channels[fmt]:
@@ -86,10 +92,10 @@ def _decode_encoded(encoded: stream_pb2.EncodedImage) -> Pixels:
         raise FrameError(f"encoded image could not be decoded as {name} (corrupt or truncated)")
     _check_size(image.shape[1], image.shape[0])
     if image.ndim == 2:
-        return image  # type: ignore[no-any-return]
+        return cast(Pixels, image)
     if image.shape[2] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)  # type: ignore[no-any-return]
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)  # type: ignore[no-any-return]
+        return cast(Pixels, cv2.cvtColor(image, cv2.COLOR_BGRA2RGB))
+    return cast(Pixels, cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
 
 
 def encode_raw(pixels: npt.NDArray[np.uint8] | npt.NDArray[np.uint16]) -> stream_pb2.RawImage:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import numpy.typing as npt
+from edgescope.runtime.pipeline.postprocess import TaskResult
 
 from edgescope.errors import BackendError
-from edgescope.runtime.pipeline.postprocess import TaskResult
 from edgescope.v1 import stream_pb2
 
 
@@ -17,7 +17,7 @@ def rle_encode(mask: npt.NDArray[np.uint8]) -> list[int]:
     changes = np.flatnonzero(np.diff(flat)) + 1
     bounds = np.concatenate(([0], changes, [flat.size]))
     runs = np.diff(bounds).tolist()
-    return ([0] + runs) if flat.size and flat[0] == 1 else runs
+    return [0, *runs] if flat.size and flat[0] == 1 else runs
 
 
 def rle_decode(counts: list[int], height: int, width: int) -> npt.NDArray[np.uint8]:
@@ -51,12 +51,10 @@ def decode_mask(mask: stream_pb2.Mask) -> npt.NDArray[np.uint8]:
     image = cv2.imdecode(np.frombuffer(mask.png, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ValueError("mask PNG could not be decoded")
-    return image  # type: ignore[no-any-return]
+    return np.asarray(image, dtype=np.uint8)
 
 
 def fill_result(result: stream_pb2.Result, task: TaskResult, mask_encoding: int) -> None:
     if task.mask is not None:
-        result.outputs.append(
-            stream_pb2.Output(name="mask", mask=encode_mask(task.mask, task.labels, mask_encoding))
-        )
+        result.outputs.append(stream_pb2.Output(name="mask", mask=encode_mask(task.mask, task.labels, mask_encoding)))
     result.quantities.extend(task.quantities)

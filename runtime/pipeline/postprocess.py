@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import numpy.typing as npt
-
-from edgescope.errors import BackendError, BundleError
 from edgescope.runtime.backends.base import Outputs
 from edgescope.runtime.pipeline.preprocess import Geometry
+
+from edgescope.errors import BackendError, BundleError
 from edgescope.v1 import manifest_pb2, stream_pb2
 
 
@@ -39,7 +39,7 @@ def segmentation_mask(
     if scores.ndim != 3:
         raise BackendError(f"segmentation output has shape {logits.shape}; expected (1, C, H, W)")
     if params.activation == manifest_pb2.ACTIVATION_SOFTMAX or scores.shape[0] > 1:
-        return np.argmax(scores, axis=0).astype(np.uint8)
+        return np.asarray(np.argmax(scores, axis=0), dtype=np.uint8)
     probs = _sigmoid(scores[0]) if params.activation == manifest_pb2.ACTIVATION_SIGMOID else scores[0]
     return (probs > (params.threshold or 0.5)).astype(np.uint8)
 
@@ -51,7 +51,7 @@ def remove_small_components(mask: npt.NDArray[np.uint8], min_pixels: int) -> npt
     for label in np.unique(mask):
         if label == 0:
             continue
-        count, components, stats, _ = cv2.connectedComponentsWithStats((mask == label).astype(np.uint8), connectivity=8)
+        _, components, stats, _ = cv2.connectedComponentsWithStats((mask == label).astype(np.uint8), connectivity=8)
         keep = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_pixels) + 1
         cleaned[np.isin(components, keep)] = label
     return cleaned
@@ -60,9 +60,8 @@ def remove_small_components(mask: npt.NDArray[np.uint8], min_pixels: int) -> npt
 def to_frame_grid(mask: npt.NDArray[np.uint8], geometry: Geometry) -> npt.NDArray[np.uint8]:
     """Undo letterboxing and resize a model-grid mask to the frame's size."""
     inner = mask[geometry.top : geometry.top + geometry.height, geometry.left : geometry.left + geometry.width]
-    return cv2.resize(  # type: ignore[no-any-return]
-        inner, (geometry.frame_width, geometry.frame_height), interpolation=cv2.INTER_NEAREST
-    )
+    resized = cv2.resize(inner, (geometry.frame_width, geometry.frame_height), interpolation=cv2.INTER_NEAREST)
+    return np.asarray(resized, dtype=np.uint8)
 
 
 def postprocess_segmentation(
@@ -100,6 +99,4 @@ def postprocess(
 ) -> TaskResult:
     if manifest.task == manifest_pb2.TASK_SEGMENTATION:
         return postprocess_segmentation(outputs, manifest, geometry, spacing)
-    raise BundleError(
-        f"task {manifest_pb2.Task.Name(manifest.task)} has no postprocessor in this runtime version"
-    )
+    raise BundleError(f"task {manifest_pb2.Task.Name(manifest.task)} has no postprocessor in this runtime version")

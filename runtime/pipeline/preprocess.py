@@ -7,13 +7,14 @@ field is the one the accuracy gate measured.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import cv2
 import numpy as np
 import numpy.typing as npt
+from edgescope.runtime.pipeline.decode import Pixels
 
 from edgescope.errors import BundleError, FrameError
-from edgescope.runtime.pipeline.decode import Pixels
 from edgescope.v1 import manifest_pb2
 
 
@@ -34,14 +35,11 @@ def _to_color(pixels: Pixels, color: int) -> Pixels:
     if color == manifest_pb2.COLOR_MODE_GRAY:
         if pixels.ndim == 2:
             return pixels
-        return cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)  # type: ignore[return-value]
-    if pixels.ndim == 2:
-        rgb = cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
-    else:
-        rgb = pixels
+        return cast(Pixels, cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY))
+    rgb = cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB) if pixels.ndim == 2 else pixels
     if color == manifest_pb2.COLOR_MODE_BGR:
-        return np.ascontiguousarray(rgb[:, :, ::-1])
-    return rgb  # type: ignore[return-value]
+        rgb = np.ascontiguousarray(rgb[:, :, ::-1])
+    return cast(Pixels, rgb)
 
 
 def _to_8bit_range(pixels: Pixels) -> Pixels:
@@ -65,9 +63,7 @@ def preprocess(pixels: Pixels, spec: manifest_pb2.Preprocessing) -> tuple[npt.ND
     else:
         new_w, new_h, top, left = spec.width, spec.height, 0, 0
     shrinking = new_w < frame_w and new_h < frame_h
-    resized = cv2.resize(
-        image, (new_w, new_h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    )
+    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
     if (new_w, new_h) != (spec.width, spec.height):
         canvas = np.zeros((spec.height, spec.width, *resized.shape[2:]), dtype=resized.dtype)
         canvas[top : top + new_h, left : left + new_w] = resized

@@ -1,0 +1,87 @@
+"""Shared fixtures: the example bundle (exported once) and a real server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+from edgescope.bundle import Bundle
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "ultrasound_unet"
+
+
+def _nvml_gpu_present() -> bool:
+    from edgescope.runtime.telemetry.gpu import NvmlSampler
+
+    sampler = NvmlSampler()
+    try:
+        return sampler.status.available
+    finally:
+        sampler.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not any(item.get_closest_marker("gpu") for item in items) or _nvml_gpu_present():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with a driver (NVML found none)")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def example_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    """The example lesion U-Net exported through the public API, as users do."""
+    pytest.importorskip("torch")
+    from edgescope.export import ExportRequest, export_model
+
+    out = tmp_path_factory.mktemp("bundles") / "lesion-unet"
+    return export_model(
+        ExportRequest(
+            name="lesion-unet",
+            output=out,
+            factory=str(EXAMPLE / "model.py") + ":build",
+            weights=EXAMPLE / "weights.pt",
+            samples=4,
+        ),
+        log=lambda _line: None,
+    )
+
+
+class ServerThread:
+    """A real grpc.aio server on 127.0.0.1, on its own event loop in a thread."""
+
+    def __init__(self, bundles: list[Path]) -> None:
+        from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
+        from edgescope.runtime.server import RunningServer, ServerConfig, start_server
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        config = ServerConfig(bundles=bundles, host="127.0.0.1", port=0, workers=2)
+        started: Future[RunningServer] = asyncio.run_coroutine_threadsafe(
+            start_server(config, OnnxRuntimeBackend(intra_op_threads=1)), self._loop
+        )
+        self.running = started.result(timeout=60)
+        self.target = f"127.0.0.1:{self.running.port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.running.stop(1.0), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+
+@pytest.fixture(scope="module")
+def server(example_bundle: Bundle) -> Iterator[ServerThread]:
+    running = ServerThread([example_bundle.path])
+    try:
+        yield running
+    finally:
+        running.stop()

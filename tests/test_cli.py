@@ -1,0 +1,82 @@
+"""The commands users run: `edgescope serve` in its own process, `edgescope stream` against it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import pytest
+from edgescope.runtime.demo import start_server, stop_server
+
+from edgescope.bundle import Bundle
+
+pydicom_data = pytest.importorskip("pydicom.data")
+
+
+@pytest.fixture(scope="module")
+def served(example_bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server, target = start_server([example_bundle.path], tmp_path_factory.mktemp("srv") / "port")
+    try:
+        yield target
+    finally:
+        stop_server(server)
+    assert server.returncode == 0  # SIGTERM stops it cleanly
+
+
+def test_echo_cine_at_native_rate_gets_every_frame_answered(served: str, tmp_path: Path) -> None:
+    cine = pydicom_data.get_testdata_file("color3d_jpeg_baseline.dcm")
+    video, summary = tmp_path / "overlay.mp4", tmp_path / "summary.json"
+    command = [
+        sys.executable,
+        "-m",
+        "edgescope.cli",
+        "stream",
+        "--source",
+        f"dicom:{cine}",
+        "--target",
+        served,
+        "--save",
+        str(video),
+        "--summary",
+        str(summary),
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(summary.read_text())
+    assert (report["sent"], report["results"], report["dropped"], report["errors"]) == (120, 120, 0, 0)
+    assert 25.0 < report["fps"] < 35.0  # paced by the cine's 30 fps frame time
+    for stage in ("decode", "preprocess", "infer", "postprocess", "encode", "end_to_end"):
+        assert report["stages_ms"][stage]["count"] == 120
+    assert "end_to_end" in run.stdout and "p99" in run.stdout
+    capture = cv2.VideoCapture(str(video))
+    try:
+        assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 120
+        assert (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (640, 480)
+    finally:
+        capture.release()
+
+
+def test_models_command_lists_the_served_model(served: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "edgescope.cli", "models", "--target", served],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("lesion-unet\t1\tTASK_SEGMENTATION\tonnxruntime\tgate passed")
+
+
+def test_missing_bundle_is_a_clear_error(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "edgescope.cli", "serve", str(tmp_path / "nope"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert "no manifest.json" in run.stderr

@@ -1,0 +1,51 @@
+"""The distribution's shape: one namespace, lazy heavy imports, fresh generated code."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_package_folder_is_in_the_distribution() -> None:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = set()
+    for prefix, folder in config["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((prefix, *relative)))
+    assert found <= listed, f"package folders missing from pyproject: {sorted(found - listed)}"
+
+
+def test_runtime_and_export_do_not_import_torch() -> None:
+    code = (
+        "import sys, edgescope.runtime.server, edgescope.runtime.client, edgescope.export, edgescope.cli; "
+        "print(sorted(m for m in ('torch', 'tensorrt', 'cuda') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+
+
+def test_checked_in_protobuf_code_is_fresh(tmp_path: Path) -> None:
+    pytest.importorskip("grpc_tools")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_proto.py"), str(tmp_path)], check=True, env=env, timeout=120
+    )
+    generated = sorted(p.name for p in (tmp_path / "edgescope" / "v1").iterdir())
+    checked_in = sorted(
+        p.name for p in (ROOT / "edgescope" / "v1").iterdir() if p.name != "__init__.py" and p.is_file()
+    )
+    assert generated == checked_in
+    _, mismatch, errors = filecmp.cmpfiles(
+        tmp_path / "edgescope" / "v1", ROOT / "edgescope" / "v1", generated, shallow=False
+    )
+    assert not mismatch and not errors, f"stale generated code (run `make proto`): {mismatch + errors}"

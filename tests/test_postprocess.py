@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from edgescope.runtime.pipeline.postprocess import postprocess, remove_small_components
+from edgescope.runtime.pipeline.preprocess import Geometry
+
+from edgescope.v1 import manifest_pb2, stream_pb2
+
+
+def _manifest(min_pixels: int = 0) -> manifest_pb2.ModelManifest:
+    return manifest_pb2.ModelManifest(
+        task=manifest_pb2.TASK_SEGMENTATION,
+        labels=["background", "lesion"],
+        outputs=[manifest_pb2.TensorSpec(name="logits")],
+        postprocessing=manifest_pb2.Postprocessing(
+            output="logits",
+            segmentation=manifest_pb2.SegmentationParams(
+                activation=manifest_pb2.ACTIVATION_SIGMOID, threshold=0.5, min_component_pixels=min_pixels
+            ),
+        ),
+    )
+
+
+def _quantities(result_quantities: list[stream_pb2.Quantity]) -> dict[str, tuple[float, str]]:
+    return {q.name: (q.value, q.unit) for q in result_quantities}
+
+
+def test_area_in_square_millimetres_uses_the_frame_grid_and_spacing() -> None:
+    logits = np.full((1, 1, 32, 32), -8.0, dtype=np.float32)
+    logits[0, 0, 8:16, 8:24] = 8.0  # an 8x16 lesion in a 32x32 model grid
+    geometry = Geometry(frame_height=64, frame_width=128, top=0, left=0, height=32, width=32)
+    spacing = stream_pb2.PixelSpacing(row_mm=0.5, column_mm=0.25)
+    task = postprocess({"logits": logits}, _manifest(), geometry, spacing)
+    assert task.mask is not None and task.mask.shape == (64, 128)
+    frame_pixels = (8 * 2) * (16 * 4)  # the lesion scaled by 2 rows and 4 columns
+    q = _quantities(task.quantities)
+    assert q["lesion_area_pixels"] == (frame_pixels, "px")
+    assert q["lesion_area"][0] == pytest.approx(frame_pixels * 0.5 * 0.25)
+    assert q["lesion_area"][1] == "mm2"
+    assert q["lesion_count"] == (1.0, "1")
+
+
+def test_without_spacing_there_is_no_physical_area() -> None:
+    logits = np.full((1, 1, 8, 8), 5.0, dtype=np.float32)
+    task = postprocess({"logits": logits}, _manifest(), Geometry(8, 8, 0, 0, 8, 8), None)
+    names = {q.name for q in task.quantities}
+    assert "lesion_area" not in names and "lesion_area_pixels" in names
+
+
+def test_small_components_are_removed() -> None:
+    mask = np.zeros((20, 20), dtype=np.uint8)
+    mask[1:3, 1:3] = 1  # 4 px speck
+    mask[10:16, 10:16] = 1  # 36 px lesion
+    cleaned = remove_small_components(mask, 10)
+    assert cleaned[1:3, 1:3].sum() == 0
+    assert cleaned[10:16, 10:16].all()
