@@ -25,22 +25,29 @@ from typing import TypeVar
 import numpy as np
 import onnx
 import onnxruntime as ort
+
+import edgescope
+from edgescope.bundle import ONNX_FILE, Bundle, load_bundle, sha256_file, staged_bundle, write_manifest
+from edgescope.errors import ConfigError, ExportError, ValidationFailedError
 from edgescope.export.loading import load_model
 from edgescope.export.onnx_export import DEFAULT_OPSET, export_onnx
 from edgescope.export.validation import GateThresholds, compare, format_report
 from edgescope.runtime.pipeline.preprocess import preprocess
 from edgescope.runtime.sources import open_source
-
-import edgescope
-from edgescope.bundle import ONNX_FILE, Bundle, load_bundle, sha256_file, staged_bundle, write_manifest
-from edgescope.errors import ConfigError, ExportError, ValidationFailedError
 from edgescope.v1 import manifest_pb2
 
 Log = Callable[[str], None]
 T = TypeVar("T")
 
-_COLORS: dict[str, manifest_pb2.ColorMode.ValueType] = {"gray": manifest_pb2.COLOR_MODE_GRAY, "rgb": manifest_pb2.COLOR_MODE_RGB, "bgr": manifest_pb2.COLOR_MODE_BGR}
-_RESIZE: dict[str, manifest_pb2.ResizeMode.ValueType] = {"stretch": manifest_pb2.RESIZE_MODE_STRETCH, "letterbox": manifest_pb2.RESIZE_MODE_LETTERBOX}
+_COLORS: dict[str, manifest_pb2.ColorMode.ValueType] = {
+    "gray": manifest_pb2.COLOR_MODE_GRAY,
+    "rgb": manifest_pb2.COLOR_MODE_RGB,
+    "bgr": manifest_pb2.COLOR_MODE_BGR,
+}
+_RESIZE: dict[str, manifest_pb2.ResizeMode.ValueType] = {
+    "stretch": manifest_pb2.RESIZE_MODE_STRETCH,
+    "letterbox": manifest_pb2.RESIZE_MODE_LETTERBOX,
+}
 _ACTIVATIONS: dict[str, manifest_pb2.Activation.ValueType] = {
     "sigmoid": manifest_pb2.ACTIVATION_SIGMOID,
     "softmax": manifest_pb2.ACTIVATION_SOFTMAX,

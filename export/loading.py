@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,7 +59,10 @@ def load_model(factory: str | None, weights: Path | None, torchscript: Path | No
         if factory is not None or weights is not None:
             raise ExportError("give either a TorchScript file or a factory with weights, not both")
         try:
-            module: torch.jit.ScriptModule = torch.jit.load(str(torchscript), map_location="cpu")  # type: ignore[no-untyped-call]
+            with warnings.catch_warnings():
+                # torch deprecates TorchScript; the user chose it, so the warning is noise here.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module: torch.jit.ScriptModule = torch.jit.load(str(torchscript), map_location="cpu")  # type: ignore[no-untyped-call]
         except (RuntimeError, ValueError, OSError) as exc:
             raise ExportError(f"{torchscript} is not a loadable TorchScript file: {exc}") from exc
         return module.eval()

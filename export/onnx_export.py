@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
@@ -29,9 +30,20 @@ def export_onnx(
     """Export with ``torch.export`` (dynamo) and a symbolic batch axis named ``batch``."""
     import torch
 
-    batch = torch.export.Dim("batch", min=1, max=64)
-    # The exporter narrates its steps on stdout; keep the user's terminal for our own lines.
-    with contextlib.redirect_stdout(io.StringIO()):
+    # torch.export cannot trace a ScriptModule; those take the TorchScript-based exporter.
+    scripted = isinstance(model, torch.jit.ScriptModule)
+    dynamic: dict[str, Any] = (
+        {"dynamic_axes": {input_name: {0: "batch"}, output_name: {0: "batch"}}}
+        if scripted
+        else {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=64)},)}
+    )
+    # The exporter narrates its steps on stdout and trips deprecations inside
+    # torch itself; neither is the user's to act on.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # ScriptModules have no Python signature; the exporter says so and copes.
+        warnings.filterwarnings("ignore", message="no signature found", category=UserWarning)
         try:
             torch.onnx.export(
                 model,
@@ -39,10 +51,10 @@ def export_onnx(
                 str(path),
                 input_names=[input_name],
                 output_names=[output_name],
-                dynamic_shapes=({0: batch},),
                 opset_version=opset,
                 external_data=False,
-                dynamo=True,
+                dynamo=not scripted,
+                **dynamic,
             )
         except Exception as exc:  # the exporter raises many types; name the cause
             raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from edgescope.runtime.pipeline.postprocess import segmentation_mask
 
+from edgescope.runtime.pipeline.postprocess import segmentation_mask
 from edgescope.v1 import manifest_pb2
 
 Array = npt.NDArray[np.float32]

@@ -17,6 +17,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import numpy.typing as npt
+
+from edgescope.errors import EdgescopeError
 from edgescope.runtime.latency import LatencyRecorder
 from edgescope.runtime.overlay import VideoRecorder, draw_overlay
 from edgescope.runtime.pipeline.decode import encode_raw
@@ -24,8 +26,6 @@ from edgescope.runtime.pipeline.encode import decode_mask
 from edgescope.runtime.server import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from edgescope.runtime.sources.base import FrameSource, SourceFrame
 from edgescope.runtime.sources.display import to_display_rgb8
-
-from edgescope.errors import EdgescopeError
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 SOURCE_KINDS = {

@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from edgescope.runtime.client import StreamOptions, stream_source
 from edgescope.runtime.sources import open_source
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 STARTUP_TIMEOUT_S = 60.0
 

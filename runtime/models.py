@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from edgescope.runtime.backends.base import Backend, Session
 
 from edgescope.bundle import Bundle, load_bundle
 from edgescope.errors import BundleError, ConfigError, ModelNotFoundError
+from edgescope.runtime.backends.base import Backend, Session
 from edgescope.v1 import manifest_pb2, stream_pb2
 
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import time
 
+from edgescope.errors import EdgescopeError
 from edgescope.runtime.models import LoadedModel, ModelRegistry
 from edgescope.runtime.pipeline.decode import decode_frame
 from edgescope.runtime.pipeline.encode import fill_result
 from edgescope.runtime.pipeline.postprocess import postprocess
 from edgescope.runtime.pipeline.preprocess import preprocess
-
-from edgescope.errors import EdgescopeError
 from edgescope.v1 import stream_pb2
 
 

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from edgescope.runtime.backends.base import Backend
 from edgescope.runtime.models import ModelRegistry
 from edgescope.runtime.service import StreamService
 from edgescope.runtime.telemetry.gpu import NvmlSampler
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 logger = logging.getLogger(__name__)

@@ -14,11 +14,11 @@ from collections.abc import AsyncIterable, AsyncIterator
 from concurrent.futures import Executor
 
 import grpc
+
+from edgescope.errors import EdgescopeError, ModelNotFoundError
 from edgescope.runtime.models import LoadedModel, ModelRegistry
 from edgescope.runtime.processing import error_result, process_frame
 from edgescope.runtime.status import status_code_for
-
-from edgescope.errors import EdgescopeError, ModelNotFoundError
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 logger = logging.getLogger(__name__)

@@ -20,9 +20,7 @@ def generate(out_dir: Path) -> None:
     """Write *_pb2.py/.pyi for every .proto, and *_pb2_grpc.py/.pyi for those with services."""
     protos = sorted(PROTO_ROOT.rglob("*.proto"))
     names = [str(p.relative_to(PROTO_ROOT)) for p in protos]
-    with_services = [
-        str(p.relative_to(PROTO_ROOT)) for p in protos if "\nservice " in p.read_text(encoding="utf-8")
-    ]
+    with_services = [str(p.relative_to(PROTO_ROOT)) for p in protos if "\nservice " in p.read_text(encoding="utf-8")]
     _protoc(f"--python_out={out_dir}", f"--mypy_out=quiet:{out_dir}", *names)
     _protoc(f"--grpc_python_out={out_dir}", f"--mypy_grpc_out=quiet:{out_dir}", *with_services)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import cv2
 import pytest
-from edgescope.runtime.demo import start_server, stop_server
 
 from edgescope.bundle import Bundle
+from edgescope.runtime.demo import start_server, stop_server
 
 pydicom_data = pytest.importorskip("pydicom.data")
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from edgescope.runtime.pipeline.decode import decode_frame, encode_raw
 
 from edgescope.errors import FrameError
+from edgescope.runtime.pipeline.decode import decode_frame, encode_raw
 from edgescope.v1 import manifest_pb2, stream_pb2
 
 

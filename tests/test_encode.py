@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from edgescope.runtime.pipeline.encode import decode_mask, encode_mask, rle_decode, rle_encode
 
+from edgescope.runtime.pipeline.encode import decode_mask, encode_mask, rle_decode, rle_encode
 from edgescope.v1 import stream_pb2
 
 

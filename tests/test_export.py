@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from edgescope.export.validation import GateThresholds
 
 from edgescope.bundle import Bundle
 from edgescope.errors import BundleError, ConfigError, ExportError, ValidationFailedError
+from edgescope.export.validation import GateThresholds
 
 from .conftest import EXAMPLE
 
@@ -102,7 +103,10 @@ def test_torchscript_input(tmp_path: Path) -> None:
     spec.loader.exec_module(module)
     model = module.build()
     model.load_state_dict(torch.load(EXAMPLE / "weights.pt", weights_only=True))
-    scripted = torch.jit.trace(model.eval(), torch.zeros(1, 1, 256, 256))
+    with warnings.catch_warnings():
+        # TorchScript is deprecated in torch but still what many teams hold.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.trace(model.eval(), torch.zeros(1, 1, 256, 256))
     path = tmp_path / "model.ts"
     scripted.save(str(path))
     bundle = export_model(_request(tmp_path / "b", factory=None, weights=None, torchscript=path), log=_quiet)

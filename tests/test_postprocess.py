@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from edgescope.runtime.pipeline.postprocess import postprocess, remove_small_components
 from edgescope.runtime.pipeline.preprocess import Geometry
-
 from edgescope.v1 import manifest_pb2, stream_pb2
 
 

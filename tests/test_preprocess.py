@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from edgescope.runtime.pipeline.postprocess import to_frame_grid
 from edgescope.runtime.pipeline.preprocess import preprocess
-
 from edgescope.v1 import manifest_pb2
 
 

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
-from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
 
 from edgescope.bundle import Bundle
 from edgescope.errors import BackendError
+from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
 from edgescope.v1 import manifest_pb2
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)

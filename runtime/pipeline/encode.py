@@ -5,9 +5,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import numpy.typing as npt
-from edgescope.runtime.pipeline.postprocess import TaskResult
 
 from edgescope.errors import BackendError
+from edgescope.runtime.pipeline.postprocess import TaskResult
 from edgescope.v1 import stream_pb2
 
 

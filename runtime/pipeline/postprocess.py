@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import numpy.typing as npt
-from edgescope.runtime.backends.base import Outputs
-from edgescope.runtime.pipeline.preprocess import Geometry
 
 from edgescope.errors import BackendError, BundleError
+from edgescope.runtime.backends.base import Outputs
+from edgescope.runtime.pipeline.preprocess import Geometry
 from edgescope.v1 import manifest_pb2, stream_pb2
 
 

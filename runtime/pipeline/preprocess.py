@@ -12,9 +12,9 @@ from typing import cast
 import cv2
 import numpy as np
 import numpy.typing as npt
-from edgescope.runtime.pipeline.decode import Pixels
 
 from edgescope.errors import BundleError, FrameError
+from edgescope.runtime.pipeline.decode import Pixels
 from edgescope.v1 import manifest_pb2
 
 

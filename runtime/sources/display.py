@@ -1,0 +1,37 @@
+"""Turning any source frame into 8-bit RGB for display (overlays, previews)."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from edgescope.errors import FrameError
+
+__all__ = ["to_display_rgb8"]
+
+
+def to_display_rgb8(pixels: npt.NDArray[np.uint8] | npt.NDArray[np.uint16]) -> npt.NDArray[np.uint8]:
+    """``(H, W, 3)`` uint8 RGB for a ``(H, W)`` or ``(H, W, 3)`` uint8/uint16 frame.
+
+    Grey is repeated into the three channels. uint16 is windowed to the
+    frame's own minimum and maximum (one window for all channels, so colours
+    keep their balance); a constant frame becomes black. For display only:
+    the window differs from frame to frame, so values are not comparable.
+    The result is always a new array, so drawing on it leaves the frame intact.
+    """
+    if pixels.dtype not in (np.uint8, np.uint16):
+        raise FrameError(f"cannot display {pixels.dtype} pixels; expected uint8 or uint16")
+    if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)):
+        raise FrameError(f"cannot display pixels of shape {pixels.shape}; expected (H, W) or (H, W, 3)")
+    if pixels.dtype == np.uint16:
+        low, high = (int(pixels.min()), int(pixels.max())) if pixels.size else (0, 0)
+        if high > low:
+            scaled = (pixels.astype(np.float32) - low) * (255.0 / (high - low))
+            rgb8 = np.rint(scaled).astype(np.uint8)
+        else:
+            rgb8 = np.zeros(pixels.shape, dtype=np.uint8)
+    else:
+        rgb8 = pixels.astype(np.uint8, copy=False)
+    if rgb8.ndim == 2:
+        return np.repeat(rgb8[:, :, np.newaxis], 3, axis=2)
+    return np.array(rgb8, dtype=np.uint8, order="C", copy=True)
