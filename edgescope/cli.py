@@ -205,9 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for add in (_add_export, _add_serve, _add_stream, _add_models):
         add(commands)
     args = parser.parse_args(argv)
+    # Our own progress at INFO; libraries (the ONNX exporter is chatty) only warn.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("edgescope").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     runners = {"export": _run_export, "serve": _run_serve, "stream": _run_stream, "models": _run_models}
     try:
         return runners[args.command](args)

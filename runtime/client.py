@@ -90,6 +90,10 @@ def _overlay_lines(result: stream_pb2.Result, e2e_ms: float) -> list[str]:
     return lines
 
 
+def _overlay(source_frame: SourceFrame, result: stream_pb2.Result, e2e_ms: float) -> npt.NDArray[np.uint8]:
+    return draw_overlay(to_display_rgb8(source_frame.pixels), _mask_of(result), _overlay_lines(result, e2e_ms))
+
+
 def _mask_of(result: stream_pb2.Result) -> npt.NDArray[np.uint8] | None:
     for output in result.outputs:
         if output.WhichOneof("value") == "mask":
@@ -123,6 +127,17 @@ async def stream_source(
             sent += 1
 
     recorder = VideoRecorder(options.save, source.fps) if options.save is not None else None
+    # Overlays are drawn and encoded on a worker thread, fed through a short
+    # queue, so the receive loop timestamps each answer as soon as it arrives.
+    to_render: asyncio.Queue[tuple[SourceFrame, stream_pb2.Result, float] | None] = asyncio.Queue(maxsize=32)
+
+    async def render() -> None:
+        while (item := await to_render.get()) is not None:
+            if recorder is not None:
+                source_frame, result, e2e_ms = item
+                await asyncio.to_thread(recorder.write, _overlay(source_frame, result, e2e_ms))
+
+    renderer = asyncio.create_task(render())
     expected = 0
     try:
         async with grpc.aio.insecure_channel(
@@ -139,14 +154,13 @@ async def stream_source(
                 e2e_ns = received_ns - result.capture_time_ns
                 _record(latency, result, e2e_ns)
                 if recorder is not None:
-                    recorder.write(
-                        draw_overlay(
-                            to_display_rgb8(source_frame.pixels), _mask_of(result), _overlay_lines(result, e2e_ns / 1e6)
-                        )
-                    )
+                    await to_render.put((source_frame, result, e2e_ns / 1e6))
                 if on_result is not None:
                     on_result(source_frame, result)
+        await to_render.put(None)
+        await renderer
     finally:
+        renderer.cancel()
         if recorder is not None:
             recorder.close()
     if expected != sent:

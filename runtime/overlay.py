@@ -25,9 +25,12 @@ def draw_overlay(
         image[region] = (image[region] * (1 - _ALPHA) + _MASK_COLOR * _ALPHA).astype(np.uint8)
         contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(image, contours, -1, (255, 230, 0), 1, cv2.LINE_AA)
+    if lines:
+        # A dark band keeps the text readable over burned-in scanner annotations.
+        band = image[: 10 + 18 * len(lines), : min(image.shape[1], 420)]
+        band[:] = (band * 0.35).astype(np.uint8)
     for row, text in enumerate(lines):
         origin = (8, 18 + 18 * row)
-        cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3, cv2.LINE_AA)
         cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
     return image
 
