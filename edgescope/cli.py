@@ -13,8 +13,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgescope.errors import ConfigError, EdgescopeError
+
+if TYPE_CHECKING:
+    from edgescope.export.tensorrt import EngineOptions
 
 DEFAULT_TARGET = "127.0.0.1:8731"
 
@@ -33,6 +37,21 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated numbers") from exc
 
 
+def _budget(text: str) -> tuple[str, float]:
+    model, sep, value = text.rpartition("=")
+    try:
+        budget = float(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} must be MS or MODEL=MS, e.g. 40 or lesion-unet=40") from exc
+    return (model if sep else "*"), budget
+
+
+def _pair(values: list[float], flag: str) -> tuple[float, float]:
+    if len(values) != 2:
+        raise ConfigError(f"{flag} takes two numbers, MIN,MAX")
+    return values[0], values[1]
+
+
 def _add_export(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser("export", help="export a PyTorch model to a validated bundle")
     p.add_argument("--name", required=True, help="model name the runtime serves it under")
@@ -40,10 +59,15 @@ def _add_export(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--factory", help="'package.module:build' or 'path/model.py:build' returning the nn.Module")
     p.add_argument("--weights", type=Path, help="state_dict file for the factory's model (loaded weights_only)")
     p.add_argument("--torchscript", type=Path, help="a TorchScript file instead of factory + weights")
+    p.add_argument("--exported-program", type=Path, help="a torch.export .pt2 (dynamic batch) instead")
     p.add_argument("--version", default="1")
     p.add_argument("--description", default="")
     p.add_argument("--task", default="segmentation")
-    p.add_argument("--precision", default="fp32")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        help="fp32, fp16 (graph converted, sensitive ops kept FP32) or int8 (Q/DQ, needs --calibration-data)",
+    )
     p.add_argument("--input-size", type=_size, default=(256, 256), metavar="HxW")
     p.add_argument("--color", default="gray", choices=["gray", "rgb", "bgr"])
     p.add_argument("--resize", default="stretch", choices=["stretch", "letterbox"])
@@ -54,6 +78,21 @@ def _add_export(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--activation", default="sigmoid", choices=["sigmoid", "softmax", "none"])
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--min-component-pixels", type=int, default=0)
+    p.add_argument("--output-name", default="logits", help="the task output (boxes, for detection)")
+    p.add_argument("--previous-frame-input", default="", help="registration: input fed with the previous frame")
+    p.add_argument(
+        "--state", action="append", default=[], metavar="IN:OUT:D1,D2,..", help="a recurrent state tensor (repeatable)"
+    )
+    p.add_argument("--scores-output", default="scores", help="detection: the class-score output")
+    p.add_argument("--box-format", default="xyxy", choices=["xyxy", "xywh", "cxcywh"])
+    p.add_argument("--score-threshold", type=float, default=0.5, help="detection: lowest box score kept")
+    p.add_argument("--iou-threshold", type=float, default=0.5, help="detection: NMS overlap limit")
+    p.add_argument("--max-boxes", type=int, default=100)
+    p.add_argument("--anomaly-threshold", type=float, default=0.01, help="anomaly: score that flags a frame")
+    p.add_argument("--heatmap", default="fixed", choices=["fixed", "per-frame"])
+    p.add_argument("--heatmap-max", type=float, default=0.1, help="anomaly: error shown at full heat (fixed)")
+    p.add_argument("--output-range", type=_floats, default=[0.0, 1.0], help="image: output MIN,MAX mapped to 0..255")
+    p.add_argument("--displacement-units", default="pixels", choices=["pixels", "mm"])
     p.add_argument(
         "--data", default="synthetic:ultrasound", help="validation frames: dicom:PATH, video:PATH, synthetic:ultrasound"
     )
@@ -62,10 +101,61 @@ def _add_export(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--min-dice", type=float, default=0.99)
     p.add_argument("--force", action="store_true", help="write the bundle even if the gate fails (marked failed)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--fp32-ops", help="fp16: comma-separated op types kept in FP32 (replaces the default list)")
+    p.add_argument("--calibration-data", help="int8: dicom:PATH, video:PATH, synthetic:..., or a folder of images")
+    p.add_argument("--calibration-samples", type=int, default=32)
+    p.add_argument("--calibration-method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    p.add_argument(
+        "--format", action="append", default=[], choices=["triton"], help="also write a Triton model repository"
+    )
+    p.add_argument(
+        "--engines",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="build TensorRT engines (default: when TensorRT and a GPU are present)",
+    )
+    _add_engine_options(p)
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-batch", type=int, default=1, help="TensorRT profile: smallest batch")
+    p.add_argument("--opt-batch", type=int, default=1, help="TensorRT profile: batch to tune for")
+    p.add_argument("--max-batch", type=int, default=8, help="TensorRT profile: largest batch")
+    p.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT workspace memory pool limit")
+    p.add_argument("--optimization-level", type=int, default=3, help="TensorRT builder optimization level 0..5")
+    p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file, read and updated")
+    p.add_argument("--dla-core", type=int, default=-1, help="build for this DLA core (Jetson); -1: the GPU")
+    p.add_argument("--gpu-fallback", action="store_true", help="DLA: let layers DLA cannot run fall back to the GPU")
+    p.add_argument(
+        "--hardware-compatibility", default="none", choices=["none", "ampere_plus", "same_compute_capability"]
+    )
+    p.add_argument("--version-compatible", action="store_true", help="engine runs on later TensorRT of its major")
+
+
+def _engine_options(args: argparse.Namespace, precision: str | None) -> EngineOptions:
+    from edgescope.export.tensorrt import EngineOptions
+
+    return EngineOptions(
+        precision=precision,
+        min_batch=args.min_batch,
+        opt_batch=args.opt_batch,
+        max_batch=args.max_batch,
+        workspace_mib=args.workspace_mib,
+        optimization_level=args.optimization_level,
+        timing_cache=args.timing_cache,
+        dla_core=args.dla_core,
+        gpu_fallback=args.gpu_fallback,
+        hardware_compatibility=args.hardware_compatibility,
+        version_compatible=args.version_compatible,
+        calibration_data=args.calibration_data,
+        calibration_samples=args.calibration_samples,
+    )
 
 
 def _run_export(args: argparse.Namespace) -> int:
     from edgescope.export import ExportRequest, export_model
+    from edgescope.export.precision import FP16_FP32_OPS
+    from edgescope.export.tasks import StateSpec
     from edgescope.export.validation import GateThresholds
 
     export_model(
@@ -75,6 +165,7 @@ def _run_export(args: argparse.Namespace) -> int:
             factory=args.factory,
             weights=args.weights,
             torchscript=args.torchscript,
+            exported_program=args.exported_program,
             version=args.version,
             description=args.description,
             task=args.task,
@@ -90,11 +181,31 @@ def _run_export(args: argparse.Namespace) -> int:
             activation=args.activation,
             threshold=args.threshold,
             min_component_pixels=args.min_component_pixels,
+            output_name=args.output_name,
+            previous_frame_input=args.previous_frame_input,
+            state=[StateSpec.parse(s) for s in args.state],
+            scores_output=args.scores_output,
+            box_format=args.box_format,
+            score_threshold=args.score_threshold,
+            iou_threshold=args.iou_threshold,
+            max_boxes=args.max_boxes,
+            anomaly_threshold=args.anomaly_threshold,
+            heatmap=args.heatmap,
+            heatmap_max=args.heatmap_max,
+            output_range=_pair(args.output_range, "--output-range"),
+            displacement_units=args.displacement_units,
             data=args.data,
             samples=args.samples,
             thresholds=GateThresholds(max_abs_error=args.max_abs_error, min_dice=args.min_dice),
             force=args.force,
             overwrite=args.overwrite,
+            fp32_ops=tuple(v for v in args.fp32_ops.split(",") if v) if args.fp32_ops is not None else FP16_FP32_OPS,
+            calibration_data=args.calibration_data,
+            calibration_samples=args.calibration_samples,
+            calibration_method=args.calibration_method,
+            formats=("bundle", *args.format),
+            engines=args.engines,
+            engine_options=_engine_options(args, None),
         )
     )
     return 0
@@ -109,11 +220,38 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--max-message-mb", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="frame worker threads (default: CPU count, at least 2)")
     p.add_argument("--allow-failed-validation", action="store_true", help="serve bundles whose accuracy gate failed")
+    p.add_argument("--policy", choices=["every", "live"], default="every", help="default for streams that set none")
+    p.add_argument("--deadline-ms", type=int, default=0, help="default per-frame budget from receipt (0: none)")
+    p.add_argument("--max-batch", type=int, default=8, help="cross-stream batch size for dynamic-batch models")
+    p.add_argument("--batch-delay-ms", type=float, default=0.0, help="how long a frame may wait for a batch")
+    p.add_argument(
+        "--capture",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE@MODEL",
+        help="read a source on the server (pull mode); clients call Subscribe",
+    )
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of the telemetry page and /metrics")
+    p.add_argument("--metrics-port", type=int, default=8732, help="telemetry page and /metrics (0: any, -1: off)")
+    p.add_argument(
+        "--latency-budget-ms",
+        type=_budget,
+        action="append",
+        default=[],
+        metavar="[MODEL=]MS",
+        help="alert when a frame spends longer in the server (repeat per model)",
+    )
+    p.add_argument("--telemetry-interval", type=float, default=1.0, help="seconds between device samples")
+    p.add_argument("--warmup-frames", type=int, default=0, help="leave each stream's first frames out of latency")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from edgescope.runtime.capture import CaptureConfig
+    from edgescope.runtime.scheduler import SchedulerConfig
     from edgescope.runtime.server import ServerConfig, serve
+    from edgescope.runtime.telemetry.metrics import TelemetryConfig
+    from edgescope.v1 import stream_pb2
 
     config = ServerConfig(
         bundles=args.bundles,
@@ -121,7 +259,21 @@ def _run_serve(args: argparse.Namespace) -> int:
         port=args.port,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         allow_failed_validation=args.allow_failed_validation,
+        scheduling=SchedulerConfig(
+            policy=stream_pb2.STREAM_POLICY_LIVE if args.policy == "live" else stream_pb2.STREAM_POLICY_EVERY,
+            deadline_ms=args.deadline_ms,
+            max_batch=args.max_batch,
+            max_batch_delay_s=args.batch_delay_ms / 1000.0,
+        ),
+        captures=[CaptureConfig.parse(c) for c in args.capture],
         port_file=args.port_file,
+        telemetry=TelemetryConfig(
+            interval_s=args.telemetry_interval,
+            http_host=args.metrics_host,
+            http_port=None if args.metrics_port < 0 else args.metrics_port,
+            latency_budget_ms=dict(args.latency_budget_ms),
+            warmup_frames=args.warmup_frames,
+        ),
     )
     if args.workers > 0:
         config.workers = args.workers
@@ -140,6 +292,8 @@ def _add_stream(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--save", type=Path, help="write an overlay video (.mp4 or .avi)")
     p.add_argument("--summary", type=Path, help="write the latency summary as JSON")
     p.add_argument("--mask-encoding", default="png", choices=["png", "rle"])
+    p.add_argument("--policy", choices=["every", "live"], help="live: newest frame wins; every: all frames (default)")
+    p.add_argument("--deadline-ms", type=int, default=0, help="per-frame budget from server receipt")
     p.add_argument("--max-message-mb", type=int, default=64)
 
 
@@ -156,6 +310,10 @@ def _run_stream(args: argparse.Namespace) -> int:
         save=args.save,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         mask_encoding=stream_pb2.MASK_ENCODING_RLE if args.mask_encoding == "rle" else stream_pb2.MASK_ENCODING_PNG,
+        policy={"live": stream_pb2.STREAM_POLICY_LIVE, "every": stream_pb2.STREAM_POLICY_EVERY}.get(
+            args.policy or "", stream_pb2.STREAM_POLICY_UNSPECIFIED
+        ),
+        deadline_ms=args.deadline_ms,
     )
     with open_source(args.source, loop=args.loop) as source:
         pace = "as fast as possible" if args.fast else f"at {source.fps:.1f} fps"
@@ -172,6 +330,7 @@ def _run_stream(args: argparse.Namespace) -> int:
             "sent": report.sent,
             "realtime": not args.fast,
             **report.latency.as_dict(),
+            "clock": report.clock.as_dict(),
         }
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -198,11 +357,73 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_top(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("top", help="live terminal view of a server's latency and device health")
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between updates")
+    p.add_argument("--count", type=int, help="print the view after this many updates and exit")
+
+
+def _run_top(args: argparse.Namespace) -> int:
+    from edgescope.runtime.telemetry.top import run_top
+
+    run_top(args.target, args.interval, args.count)
+    return 0
+
+
+def _add_validate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("validate", help="re-run the accuracy gate on a bundle and save the report")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--factory", help="the model source, when the manifest's is not at hand")
+    p.add_argument("--weights", type=Path)
+    p.add_argument("--torchscript", type=Path)
+    p.add_argument("--data", help="validation frames (default: those the export used)")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--max-abs-error", type=float, default=1e-3)
+    p.add_argument("--min-dice", type=float, default=0.99)
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from edgescope.export.validate import ValidateRequest, validate_bundle
+    from edgescope.export.validation import GateThresholds
+
+    bundle = validate_bundle(
+        ValidateRequest(
+            bundle=args.bundle,
+            factory=args.factory,
+            weights=args.weights,
+            torchscript=args.torchscript,
+            data=args.data,
+            samples=args.samples,
+            thresholds=GateThresholds(max_abs_error=args.max_abs_error, min_dice=args.min_dice),
+        )
+    )
+    return 0 if bundle.manifest.validation.passed else 1
+
+
+def _add_engines(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("engines", help="build a TensorRT engine for this GPU into a bundle's engines/")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--precision", help="engine precision (default: the bundle's; other ones need TensorRT 10)")
+    p.add_argument("--calibration-data", help="int8 engine from an fp32 bundle (TensorRT 10): calibration frames")
+    p.add_argument("--calibration-samples", type=int, default=32)
+    _add_engine_options(p)
+
+
+def _run_engines(args: argparse.Namespace) -> int:
+    from edgescope.bundle import load_bundle
+    from edgescope.export.tensorrt import build_engine
+
+    entry = build_engine(load_bundle(args.bundle), _engine_options(args, args.precision))
+    print(f"wrote {args.bundle / entry.plan} (sidecar beside it); next: edgescope serve {args.bundle}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgescope", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_export, _add_serve, _add_stream, _add_models):
+    for add in (_add_export, _add_serve, _add_stream, _add_models, _add_top, _add_validate, _add_engines):
         add(commands)
     args = parser.parse_args(argv)
     # Our own progress at INFO; libraries (the ONNX exporter is chatty) only warn.
@@ -211,7 +432,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("edgescope").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    runners = {"export": _run_export, "serve": _run_serve, "stream": _run_stream, "models": _run_models}
+    runners = {
+        "export": _run_export,
+        "serve": _run_serve,
+        "stream": _run_stream,
+        "models": _run_models,
+        "top": _run_top,
+        "validate": _run_validate,
+        "engines": _run_engines,
+    }
     try:
         return runners[args.command](args)
     except (EdgescopeError, ConfigError) as exc:

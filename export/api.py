@@ -28,9 +28,22 @@ import onnxruntime as ort
 
 import edgescope
 from edgescope.bundle import ONNX_FILE, Bundle, load_bundle, sha256_file, staged_bundle, write_manifest
-from edgescope.errors import ConfigError, ExportError, ValidationFailedError
+from edgescope.errors import ConfigError, ExportError, MissingDependencyError, ValidationFailedError
+from edgescope.export import tasks
 from edgescope.export.loading import load_model
 from edgescope.export.onnx_export import DEFAULT_OPSET, export_onnx
+from edgescope.export.precision import (
+    FP16_FP32_OPS,
+    PRECISIONS,
+    PrecisionOptions,
+    check_options,
+    gate_thresholds,
+    reduce_precision,
+)
+from edgescope.export.runs import check_batch, example_inputs, onnx_runner, run_stream, torch_runner
+from edgescope.export.tasks import StateSpec
+from edgescope.export.tensorrt import EngineOptions, build_engine
+from edgescope.export.triton import write_repository
 from edgescope.export.validation import GateThresholds, compare, format_report
 from edgescope.runtime.pipeline.preprocess import preprocess
 from edgescope.runtime.sources import open_source
@@ -53,8 +66,19 @@ _ACTIVATIONS: dict[str, manifest_pb2.Activation.ValueType] = {
     "softmax": manifest_pb2.ACTIVATION_SOFTMAX,
     "none": manifest_pb2.ACTIVATION_NONE,
 }
-SUPPORTED_TASKS: dict[str, manifest_pb2.Task.ValueType] = {"segmentation": manifest_pb2.TASK_SEGMENTATION}
-SUPPORTED_PRECISIONS: dict[str, manifest_pb2.Precision.ValueType] = {"fp32": manifest_pb2.PRECISION_FP32}
+SUPPORTED_TASKS: dict[str, manifest_pb2.Task.ValueType] = {
+    "segmentation": manifest_pb2.TASK_SEGMENTATION,
+    "classification": manifest_pb2.TASK_CLASSIFICATION,
+    "detection": manifest_pb2.TASK_DETECTION,
+    "image": manifest_pb2.TASK_IMAGE,
+    "anomaly": manifest_pb2.TASK_ANOMALY,
+    "registration": manifest_pb2.TASK_REGISTRATION,
+}
+SUPPORTED_PRECISIONS: dict[str, manifest_pb2.Precision.ValueType] = dict(PRECISIONS)
+FORMATS = {
+    "bundle": "manifest.json + model.onnx (+ engines/): what edgescope serve loads",
+    "triton": "a Triton Inference Server model repository under the bundle's triton/",
+}
 
 
 @dataclass(slots=True)
@@ -66,6 +90,8 @@ class ExportRequest:
     factory: str | None = None
     weights: Path | None = None
     torchscript: Path | None = None
+    # A program saved by torch.export.save (.pt2), exported with a dynamic batch axis.
+    exported_program: Path | None = None
     version: str = "1"
     description: str = ""
     task: str = "segmentation"
@@ -89,6 +115,39 @@ class ExportRequest:
     opset: int = DEFAULT_OPSET
     input_name: str = "image"
     output_name: str = "logits"
+    # Tasks beyond segmentation (export/tasks.py says which inputs and outputs each has).
+    previous_frame_input: str = ""
+    state: list[StateSpec] = field(default_factory=list)
+    scores_output: str = "scores"
+    box_format: str = "xyxy"
+    score_threshold: float = 0.5
+    iou_threshold: float = 0.5
+    max_boxes: int = 100
+    anomaly_threshold: float = 0.01
+    heatmap: str = "fixed"
+    heatmap_max: float = 0.1
+    output_range: tuple[float, float] = (0.0, 1.0)
+    displacement_units: str = "pixels"
+    # Precision: FP16 keeps these op types in FP32; INT8 calibrates on frames
+    # from calibration_data (a source spec or a folder), never the gate's own.
+    fp32_ops: tuple[str, ...] = FP16_FP32_OPS
+    calibration_data: str | None = None
+    calibration_samples: int = 32
+    calibration_method: str = "minmax"
+    # Artifacts besides the bundle: "triton" adds a Triton model repository under triton/.
+    formats: tuple[str, ...] = ("bundle",)
+    # TensorRT engines: None builds them when TensorRT and a GPU are here, True requires them, False skips.
+    engines: bool | None = None
+    engine_options: EngineOptions = field(default_factory=EngineOptions)
+
+    def precision_options(self) -> PrecisionOptions:
+        return PrecisionOptions(
+            precision=self.precision,
+            fp32_ops=self.fp32_ops,
+            calibration_data=self.calibration_data,
+            calibration_samples=self.calibration_samples,
+            calibration_method=self.calibration_method,
+        )
 
 
 def _choice(value: str, options: Mapping[str, T], what: str) -> T:
@@ -122,14 +181,7 @@ def build_manifest(request: ExportRequest) -> manifest_pb2.ModelManifest:
             mean=request.mean,
             std=request.std,
         ),
-        postprocessing=manifest_pb2.Postprocessing(
-            output=request.output_name,
-            segmentation=manifest_pb2.SegmentationParams(
-                activation=_choice(request.activation, _ACTIVATIONS, "activation"),
-                threshold=request.threshold,
-                min_component_pixels=request.min_component_pixels,
-            ),
-        ),
+        postprocessing=tasks.postprocessing(request, task, _choice(request.activation, _ACTIVATIONS, "activation")),
     )
     shape = [
         manifest_pb2.Dim(symbol="batch"),
@@ -140,6 +192,7 @@ def build_manifest(request: ExportRequest) -> manifest_pb2.ModelManifest:
     manifest.inputs.append(
         manifest_pb2.TensorSpec(name=request.input_name, dtype=manifest_pb2.DATA_TYPE_FLOAT32, shape=shape)
     )
+    tasks.add_inputs(manifest, request)
     return manifest
 
 
@@ -181,9 +234,18 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
     import torch
 
     manifest = build_manifest(request)
+    check_options(request.precision_options(), request.data)
+    if request.precision == "int8" and len(manifest.inputs) > 1:
+        raise ConfigError("INT8 calibration feeds one image input; this model has several (use fp16 or fp32)")
+    unknown = set(request.formats) - set(FORMATS)
+    if unknown:
+        raise ConfigError(f"format {', '.join(sorted(unknown))} is not supported; choose from: {', '.join(FORMATS)}")
+    thresholds = gate_thresholds(request.precision, request.thresholds)
     log(f"edgescope export {request.name} -> {request.output}")
     with _step(log, "load PyTorch model"):
-        model = load_model(request.factory, request.weights, request.torchscript)
+        model = tasks.for_task(
+            load_model(request.factory, request.weights, request.torchscript, request.exported_program), request.task
+        )
     with _step(log, f"read {request.samples} frames from {request.data}"):
         inputs = representative_inputs(request.data, request.samples, manifest.preprocessing)
     with staged_bundle(request.output, overwrite=request.overwrite) as staging:
@@ -191,10 +253,10 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
         with _step(log, f"export ONNX (opset {request.opset})"):
             proto = export_onnx(
                 model,
-                torch.from_numpy(inputs[0]),
+                example_inputs(manifest, inputs[0]),
                 onnx_path,
-                input_name=request.input_name,
-                output_name=request.output_name,
+                input_name=tasks.input_names(request),
+                output_name=tasks.output_names(request),
                 opset=request.opset,
             )
             for key, value in (
@@ -204,22 +266,39 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
             ):
                 proto.metadata_props.add(key=key, value=value)
             onnx.save(proto, str(onnx_path))
-            manifest.outputs.append(_output_spec(proto, request.output_name))
+            manifest.outputs.extend(_output_spec(proto, name) for name in tasks.output_names(request))
         with _step(log, "run PyTorch and ONNX Runtime"):
-            with torch.inference_mode():
-                reference = [model(torch.from_numpy(x)).numpy() for x in inputs]
+            # Frames run as one stream: recurrent state and the previous frame carry over.
+            _, reference = run_stream(torch_runner(model, manifest), manifest, inputs)
             session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-            candidate = [session.run([request.output_name], {request.input_name: x})[0] for x in inputs]
-            # The batch axis is dynamic: a batch must give the same answers as single frames.
-            batched = session.run([request.output_name], {request.input_name: np.concatenate(inputs[:2])})[0]
-            if not np.allclose(batched, np.concatenate(candidate[:2]), atol=request.thresholds.max_abs_error):
-                raise ExportError("the ONNX model gives different answers in a batch than frame by frame")
+            feeds, candidate = run_stream(onnx_runner(session), manifest, inputs)
+            check_batch(session, feeds, candidate, request.thresholds.max_abs_error)
+        if request.precision != "fp32":
+            with _step(log, f"convert to {request.precision}"):
+                settings = reduce_precision(
+                    onnx_path, request.precision_options(), manifest.preprocessing, request.input_name
+                )
+                manifest.precision_settings.CopyFrom(settings)
+            fp32_candidate = candidate
+            with _step(log, f"run ONNX Runtime {request.precision}"):
+                session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+                _, candidate = run_stream(onnx_runner(session), manifest, inputs)
+            versus_fp32 = manifest_pb2.ValidationReport(
+                reference=f"onnxruntime {ort.__version__} CPU fp32",
+                candidate=f"onnxruntime {ort.__version__} CPU {request.precision}",
+                samples=len(inputs),
+                data_source=request.data,
+                metrics=compare(fp32_candidate, candidate, manifest, thresholds),
+            )
+            versus_fp32.passed = all(m.passed for m in versus_fp32.metrics)
+            log(format_report(versus_fp32))
+            manifest.extra_validation.append(versus_fp32)
         report = manifest.validation
         report.reference = f"pytorch {torch.__version__}"
-        report.candidate = f"onnxruntime {ort.__version__} CPU fp32"
+        report.candidate = f"onnxruntime {ort.__version__} CPU {request.precision}"
         report.samples = len(inputs)
         report.data_source = request.data
-        report.metrics.extend(compare(reference, candidate, manifest, request.thresholds))
+        report.metrics.extend(compare(reference, candidate, manifest, thresholds))
         report.passed = all(m.passed for m in report.metrics)
         report.forced = request.force and not report.passed
         log(format_report(report))
@@ -239,11 +318,35 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
             )
         )
         manifest.created_at = datetime.now(UTC).isoformat(timespec="seconds")
-        source_file = request.weights or request.torchscript
+        source_file = request.weights or request.torchscript or request.exported_program
         if source_file is not None:
             manifest.source_sha256 = sha256_file(source_file)
+        manifest.model_source.CopyFrom(
+            manifest_pb2.ModelSource(
+                factory=request.factory or "",
+                weights=str(request.weights.resolve()) if request.weights else "",
+                torchscript=str(request.torchscript.resolve()) if request.torchscript else "",
+            )
+        )
         write_manifest(staging, manifest)
     bundle = load_bundle(request.output)
+    bundle = _artifacts(bundle, request, log)
     log(f"wrote {request.output}: {', '.join(e.path for e in bundle.manifest.files)}, manifest.json")
-    log(f"next: edgescope serve {request.output}")
+    log(f"next: edgescope serve {request.output}    (re-check any time: edgescope validate {request.output})")
     return bundle
+
+
+def _artifacts(bundle: Bundle, request: ExportRequest, log: Log) -> Bundle:
+    """TensorRT engines and the Triton repository, built from the written bundle."""
+    if request.engines is not False:
+        try:
+            with _step(log, "TensorRT engine"):
+                build_engine(bundle, request.engine_options, log=log)
+        except MissingDependencyError as exc:
+            if request.engines:
+                raise
+            log(f"  no TensorRT engine: {exc}")
+    if "triton" in request.formats:
+        with _step(log, "Triton model repository"):
+            write_repository(load_bundle(bundle.path))
+    return load_bundle(bundle.path)

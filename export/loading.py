@@ -1,4 +1,4 @@
-"""Load the user's trained model: factory + weights, or TorchScript."""
+"""Load the user's trained model: factory + weights, TorchScript, or a torch.export program."""
 
 from __future__ import annotations
 
@@ -50,13 +50,54 @@ def _resolve_factory(spec: str) -> object:
         raise ExportError(f"{module_part} has no attribute {attr!r}") from exc
 
 
-def load_model(factory: str | None, weights: Path | None, torchscript: Path | None) -> torch.nn.Module:
+def _load_exported_program(path: Path) -> torch.nn.Module:
+    """A ``.pt2`` saved by ``torch.export.save``; its batch axis must have been exported dynamic."""
+    import torch
+
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # torch raises many kinds for corrupt or foreign files
+        raise ExportError(f"{path} is not a loadable torch.export program (.pt2): {exc}") from exc
+    placeholders = [node for node in program.graph.nodes if node.op == "placeholder"]
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in placeholders:
+        value = node.meta.get("val")
+        fixed = isinstance(value, torch.Tensor) and value.ndim > 0 and not isinstance(value.shape[0], torch.SymInt)
+        if node.name in user_inputs and fixed:
+            raise ExportError(
+                f"{path} was exported with a fixed batch size for input {node.name!r}; "
+                "re-export it with dynamic_shapes giving dim 0 a torch.export.Dim('batch'), "
+                "and an example batch of 2 or more"
+            )
+    module = program.module()
+    # The program's graph was fixed (eval or not) when the user exported it, and its module
+    # refuses eval(); clearing the flag only stops the ONNX exporter warning about it.
+    for submodule in module.modules():
+        submodule.training = False
+    return module
+
+
+def load_model(
+    factory: str | None,
+    weights: Path | None,
+    torchscript: Path | None,
+    exported_program: Path | None = None,
+) -> torch.nn.Module:
     """Return the model in eval mode; weights are loaded with ``weights_only=True``."""
     import_torch()
     import torch
 
+    given = [
+        what for what, v in (("a factory", factory), ("TorchScript", torchscript), ("a .pt2", exported_program)) if v
+    ]
+    if len(given) > 1:
+        raise ExportError(f"give one model source, not {' and '.join(given)}")
+    if exported_program is not None:
+        if weights is not None:
+            raise ExportError("a torch.export program carries its weights; drop --weights")
+        return _load_exported_program(exported_program)
     if torchscript is not None:
-        if factory is not None or weights is not None:
+        if weights is not None:
             raise ExportError("give either a TorchScript file or a factory with weights, not both")
         try:
             with warnings.catch_warnings():
@@ -67,7 +108,7 @@ def load_model(factory: str | None, weights: Path | None, torchscript: Path | No
             raise ExportError(f"{torchscript} is not a loadable TorchScript file: {exc}") from exc
         return module.eval()
     if factory is None:
-        raise ExportError("a model needs --factory (with --weights) or --torchscript")
+        raise ExportError("a model needs --factory (with --weights), --torchscript or --exported-program")
     build = _resolve_factory(factory)
     if not callable(build):
         raise ExportError(f"factory {factory!r} is not callable")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,22 +21,31 @@ DEFAULT_OPSET = 18
 
 def export_onnx(
     model: torch.nn.Module,
-    example: torch.Tensor,
+    example: torch.Tensor | tuple[torch.Tensor, ...],
     path: Path,
     *,
-    input_name: str,
-    output_name: str,
+    input_name: str | Sequence[str],
+    output_name: str | Sequence[str],
     opset: int = DEFAULT_OPSET,
 ) -> onnx.ModelProto:
-    """Export with ``torch.export`` (dynamo) and a symbolic batch axis named ``batch``."""
+    """Export with ``torch.export`` (dynamo) and a symbolic batch axis named ``batch``.
+
+    Models with several inputs or outputs (state tensors, detection heads)
+    take a tuple of examples and a name per input and output; every one
+    shares the batch axis.
+    """
     import torch
 
+    examples = example if isinstance(example, tuple) else (example,)
+    inputs = [input_name] if isinstance(input_name, str) else list(input_name)
+    outputs = [output_name] if isinstance(output_name, str) else list(output_name)
     # torch.export cannot trace a ScriptModule; those take the TorchScript-based exporter.
     scripted = isinstance(model, torch.jit.ScriptModule)
+    batch = torch.export.Dim("batch", min=1, max=64)
     dynamic: dict[str, Any] = (
-        {"dynamic_axes": {input_name: {0: "batch"}, output_name: {0: "batch"}}}
+        {"dynamic_axes": {name: {0: "batch"} for name in [*inputs, *outputs]}}
         if scripted
-        else {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=64)},)}
+        else {"dynamic_shapes": tuple({0: batch} for _ in examples)}
     )
     # The exporter narrates its steps on stdout and trips deprecations inside
     # torch itself; neither is the user's to act on.
@@ -44,13 +54,15 @@ def export_onnx(
         warnings.simplefilter("ignore", DeprecationWarning)
         # ScriptModules have no Python signature; the exporter says so and copes.
         warnings.filterwarnings("ignore", message="no signature found", category=UserWarning)
+        # Every input shares the one batch axis on purpose; the exporter remarks on it.
+        warnings.filterwarnings("ignore", message=".*The axis name: batch will not be used", category=UserWarning)
         try:
             torch.onnx.export(
                 model,
-                (example,),
+                examples,
                 str(path),
-                input_names=[input_name],
-                output_names=[output_name],
+                input_names=inputs,
+                output_names=outputs,
                 opset_version=opset,
                 external_data=False,
                 dynamo=not scripted,

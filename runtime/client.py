@@ -19,11 +19,12 @@ import numpy as np
 import numpy.typing as npt
 
 from edgescope.errors import EdgescopeError
-from edgescope.runtime.latency import LatencyRecorder
+from edgescope.runtime.latency import ClockEstimator, ClockSample, LatencyRecorder, drop_label, missed_deadline
 from edgescope.runtime.overlay import VideoRecorder, draw_overlay
 from edgescope.runtime.pipeline.decode import encode_raw
 from edgescope.runtime.pipeline.encode import decode_mask
 from edgescope.runtime.server import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from edgescope.runtime.shm import SharedMemorySender
 from edgescope.runtime.sources.base import FrameSource, SourceFrame
 from edgescope.runtime.sources.display import to_display_rgb8
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
@@ -54,6 +55,13 @@ class StreamOptions:
     mask_encoding: stream_pb2.MaskEncoding.ValueType = stream_pb2.MASK_ENCODING_PNG
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     timeout_s: float | None = None
+    policy: stream_pb2.StreamPolicy.ValueType = stream_pb2.STREAM_POLICY_UNSPECIFIED
+    deadline_ms: int = 0
+    # At most this many frames awaiting answers; None leaves pacing to gRPC flow control.
+    max_in_flight: int | None = None
+    # Same host only: pixels go through a ring of shared-memory slots, not protobuf bytes.
+    shared_memory: bool = False
+    shared_memory_slots: int = 4
 
 
 @dataclass(slots=True)
@@ -61,9 +69,12 @@ class StreamReport:
     sent: int
     latency: LatencyRecorder
     video: Path | None
+    clock: ClockEstimator = field(default_factory=ClockEstimator)
 
 
-def build_frame(source_frame: SourceFrame, seq: int, options: StreamOptions, kind: str) -> stream_pb2.Frame:
+def build_frame(
+    source_frame: SourceFrame, seq: int, options: StreamOptions, kind: str, *, with_pixels: bool = True
+) -> stream_pb2.Frame:
     frame = stream_pb2.Frame(
         stream_id=options.stream_id,
         seq=seq,
@@ -71,7 +82,9 @@ def build_frame(source_frame: SourceFrame, seq: int, options: StreamOptions, kin
         model=options.model,
         source_kind=SOURCE_KINDS[kind],
         mask_encoding=options.mask_encoding,
-        raw=encode_raw(source_frame.pixels),
+        policy=options.policy,
+        deadline_ms=options.deadline_ms,
+        raw=encode_raw(source_frame.pixels) if with_pixels else None,
     )
     if source_frame.spacing_mm is not None:
         frame.spacing.row_mm, frame.spacing.column_mm = source_frame.spacing_mm
@@ -106,9 +119,12 @@ async def stream_source(
 ) -> StreamReport:
     """Stream ``source`` through the server's Stream call and summarise the run."""
     latency = LatencyRecorder()
+    clock = ClockEstimator()
     in_flight: dict[int, SourceFrame] = {}
     sent = 0
     frames_iter: Iterator[SourceFrame] = iter(source)
+    sender: SharedMemorySender | None = None
+    window = asyncio.Semaphore(options.max_in_flight) if options.max_in_flight else None
 
     async def frames() -> AsyncIterator[stream_pb2.Frame]:
         nonlocal sent
@@ -122,8 +138,13 @@ async def stream_source(
                 delay = start + source_frame.timestamp_s - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
+            if window is not None:
+                await window.acquire()
             in_flight[sent] = source_frame
-            yield build_frame(source_frame, sent, options, source.kind)
+            frame = build_frame(source_frame, sent, options, source.kind, with_pixels=sender is None)
+            if sender is not None:
+                await sender.place(frame, source_frame.pixels)
+            yield frame
             sent += 1
 
     recorder = VideoRecorder(options.save, source.fps) if options.save is not None else None
@@ -144,6 +165,8 @@ async def stream_source(
             options.target, options=channel_options(options.max_message_bytes)
         ) as channel:
             stub = stream_pb2_grpc.StreamServiceStub(channel)
+            if options.shared_memory:
+                sender = SharedMemorySender(stub, options.stream_id, options.shared_memory_slots)
             call = stub.Stream(frames(), timeout=options.timeout_s)
             async for result in call:
                 received_ns = time.time_ns()
@@ -151,33 +174,52 @@ async def stream_source(
                     raise StreamError(f"expected the answer to frame {expected}, got {result.seq}")
                 expected += 1
                 source_frame = in_flight.pop(result.seq)
+                if window is not None:
+                    window.release()
+                if sender is not None:
+                    sender.answered(result.seq)
                 e2e_ns = received_ns - result.capture_time_ns
-                _record(latency, result, e2e_ns)
+                _record(latency, clock, result, received_ns)
                 if recorder is not None:
                     await to_render.put((source_frame, result, e2e_ns / 1e6))
                 if on_result is not None:
                     on_result(source_frame, result)
+            if sender is not None:
+                await sender.unregister()
         await to_render.put(None)
         await renderer
     finally:
         renderer.cancel()
         if recorder is not None:
             recorder.close()
+        if sender is not None:
+            sender.unlink()
     if expected != sent:
         raise StreamError(f"sent {sent} frames but received {expected} answers")
-    return StreamReport(sent=sent, latency=latency, video=options.save)
+    return StreamReport(sent=sent, latency=latency, video=options.save, clock=clock)
 
 
-def _record(latency: LatencyRecorder, result: stream_pb2.Result, e2e_ns: int) -> None:
-    latency.results += 1
-    latency.mark(time.monotonic())
+def _record(latency: LatencyRecorder, clock: ClockEstimator, result: stream_pb2.Result, received_ns: int) -> None:
+    # Capture stamp and receive time are both on this host's clock: end to end needs no sync.
+    e2e_ns = received_ns - result.capture_time_ns
+    sample = ClockSample(result.capture_time_ns, result.server_receive_time_ns, result.server_send_time_ns, received_ns)
+    clock.add(sample)
+    measured = latency.count_result(time.monotonic())
     code = result.status.code
+    if missed_deadline(result.status):
+        latency.deadline_misses += 1
     if code == stream_pb2.FRAME_STATUS_CODE_DROPPED:
-        latency.dropped += 1
+        latency.count_drop(drop_label(result.status))
         return
     if code != stream_pb2.FRAME_STATUS_CODE_OK:
         latency.errors += 1
         return
+    if not measured:
+        return
+    split = clock.split(sample) if sample.t1 > 0 else None
+    if split is not None:
+        latency.add("uplink", split[0])
+        latency.add("downlink", split[1])
     server_ns = 0
     for timing in result.timings:
         latency.add(timing.stage, timing.duration_ns)

@@ -60,6 +60,9 @@ def start_server(
         "0",
         "--port-file",
         str(port_file),
+        # The dashboard and /metrics on any free port too, so several servers can run side by side.
+        "--metrics-port",
+        "0",
         *(extra or []),
     ]
     server = subprocess.Popen(command)

@@ -17,10 +17,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edgescope.runtime.backends.base import Backend
+from edgescope.runtime.capture import CaptureConfig, CaptureHub
+from edgescope.runtime.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
+from edgescope.runtime.kserve import add_kserve_service
 from edgescope.runtime.models import ModelRegistry
+from edgescope.runtime.scheduler import SchedulerConfig
 from edgescope.runtime.service import StreamService
-from edgescope.runtime.telemetry.gpu import NvmlSampler
-from edgescope.v1 import stream_pb2, stream_pb2_grpc
+from edgescope.runtime.shm import REGIONS
+from edgescope.runtime.telemetry.hub import TelemetryHub
+from edgescope.runtime.telemetry.metrics import TelemetryConfig
+from edgescope.runtime.telemetry.service import TELEMETRY_SERVICE_NAME, TelemetryServicer
+from edgescope.v1 import stream_pb2, stream_pb2_grpc, telemetry_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +56,9 @@ class ServerConfig:
     allow_failed_validation: bool = False
     # Written with the bound port once serving, so callers can use port 0.
     port_file: Path | None = None
+    scheduling: SchedulerConfig = field(default_factory=SchedulerConfig)
+    captures: Sequence[CaptureConfig] = ()
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
 class RunningServer:
@@ -61,18 +71,34 @@ class RunningServer:
         registry: ModelRegistry,
         executor: ThreadPoolExecutor,
         health_servicer: Any,
+        service: StreamService,
+        captures: CaptureHub | None,
+        telemetry: TelemetryHub | None = None,
     ) -> None:
         self.server = server
+        self.telemetry = telemetry
         self.port = port
         self.registry = registry
+        self.service = service
         self._executor = executor
         self._health = health_servicer
+        self._captures = captures
 
     async def stop(self, grace_s: float) -> None:
+        """Drain: refuse new streams, answer every frame already received, then stop."""
         await self._health.enter_graceful_shutdown()
+        if self._captures is not None:
+            await self._captures.stop()
+        drained = await self.service.drain(grace_s)
+        if not drained:
+            logger.warning("streams still open after %.1f s of draining; closing them", grace_s)
         await self.server.stop(grace_s)
+        await self.service.close()
         self._executor.shutdown(wait=True)
         self.registry.close()
+        REGIONS.close()
+        if self.telemetry is not None:
+            self.telemetry.close()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -97,28 +123,39 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
         registry.close()
         raise
     server = grpc.aio.server(options=channel_options(config.max_message_bytes))
-    stream_pb2_grpc.add_StreamServiceServicer_to_server(StreamService(registry, executor), server)
+    telemetry = TelemetryHub(config.telemetry)
+    service = StreamService(registry, executor, backend, config.scheduling, telemetry.metrics)
+    captures = CaptureHub(list(config.captures), service.scheduler) if config.captures else None
+    service.attach_captures(captures)
+    stream_pb2_grpc.add_StreamServiceServicer_to_server(service, server)
+    add_kserve_service(registry, executor, server)
+    telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryServicer(telemetry.metrics), server)
     # grpc_health's type stubs predate its asyncio servicer.
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (
+            SERVICE_NAME,
+            KSERVE_SERVICE_NAME,
+            TELEMETRY_SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     await server.start()
-    for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, registry, executor, health_servicer)
+    for health_name in ("", SERVICE_NAME):
+        await health_servicer.set(health_name, health_pb2.HealthCheckResponse.SERVING)
+    if captures is not None:
+        captures.start()
+    return RunningServer(server, port, registry, executor, health_servicer, service, captures, telemetry)
 
 
 async def serve(config: ServerConfig, backend: Backend) -> None:
     """Run until SIGINT or SIGTERM, then stop with the configured grace period."""
-    gpu = NvmlSampler()
-    logger.info("GPU telemetry: %s", gpu.status.reason)
-    gpu.close()
     running = await start_server(config, backend)
     logger.info("edgescope serving %d model(s) on %s:%d", len(running.registry.all()), config.host, running.port)
     if config.port_file is not None:

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,16 +58,16 @@ def example_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
 class ServerThread:
     """A real grpc.aio server on 127.0.0.1, on its own event loop in a thread."""
 
-    def __init__(self, bundles: list[Path]) -> None:
+    def __init__(self, bundles: list[Path], backend: Any = None, **config_fields: Any) -> None:
         from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
         from edgescope.runtime.server import RunningServer, ServerConfig, start_server
 
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        config = ServerConfig(bundles=bundles, host="127.0.0.1", port=0, workers=2)
+        config = ServerConfig(bundles=bundles, host="127.0.0.1", port=0, workers=2, **config_fields)
         started: Future[RunningServer] = asyncio.run_coroutine_threadsafe(
-            start_server(config, OnnxRuntimeBackend(intra_op_threads=1)), self._loop
+            start_server(config, backend or OnnxRuntimeBackend(intra_op_threads=1)), self._loop
         )
         self.running = started.result(timeout=60)
         self.target = f"127.0.0.1:{self.running.port}"

@@ -24,27 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65\x64gescope/v1/manifest.proto\x12\x0c\x65\x64gescope.v1\"/\n\x03\x44im\x12\x0e\n\x04size\x18\x01 \x01(\x03H\x00\x12\x10\n\x06symbol\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"c\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x64type\x18\x02 \x01(\x0e\x32\x16.edgescope.v1.DataType\x12 \n\x05shape\x18\x03 \x03(\x0b\x32\x11.edgescope.v1.Dim\"\xd0\x01\n\rPreprocessing\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12&\n\x05\x63olor\x18\x03 \x01(\x0e\x32\x17.edgescope.v1.ColorMode\x12(\n\x06resize\x18\x04 \x01(\x0e\x32\x18.edgescope.v1.ResizeMode\x12$\n\x06layout\x18\x05 \x01(\x0e\x32\x14.edgescope.v1.Layout\x12\r\n\x05scale\x18\x06 \x01(\x02\x12\x0c\n\x04mean\x18\x07 \x03(\x02\x12\x0b\n\x03std\x18\x08 \x03(\x02\"s\n\x12SegmentationParams\x12,\n\nactivation\x18\x01 \x01(\x0e\x32\x18.edgescope.v1.Activation\x12\x11\n\tthreshold\x18\x02 \x01(\x02\x12\x1c\n\x14min_component_pixels\x18\x03 \x01(\r\"d\n\x0ePostprocessing\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\x38\n\x0csegmentation\x18\n \x01(\x0b\x32 .edgescope.v1.SegmentationParamsH\x00\x42\x08\n\x06params\"=\n\tFileEntry\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"^\n\x08Versions\x12\x11\n\tedgescope\x18\x01 \x01(\t\x12\r\n\x05torch\x18\x02 \x01(\t\x12\x0c\n\x04onnx\x18\x03 \x01(\t\x12\r\n\x05opset\x18\x04 \x01(\x05\x12\x13\n\x0bonnxruntime\x18\x05 \x01(\t\"g\n\x0bMetricValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x18\n\x10higher_is_better\x18\x04 \x01(\x08\x12\x0e\n\x06passed\x18\x05 \x01(\x08\"\xaa\x01\n\x10ValidationReport\x12\x0e\n\x06passed\x18\x01 \x01(\x08\x12\x0e\n\x06\x66orced\x18\x02 \x01(\x08\x12\x11\n\treference\x18\x03 \x01(\t\x12\x11\n\tcandidate\x18\x04 \x01(\t\x12\x0f\n\x07samples\x18\x05 \x01(\r\x12\x13\n\x0b\x64\x61ta_source\x18\x06 \x01(\t\x12*\n\x07metrics\x18\x07 \x03(\x0b\x32\x19.edgescope.v1.MetricValue\"\xa9\x04\n\rModelManifest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12 \n\x04task\x18\x05 \x01(\x0e\x32\x12.edgescope.v1.Task\x12*\n\tprecision\x18\x06 \x01(\x0e\x32\x17.edgescope.v1.Precision\x12(\n\x06inputs\x18\x07 \x03(\x0b\x32\x18.edgescope.v1.TensorSpec\x12)\n\x07outputs\x18\x08 \x03(\x0b\x32\x18.edgescope.v1.TensorSpec\x12\x32\n\rpreprocessing\x18\t \x01(\x0b\x32\x1b.edgescope.v1.Preprocessing\x12\x34\n\x0epostprocessing\x18\n \x01(\x0b\x32\x1c.edgescope.v1.Postprocessing\x12\x0e\n\x06labels\x18\x0b \x03(\t\x12&\n\x05\x66iles\x18\x0c \x03(\x0b\x32\x17.edgescope.v1.FileEntry\x12(\n\x08versions\x18\r \x01(\x0b\x32\x16.edgescope.v1.Versions\x12\x32\n\nvalidation\x18\x0e \x01(\x0b\x32\x1e.edgescope.v1.ValidationReport\x12\x12\n\ncreated_at\x18\x0f \x01(\t\x12\x15\n\rsource_sha256\x18\x10 \x01(\t*\xd0\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x06\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x07\x12\x14\n\x10\x44\x41TA_TYPE_UINT16\x10\x08*\xaa\x01\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_SEGMENTATION\x10\x01\x12\x17\n\x13TASK_CLASSIFICATION\x10\x02\x12\x12\n\x0eTASK_DETECTION\x10\x03\x12\x0e\n\nTASK_IMAGE\x10\x04\x12\x10\n\x0cTASK_ANOMALY\x10\x05\x12\x15\n\x11TASK_REGISTRATION\x10\x06\x12\x0f\n\x0bTASK_TENSOR\x10\x07*b\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_FP16\x10\x02\x12\x12\n\x0ePRECISION_INT8\x10\x03*d\n\tColorMode\x12\x1a\n\x16\x43OLOR_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43OLOR_MODE_GRAY\x10\x01\x12\x12\n\x0e\x43OLOR_MODE_RGB\x10\x02\x12\x12\n\x0e\x43OLOR_MODE_BGR\x10\x03*]\n\nResizeMode\x12\x1b\n\x17RESIZE_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13RESIZE_MODE_STRETCH\x10\x01\x12\x19\n\x15RESIZE_MODE_LETTERBOX\x10\x02*B\n\x06Layout\x12\x16\n\x12LAYOUT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bLAYOUT_NCHW\x10\x01\x12\x0f\n\x0bLAYOUT_NHWC\x10\x02*m\n\nActivation\x12\x1a\n\x16\x41\x43TIVATION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43TIVATION_NONE\x10\x01\x12\x16\n\x12\x41\x43TIVATION_SIGMOID\x10\x02\x12\x16\n\x12\x41\x43TIVATION_SOFTMAX\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65\x64gescope/v1/manifest.proto\x12\x0c\x65\x64gescope.v1\"/\n\x03\x44im\x12\x0e\n\x04size\x18\x01 \x01(\x03H\x00\x12\x10\n\x06symbol\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"c\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x64type\x18\x02 \x01(\x0e\x32\x16.edgescope.v1.DataType\x12 \n\x05shape\x18\x03 \x03(\x0b\x32\x11.edgescope.v1.Dim\"\xd0\x01\n\rPreprocessing\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12&\n\x05\x63olor\x18\x03 \x01(\x0e\x32\x17.edgescope.v1.ColorMode\x12(\n\x06resize\x18\x04 \x01(\x0e\x32\x18.edgescope.v1.ResizeMode\x12$\n\x06layout\x18\x05 \x01(\x0e\x32\x14.edgescope.v1.Layout\x12\r\n\x05scale\x18\x06 \x01(\x02\x12\x0c\n\x04mean\x18\x07 \x03(\x02\x12\x0b\n\x03std\x18\x08 \x03(\x02\"s\n\x12SegmentationParams\x12,\n\nactivation\x18\x01 \x01(\x0e\x32\x18.edgescope.v1.Activation\x12\x11\n\tthreshold\x18\x02 \x01(\x02\x12\x1c\n\x14min_component_pixels\x18\x03 \x01(\r\"D\n\x14\x43lassificationParams\x12,\n\nactivation\x18\x01 \x01(\x0e\x32\x18.edgescope.v1.Activation\"\xc6\x01\n\x0f\x44\x65tectionParams\x12\x15\n\rscores_output\x18\x01 \x01(\t\x12,\n\nactivation\x18\x02 \x01(\x0e\x32\x18.edgescope.v1.Activation\x12+\n\nbox_format\x18\x03 \x01(\x0e\x32\x17.edgescope.v1.BoxFormat\x12\x17\n\x0fscore_threshold\x18\x04 \x01(\x02\x12\x15\n\riou_threshold\x18\x05 \x01(\x02\x12\x11\n\tmax_boxes\x18\x06 \x01(\r\"\x80\x01\n\rAnomalyParams\x12\x17\n\x0fscore_threshold\x18\x01 \x01(\x02\x12\x41\n\x15heatmap_normalization\x18\x02 \x01(\x0e\x32\".edgescope.v1.HeatmapNormalization\x12\x13\n\x0bheatmap_max\x18\x03 \x01(\x02\"5\n\x0bImageParams\x12\x12\n\noutput_min\x18\x01 \x01(\x02\x12\x12\n\noutput_max\x18\x02 \x01(\x02\"D\n\x12RegistrationParams\x12.\n\x05units\x18\x01 \x01(\x0e\x32\x1f.edgescope.v1.DisplacementUnits\"\xec\x02\n\x0ePostprocessing\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\x38\n\x0csegmentation\x18\n \x01(\x0b\x32 .edgescope.v1.SegmentationParamsH\x00\x12<\n\x0e\x63lassification\x18\x0b \x01(\x0b\x32\".edgescope.v1.ClassificationParamsH\x00\x12\x32\n\tdetection\x18\x0c \x01(\x0b\x32\x1d.edgescope.v1.DetectionParamsH\x00\x12.\n\x07\x61nomaly\x18\r \x01(\x0b\x32\x1b.edgescope.v1.AnomalyParamsH\x00\x12*\n\x05image\x18\x0e \x01(\x0b\x32\x19.edgescope.v1.ImageParamsH\x00\x12\x38\n\x0cregistration\x18\x0f \x01(\x0b\x32 .edgescope.v1.RegistrationParamsH\x00\x42\x08\n\x06params\"y\n\x0bStateTensor\x12\r\n\x05input\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12%\n\x05\x64type\x18\x04 \x01(\x0e\x32\x16.edgescope.v1.DataType\x12\x15\n\rinitial_value\x18\x05 \x01(\x02\"D\n\x0cInputBinding\x12\r\n\x05input\x18\x01 \x01(\t\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x17.edgescope.v1.InputRole\"=\n\tFileEntry\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"^\n\x08Versions\x12\x11\n\tedgescope\x18\x01 \x01(\t\x12\r\n\x05torch\x18\x02 \x01(\t\x12\x0c\n\x04onnx\x18\x03 \x01(\t\x12\r\n\x05opset\x18\x04 \x01(\x05\x12\x13\n\x0bonnxruntime\x18\x05 \x01(\t\"g\n\x0bMetricValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x18\n\x10higher_is_better\x18\x04 \x01(\x08\x12\x0e\n\x06passed\x18\x05 \x01(\x08\"\xaa\x01\n\x10ValidationReport\x12\x0e\n\x06passed\x18\x01 \x01(\x08\x12\x0e\n\x06\x66orced\x18\x02 \x01(\x08\x12\x11\n\treference\x18\x03 \x01(\t\x12\x11\n\tcandidate\x18\x04 \x01(\t\x12\x0f\n\x07samples\x18\x05 \x01(\r\x12\x13\n\x0b\x64\x61ta_source\x18\x06 \x01(\t\x12*\n\x07metrics\x18\x07 \x03(\x0b\x32\x19.edgescope.v1.MetricValue\"\xdb\x06\n\rModelManifest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12 \n\x04task\x18\x05 \x01(\x0e\x32\x12.edgescope.v1.Task\x12*\n\tprecision\x18\x06 \x01(\x0e\x32\x17.edgescope.v1.Precision\x12(\n\x06inputs\x18\x07 \x03(\x0b\x32\x18.edgescope.v1.TensorSpec\x12)\n\x07outputs\x18\x08 \x03(\x0b\x32\x18.edgescope.v1.TensorSpec\x12\x32\n\rpreprocessing\x18\t \x01(\x0b\x32\x1b.edgescope.v1.Preprocessing\x12\x34\n\x0epostprocessing\x18\n \x01(\x0b\x32\x1c.edgescope.v1.Postprocessing\x12\x0e\n\x06labels\x18\x0b \x03(\t\x12&\n\x05\x66iles\x18\x0c \x03(\x0b\x32\x17.edgescope.v1.FileEntry\x12(\n\x08versions\x18\r \x01(\x0b\x32\x16.edgescope.v1.Versions\x12\x32\n\nvalidation\x18\x0e \x01(\x0b\x32\x1e.edgescope.v1.ValidationReport\x12\x12\n\ncreated_at\x18\x0f \x01(\t\x12\x15\n\rsource_sha256\x18\x10 \x01(\t\x12(\n\x05state\x18\x11 \x03(\x0b\x32\x19.edgescope.v1.StateTensor\x12\x32\n\x0einput_bindings\x18\x12 \x03(\x0b\x32\x1a.edgescope.v1.InputBinding\x12;\n\x12precision_settings\x18\x19 \x01(\x0b\x32\x1f.edgescope.v1.PrecisionSettings\x12*\n\x07\x65ngines\x18\x1a \x03(\x0b\x32\x19.edgescope.v1.EngineEntry\x12\x38\n\x10\x65xtra_validation\x18\x1b \x03(\x0b\x32\x1e.edgescope.v1.ValidationReport\x12/\n\x0cmodel_source\x18\x1c \x01(\x0b\x32\x19.edgescope.v1.ModelSource\"D\n\x0bModelSource\x12\x0f\n\x07\x66\x61\x63tory\x18\x01 \x01(\t\x12\x0f\n\x07weights\x18\x02 \x01(\t\x12\x13\n\x0btorchscript\x18\x03 \x01(\t\"\\\n\x0f\x43\x61librationInfo\x12\x13\n\x0b\x64\x61ta_source\x18\x01 \x01(\t\x12\x0f\n\x07samples\x18\x02 \x01(\r\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x13\n\x0bper_channel\x18\x04 \x01(\x08\"\xa1\x01\n\x11PrecisionSettings\x12*\n\tprecision\x18\x01 \x01(\x0e\x32\x17.edgescope.v1.Precision\x12\x15\n\rfp32_op_types\x18\x02 \x03(\t\x12\x15\n\rkeep_io_types\x18\x03 \x01(\x08\x12\x32\n\x0b\x63\x61libration\x18\x04 \x01(\x0b\x32\x1d.edgescope.v1.CalibrationInfo\"\xda\x03\n\x0b\x45ngineEntry\x12\x0c\n\x04plan\x18\x01 \x01(\t\x12\x10\n\x08gpu_name\x18\x02 \x01(\t\x12\x1a\n\x12\x63ompute_capability\x18\x03 \x01(\t\x12\x10\n\x08sm_count\x18\x04 \x01(\r\x12\x18\n\x10tensorrt_version\x18\x05 \x01(\t\x12*\n\tprecision\x18\x06 \x01(\x0e\x32\x17.edgescope.v1.Precision\x12\x10\n\x08\x64la_core\x18\x07 \x01(\x05\x12\x16\n\x0estrongly_typed\x18\x08 \x01(\x08\x12\x1e\n\x16hardware_compatibility\x18\t \x01(\t\x12\x1a\n\x12version_compatible\x18\n \x01(\x08\x12\"\n\x1a\x62uilder_optimization_level\x18\x0b \x01(\x05\x12\x17\n\x0fworkspace_bytes\x18\x0c \x01(\x04\x12\x11\n\tmin_batch\x18\r \x01(\r\x12\x11\n\topt_batch\x18\x0e \x01(\r\x12\x11\n\tmax_batch\x18\x0f \x01(\r\x12\x13\n\x0bonnx_sha256\x18\x10 \x01(\t\x12\x12\n\ncreated_at\x18\x11 \x01(\t\x12\x32\n\x0b\x63\x61libration\x18\x12 \x01(\x0b\x32\x1d.edgescope.v1.CalibrationInfo*\xd0\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x06\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x07\x12\x14\n\x10\x44\x41TA_TYPE_UINT16\x10\x08*\xaa\x01\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_SEGMENTATION\x10\x01\x12\x17\n\x13TASK_CLASSIFICATION\x10\x02\x12\x12\n\x0eTASK_DETECTION\x10\x03\x12\x0e\n\nTASK_IMAGE\x10\x04\x12\x10\n\x0cTASK_ANOMALY\x10\x05\x12\x15\n\x11TASK_REGISTRATION\x10\x06\x12\x0f\n\x0bTASK_TENSOR\x10\x07*b\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_FP16\x10\x02\x12\x12\n\x0ePRECISION_INT8\x10\x03*d\n\tColorMode\x12\x1a\n\x16\x43OLOR_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43OLOR_MODE_GRAY\x10\x01\x12\x12\n\x0e\x43OLOR_MODE_RGB\x10\x02\x12\x12\n\x0e\x43OLOR_MODE_BGR\x10\x03*]\n\nResizeMode\x12\x1b\n\x17RESIZE_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13RESIZE_MODE_STRETCH\x10\x01\x12\x19\n\x15RESIZE_MODE_LETTERBOX\x10\x02*B\n\x06Layout\x12\x16\n\x12LAYOUT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bLAYOUT_NCHW\x10\x01\x12\x0f\n\x0bLAYOUT_NHWC\x10\x02*m\n\nActivation\x12\x1a\n\x16\x41\x43TIVATION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43TIVATION_NONE\x10\x01\x12\x16\n\x12\x41\x43TIVATION_SIGMOID\x10\x02\x12\x16\n\x12\x41\x43TIVATION_SOFTMAX\x10\x03*h\n\tBoxFormat\x12\x1a\n\x16\x42OX_FORMAT_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x42OX_FORMAT_XYXY\x10\x01\x12\x13\n\x0f\x42OX_FORMAT_XYWH\x10\x02\x12\x15\n\x11\x42OX_FORMAT_CXCYWH\x10\x03*\x83\x01\n\x14HeatmapNormalization\x12%\n!HEATMAP_NORMALIZATION_UNSPECIFIED\x10\x00\x12\x1f\n\x1bHEATMAP_NORMALIZATION_FIXED\x10\x01\x12#\n\x1fHEATMAP_NORMALIZATION_PER_FRAME\x10\x02*z\n\x11\x44isplacementUnits\x12\"\n\x1e\x44ISPLACEMENT_UNITS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44ISPLACEMENT_UNITS_PIXELS\x10\x01\x12\"\n\x1e\x44ISPLACEMENT_UNITS_MILLIMETERS\x10\x02*r\n\tInputRole\x12\x1a\n\x16INPUT_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10INPUT_ROLE_FRAME\x10\x01\x12\x1d\n\x19INPUT_ROLE_PREVIOUS_FRAME\x10\x02\x12\x14\n\x10INPUT_ROLE_STATE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgescope.v1.manifest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=1619
-  _globals['_DATATYPE']._serialized_end=1827
-  _globals['_TASK']._serialized_start=1830
-  _globals['_TASK']._serialized_end=2000
-  _globals['_PRECISION']._serialized_start=2002
-  _globals['_PRECISION']._serialized_end=2100
-  _globals['_COLORMODE']._serialized_start=2102
-  _globals['_COLORMODE']._serialized_end=2202
-  _globals['_RESIZEMODE']._serialized_start=2204
-  _globals['_RESIZEMODE']._serialized_end=2297
-  _globals['_LAYOUT']._serialized_start=2299
-  _globals['_LAYOUT']._serialized_end=2365
-  _globals['_ACTIVATION']._serialized_start=2367
-  _globals['_ACTIVATION']._serialized_end=2476
+  _globals['_DATATYPE']._serialized_start=3715
+  _globals['_DATATYPE']._serialized_end=3923
+  _globals['_TASK']._serialized_start=3926
+  _globals['_TASK']._serialized_end=4096
+  _globals['_PRECISION']._serialized_start=4098
+  _globals['_PRECISION']._serialized_end=4196
+  _globals['_COLORMODE']._serialized_start=4198
+  _globals['_COLORMODE']._serialized_end=4298
+  _globals['_RESIZEMODE']._serialized_start=4300
+  _globals['_RESIZEMODE']._serialized_end=4393
+  _globals['_LAYOUT']._serialized_start=4395
+  _globals['_LAYOUT']._serialized_end=4461
+  _globals['_ACTIVATION']._serialized_start=4463
+  _globals['_ACTIVATION']._serialized_end=4572
+  _globals['_BOXFORMAT']._serialized_start=4574
+  _globals['_BOXFORMAT']._serialized_end=4678
+  _globals['_HEATMAPNORMALIZATION']._serialized_start=4681
+  _globals['_HEATMAPNORMALIZATION']._serialized_end=4812
+  _globals['_DISPLACEMENTUNITS']._serialized_start=4814
+  _globals['_DISPLACEMENTUNITS']._serialized_end=4936
+  _globals['_INPUTROLE']._serialized_start=4938
+  _globals['_INPUTROLE']._serialized_end=5052
   _globals['_DIM']._serialized_start=45
   _globals['_DIM']._serialized_end=92
   _globals['_TENSORSPEC']._serialized_start=94
@@ -53,16 +61,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREPROCESSING']._serialized_end=404
   _globals['_SEGMENTATIONPARAMS']._serialized_start=406
   _globals['_SEGMENTATIONPARAMS']._serialized_end=521
-  _globals['_POSTPROCESSING']._serialized_start=523
-  _globals['_POSTPROCESSING']._serialized_end=623
-  _globals['_FILEENTRY']._serialized_start=625
-  _globals['_FILEENTRY']._serialized_end=686
-  _globals['_VERSIONS']._serialized_start=688
-  _globals['_VERSIONS']._serialized_end=782
-  _globals['_METRICVALUE']._serialized_start=784
-  _globals['_METRICVALUE']._serialized_end=887
-  _globals['_VALIDATIONREPORT']._serialized_start=890
-  _globals['_VALIDATIONREPORT']._serialized_end=1060
-  _globals['_MODELMANIFEST']._serialized_start=1063
-  _globals['_MODELMANIFEST']._serialized_end=1616
+  _globals['_CLASSIFICATIONPARAMS']._serialized_start=523
+  _globals['_CLASSIFICATIONPARAMS']._serialized_end=591
+  _globals['_DETECTIONPARAMS']._serialized_start=594
+  _globals['_DETECTIONPARAMS']._serialized_end=792
+  _globals['_ANOMALYPARAMS']._serialized_start=795
+  _globals['_ANOMALYPARAMS']._serialized_end=923
+  _globals['_IMAGEPARAMS']._serialized_start=925
+  _globals['_IMAGEPARAMS']._serialized_end=978
+  _globals['_REGISTRATIONPARAMS']._serialized_start=980
+  _globals['_REGISTRATIONPARAMS']._serialized_end=1048
+  _globals['_POSTPROCESSING']._serialized_start=1051
+  _globals['_POSTPROCESSING']._serialized_end=1415
+  _globals['_STATETENSOR']._serialized_start=1417
+  _globals['_STATETENSOR']._serialized_end=1538
+  _globals['_INPUTBINDING']._serialized_start=1540
+  _globals['_INPUTBINDING']._serialized_end=1608
+  _globals['_FILEENTRY']._serialized_start=1610
+  _globals['_FILEENTRY']._serialized_end=1671
+  _globals['_VERSIONS']._serialized_start=1673
+  _globals['_VERSIONS']._serialized_end=1767
+  _globals['_METRICVALUE']._serialized_start=1769
+  _globals['_METRICVALUE']._serialized_end=1872
+  _globals['_VALIDATIONREPORT']._serialized_start=1875
+  _globals['_VALIDATIONREPORT']._serialized_end=2045
+  _globals['_MODELMANIFEST']._serialized_start=2048
+  _globals['_MODELMANIFEST']._serialized_end=2907
+  _globals['_MODELSOURCE']._serialized_start=2909
+  _globals['_MODELSOURCE']._serialized_end=2977
+  _globals['_CALIBRATIONINFO']._serialized_start=2979
+  _globals['_CALIBRATIONINFO']._serialized_end=3071
+  _globals['_PRECISIONSETTINGS']._serialized_start=3074
+  _globals['_PRECISIONSETTINGS']._serialized_end=3235
+  _globals['_ENGINEENTRY']._serialized_start=3238
+  _globals['_ENGINEENTRY']._serialized_end=3712
 # @@protoc_insertion_point(module_scope)

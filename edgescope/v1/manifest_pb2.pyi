@@ -168,6 +168,88 @@ ACTIVATION_SIGMOID: Activation.ValueType  # 2
 ACTIVATION_SOFTMAX: Activation.ValueType  # 3
 Global___Activation: _TypeAlias = Activation  # noqa: Y015
 
+class _BoxFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BoxFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BoxFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BOX_FORMAT_UNSPECIFIED: _BoxFormat.ValueType  # 0
+    BOX_FORMAT_XYXY: _BoxFormat.ValueType  # 1
+    BOX_FORMAT_XYWH: _BoxFormat.ValueType  # 2
+    BOX_FORMAT_CXCYWH: _BoxFormat.ValueType  # 3
+
+class BoxFormat(_BoxFormat, metaclass=_BoxFormatEnumTypeWrapper): ...
+
+BOX_FORMAT_UNSPECIFIED: BoxFormat.ValueType  # 0
+BOX_FORMAT_XYXY: BoxFormat.ValueType  # 1
+BOX_FORMAT_XYWH: BoxFormat.ValueType  # 2
+BOX_FORMAT_CXCYWH: BoxFormat.ValueType  # 3
+Global___BoxFormat: _TypeAlias = BoxFormat  # noqa: Y015
+
+class _HeatmapNormalization:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HeatmapNormalizationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HeatmapNormalization.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HEATMAP_NORMALIZATION_UNSPECIFIED: _HeatmapNormalization.ValueType  # 0
+    HEATMAP_NORMALIZATION_FIXED: _HeatmapNormalization.ValueType  # 1
+    """[0, heatmap_max] -> [0, 255]: comparable across frames."""
+    HEATMAP_NORMALIZATION_PER_FRAME: _HeatmapNormalization.ValueType  # 2
+    """The frame's own [min, max] -> [0, 255]: shows where, not how much."""
+
+class HeatmapNormalization(_HeatmapNormalization, metaclass=_HeatmapNormalizationEnumTypeWrapper): ...
+
+HEATMAP_NORMALIZATION_UNSPECIFIED: HeatmapNormalization.ValueType  # 0
+HEATMAP_NORMALIZATION_FIXED: HeatmapNormalization.ValueType  # 1
+"""[0, heatmap_max] -> [0, 255]: comparable across frames."""
+HEATMAP_NORMALIZATION_PER_FRAME: HeatmapNormalization.ValueType  # 2
+"""The frame's own [min, max] -> [0, 255]: shows where, not how much."""
+Global___HeatmapNormalization: _TypeAlias = HeatmapNormalization  # noqa: Y015
+
+class _DisplacementUnits:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DisplacementUnitsEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DisplacementUnits.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DISPLACEMENT_UNITS_UNSPECIFIED: _DisplacementUnits.ValueType  # 0
+    DISPLACEMENT_UNITS_PIXELS: _DisplacementUnits.ValueType  # 1
+    DISPLACEMENT_UNITS_MILLIMETERS: _DisplacementUnits.ValueType  # 2
+
+class DisplacementUnits(_DisplacementUnits, metaclass=_DisplacementUnitsEnumTypeWrapper): ...
+
+DISPLACEMENT_UNITS_UNSPECIFIED: DisplacementUnits.ValueType  # 0
+DISPLACEMENT_UNITS_PIXELS: DisplacementUnits.ValueType  # 1
+DISPLACEMENT_UNITS_MILLIMETERS: DisplacementUnits.ValueType  # 2
+Global___DisplacementUnits: _TypeAlias = DisplacementUnits  # noqa: Y015
+
+class _InputRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InputRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InputRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INPUT_ROLE_UNSPECIFIED: _InputRole.ValueType  # 0
+    INPUT_ROLE_FRAME: _InputRole.ValueType  # 1
+    """The preprocessed frame."""
+    INPUT_ROLE_PREVIOUS_FRAME: _InputRole.ValueType  # 2
+    """The stream's previous preprocessed frame (the current one on a stream's first frame)."""
+    INPUT_ROLE_STATE: _InputRole.ValueType  # 3
+    """A recurrent state tensor (see ModelManifest.state)."""
+
+class InputRole(_InputRole, metaclass=_InputRoleEnumTypeWrapper): ...
+
+INPUT_ROLE_UNSPECIFIED: InputRole.ValueType  # 0
+INPUT_ROLE_FRAME: InputRole.ValueType  # 1
+"""The preprocessed frame."""
+INPUT_ROLE_PREVIOUS_FRAME: InputRole.ValueType  # 2
+"""The stream's previous preprocessed frame (the current one on a stream's first frame)."""
+INPUT_ROLE_STATE: InputRole.ValueType  # 3
+"""A recurrent state tensor (see ModelManifest.state)."""
+Global___InputRole: _TypeAlias = InputRole  # noqa: Y015
+
 @_typing.final
 class Dim(_message.Message):
     """One dimension of a tensor shape: a fixed size or a named dynamic axis."""
@@ -293,29 +375,244 @@ class SegmentationParams(_message.Message):
 Global___SegmentationParams: _TypeAlias = SegmentationParams  # noqa: Y015
 
 @_typing.final
+class ClassificationParams(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVATION_FIELD_NUMBER: _builtins.int
+    activation: Global___Activation.ValueType
+    """Softmax (one label per frame) or sigmoid (independent labels) over the logits."""
+    def __init__(
+        self,
+        *,
+        activation: Global___Activation.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassificationParams: _TypeAlias = ClassificationParams  # noqa: Y015
+
+@_typing.final
+class DetectionParams(_message.Message):
+    """Boxes come from Postprocessing.output, shape (1, N, 4), in model-input pixels;
+    class scores from scores_output, shape (1, N, C). The runtime filters by score,
+    runs per-class non-maximum suppression and maps boxes to frame pixels.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCORES_OUTPUT_FIELD_NUMBER: _builtins.int
+    ACTIVATION_FIELD_NUMBER: _builtins.int
+    BOX_FORMAT_FIELD_NUMBER: _builtins.int
+    SCORE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    IOU_THRESHOLD_FIELD_NUMBER: _builtins.int
+    MAX_BOXES_FIELD_NUMBER: _builtins.int
+    scores_output: _builtins.str
+    activation: Global___Activation.ValueType
+    box_format: Global___BoxFormat.ValueType
+    score_threshold: _builtins.float
+    iou_threshold: _builtins.float
+    max_boxes: _builtins.int
+    def __init__(
+        self,
+        *,
+        scores_output: _builtins.str = ...,
+        activation: Global___Activation.ValueType = ...,
+        box_format: Global___BoxFormat.ValueType = ...,
+        score_threshold: _builtins.float = ...,
+        iou_threshold: _builtins.float = ...,
+        max_boxes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "box_format", b"box_format", "iou_threshold", b"iou_threshold", "max_boxes", b"max_boxes", "score_threshold", b"score_threshold", "scores_output", b"scores_output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DetectionParams: _TypeAlias = DetectionParams  # noqa: Y015
+
+@_typing.final
+class AnomalyParams(_message.Message):
+    """The output is a per-pixel anomaly map (1, 1, H, W); export appends the squared
+    reconstruction error to an autoencoder's graph. The score is its mean over the frame.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCORE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    HEATMAP_NORMALIZATION_FIELD_NUMBER: _builtins.int
+    HEATMAP_MAX_FIELD_NUMBER: _builtins.int
+    score_threshold: _builtins.float
+    heatmap_normalization: Global___HeatmapNormalization.ValueType
+    heatmap_max: _builtins.float
+    def __init__(
+        self,
+        *,
+        score_threshold: _builtins.float = ...,
+        heatmap_normalization: Global___HeatmapNormalization.ValueType = ...,
+        heatmap_max: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heatmap_max", b"heatmap_max", "heatmap_normalization", b"heatmap_normalization", "score_threshold", b"score_threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnomalyParams: _TypeAlias = AnomalyParams  # noqa: Y015
+
+@_typing.final
+class ImageParams(_message.Message):
+    """Image-to-image output (1, C, H', W'); values [output_min, output_max] map to [0, 255]."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUT_MIN_FIELD_NUMBER: _builtins.int
+    OUTPUT_MAX_FIELD_NUMBER: _builtins.int
+    output_min: _builtins.float
+    output_max: _builtins.float
+    def __init__(
+        self,
+        *,
+        output_min: _builtins.float = ...,
+        output_max: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["output_max", b"output_max", "output_min", b"output_min"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImageParams: _TypeAlias = ImageParams  # noqa: Y015
+
+@_typing.final
+class RegistrationParams(_message.Message):
+    """The output is a displacement field (1, 2, H, W) in model-input pixels: along rows,
+    then along columns. The runtime returns it in the frame's grid, in these units.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNITS_FIELD_NUMBER: _builtins.int
+    units: Global___DisplacementUnits.ValueType
+    def __init__(
+        self,
+        *,
+        units: Global___DisplacementUnits.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["units", b"units"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegistrationParams: _TypeAlias = RegistrationParams  # noqa: Y015
+
+@_typing.final
 class Postprocessing(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OUTPUT_FIELD_NUMBER: _builtins.int
     SEGMENTATION_FIELD_NUMBER: _builtins.int
+    CLASSIFICATION_FIELD_NUMBER: _builtins.int
+    DETECTION_FIELD_NUMBER: _builtins.int
+    ANOMALY_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    REGISTRATION_FIELD_NUMBER: _builtins.int
     output: _builtins.str
     @_builtins.property
     def segmentation(self) -> Global___SegmentationParams: ...
+    @_builtins.property
+    def classification(self) -> Global___ClassificationParams: ...
+    @_builtins.property
+    def detection(self) -> Global___DetectionParams: ...
+    @_builtins.property
+    def anomaly(self) -> Global___AnomalyParams: ...
+    @_builtins.property
+    def image(self) -> Global___ImageParams: ...
+    @_builtins.property
+    def registration(self) -> Global___RegistrationParams: ...
     def __init__(
         self,
         *,
         output: _builtins.str = ...,
         segmentation: Global___SegmentationParams | None = ...,
+        classification: Global___ClassificationParams | None = ...,
+        detection: Global___DetectionParams | None = ...,
+        anomaly: Global___AnomalyParams | None = ...,
+        image: Global___ImageParams | None = ...,
+        registration: Global___RegistrationParams | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "segmentation", b"segmentation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["anomaly", b"anomaly", "classification", b"classification", "detection", b"detection", "image", b"image", "params", b"params", "registration", b"registration", "segmentation", b"segmentation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "params", b"params", "segmentation", b"segmentation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anomaly", b"anomaly", "classification", b"classification", "detection", b"detection", "image", b"image", "output", b"output", "params", b"params", "registration", b"registration", "segmentation", b"segmentation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_params: _TypeAlias = _typing.Literal["segmentation"]  # noqa: Y015
+    _WhichOneofReturnType_params: _TypeAlias = _typing.Literal["segmentation", "classification", "detection", "anomaly", "image", "registration"]  # noqa: Y015
     _WhichOneofArgType_params: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_params) -> _WhichOneofReturnType_params | None: ...
 
 Global___Postprocessing: _TypeAlias = Postprocessing  # noqa: Y015
+
+@_typing.final
+class StateTensor(_message.Message):
+    """A recurrent state tensor the runtime carries per stream: fed to `input`,
+    replaced by `output` after every frame.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    INITIAL_VALUE_FIELD_NUMBER: _builtins.int
+    input: _builtins.str
+    output: _builtins.str
+    dtype: Global___DataType.ValueType
+    initial_value: _builtins.float
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """One stream's state, without the batch axis."""
+
+    def __init__(
+        self,
+        *,
+        input: _builtins.str = ...,
+        output: _builtins.str = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        dtype: Global___DataType.ValueType = ...,
+        initial_value: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "initial_value", b"initial_value", "input", b"input", "output", b"output", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StateTensor: _TypeAlias = StateTensor  # noqa: Y015
+
+@_typing.final
+class InputBinding(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    input: _builtins.str
+    role: Global___InputRole.ValueType
+    def __init__(
+        self,
+        *,
+        input: _builtins.str = ...,
+        role: Global___InputRole.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputBinding: _TypeAlias = InputBinding  # noqa: Y015
 
 @_typing.final
 class FileEntry(_message.Message):
@@ -463,6 +760,12 @@ class ModelManifest(_message.Message):
     VALIDATION_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     SOURCE_SHA256_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    INPUT_BINDINGS_FIELD_NUMBER: _builtins.int
+    PRECISION_SETTINGS_FIELD_NUMBER: _builtins.int
+    ENGINES_FIELD_NUMBER: _builtins.int
+    EXTRA_VALIDATION_FIELD_NUMBER: _builtins.int
+    MODEL_SOURCE_FIELD_NUMBER: _builtins.int
     schema_version: _builtins.int
     name: _builtins.str
     version: _builtins.str
@@ -488,6 +791,30 @@ class ModelManifest(_message.Message):
     def versions(self) -> Global___Versions: ...
     @_builtins.property
     def validation(self) -> Global___ValidationReport: ...
+    @_builtins.property
+    def state(self) -> _containers.RepeatedCompositeFieldContainer[Global___StateTensor]: ...
+    @_builtins.property
+    def input_bindings(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputBinding]:
+        """What the runtime feeds each input; absent: the only input is the frame."""
+
+    @_builtins.property
+    def precision_settings(self) -> Global___PrecisionSettings:
+        """How model.onnx got its precision (FP16 conversion, INT8 calibration)."""
+
+    @_builtins.property
+    def engines(self) -> _containers.RepeatedCompositeFieldContainer[Global___EngineEntry]:
+        """TensorRT engines under engines/, each also described by its JSON sidecar."""
+
+    @_builtins.property
+    def extra_validation(self) -> _containers.RepeatedCompositeFieldContainer[Global___ValidationReport]:
+        """Gate reports besides `validation`: the reduced-precision graph against the
+        FP32 graph, and each TensorRT engine (written by export and `edgescope validate`).
+        """
+
+    @_builtins.property
+    def model_source(self) -> Global___ModelSource:
+        """Where the PyTorch original came from, so `edgescope validate` can re-run it."""
+
     def __init__(
         self,
         *,
@@ -507,11 +834,188 @@ class ModelManifest(_message.Message):
         validation: Global___ValidationReport | None = ...,
         created_at: _builtins.str = ...,
         source_sha256: _builtins.str = ...,
+        state: _abc.Iterable[Global___StateTensor] | None = ...,
+        input_bindings: _abc.Iterable[Global___InputBinding] | None = ...,
+        precision_settings: Global___PrecisionSettings | None = ...,
+        engines: _abc.Iterable[Global___EngineEntry] | None = ...,
+        extra_validation: _abc.Iterable[Global___ValidationReport] | None = ...,
+        model_source: Global___ModelSource | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["postprocessing", b"postprocessing", "preprocessing", b"preprocessing", "validation", b"validation", "versions", b"versions"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model_source", b"model_source", "postprocessing", b"postprocessing", "precision_settings", b"precision_settings", "preprocessing", b"preprocessing", "validation", b"validation", "versions", b"versions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "files", b"files", "inputs", b"inputs", "labels", b"labels", "name", b"name", "outputs", b"outputs", "postprocessing", b"postprocessing", "precision", b"precision", "preprocessing", b"preprocessing", "schema_version", b"schema_version", "source_sha256", b"source_sha256", "task", b"task", "validation", b"validation", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "engines", b"engines", "extra_validation", b"extra_validation", "files", b"files", "input_bindings", b"input_bindings", "inputs", b"inputs", "labels", b"labels", "model_source", b"model_source", "name", b"name", "outputs", b"outputs", "postprocessing", b"postprocessing", "precision", b"precision", "precision_settings", b"precision_settings", "preprocessing", b"preprocessing", "schema_version", b"schema_version", "source_sha256", b"source_sha256", "state", b"state", "task", b"task", "validation", b"validation", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelManifest: _TypeAlias = ModelManifest  # noqa: Y015
+
+@_typing.final
+class ModelSource(_message.Message):
+    """The PyTorch model a bundle was exported from, as the user named it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FACTORY_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    TORCHSCRIPT_FIELD_NUMBER: _builtins.int
+    factory: _builtins.str
+    weights: _builtins.str
+    torchscript: _builtins.str
+    def __init__(
+        self,
+        *,
+        factory: _builtins.str = ...,
+        weights: _builtins.str = ...,
+        torchscript: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["factory", b"factory", "torchscript", b"torchscript", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelSource: _TypeAlias = ModelSource  # noqa: Y015
+
+@_typing.final
+class CalibrationInfo(_message.Message):
+    """Calibration of an INT8 graph or engine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_SOURCE_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    PER_CHANNEL_FIELD_NUMBER: _builtins.int
+    data_source: _builtins.str
+    samples: _builtins.int
+    method: _builtins.str
+    """onnxruntime's calibration method (minmax, entropy, percentile) or the TensorRT calibrator."""
+    per_channel: _builtins.bool
+    def __init__(
+        self,
+        *,
+        data_source: _builtins.str = ...,
+        samples: _builtins.int = ...,
+        method: _builtins.str = ...,
+        per_channel: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_source", b"data_source", "method", b"method", "per_channel", b"per_channel", "samples", b"samples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CalibrationInfo: _TypeAlias = CalibrationInfo  # noqa: Y015
+
+@_typing.final
+class PrecisionSettings(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRECISION_FIELD_NUMBER: _builtins.int
+    FP32_OP_TYPES_FIELD_NUMBER: _builtins.int
+    KEEP_IO_TYPES_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIELD_NUMBER: _builtins.int
+    precision: Global___Precision.ValueType
+    keep_io_types: _builtins.bool
+    """FP16: inputs and outputs stay FP32, so the runtime feeds the same tensors."""
+    @_builtins.property
+    def fp32_op_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """FP16: op types left in FP32 because they are numerically sensitive."""
+
+    @_builtins.property
+    def calibration(self) -> Global___CalibrationInfo: ...
+    def __init__(
+        self,
+        *,
+        precision: Global___Precision.ValueType = ...,
+        fp32_op_types: _abc.Iterable[_builtins.str] | None = ...,
+        keep_io_types: _builtins.bool = ...,
+        calibration: Global___CalibrationInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "fp32_op_types", b"fp32_op_types", "keep_io_types", b"keep_io_types", "precision", b"precision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrecisionSettings: _TypeAlias = PrecisionSettings  # noqa: Y015
+
+@_typing.final
+class EngineEntry(_message.Message):
+    """One TensorRT plan under engines/, keyed by the device and TensorRT it was built for.
+    The same message is the engine's JSON sidecar.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_FIELD_NUMBER: _builtins.int
+    GPU_NAME_FIELD_NUMBER: _builtins.int
+    COMPUTE_CAPABILITY_FIELD_NUMBER: _builtins.int
+    SM_COUNT_FIELD_NUMBER: _builtins.int
+    TENSORRT_VERSION_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    DLA_CORE_FIELD_NUMBER: _builtins.int
+    STRONGLY_TYPED_FIELD_NUMBER: _builtins.int
+    HARDWARE_COMPATIBILITY_FIELD_NUMBER: _builtins.int
+    VERSION_COMPATIBLE_FIELD_NUMBER: _builtins.int
+    BUILDER_OPTIMIZATION_LEVEL_FIELD_NUMBER: _builtins.int
+    WORKSPACE_BYTES_FIELD_NUMBER: _builtins.int
+    MIN_BATCH_FIELD_NUMBER: _builtins.int
+    OPT_BATCH_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_FIELD_NUMBER: _builtins.int
+    ONNX_SHA256_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIELD_NUMBER: _builtins.int
+    plan: _builtins.str
+    gpu_name: _builtins.str
+    compute_capability: _builtins.str
+    """"major.minor", e.g. "8.6"."""
+    sm_count: _builtins.int
+    tensorrt_version: _builtins.str
+    precision: Global___Precision.ValueType
+    dla_core: _builtins.int
+    """-1: the GPU; otherwise the DLA core the engine runs on."""
+    strongly_typed: _builtins.bool
+    """True when precision came from the ONNX graph (TensorRT 11, or 10 with a typed graph)."""
+    hardware_compatibility: _builtins.str
+    """"none", "ampere_plus" or "same_compute_capability"."""
+    version_compatible: _builtins.bool
+    builder_optimization_level: _builtins.int
+    workspace_bytes: _builtins.int
+    min_batch: _builtins.int
+    """Optimization profile: min/opt/max batch."""
+    opt_batch: _builtins.int
+    max_batch: _builtins.int
+    onnx_sha256: _builtins.str
+    created_at: _builtins.str
+    @_builtins.property
+    def calibration(self) -> Global___CalibrationInfo: ...
+    def __init__(
+        self,
+        *,
+        plan: _builtins.str = ...,
+        gpu_name: _builtins.str = ...,
+        compute_capability: _builtins.str = ...,
+        sm_count: _builtins.int = ...,
+        tensorrt_version: _builtins.str = ...,
+        precision: Global___Precision.ValueType = ...,
+        dla_core: _builtins.int = ...,
+        strongly_typed: _builtins.bool = ...,
+        hardware_compatibility: _builtins.str = ...,
+        version_compatible: _builtins.bool = ...,
+        builder_optimization_level: _builtins.int = ...,
+        workspace_bytes: _builtins.int = ...,
+        min_batch: _builtins.int = ...,
+        opt_batch: _builtins.int = ...,
+        max_batch: _builtins.int = ...,
+        onnx_sha256: _builtins.str = ...,
+        created_at: _builtins.str = ...,
+        calibration: Global___CalibrationInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["builder_optimization_level", b"builder_optimization_level", "calibration", b"calibration", "compute_capability", b"compute_capability", "created_at", b"created_at", "dla_core", b"dla_core", "gpu_name", b"gpu_name", "hardware_compatibility", b"hardware_compatibility", "max_batch", b"max_batch", "min_batch", b"min_batch", "onnx_sha256", b"onnx_sha256", "opt_batch", b"opt_batch", "plan", b"plan", "precision", b"precision", "sm_count", b"sm_count", "strongly_typed", b"strongly_typed", "tensorrt_version", b"tensorrt_version", "version_compatible", b"version_compatible", "workspace_bytes", b"workspace_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EngineEntry: _TypeAlias = EngineEntry  # noqa: Y015

@@ -117,6 +117,46 @@ FRAME_STATUS_CODE_DROPPED: FrameStatusCode.ValueType  # 2
 FRAME_STATUS_CODE_ERROR: FrameStatusCode.ValueType  # 3
 Global___FrameStatusCode: _TypeAlias = FrameStatusCode  # noqa: Y015
 
+class _StreamPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StreamPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StreamPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STREAM_POLICY_UNSPECIFIED: _StreamPolicy.ValueType  # 0
+    STREAM_POLICY_LIVE: _StreamPolicy.ValueType  # 1
+    """Newest frame wins: a waiting frame is replaced by a newer one (answered "dropped: stale")."""
+    STREAM_POLICY_EVERY: _StreamPolicy.ValueType  # 2
+    """Every frame in order; the client is slowed by flow control instead."""
+
+class StreamPolicy(_StreamPolicy, metaclass=_StreamPolicyEnumTypeWrapper): ...
+
+STREAM_POLICY_UNSPECIFIED: StreamPolicy.ValueType  # 0
+STREAM_POLICY_LIVE: StreamPolicy.ValueType  # 1
+"""Newest frame wins: a waiting frame is replaced by a newer one (answered "dropped: stale")."""
+STREAM_POLICY_EVERY: StreamPolicy.ValueType  # 2
+"""Every frame in order; the client is slowed by flow control instead."""
+Global___StreamPolicy: _TypeAlias = StreamPolicy  # noqa: Y015
+
+class _DropReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DropReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DropReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DROP_REASON_UNSPECIFIED: _DropReason.ValueType  # 0
+    DROP_REASON_STALE: _DropReason.ValueType  # 1
+    DROP_REASON_DEADLINE: _DropReason.ValueType  # 2
+    DROP_REASON_SHUTDOWN: _DropReason.ValueType  # 3
+
+class DropReason(_DropReason, metaclass=_DropReasonEnumTypeWrapper): ...
+
+DROP_REASON_UNSPECIFIED: DropReason.ValueType  # 0
+DROP_REASON_STALE: DropReason.ValueType  # 1
+DROP_REASON_DEADLINE: DropReason.ValueType  # 2
+DROP_REASON_SHUTDOWN: DropReason.ValueType  # 3
+Global___DropReason: _TypeAlias = DropReason  # noqa: Y015
+
 @_typing.final
 class RawImage(_message.Message):
     """Uncompressed pixels, row-major, channels interleaved, little-endian."""
@@ -210,8 +250,14 @@ class Frame(_message.Message):
     SOURCE_KIND_FIELD_NUMBER: _builtins.int
     SPACING_FIELD_NUMBER: _builtins.int
     MASK_ENCODING_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    DEADLINE_MS_FIELD_NUMBER: _builtins.int
+    EXTRA_MODELS_FIELD_NUMBER: _builtins.int
+    PROCESS_LATE_FIELD_NUMBER: _builtins.int
+    RESET_STATE_FIELD_NUMBER: _builtins.int
     RAW_FIELD_NUMBER: _builtins.int
     ENCODED_FIELD_NUMBER: _builtins.int
+    SHM_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     seq: _builtins.int
     capture_time_ns: _builtins.int
@@ -221,12 +267,28 @@ class Frame(_message.Message):
     source_kind: Global___SourceKind.ValueType
     mask_encoding: Global___MaskEncoding.ValueType
     """How the result's mask is sent; PNG when unspecified."""
+    policy: Global___StreamPolicy.ValueType
+    """How the server schedules this stream; set on the first frame."""
+    deadline_ms: _builtins.int
+    """Budget from the server receiving the frame to its answer; 0 = the server's default."""
+    process_late: _builtins.bool
+    """Process a frame that missed its deadline and flag it late, instead of dropping it."""
+    reset_state: _builtins.bool
+    """Start the stream's recurrent state (and previous frame) afresh with this frame."""
     @_builtins.property
     def spacing(self) -> Global___PixelSpacing: ...
+    @_builtins.property
+    def extra_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """More models to run on this frame; their answers arrive in Result.model_results."""
+
     @_builtins.property
     def raw(self) -> Global___RawImage: ...
     @_builtins.property
     def encoded(self) -> Global___EncodedImage: ...
+    @_builtins.property
+    def shm(self) -> Global___SharedMemoryFrame:
+        """Pixels in a shared-memory slot the client registered (same host only)."""
+
     def __init__(
         self,
         *,
@@ -237,18 +299,62 @@ class Frame(_message.Message):
         source_kind: Global___SourceKind.ValueType = ...,
         spacing: Global___PixelSpacing | None = ...,
         mask_encoding: Global___MaskEncoding.ValueType = ...,
+        policy: Global___StreamPolicy.ValueType = ...,
+        deadline_ms: _builtins.int = ...,
+        extra_models: _abc.Iterable[_builtins.str] | None = ...,
+        process_late: _builtins.bool = ...,
+        reset_state: _builtins.bool = ...,
         raw: Global___RawImage | None = ...,
         encoded: Global___EncodedImage | None = ...,
+        shm: Global___SharedMemoryFrame | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["encoded", b"encoded", "pixels", b"pixels", "raw", b"raw", "spacing", b"spacing"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["encoded", b"encoded", "pixels", b"pixels", "raw", b"raw", "shm", b"shm", "spacing", b"spacing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_time_ns", b"capture_time_ns", "encoded", b"encoded", "mask_encoding", b"mask_encoding", "model", b"model", "pixels", b"pixels", "raw", b"raw", "seq", b"seq", "source_kind", b"source_kind", "spacing", b"spacing", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_time_ns", b"capture_time_ns", "deadline_ms", b"deadline_ms", "encoded", b"encoded", "extra_models", b"extra_models", "mask_encoding", b"mask_encoding", "model", b"model", "pixels", b"pixels", "policy", b"policy", "process_late", b"process_late", "raw", b"raw", "reset_state", b"reset_state", "seq", b"seq", "shm", b"shm", "source_kind", b"source_kind", "spacing", b"spacing", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_pixels: _TypeAlias = _typing.Literal["raw", "encoded"]  # noqa: Y015
+    _WhichOneofReturnType_pixels: _TypeAlias = _typing.Literal["raw", "encoded", "shm"]  # noqa: Y015
     _WhichOneofArgType_pixels: _TypeAlias = _typing.Literal["pixels", b"pixels"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_pixels) -> _WhichOneofReturnType_pixels | None: ...
 
 Global___Frame: _TypeAlias = Frame  # noqa: Y015
+
+@_typing.final
+class SharedMemoryFrame(_message.Message):
+    """Where a frame's pixels lie in a registered shared-memory region: `size`
+    bytes at `offset` inside slot `slot`, laid out as `image` says (its data
+    field stays empty). The client does not rewrite a slot until it has the
+    answer to the frame that uses it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    SLOT_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    slot: _builtins.int
+    offset: _builtins.int
+    size: _builtins.int
+    @_builtins.property
+    def image(self) -> Global___RawImage: ...
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        slot: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        size: _builtins.int = ...,
+        image: Global___RawImage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "offset", b"offset", "region", b"region", "size", b"size", "slot", b"slot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemoryFrame: _TypeAlias = SharedMemoryFrame  # noqa: Y015
 
 @_typing.final
 class Mask(_message.Message):
@@ -528,37 +634,42 @@ class FrameStatus(_message.Message):
 
     CODE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    DROP_REASON_FIELD_NUMBER: _builtins.int
+    LATE_FIELD_NUMBER: _builtins.int
     code: Global___FrameStatusCode.ValueType
     reason: _builtins.str
+    drop_reason: Global___DropReason.ValueType
+    late: _builtins.bool
+    """Processed although it missed its deadline (Frame.process_late)."""
     def __init__(
         self,
         *,
         code: Global___FrameStatusCode.ValueType = ...,
         reason: _builtins.str = ...,
+        drop_reason: Global___DropReason.ValueType = ...,
+        late: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "drop_reason", b"drop_reason", "late", b"late", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FrameStatus: _TypeAlias = FrameStatus  # noqa: Y015
 
 @_typing.final
-class Result(_message.Message):
+class ModelResult(_message.Message):
+    """The answer of one of a frame's extra models."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    STREAM_ID_FIELD_NUMBER: _builtins.int
-    SEQ_FIELD_NUMBER: _builtins.int
-    CAPTURE_TIME_NS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     QUANTITIES_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
-    stream_id: _builtins.str
-    seq: _builtins.int
-    capture_time_ns: _builtins.int
+    model: _builtins.str
     @_builtins.property
     def status(self) -> Global___FrameStatus: ...
     @_builtins.property
@@ -572,9 +683,7 @@ class Result(_message.Message):
     def __init__(
         self,
         *,
-        stream_id: _builtins.str = ...,
-        seq: _builtins.int = ...,
-        capture_time_ns: _builtins.int = ...,
+        model: _builtins.str = ...,
         status: Global___FrameStatus | None = ...,
         outputs: _abc.Iterable[Global___Output] | None = ...,
         quantities: _abc.Iterable[Global___Quantity] | None = ...,
@@ -583,11 +692,132 @@ class Result(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_time_ns", b"capture_time_ns", "outputs", b"outputs", "provenance", b"provenance", "quantities", b"quantities", "seq", b"seq", "status", b"status", "stream_id", b"stream_id", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "outputs", b"outputs", "provenance", b"provenance", "quantities", b"quantities", "status", b"status", "timings", b"timings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelResult: _TypeAlias = ModelResult  # noqa: Y015
+
+@_typing.final
+class Result(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    CAPTURE_TIME_NS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    QUANTITIES_FIELD_NUMBER: _builtins.int
+    TIMINGS_FIELD_NUMBER: _builtins.int
+    PROVENANCE_FIELD_NUMBER: _builtins.int
+    ALERTS_FIELD_NUMBER: _builtins.int
+    MODEL_RESULTS_FIELD_NUMBER: _builtins.int
+    SERVER_RECEIVE_TIME_NS_FIELD_NUMBER: _builtins.int
+    SERVER_SEND_TIME_NS_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.str
+    seq: _builtins.int
+    capture_time_ns: _builtins.int
+    server_receive_time_ns: _builtins.int
+    """The server's wall clock (Unix epoch, ns) when the frame arrived and when the result left,
+    so a client on another host can estimate clock offset and round trip NTP-style.
+    """
+    server_send_time_ns: _builtins.int
+    @_builtins.property
+    def status(self) -> Global___FrameStatus: ...
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Output]: ...
+    @_builtins.property
+    def quantities(self) -> _containers.RepeatedCompositeFieldContainer[Global___Quantity]: ...
+    @_builtins.property
+    def timings(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageTiming]: ...
+    @_builtins.property
+    def provenance(self) -> Global___Provenance: ...
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alert]:
+        """Telemetry alerts in force when this result was produced (late frame, degraded device)."""
+
+    @_builtins.property
+    def model_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelResult]: ...
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        capture_time_ns: _builtins.int = ...,
+        status: Global___FrameStatus | None = ...,
+        outputs: _abc.Iterable[Global___Output] | None = ...,
+        quantities: _abc.Iterable[Global___Quantity] | None = ...,
+        timings: _abc.Iterable[Global___StageTiming] | None = ...,
+        provenance: Global___Provenance | None = ...,
+        alerts: _abc.Iterable[Global___Alert] | None = ...,
+        model_results: _abc.Iterable[Global___ModelResult] | None = ...,
+        server_receive_time_ns: _builtins.int = ...,
+        server_send_time_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "capture_time_ns", b"capture_time_ns", "model_results", b"model_results", "outputs", b"outputs", "provenance", b"provenance", "quantities", b"quantities", "seq", b"seq", "server_receive_time_ns", b"server_receive_time_ns", "server_send_time_ns", b"server_send_time_ns", "status", b"status", "stream_id", b"stream_id", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Result: _TypeAlias = Result  # noqa: Y015
+
+@_typing.final
+class Alert(_message.Message):
+    """A condition that makes a result late or the device degraded."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Alert._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: Alert._Kind.ValueType  # 0
+        KIND_LATENCY_BUDGET_EXCEEDED: Alert._Kind.ValueType  # 1
+        """The frame's server time exceeded the model's latency budget."""
+        KIND_GPU_THERMAL_THROTTLING: Alert._Kind.ValueType  # 2
+        KIND_GPU_POWER_THROTTLING: Alert._Kind.ValueType  # 3
+        KIND_GPU_MEMORY_NEAR_FULL: Alert._Kind.ValueType  # 4
+        KIND_HOST_MEMORY_NEAR_FULL: Alert._Kind.ValueType  # 5
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    KIND_UNSPECIFIED: Alert.Kind.ValueType  # 0
+    KIND_LATENCY_BUDGET_EXCEEDED: Alert.Kind.ValueType  # 1
+    """The frame's server time exceeded the model's latency budget."""
+    KIND_GPU_THERMAL_THROTTLING: Alert.Kind.ValueType  # 2
+    KIND_GPU_POWER_THROTTLING: Alert.Kind.ValueType  # 3
+    KIND_GPU_MEMORY_NEAR_FULL: Alert.Kind.ValueType  # 4
+    KIND_HOST_MEMORY_NEAR_FULL: Alert.Kind.ValueType  # 5
+
+    KIND_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    kind: Global___Alert.Kind.ValueType
+    message: _builtins.str
+    model: _builtins.str
+    """Empty for device-wide alerts."""
+    value: _builtins.float
+    threshold: _builtins.float
+    def __init__(
+        self,
+        *,
+        kind: Global___Alert.Kind.ValueType = ...,
+        message: _builtins.str = ...,
+        model: _builtins.str = ...,
+        value: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "message", b"message", "model", b"model", "threshold", b"threshold", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Alert: _TypeAlias = Alert  # noqa: Y015
 
 @_typing.final
 class ListModelsRequest(_message.Message):
@@ -671,3 +901,163 @@ class GetModelRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelRequest: _TypeAlias = GetModelRequest  # noqa: Y015
+
+@_typing.final
+class LoadModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUNDLE_PATH_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ALLOW_FAILED_VALIDATION_FIELD_NUMBER: _builtins.int
+    bundle_path: _builtins.str
+    """Bundle directory on the server's file system."""
+    name: _builtins.str
+    """Serve under this name instead of the manifest's."""
+    allow_failed_validation: _builtins.bool
+    def __init__(
+        self,
+        *,
+        bundle_path: _builtins.str = ...,
+        name: _builtins.str = ...,
+        allow_failed_validation: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_failed_validation", b"allow_failed_validation", "bundle_path", b"bundle_path", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadModelRequest: _TypeAlias = LoadModelRequest  # noqa: Y015
+
+@_typing.final
+class UnloadModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadModelRequest: _TypeAlias = UnloadModelRequest  # noqa: Y015
+
+@_typing.final
+class UnloadModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadModelResponse: _TypeAlias = UnloadModelResponse  # noqa: Y015
+
+@_typing.final
+class SubscribeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAPTURE_FIELD_NUMBER: _builtins.int
+    capture: _builtins.str
+    """Name of a capture configured on the server; empty when it runs exactly one."""
+    def __init__(
+        self,
+        *,
+        capture: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeRequest: _TypeAlias = SubscribeRequest  # noqa: Y015
+
+@_typing.final
+class RegisterSharedMemoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    SLOT_COUNT_FIELD_NUMBER: _builtins.int
+    SLOT_BYTES_FIELD_NUMBER: _builtins.int
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    """The POSIX shared-memory name (multiprocessing.shared_memory's `name`)."""
+    slot_count: _builtins.int
+    slot_bytes: _builtins.int
+    stream_id: _builtins.str
+    """Unmapped when the stream with this id ends; empty: only on unregister or server stop."""
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        slot_count: _builtins.int = ...,
+        slot_bytes: _builtins.int = ...,
+        stream_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region", "slot_bytes", b"slot_bytes", "slot_count", b"slot_count", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterSharedMemoryRequest: _TypeAlias = RegisterSharedMemoryRequest  # noqa: Y015
+
+@_typing.final
+class RegisterSharedMemoryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterSharedMemoryResponse: _TypeAlias = RegisterSharedMemoryResponse  # noqa: Y015
+
+@_typing.final
+class UnregisterSharedMemoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnregisterSharedMemoryRequest: _TypeAlias = UnregisterSharedMemoryRequest  # noqa: Y015
+
+@_typing.final
+class UnregisterSharedMemoryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnregisterSharedMemoryResponse: _TypeAlias = UnregisterSharedMemoryResponse  # noqa: Y015

@@ -54,6 +54,31 @@ class StreamServiceStub:
                 request_serializer=edgescope_dot_v1_dot_stream__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=edgescope_dot_v1_dot_stream__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/edgescope.v1.StreamService/LoadModel',
+                request_serializer=edgescope_dot_v1_dot_stream__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=edgescope_dot_v1_dot_stream__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/edgescope.v1.StreamService/UnloadModel',
+                request_serializer=edgescope_dot_v1_dot_stream__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=edgescope_dot_v1_dot_stream__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
+        self.Subscribe = channel.unary_stream(
+                '/edgescope.v1.StreamService/Subscribe',
+                request_serializer=edgescope_dot_v1_dot_stream__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=edgescope_dot_v1_dot_stream__pb2.Result.FromString,
+                _registered_method=True)
+        self.RegisterSharedMemory = channel.unary_unary(
+                '/edgescope.v1.StreamService/RegisterSharedMemory',
+                request_serializer=edgescope_dot_v1_dot_stream__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=edgescope_dot_v1_dot_stream__pb2.RegisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.UnregisterSharedMemory = channel.unary_unary(
+                '/edgescope.v1.StreamService/UnregisterSharedMemory',
+                request_serializer=edgescope_dot_v1_dot_stream__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=edgescope_dot_v1_dot_stream__pb2.UnregisterSharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class StreamServiceServicer:
@@ -85,6 +110,40 @@ class StreamServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """Load a bundle, or replace a loaded model of the same name without dropping
+        frames: in-flight frames finish on the old version, new frames use the new one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Subscribe(self, request, context):
+        """Results of a capture the server runs itself (pull mode); every subscriber sees them all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterSharedMemory(self, request, context):
+        """Map a client's POSIX shared-memory ring (read-only) so frames can refer to its slots.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StreamServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +166,31 @@ def add_StreamServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=edgescope_dot_v1_dot_stream__pb2.GetModelRequest.FromString,
                     response_serializer=edgescope_dot_v1_dot_stream__pb2.ModelInfo.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=edgescope_dot_v1_dot_stream__pb2.LoadModelRequest.FromString,
+                    response_serializer=edgescope_dot_v1_dot_stream__pb2.ModelInfo.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=edgescope_dot_v1_dot_stream__pb2.UnloadModelRequest.FromString,
+                    response_serializer=edgescope_dot_v1_dot_stream__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'Subscribe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=edgescope_dot_v1_dot_stream__pb2.SubscribeRequest.FromString,
+                    response_serializer=edgescope_dot_v1_dot_stream__pb2.Result.SerializeToString,
+            ),
+            'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=edgescope_dot_v1_dot_stream__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=edgescope_dot_v1_dot_stream__pb2.RegisterSharedMemoryResponse.SerializeToString,
+            ),
+            'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemory,
+                    request_deserializer=edgescope_dot_v1_dot_stream__pb2.UnregisterSharedMemoryRequest.FromString,
+                    response_serializer=edgescope_dot_v1_dot_stream__pb2.UnregisterSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +301,141 @@ class StreamService:
             '/edgescope.v1.StreamService/GetModel',
             edgescope_dot_v1_dot_stream__pb2.GetModelRequest.SerializeToString,
             edgescope_dot_v1_dot_stream__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgescope.v1.StreamService/LoadModel',
+            edgescope_dot_v1_dot_stream__pb2.LoadModelRequest.SerializeToString,
+            edgescope_dot_v1_dot_stream__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgescope.v1.StreamService/UnloadModel',
+            edgescope_dot_v1_dot_stream__pb2.UnloadModelRequest.SerializeToString,
+            edgescope_dot_v1_dot_stream__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Subscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgescope.v1.StreamService/Subscribe',
+            edgescope_dot_v1_dot_stream__pb2.SubscribeRequest.SerializeToString,
+            edgescope_dot_v1_dot_stream__pb2.Result.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgescope.v1.StreamService/RegisterSharedMemory',
+            edgescope_dot_v1_dot_stream__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            edgescope_dot_v1_dot_stream__pb2.RegisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgescope.v1.StreamService/UnregisterSharedMemory',
+            edgescope_dot_v1_dot_stream__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+            edgescope_dot_v1_dot_stream__pb2.UnregisterSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,16 @@ class StreamServiceStub:
     """One frame; malformed input fails the call with INVALID_ARGUMENT."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_stream_pb2.ListModelsRequest, _stream_pb2.ListModelsResponse]
     GetModel: _grpc.UnaryUnaryMultiCallable[_stream_pb2.GetModelRequest, _stream_pb2.ModelInfo]
+    LoadModel: _grpc.UnaryUnaryMultiCallable[_stream_pb2.LoadModelRequest, _stream_pb2.ModelInfo]
+    """Load a bundle, or replace a loaded model of the same name without dropping
+    frames: in-flight frames finish on the old version, new frames use the new one.
+    """
+    UnloadModel: _grpc.UnaryUnaryMultiCallable[_stream_pb2.UnloadModelRequest, _stream_pb2.UnloadModelResponse]
+    Subscribe: _grpc.UnaryStreamMultiCallable[_stream_pb2.SubscribeRequest, _stream_pb2.Result]
+    """Results of a capture the server runs itself (pull mode); every subscriber sees them all."""
+    RegisterSharedMemory: _grpc.UnaryUnaryMultiCallable[_stream_pb2.RegisterSharedMemoryRequest, _stream_pb2.RegisterSharedMemoryResponse]
+    """Map a client's POSIX shared-memory ring (read-only) so frames can refer to its slots."""
+    UnregisterSharedMemory: _grpc.UnaryUnaryMultiCallable[_stream_pb2.UnregisterSharedMemoryRequest, _stream_pb2.UnregisterSharedMemoryResponse]
 
 @_typing.type_check_only
 class StreamServiceAsyncStub(StreamServiceStub):
@@ -47,6 +57,16 @@ class StreamServiceAsyncStub(StreamServiceStub):
     """One frame; malformed input fails the call with INVALID_ARGUMENT."""
     ListModels: _aio.UnaryUnaryMultiCallable[_stream_pb2.ListModelsRequest, _stream_pb2.ListModelsResponse]  # type: ignore[assignment]
     GetModel: _aio.UnaryUnaryMultiCallable[_stream_pb2.GetModelRequest, _stream_pb2.ModelInfo]  # type: ignore[assignment]
+    LoadModel: _aio.UnaryUnaryMultiCallable[_stream_pb2.LoadModelRequest, _stream_pb2.ModelInfo]  # type: ignore[assignment]
+    """Load a bundle, or replace a loaded model of the same name without dropping
+    frames: in-flight frames finish on the old version, new frames use the new one.
+    """
+    UnloadModel: _aio.UnaryUnaryMultiCallable[_stream_pb2.UnloadModelRequest, _stream_pb2.UnloadModelResponse]  # type: ignore[assignment]
+    Subscribe: _aio.UnaryStreamMultiCallable[_stream_pb2.SubscribeRequest, _stream_pb2.Result]  # type: ignore[assignment]
+    """Results of a capture the server runs itself (pull mode); every subscriber sees them all."""
+    RegisterSharedMemory: _aio.UnaryUnaryMultiCallable[_stream_pb2.RegisterSharedMemoryRequest, _stream_pb2.RegisterSharedMemoryResponse]  # type: ignore[assignment]
+    """Map a client's POSIX shared-memory ring (read-only) so frames can refer to its slots."""
+    UnregisterSharedMemory: _aio.UnaryUnaryMultiCallable[_stream_pb2.UnregisterSharedMemoryRequest, _stream_pb2.UnregisterSharedMemoryResponse]  # type: ignore[assignment]
 
 class StreamServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -78,5 +98,45 @@ class StreamServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _stream_pb2.GetModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_stream_pb2.ModelInfo, _abc.Awaitable[_stream_pb2.ModelInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def LoadModel(
+        self,
+        request: _stream_pb2.LoadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_stream_pb2.ModelInfo, _abc.Awaitable[_stream_pb2.ModelInfo]]:
+        """Load a bundle, or replace a loaded model of the same name without dropping
+        frames: in-flight frames finish on the old version, new frames use the new one.
+        """
+
+    @_abc_1.abstractmethod
+    def UnloadModel(
+        self,
+        request: _stream_pb2.UnloadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_stream_pb2.UnloadModelResponse, _abc.Awaitable[_stream_pb2.UnloadModelResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Subscribe(
+        self,
+        request: _stream_pb2.SubscribeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_stream_pb2.Result], _abc.AsyncIterator[_stream_pb2.Result]]:
+        """Results of a capture the server runs itself (pull mode); every subscriber sees them all."""
+
+    @_abc_1.abstractmethod
+    def RegisterSharedMemory(
+        self,
+        request: _stream_pb2.RegisterSharedMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_stream_pb2.RegisterSharedMemoryResponse, _abc.Awaitable[_stream_pb2.RegisterSharedMemoryResponse]]:
+        """Map a client's POSIX shared-memory ring (read-only) so frames can refer to its slots."""
+
+    @_abc_1.abstractmethod
+    def UnregisterSharedMemory(
+        self,
+        request: _stream_pb2.UnregisterSharedMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_stream_pb2.UnregisterSharedMemoryResponse, _abc.Awaitable[_stream_pb2.UnregisterSharedMemoryResponse]]: ...
 
 def add_StreamServiceServicer_to_server(servicer: StreamServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

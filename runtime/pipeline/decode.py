@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgescope.errors import FrameError
+from edgescope.runtime.shm import shared_memory_view
 from edgescope.v1 import manifest_pb2, stream_pb2
 
 # Larger than any imaging sensor in use (16K x 16K); stops absurd allocations.
@@ -34,7 +35,10 @@ def decode_frame(frame: stream_pb2.Frame) -> Pixels:
         return _decode_raw(frame.raw)
     if kind == "encoded":
         return _decode_encoded(frame.encoded)
-    raise FrameError("frame carries no pixels: set raw or encoded")
+    if kind == "shm":
+        # Same checks as raw pixels; the bytes are a read-only view of the client's slot.
+        return _decode_raw(frame.shm.image, shared_memory_view(frame.shm))
+    raise FrameError("frame carries no pixels: set raw, encoded or shm")
 
 
 def _check_size(width: int, height: int) -> None:
@@ -44,7 +48,8 @@ def _check_size(width: int, height: int) -> None:
         raise FrameError(f"frame size {width}x{height} exceeds the {MAX_SIDE} pixel limit per side")
 
 
-def _decode_raw(raw: stream_pb2.RawImage) -> Pixels:
+def _decode_raw(raw: stream_pb2.RawImage, data: bytes | memoryview | None = None) -> Pixels:
+    data = raw.data if data is None else data
     _check_size(raw.width, raw.height)
     dtype = _RAW_DTYPES.get(raw.dtype)
     if dtype is None:
@@ -65,12 +70,12 @@ def _decode_raw(raw: stream_pb2.RawImage) -> Pixels:
             f"the frame says {channels}"
         )
     expected = raw.width * raw.height * channels * np.dtype(dtype).itemsize
-    if len(raw.data) != expected:
+    if len(data) != expected:
         raise FrameError(
-            f"raw data is {len(raw.data)} bytes; {raw.width}x{raw.height}x{channels} "
+            f"raw data is {len(data)} bytes; {raw.width}x{raw.height}x{channels} "
             f"{np.dtype(dtype).name} needs {expected}"
         )
-    pixels = np.frombuffer(raw.data, dtype=np.dtype(dtype).newbyteorder("<"))
+    pixels = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"))
     pixels = pixels.astype(dtype, copy=False)
     if channels == 1:
         return pixels.reshape(raw.height, raw.width)

@@ -8,7 +8,7 @@ import numpy.typing as npt
 
 from edgescope.errors import BackendError
 from edgescope.runtime.pipeline.postprocess import TaskResult
-from edgescope.v1 import stream_pb2
+from edgescope.v1 import manifest_pb2, stream_pb2
 
 
 def rle_encode(mask: npt.NDArray[np.uint8]) -> list[int]:
@@ -54,7 +54,36 @@ def decode_mask(mask: stream_pb2.Mask) -> npt.NDArray[np.uint8]:
     return np.asarray(image, dtype=np.uint8)
 
 
+def encode_png(image: npt.NDArray[np.uint8]) -> stream_pb2.EncodedImage:
+    """8-bit gray ``(H, W)`` or RGB ``(H, W, 3)`` -> PNG."""
+    ok, png = cv2.imencode(".png", image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise BackendError("PNG encoding of an output image failed")
+    return stream_pb2.EncodedImage(encoding=stream_pb2.ENCODING_PNG, data=png.tobytes())
+
+
+def encode_tensor(name: str, values: npt.NDArray[np.float32]) -> stream_pb2.Tensor:
+    data = np.ascontiguousarray(values, dtype=np.dtype("<f4")).tobytes()
+    return stream_pb2.Tensor(name=name, dtype=manifest_pb2.DATA_TYPE_FLOAT32, shape=list(values.shape), data=data)
+
+
+def decode_tensor(tensor: stream_pb2.Tensor) -> npt.NDArray[np.float32]:
+    """Float32 array from a Tensor message (used by clients)."""
+    if tensor.dtype != manifest_pb2.DATA_TYPE_FLOAT32:
+        raise ValueError(f"tensor {tensor.name} is {manifest_pb2.DataType.Name(tensor.dtype)}, not FLOAT32")
+    return np.frombuffer(tensor.data, dtype=np.dtype("<f4")).astype(np.float32).reshape(tuple(tensor.shape))
+
+
 def fill_result(result: stream_pb2.Result, task: TaskResult, mask_encoding: int) -> None:
     if task.mask is not None:
         result.outputs.append(stream_pb2.Output(name="mask", mask=encode_mask(task.mask, task.labels, mask_encoding)))
+    if task.class_scores is not None:
+        classes = stream_pb2.ClassScores(labels=task.labels, scores=task.class_scores.tolist())
+        result.outputs.append(stream_pb2.Output(name="classes", classes=classes))
+    if task.boxes is not None:
+        result.outputs.append(stream_pb2.Output(name="boxes", boxes=stream_pb2.Boxes(boxes=task.boxes)))
+    for name, image in task.images.items():
+        result.outputs.append(stream_pb2.Output(name=name, image=encode_png(image)))
+    for name, values in task.tensors.items():
+        result.outputs.append(stream_pb2.Output(name=name, tensor=encode_tensor(name, values)))
     result.quantities.extend(task.quantities)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -11,20 +11,20 @@ import numpy.typing as npt
 from edgescope.errors import BackendError, BundleError
 from edgescope.runtime.backends.base import Outputs
 from edgescope.runtime.pipeline.preprocess import Geometry
+from edgescope.runtime.pipeline.tasks.anomaly import postprocess_anomaly
+from edgescope.runtime.pipeline.tasks.classification import postprocess_classification
+from edgescope.runtime.pipeline.tasks.common import TaskResult, sigmoid
+from edgescope.runtime.pipeline.tasks.detection import postprocess_detection
+from edgescope.runtime.pipeline.tasks.image import postprocess_image
+from edgescope.runtime.pipeline.tasks.registration import postprocess_registration
 from edgescope.v1 import manifest_pb2, stream_pb2
 
+__all__ = ["TaskResult", "postprocess", "segmentation_mask"]
 
-@dataclass(slots=True)
-class TaskResult:
-    """What postprocessing produced for one frame, before encoding."""
-
-    mask: npt.NDArray[np.uint8] | None = None
-    labels: list[str] = field(default_factory=list)
-    quantities: list[stream_pb2.Quantity] = field(default_factory=list)
-
-
-def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    return (1.0 / (1.0 + np.exp(-np.clip(x, -60.0, 60.0)))).astype(np.float32)
+Postprocessor = Callable[
+    [Outputs, manifest_pb2.ModelManifest, Geometry, stream_pb2.PixelSpacing | None],
+    TaskResult,
+]
 
 
 def segmentation_mask(
@@ -40,7 +40,7 @@ def segmentation_mask(
         raise BackendError(f"segmentation output has shape {logits.shape}; expected (1, C, H, W)")
     if params.activation == manifest_pb2.ACTIVATION_SOFTMAX or scores.shape[0] > 1:
         return np.asarray(np.argmax(scores, axis=0), dtype=np.uint8)
-    probs = _sigmoid(scores[0]) if params.activation == manifest_pb2.ACTIVATION_SIGMOID else scores[0]
+    probs = sigmoid(scores[0]) if params.activation == manifest_pb2.ACTIVATION_SIGMOID else scores[0]
     return (probs > (params.threshold or 0.5)).astype(np.uint8)
 
 
@@ -97,6 +97,17 @@ def postprocess(
     geometry: Geometry,
     spacing: stream_pb2.PixelSpacing | None,
 ) -> TaskResult:
-    if manifest.task == manifest_pb2.TASK_SEGMENTATION:
-        return postprocess_segmentation(outputs, manifest, geometry, spacing)
-    raise BundleError(f"task {manifest_pb2.Task.Name(manifest.task)} has no postprocessor in this runtime version")
+    handler = _POSTPROCESSORS.get(manifest.task)
+    if handler is None:
+        raise BundleError(f"task {manifest_pb2.Task.Name(manifest.task)} has no postprocessor in this runtime version")
+    return handler(outputs, manifest, geometry, spacing)
+
+
+_POSTPROCESSORS: dict[int, Postprocessor] = {
+    manifest_pb2.TASK_SEGMENTATION: postprocess_segmentation,
+    manifest_pb2.TASK_CLASSIFICATION: postprocess_classification,
+    manifest_pb2.TASK_DETECTION: postprocess_detection,
+    manifest_pb2.TASK_IMAGE: postprocess_image,
+    manifest_pb2.TASK_ANOMALY: postprocess_anomaly,
+    manifest_pb2.TASK_REGISTRATION: postprocess_registration,
+}

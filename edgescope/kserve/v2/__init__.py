@@ -1,0 +1,1 @@
+"""Generated protobuf modules for the Open Inference Protocol messages (see proto/)."""

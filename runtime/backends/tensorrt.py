@@ -1,0 +1,170 @@
+"""TensorRT engine runner (TensorRT 10/11 tensor API) on the CUDA adapter.
+
+The engine is the plan under the bundle's ``engines/`` that was built for
+this GPU and this TensorRT (``edgescope.engines.select_engine``); it is never
+built here. Per frame: copy the input into pinned host memory, queue the
+host-to-device copy, ``execute_async_v3`` and the device-to-host copies on
+the session's own stream, then wait once. Buffers are kept between frames
+and grown only when a larger shape arrives. With ``cuda_graph`` and a
+static-shape engine, the enqueued work is captured once and replayed.
+
+tensorrt and cuda-python are imported when a backend or session is built,
+never with this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edgescope.bundle import Bundle
+from edgescope.engines import PRECISION_NAMES, TENSORRT_HINT, device_facts, select_engine
+from edgescope.errors import BackendError, FrameError, MissingDependencyError
+from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
+from edgescope.runtime.backends.cuda import CudaAdapter
+from edgescope.v1 import manifest_pb2
+
+
+def _tensorrt() -> Any:
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise MissingDependencyError("TensorRT", TENSORRT_HINT) from exc
+    return tensorrt
+
+
+@dataclass(slots=True)
+class _Tensor:
+    """One engine input or output and its buffers (grown on demand)."""
+
+    name: str
+    is_input: bool
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...] = ()
+    capacity: int = 0
+    device: int = 0
+    host: npt.NDArray[Any] = field(default_factory=lambda: np.empty(0))
+
+
+class TensorRTSession(Session):
+    backend_name = "tensorrt"
+
+    def __init__(
+        self, manifest: manifest_pb2.ModelManifest, plan: Path, *, device: int = 0, cuda_graph: bool = False
+    ) -> None:
+        super().__init__(manifest)
+        trt = _tensorrt()
+        self._cuda = CudaAdapter(device)
+        try:
+            self._logger = trt.Logger(trt.Logger.WARNING)
+            self._runtime = trt.Runtime(self._logger)
+            self._engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
+            if self._engine is None:
+                raise BackendError(f"TensorRT could not deserialize {plan} (built for another GPU or TensorRT?)")
+            self._context = self._engine.create_execution_context()
+            if self._context is None:
+                raise BackendError(f"TensorRT could not create an execution context for {plan}")
+        except BaseException:
+            self._cuda.close()
+            raise
+        self._plan = plan
+        self._device = device
+        self._tensors: dict[str, _Tensor] = {}
+        for index in range(self._engine.num_io_tensors):
+            name = self._engine.get_tensor_name(index)
+            is_input = self._engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
+            self._tensors[name] = _Tensor(name, is_input, dtype)
+        self._static = all(-1 not in tuple(self._engine.get_tensor_shape(n)) for n in self._tensors)
+        self._use_graph = cuda_graph and self._static
+        self._graph: Any = None
+
+    @property
+    def capabilities(self) -> SessionCapabilities:
+        return SessionCapabilities(dynamic_batch=not self._static, device_buffers=True, device=f"cuda:{self._device}")
+
+    def _ensure(self, tensor: _Tensor, shape: tuple[int, ...]) -> bool:
+        """Size the tensor's buffers for ``shape``; True when an address changed."""
+        tensor.shape = shape
+        nbytes = int(np.prod(shape, dtype=np.int64)) * tensor.dtype.itemsize
+        if nbytes <= tensor.capacity:
+            return False
+        if tensor.capacity:
+            self._cuda.free_pinned(tensor.host)
+            self._cuda.free_device(tensor.device)
+        tensor.capacity = nbytes
+        tensor.device = self._cuda.device_buffer(nbytes)
+        tensor.host = self._cuda.pinned_array((nbytes // tensor.dtype.itemsize,), tensor.dtype)
+        self._context.set_tensor_address(tensor.name, tensor.device)
+        return True
+
+    def _host_view(self, tensor: _Tensor) -> npt.NDArray[Any]:
+        return tensor.host[: int(np.prod(tensor.shape, dtype=np.int64))].reshape(tensor.shape)
+
+    def _enqueue(self, stream: int) -> None:
+        for tensor in self._tensors.values():
+            if tensor.is_input:
+                self._cuda.to_device(tensor.device, self._host_view(tensor))
+        if not self._context.execute_async_v3(stream):
+            raise BackendError(f"TensorRT execute_async_v3 failed for {self._plan.name}")
+        for tensor in self._tensors.values():
+            if not tensor.is_input:
+                self._cuda.to_host(self._host_view(tensor), tensor.device)
+
+    def _infer_impl(self, feed: Feed) -> Outputs:
+        inputs = [t for t in self._tensors.values() if t.is_input]
+        if sorted(feed) != sorted(t.name for t in inputs):
+            raise FrameError(f"engine {self._plan.name} takes {sorted(t.name for t in inputs)}, got {sorted(feed)}")
+        moved = False
+        for tensor in inputs:
+            array = np.asarray(feed[tensor.name])
+            if array.dtype != tensor.dtype:
+                raise FrameError(f"engine input {tensor.name!r} is {tensor.dtype}, the feed gives {array.dtype}")
+            if array.shape != tensor.shape and not self._context.set_input_shape(tensor.name, array.shape):
+                raise FrameError(f"engine input {tensor.name!r} cannot take shape {array.shape} (outside its profile)")
+            moved |= self._ensure(tensor, array.shape)
+            self._host_view(tensor)[...] = array
+        for tensor in self._tensors.values():
+            if not tensor.is_input:
+                moved |= self._ensure(tensor, tuple(self._context.get_tensor_shape(tensor.name)))
+        if self._use_graph:
+            if self._graph is None or moved:
+                # TensorRT asks for one plain enqueue before capture, to settle deferred set-up.
+                self._enqueue(self._cuda.stream)
+                self._cuda.synchronize()
+                self._graph = self._cuda.capture_graph(self._enqueue)
+            self._cuda.launch_graph(self._graph)
+        else:
+            self._enqueue(self._cuda.stream)
+        self._cuda.synchronize()
+        return {t.name: self._host_view(t).copy() for t in self._tensors.values() if not t.is_input}
+
+    def _close_impl(self) -> None:
+        # The context and engine go before the memory they point into.
+        del self._context
+        del self._engine
+        self._cuda.close()
+
+
+class TensorRTBackend:
+    """Sessions on the bundle's engine for this GPU, TensorRT and precision (default: the bundle's)."""
+
+    name = "tensorrt"
+
+    def __init__(self, *, precision: str | None = None, device: int = 0, cuda_graph: bool = False) -> None:
+        _tensorrt()
+        self.precision = precision
+        self.device = device
+        self.cuda_graph = cuda_graph
+
+    def load(self, bundle: Bundle) -> TensorRTSession:
+        # The bundle's own precision unless asked otherwise: never a silent change.
+        precision = self.precision or PRECISION_NAMES.get(bundle.manifest.precision, "fp32")
+        plan = select_engine(bundle.path, device_facts(self.device), precision)
+        if plan is None:
+            raise BackendError(f"{bundle.path}: no {precision} engine for this device")
+        return TensorRTSession(bundle.manifest, plan, device=self.device, cuda_graph=self.cuda_graph)

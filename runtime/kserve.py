@@ -1,0 +1,318 @@
+"""The Open Inference Protocol (KServe v2 gRPC) for every loaded model.
+
+Served on the same port as edgescope's own API, under the standard service
+name ``inference.GRPCInferenceService``, so tritonclient and other standard
+tooling call any loaded model at tensor level: no preprocessing, no
+postprocessing, the model's own input and output tensors.
+
+Inputs come as ``raw_input_contents`` (little-endian, row-major) or as typed
+``contents``; outputs go back as ``raw_output_contents``. Decoding, inference
+and encoding run on the worker pool, never on the event loop. A unary call
+that fails is aborted with the mapped gRPC status; in ``ModelStreamInfer`` a
+failed request gets a response with ``error_message`` and the stream goes on.
+
+The handlers are registered with a generic handler because the messages'
+protobuf package is ``edgescope.kserve.v2`` (see the .proto for why); the
+method paths are the standard's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from edgescope import __version__
+from edgescope.errors import EdgescopeError, FrameError, ModelNotFoundError
+from edgescope.kserve.v2 import inference_pb2 as pb
+from edgescope.runtime.backends.base import Feed
+from edgescope.runtime.models import LoadedModel, ModelRegistry
+from edgescope.runtime.status import status_code_for
+from edgescope.v1 import manifest_pb2
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+
+# Open Inference Protocol datatypes with a fixed-size numpy equivalent (BYTES has none).
+NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+_DATATYPE_OF = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
+
+MANIFEST_DATATYPES = {
+    manifest_pb2.DATA_TYPE_FLOAT32: "FP32",
+    manifest_pb2.DATA_TYPE_FLOAT16: "FP16",
+    manifest_pb2.DATA_TYPE_INT8: "INT8",
+    manifest_pb2.DATA_TYPE_UINT8: "UINT8",
+    manifest_pb2.DATA_TYPE_UINT16: "UINT16",
+    manifest_pb2.DATA_TYPE_INT32: "INT32",
+    manifest_pb2.DATA_TYPE_INT64: "INT64",
+    manifest_pb2.DATA_TYPE_BOOL: "BOOL",
+}
+
+# Where each datatype's values sit in InferTensorContents (FP16 has no typed field).
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+
+def tensor_metadata(spec: manifest_pb2.TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+    """A manifest tensor as the protocol describes it: -1 for each dynamic dimension."""
+    shape = [dim.size if dim.WhichOneof("kind") == "size" else -1 for dim in spec.shape]
+    return pb.ModelMetadataResponse.TensorMetadata(
+        name=spec.name, datatype=MANIFEST_DATATYPES.get(spec.dtype, "FP32"), shape=shape
+    )
+
+
+def _input_array(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> npt.NDArray[np.generic]:
+    dtype = NUMPY_DTYPES.get(tensor.datatype)
+    if dtype is None:
+        supported = ", ".join(NUMPY_DTYPES)
+        raise FrameError(
+            f"input {tensor.name!r}: datatype {tensor.datatype!r} is not supported; use one of {supported}"
+        )
+    if any(dim < 0 for dim in tensor.shape):
+        raise FrameError(f"input {tensor.name!r}: shape {list(tensor.shape)} has a negative dimension")
+    count = int(np.prod(tensor.shape, dtype=np.int64))
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise FrameError(
+                f"input {tensor.name!r}: raw contents are {len(raw)} bytes; "
+                f"{tensor.datatype} {list(tensor.shape)} needs {count * dtype.itemsize}"
+            )
+        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(tensor.shape)
+    field = _CONTENTS_FIELD.get(tensor.datatype)
+    if field is None:
+        raise FrameError(f"input {tensor.name!r}: {tensor.datatype} can only be sent as raw_input_contents")
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise FrameError(
+            f"input {tensor.name!r}: {len(values)} values in contents.{field}; shape {list(tensor.shape)} needs {count}"
+        )
+    return np.asarray(values, dtype=dtype).reshape(tensor.shape)
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> dict[str, npt.NDArray[np.generic]]:
+    """The request's input tensors by name, from raw or typed contents."""
+    if not request.inputs:
+        raise FrameError("the request has no inputs")
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise FrameError(
+            f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; "
+            "when raw contents are used, every input needs one"
+        )
+    return {
+        tensor.name: _input_array(tensor, raw[index] if raw else None) for index, tensor in enumerate(request.inputs)
+    }
+
+
+def check_feed(model: LoadedModel, feed: Feed) -> None:
+    """Refuse inputs that do not match the manifest, before the backend sees them."""
+    specs = {spec.name: spec for spec in model.manifest.inputs}
+    if set(feed) != set(specs):
+        raise FrameError(f"model {model.name!r} takes inputs {sorted(specs)}, the request gives {sorted(feed)}")
+    for name, array in feed.items():
+        expected = tensor_metadata(specs[name])
+        datatype = _DATATYPE_OF.get(array.dtype)
+        if datatype != expected.datatype:
+            raise FrameError(f"input {name!r} must be {expected.datatype}, the request gives {datatype}")
+        fits = len(array.shape) == len(expected.shape) and all(
+            want in (-1, got) for want, got in zip(expected.shape, array.shape, strict=True)
+        )
+        if not fits:
+            raise FrameError(
+                f"input {name!r} must have shape {list(expected.shape)}, the request gives {list(array.shape)}"
+            )
+
+
+def infer_response(
+    model: LoadedModel, request: pb.ModelInferRequest, outputs: dict[str, npt.NDArray[np.generic]]
+) -> pb.ModelInferResponse:
+    requested = [output.name for output in request.outputs] or list(outputs)
+    unknown = [name for name in requested if name not in outputs]
+    if unknown:
+        raise FrameError(f"model {model.name!r} has no output(s) {unknown}; it has {sorted(outputs)}")
+    response = pb.ModelInferResponse(model_name=model.name, model_version=model.manifest.version, id=request.id)
+    for name in requested:
+        array = np.asarray(outputs[name])
+        datatype = _DATATYPE_OF.get(array.dtype)
+        if datatype is None:
+            raise FrameError(f"output {name!r} has dtype {array.dtype}, which the protocol cannot carry")
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        response.raw_output_contents.append(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
+    return response
+
+
+def _version_matches(model: LoadedModel, version: str) -> bool:
+    return not version or version == model.manifest.version
+
+
+class KServeService:
+    """The protocol's handlers over a model registry; tensors in, tensors out."""
+
+    def __init__(self, registry: ModelRegistry, executor: Executor) -> None:
+        self._registry = registry
+        self._executor = executor
+
+    def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        # Runs on a worker thread: array decoding and encoding copy megabytes.
+        model = self._registry.acquire(request.model_name)
+        try:
+            if not _version_matches(model, request.model_version):
+                raise ModelNotFoundError(
+                    f"model {model.name!r} has version {model.manifest.version!r}, not {request.model_version!r}"
+                )
+            feed = decode_inputs(request)
+            check_feed(model, feed)
+            outputs = model.session.infer(feed)
+            return infer_response(model, request, outputs)
+        finally:
+            self._registry.release(model)
+
+    async def _run(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        if not request.model_name:
+            raise ModelNotFoundError("the request names no model (model_name is empty)")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._infer, request)
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ServerReadyResponse:
+        # Models are loaded and warmed up before the server starts serving.
+        return pb.ServerReadyResponse(ready=bool(self._registry.all()))
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelReadyResponse:
+        try:
+            model = self._registry.get(request.name) if request.name else None
+        except ModelNotFoundError:
+            model = None
+        return pb.ModelReadyResponse(ready=model is not None and _version_matches(model, request.version))
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="edgescope", version=__version__, extensions=[])
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelMetadataResponse:
+        if not request.name:
+            await _abort(context, FrameError("ModelMetadata needs a model name"))
+        try:
+            model = self._registry.get(request.name)
+        except ModelNotFoundError as exc:
+            await _abort(context, exc)
+        if not _version_matches(model, request.version):
+            await _abort(context, ModelNotFoundError(f"model {model.name!r} has no version {request.version!r}"))
+        manifest = model.manifest
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[manifest.version],
+            platform=model.provenance.backend,
+            inputs=[tensor_metadata(spec) for spec in manifest.inputs],
+            outputs=[tensor_metadata(spec) for spec in manifest.outputs],
+        )
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelInferResponse:
+        try:
+            return await self._run(request)
+        except EdgescopeError as exc:
+            await _abort(context, exc)
+        except Exception as exc:
+            logger.exception("ModelInfer failed unexpectedly")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        # One response per request, in order; a failed request does not end the stream.
+        async for request in request_iterator:
+            try:
+                yield pb.ModelStreamInferResponse(infer_response=await self._run(request))
+            except EdgescopeError as exc:
+                yield pb.ModelStreamInferResponse(error_message=str(exc), infer_response=_echo(request))
+            except Exception as exc:
+                logger.exception("ModelStreamInfer request failed unexpectedly")
+                yield pb.ModelStreamInferResponse(
+                    error_message=f"internal error: {type(exc).__name__}", infer_response=_echo(request)
+                )
+
+
+def _echo(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    # Stream clients match an error to its request by id.
+    return pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: EdgescopeError) -> NoReturn:
+    await context.abort(status_code_for(error), str(error))
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+def _unary(
+    behavior: Callable[[Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Response]],
+    request_type: type[Request],
+) -> grpc.RpcMethodHandler[Request, Response]:
+    return grpc.unary_unary_rpc_method_handler(
+        behavior,
+        request_deserializer=request_type.FromString,  # type: ignore[attr-defined]
+        response_serializer=lambda message: message.SerializeToString(),
+    )
+
+
+def add_kserve_service(registry: ModelRegistry, executor: Executor, server: grpc.aio.Server) -> None:
+    """Serve the Open Inference Protocol for ``registry``'s models on ``server``."""
+    service = KServeService(registry, executor)
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "ServerLive": _unary(service.ServerLive, pb.ServerLiveRequest),
+        "ServerReady": _unary(service.ServerReady, pb.ServerReadyRequest),
+        "ModelReady": _unary(service.ModelReady, pb.ModelReadyRequest),
+        "ServerMetadata": _unary(service.ServerMetadata, pb.ServerMetadataRequest),
+        "ModelMetadata": _unary(service.ModelMetadata, pb.ModelMetadataRequest),
+        "ModelInfer": _unary(service.ModelInfer, pb.ModelInferRequest),
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+            service.ModelStreamInfer,
+            request_deserializer=pb.ModelInferRequest.FromString,
+            response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

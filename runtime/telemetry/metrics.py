@@ -1,0 +1,470 @@
+"""Runtime metrics: what the server records per frame, and what it reports.
+
+``RuntimeMetrics`` is the one object the server feeds: ``observe_result``
+for every answer (it reads the stage timings already in the Result, stamps
+the server's receive/send times, and attaches the alerts in force),
+``observe_drop`` and ``observe_deadline_miss`` for the scheduler, and
+``observe_device`` for the background device sampler. It reports through a
+Prometheus registry (``registry``), a protobuf snapshot (``snapshot``) for
+the Telemetry call, the web page and ``edgescope top``, and the latest
+frame of each stream for the live preview.
+
+Prometheus series are labelled per model, never per stream: stream ids are
+unbounded, and a time series per stream would grow the scrape without end.
+Per-stream figures live in the snapshot, for the most recent streams only.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from edgescope.runtime.latency import PERCENTILES, LatencyRecorder, drop_label, missed_deadline, reason_code
+from edgescope.runtime.telemetry.alerts import Alert, budget_ms, device_alerts, kind_label, latency_alert
+from edgescope.runtime.telemetry.device import DeviceSample
+from edgescope.runtime.telemetry.gpu import THROTTLE_REASONS
+from edgescope.v1 import stream_pb2, telemetry_pb2
+
+# Seconds; dense from 1 ms to 100 ms where real-time imaging lives.
+LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04,
+    0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0,
+)  # fmt: skip
+SERVER_TOTAL = "server_total"
+# A model's latency alert stays in force this long after the late frame, then lapses if no frame renews it.
+LATENCY_ALERT_HOLD_S = 5.0
+
+
+@dataclass(slots=True)
+class TelemetryConfig:
+    interval_s: float = 1.0
+    # The web page and /metrics; None: not served.
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None
+    # Milliseconds in the server per model; key "*" applies to every other model.
+    latency_budget_ms: dict[str, float] = field(default_factory=dict)
+    # The first frames of each stream are answered but left out of latency figures.
+    warmup_frames: int = 0
+    # Fraction of GPU or host memory in use that raises an alert.
+    memory_near_full: float = 0.9
+    # Streams kept for per-stream figures and the preview (least recently active dropped first).
+    max_streams: int = 16
+
+
+@dataclass(slots=True)
+class _StreamState:
+    model: str
+    latency: LatencyRecorder
+    frame: stream_pb2.Frame | None = None
+    result: stream_pb2.Result | None = None
+
+
+class RuntimeMetrics:
+    """Thread-safe: results arrive on the event loop, reads come from HTTP and gRPC threads."""
+
+    def __init__(self, config: TelemetryConfig | None = None) -> None:
+        self.config = config or TelemetryConfig()
+        self.registry = CollectorRegistry()
+        self._lock = threading.Lock()
+        self._models: dict[str, LatencyRecorder] = {}
+        self._streams: OrderedDict[str, _StreamState] = OrderedDict()
+        self._device: DeviceSample | None = None
+        self._device_alerts: list[Alert] = []
+        self._late: dict[str, tuple[float, Alert]] = {}
+        r = self.registry
+        self._success = Counter("edgescope_inference_success", "Frames answered with a result", ["model"], registry=r)
+        self._failure = Counter("edgescope_inference_failure", "Frames answered with an error", ["model"], registry=r)
+        self._drops = Counter("edgescope_frames_dropped", "Frames dropped, by reason", ["model", "reason"], registry=r)
+        self._deadline = Counter(
+            "edgescope_deadline_misses", "Frames that missed their deadline", ["model"], registry=r
+        )
+        self._warmup = Counter(
+            "edgescope_warmup_frames", "Frames answered but left out of latency figures", ["model"], registry=r
+        )
+        self._alerted = Counter(
+            "edgescope_alerted_results", "Results that carried an alert, by kind", ["model", "kind"], registry=r
+        )
+        self._stage = Histogram(
+            "edgescope_stage_duration_seconds",
+            "Time of one pipeline stage per frame",
+            ["model", "stage"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self._total = Histogram(
+            "edgescope_frame_duration_seconds",
+            "Time a frame spent in the server, receive to send",
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        r.register(_LiveCollector(self))
+        # Label lookups cost more than the observation itself: children are kept per (model, stage).
+        self._stage_children: dict[tuple[str, str], Histogram] = {}
+
+    # -- recording ---------------------------------------------------------------------------------
+
+    def observe_result(
+        self,
+        model: str,
+        stream_id: str,
+        result: stream_pb2.Result,
+        frame: stream_pb2.Frame | None = None,
+        received_ns: int | None = None,
+    ) -> None:
+        """Record one answer just before it is sent; attaches alerts and the server's clock stamps.
+
+        ``received_ns`` is ``time.perf_counter_ns()`` when the frame arrived; without it the
+        server time is the sum of the result's stage timings.
+        """
+        model = model or result.provenance.model or "unknown"
+        now_ns = time.perf_counter_ns()
+        wall_ns = time.time_ns()
+        if received_ns is not None:
+            residence_ns = max(0, now_ns - received_ns)
+            result.server_receive_time_ns = wall_ns - residence_ns
+        else:
+            residence_ns = sum(t.duration_ns for t in result.timings)
+        code = result.status.code
+        alerts = self.alerts_for(model, result, residence_ns) if code == stream_pb2.FRAME_STATUS_CODE_OK else []
+        result.alerts.extend(alerts)
+        now_s = now_ns / 1e9
+        late = missed_deadline(result.status)
+        with self._lock:
+            model_latency = self._model(model)
+            stream = self._stream(model, stream_id)
+            measured = stream.latency.count_result(now_s)
+            model_latency.count_result(now_s)
+            if frame is not None:
+                stream.frame, stream.result = frame, result
+            if late:
+                stream.latency.deadline_misses += 1
+                model_latency.deadline_misses += 1
+            if code == stream_pb2.FRAME_STATUS_CODE_DROPPED:
+                reason = drop_label(result.status)
+                stream.latency.count_drop(reason)
+                model_latency.count_drop(reason)
+            elif code != stream_pb2.FRAME_STATUS_CODE_OK:
+                stream.latency.errors += 1
+                model_latency.errors += 1
+            elif not measured:
+                model_latency.warmup_frames += 1
+            else:
+                for timing in result.timings:
+                    stream.latency.add(timing.stage, timing.duration_ns)
+                    model_latency.add(timing.stage, timing.duration_ns)
+                stream.latency.add(SERVER_TOTAL, residence_ns)
+                model_latency.add(SERVER_TOTAL, residence_ns)
+        if late:
+            self._deadline.labels(model).inc()
+        if code == stream_pb2.FRAME_STATUS_CODE_DROPPED:
+            self._drops.labels(model, drop_label(result.status)).inc()
+        elif code != stream_pb2.FRAME_STATUS_CODE_OK:
+            self._failure.labels(model).inc()
+        else:
+            self._success.labels(model).inc()
+            if not measured:
+                self._warmup.labels(model).inc()
+            else:
+                for timing in result.timings:
+                    child = self._stage_children.get((model, timing.stage))
+                    if child is None:
+                        child = self._stage_children[(model, timing.stage)] = self._stage.labels(model, timing.stage)
+                    child.observe(timing.duration_ns / 1e9)
+                self._total.labels(model).observe(residence_ns / 1e9)
+        for alert in alerts:
+            self._alerted.labels(model, kind_label(alert.kind)).inc()
+        result.server_send_time_ns = time.time_ns()
+
+    def tap(self) -> StreamTap:
+        return StreamTap(self)
+
+    def observe_drop(self, model: str, stream_id: str, reason: str) -> None:
+        """A frame dropped without a result of its own (e.g. superseded by a newer one)."""
+        code = reason_code(reason)
+        with self._lock:
+            self._stream(model, stream_id).latency.count_drop(code)
+            self._model(model).count_drop(code)
+        self._drops.labels(model, code).inc()
+
+    def observe_deadline_miss(self, model: str, stream_id: str) -> None:
+        with self._lock:
+            self._stream(model, stream_id).latency.deadline_misses += 1
+            self._model(model).deadline_misses += 1
+        self._deadline.labels(model).inc()
+
+    def observe_device(self, sample: DeviceSample) -> None:
+        alerts = device_alerts(sample, self.config.memory_near_full)
+        with self._lock:
+            self._device = sample
+            self._device_alerts = alerts
+
+    def alerts_for(self, model: str, result: stream_pb2.Result, server_ns: int | None = None) -> list[Alert]:
+        """Alerts that apply to this result: its own lateness, and the device's state."""
+        if server_ns is None:
+            server_ns = sum(t.duration_ns for t in result.timings)
+        late = latency_alert(model, server_ns / 1e6, budget_ms(self.config.latency_budget_ms, model))
+        with self._lock:
+            if late is not None:
+                self._late[model] = (time.monotonic(), late)
+            else:
+                self._late.pop(model, None)
+            device = list(self._device_alerts)
+        return [late, *device] if late is not None else device
+
+    def _model(self, model: str) -> LatencyRecorder:
+        latency = self._models.get(model)
+        if latency is None:
+            latency = self._models[model] = LatencyRecorder()
+        return latency
+
+    def _stream(self, model: str, stream_id: str) -> _StreamState:
+        state = self._streams.get(stream_id)
+        if state is None:
+            state = self._streams[stream_id] = _StreamState(model, LatencyRecorder(self.config.warmup_frames))
+            while len(self._streams) > self.config.max_streams:
+                self._streams.popitem(last=False)
+        else:
+            self._streams.move_to_end(stream_id)
+        return state
+
+    # -- reporting ---------------------------------------------------------------------------------
+
+    def active_alerts(self) -> list[Alert]:
+        now = time.monotonic()
+        with self._lock:
+            late = [alert for at, alert in self._late.values() if now - at <= LATENCY_ALERT_HOLD_S]
+            return late + list(self._device_alerts)
+
+    def preview(self, stream_id: str = "") -> tuple[stream_pb2.Frame, stream_pb2.Result] | None:
+        """The latest frame and result of ``stream_id`` (or of the most recently active stream)."""
+        with self._lock:
+            candidates = [self._streams[stream_id]] if stream_id in self._streams else []
+            candidates += [s for s in reversed(self._streams.values())]
+            for state in candidates:
+                if state.frame is not None and state.result is not None:
+                    return state.frame, state.result
+        return None
+
+    def snapshot(self) -> telemetry_pb2.TelemetrySnapshot:
+        now = time.perf_counter_ns() / 1e9
+        alerts = self.active_alerts()
+        with self._lock:
+            models = [_group(name, "", latency, now) for name, latency in sorted(self._models.items())]
+            streams = [_group(s.model, sid, s.latency, now) for sid, s in reversed(self._streams.items())]
+            device = _device_proto(self._device)
+        return telemetry_pb2.TelemetrySnapshot(
+            time_ns=time.time_ns(), models=models, streams=streams, device=device, alerts=alerts
+        )
+
+    def live_families(self) -> Iterable[Metric]:
+        """Gauges computed at scrape time: percentiles, jitter, fps, device health, alerts."""
+        quantiles = GaugeMetricFamily(
+            "edgescope_latency_quantile_seconds",
+            "Latency percentile since start (warm-up excluded); quantile 1 is the maximum",
+            labels=["model", "stage", "quantile"],
+        )
+        jitter = GaugeMetricFamily(
+            "edgescope_latency_jitter_seconds",
+            "Mean absolute change in a stage's time between consecutive frames",
+            labels=["model", "stage"],
+        )
+        fps = GaugeMetricFamily("edgescope_fps", "Results per second over the last 2 s", labels=["model"])
+        budget = GaugeMetricFamily(
+            "edgescope_latency_budget_seconds", "Configured server-time budget per model", labels=["model"]
+        )
+        now = time.perf_counter_ns() / 1e9
+        with self._lock:
+            for model, latency in self._models.items():
+                fps.add_metric([model], latency.recent_fps(now))
+                limit = budget_ms(self.config.latency_budget_ms, model)
+                if limit is not None:
+                    budget.add_metric([model], limit / 1000.0)
+                for stage, stats in latency.summary().items():
+                    values = (stats.p50_ms, stats.p90_ms, stats.p99_ms, stats.p999_ms, stats.max_ms)
+                    for q, value in zip((*PERCENTILES, 100.0), values, strict=True):
+                        quantiles.add_metric([model, stage, _quantile_label(q)], value / 1000.0)
+                    jitter.add_metric([model, stage], stats.jitter_ms / 1000.0)
+            device = self._device
+            models = list(self._models)
+        yield from (quantiles, jitter, fps, budget)
+        yield from _alert_families(self.active_alerts(), models)
+        if device is not None:
+            yield from _device_families(device)
+
+
+class StreamTap:
+    """Watches one Stream call: notes when each frame arrived, then records its answer.
+
+    Frames are held only until answered, and every frame gets exactly one
+    answer, so this holds no more than the scheduler has in flight.
+    """
+
+    def __init__(self, metrics: RuntimeMetrics) -> None:
+        self._metrics = metrics
+        self._pending: dict[int, tuple[stream_pb2.Frame, int]] = {}
+        self._model = ""
+
+    async def frames(self, source: AsyncIterable[stream_pb2.Frame]) -> AsyncIterator[stream_pb2.Frame]:
+        async for frame in source:
+            if frame.model:
+                self._model = frame.model
+            self._pending[frame.seq] = (frame, time.perf_counter_ns())
+            yield frame
+
+    def observe(self, result: stream_pb2.Result) -> stream_pb2.Result:
+        frame, received = self._pending.pop(result.seq, (None, None))
+        self._metrics.observe_result(result.provenance.model or self._model, result.stream_id, result, frame, received)
+        return result
+
+
+class _LiveCollector:
+    def __init__(self, metrics: RuntimeMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics.live_families()
+
+
+def _quantile_label(percentile: float) -> str:
+    return f"{percentile / 100.0:g}"
+
+
+def _group(model: str, stream_id: str, latency: LatencyRecorder, now_s: float) -> telemetry_pb2.LatencyGroup:
+    group = telemetry_pb2.LatencyGroup(
+        model=model,
+        stream_id=stream_id,
+        frames=latency.results,
+        errors=latency.errors,
+        deadline_misses=latency.deadline_misses,
+        warmup_frames=latency.warmup_frames,
+        fps=latency.recent_fps(now_s),
+        drops=[telemetry_pb2.DropCount(reason=r, count=n) for r, n in sorted(latency.drops.items())],
+    )
+    for stage, s in latency.summary().items():
+        group.stages.add(
+            stage=stage,
+            count=s.count,
+            p50_ms=s.p50_ms,
+            p90_ms=s.p90_ms,
+            p99_ms=s.p99_ms,
+            p999_ms=s.p999_ms,
+            max_ms=s.max_ms,
+            mean_ms=s.mean_ms,
+            jitter_ms=s.jitter_ms,
+        )
+    return group
+
+
+def _device_proto(sample: DeviceSample | None) -> telemetry_pb2.DeviceHealth:
+    if sample is None:
+        return telemetry_pb2.DeviceHealth(gpu_source="none", gpu_status="not sampled yet")
+    host = sample.host
+    return telemetry_pb2.DeviceHealth(
+        gpu_source=sample.gpu_source,
+        gpu_status=sample.gpu_status,
+        sample_cost_us=sample.cost_ns / 1000.0,
+        sample_time_ns=sample.time_ns,
+        host=telemetry_pb2.HostHealth(
+            cpu_percent=host.cpu_percent,
+            memory_used_bytes=host.memory_used_bytes,
+            memory_total_bytes=host.memory_total_bytes,
+            process_rss_bytes=host.process_rss_bytes,
+        ),
+        gpus=[
+            telemetry_pb2.GpuHealth(
+                index=g.index,
+                name=g.name,
+                utilization_percent=g.utilization_percent,
+                memory_used_bytes=g.memory_used_bytes,
+                memory_total_bytes=g.memory_total_bytes,
+                process_memory_bytes=g.process_memory_bytes,
+                temperature_c=g.temperature_c,
+                power_w=g.power_w,
+                power_limit_w=g.power_limit_w,
+                sm_clock_mhz=g.sm_clock_mhz,
+                memory_clock_mhz=g.memory_clock_mhz,
+                throttle_reasons=list(g.throttle_reasons),
+                ecc_corrected=g.ecc_corrected,
+                ecc_uncorrected=g.ecc_uncorrected,
+            )
+            for g in sample.gpus
+        ],
+    )
+
+
+def _alert_families(alerts: list[Alert], models: list[str]) -> Iterable[Metric]:
+    family = GaugeMetricFamily(
+        "edgescope_alert_active", "1 while an alert is in force (model empty: device-wide)", labels=["kind", "model"]
+    )
+    active = {(kind_label(a.kind), a.model) for a in alerts}
+    # Every kind is exported, 0 when clear, so an alert rule sees the series before it first fires.
+    for kind in stream_pb2.Alert.Kind.values():
+        if kind == stream_pb2.Alert.KIND_UNSPECIFIED:
+            continue
+        label = kind_label(kind)
+        scopes = models if kind == stream_pb2.Alert.KIND_LATENCY_BUDGET_EXCEEDED else [""]
+        for model in scopes:
+            family.add_metric([label, model], 1.0 if (label, model) in active else 0.0)
+    yield family
+
+
+def _device_families(sample: DeviceSample) -> Iterable[Metric]:
+    def gauge(name: str, doc: str, labels: tuple[str, ...] = ("gpu",)) -> GaugeMetricFamily:
+        return GaugeMetricFamily(name, doc, labels=list(labels))
+
+    available = gauge("edgescope_gpu_available", "1 when GPU telemetry is available", ("source",))
+    available.add_metric([sample.gpu_source], 1.0 if sample.gpus else 0.0)
+    info = gauge("edgescope_gpu_info", "GPU identity (value 1)", ("gpu", "name"))
+    util = gauge("edgescope_gpu_utilization_ratio", "GPU busy fraction over the last sample period")
+    used = gauge("edgescope_gpu_memory_used_bytes", "GPU memory in use (Jetson: shared RAM)")
+    total = gauge("edgescope_gpu_memory_total_bytes", "GPU memory in total")
+    process = gauge("edgescope_gpu_process_memory_bytes", "GPU memory held by this server process")
+    temp = gauge("edgescope_gpu_temperature_celsius", "GPU temperature")
+    power = gauge("edgescope_gpu_power_watts", "GPU power draw")
+    limit = gauge("edgescope_gpu_power_limit_watts", "GPU enforced power limit")
+    sm = gauge("edgescope_gpu_sm_clock_hertz", "GPU SM clock")
+    mem_clock = gauge("edgescope_gpu_memory_clock_hertz", "GPU memory clock")
+    throttle = gauge("edgescope_gpu_throttle", "1 while clocks are held down for this reason", ("gpu", "reason"))
+    ecc = gauge("edgescope_gpu_ecc_errors", "Volatile ECC error count since driver load", ("gpu", "type"))
+    for g in sample.gpus:
+        i = str(g.index)
+        info.add_metric([i, g.name], 1.0)
+        util.add_metric([i], g.utilization_percent / 100.0)
+        used.add_metric([i], float(g.memory_used_bytes))
+        total.add_metric([i], float(g.memory_total_bytes))
+        process.add_metric([i], float(g.process_memory_bytes))
+        # -1 marks a field this GPU does not report: left out rather than exported as a value.
+        for family, value, scale in (
+            (temp, g.temperature_c, 1.0),
+            (power, g.power_w, 1.0),
+            (limit, g.power_limit_w, 1.0),
+            (sm, g.sm_clock_mhz, 1e6),
+            (mem_clock, g.memory_clock_mhz, 1e6),
+        ):
+            if value >= 0:
+                family.add_metric([i], value * scale)
+        for _, reason in THROTTLE_REASONS:
+            throttle.add_metric([i, reason], 1.0 if reason in g.throttle_reasons else 0.0)
+        for kind, count in (("corrected", g.ecc_corrected), ("uncorrected", g.ecc_uncorrected)):
+            if count >= 0:
+                ecc.add_metric([i, kind], float(count))
+    host = sample.host
+    cpu = GaugeMetricFamily("edgescope_cpu_utilization_ratio", "Host CPU busy fraction over the last sample period")
+    cpu.add_metric([], host.cpu_percent / 100.0)
+    host_used = GaugeMetricFamily("edgescope_host_memory_used_bytes", "Host memory in use (total - available)")
+    host_used.add_metric([], float(host.memory_used_bytes))
+    host_total = GaugeMetricFamily("edgescope_host_memory_total_bytes", "Host memory in total")
+    host_total.add_metric([], float(host.memory_total_bytes))
+    rss = GaugeMetricFamily("edgescope_process_resident_memory_bytes", "Resident memory of this server process")
+    rss.add_metric([], float(host.process_rss_bytes))
+    cost = GaugeMetricFamily("edgescope_telemetry_sample_duration_seconds", "What the last device sample cost")
+    cost.add_metric([], sample.cost_ns / 1e9)
+    yield from (available, info, util, used, total, process, temp, power, limit, sm, mem_clock, throttle, ecc)
+    yield from (cpu, host_used, host_total, rss, cost)

@@ -1,0 +1,1 @@
+"""The built-in telemetry web page and Prometheus endpoint."""

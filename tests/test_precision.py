@@ -1,0 +1,197 @@
+"""FP16 and INT8 bundles of the example U-Net: built, gated, run in ONNX Runtime on the CPU; refusals."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edgescope.bundle import Bundle
+from edgescope.errors import ConfigError
+from edgescope.export.precision import (
+    FP16_FP32_OPS,
+    PRECISION_THRESHOLDS,
+    calibration_inputs,
+    convert_fp16,
+    gate_thresholds,
+)
+from edgescope.export.validation import GateThresholds
+from edgescope.runtime.sources import open_source
+from edgescope.v1 import manifest_pb2
+
+from .conftest import EXAMPLE
+
+torch = pytest.importorskip("torch")
+
+from edgescope.export import ExportRequest, export_model  # noqa: E402
+
+
+def _request(out: Path, **changes: object) -> ExportRequest:
+    request = ExportRequest(
+        name="lesion-unet",
+        output=out,
+        factory=str(EXAMPLE / "model.py") + ":build",
+        weights=EXAMPLE / "weights.pt",
+        samples=4,
+        engines=False,
+    )
+    for key, value in changes.items():
+        setattr(request, key, value)
+    return request
+
+
+@pytest.fixture(scope="module")
+def fp16_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    return export_model(_request(tmp_path_factory.mktemp("fp16") / "b", precision="fp16"), log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    request = _request(
+        tmp_path_factory.mktemp("int8") / "b",
+        precision="int8",
+        calibration_data="synthetic:ultrasound?seed=11",
+        calibration_samples=16,
+    )
+    return export_model(request, log=lambda _: None)
+
+
+def _metrics(report: manifest_pb2.ValidationReport) -> dict[str, float]:
+    return {m.name: m.value for m in report.metrics}
+
+
+def _frames(count: int, bundle: Bundle) -> list[np.ndarray]:
+    return calibration_inputs("synthetic:ultrasound?seed=99", count, bundle.manifest.preprocessing)
+
+
+def test_fp16_bundle_holds_an_fp16_graph_with_fp32_io(fp16_bundle: Bundle) -> None:
+    manifest = fp16_bundle.manifest
+    assert manifest.precision == manifest_pb2.PRECISION_FP16
+    assert manifest.precision_settings.keep_io_types
+    assert "Softmax" in manifest.precision_settings.fp32_op_types
+    graph = onnx.load(str(fp16_bundle.onnx_path)).graph
+    weights = Counter(t.data_type for t in graph.initializer)
+    assert weights[onnx.TensorProto.FLOAT16] > weights[onnx.TensorProto.FLOAT]
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    onnx.checker.check_model(onnx.load(str(fp16_bundle.onnx_path)))
+
+
+def test_int8_bundle_holds_a_qdq_graph_with_its_calibration(int8_bundle: Bundle) -> None:
+    manifest = int8_bundle.manifest
+    assert manifest.precision == manifest_pb2.PRECISION_INT8
+    calibration = manifest.precision_settings.calibration
+    assert calibration.data_source == "synthetic:ultrasound?seed=11" and calibration.samples == 16
+    model = onnx.load(str(int8_bundle.onnx_path))
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > ops["QuantizeLinear"]
+    # TensorRT takes symmetric INT8 only: every zero point is 0.
+    zero_points = [i for n in model.graph.node if n.op_type == "QuantizeLinear" for i in n.input[2:3]]
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert zero_points and all(not initializers[z].any() for z in zero_points)
+    assert {p.key: p.value for p in model.metadata_props}["edgescope.precision"] == "int8"
+
+
+@pytest.mark.parametrize("which", ["fp16_bundle", "int8_bundle"])
+def test_reduced_precision_passes_its_gate_against_pytorch_and_fp32(which: str, request: pytest.FixtureRequest) -> None:
+    bundle: Bundle = request.getfixturevalue(which)
+    precision = which.removesuffix("_bundle")
+    main, (versus_fp32,) = bundle.manifest.validation, bundle.manifest.extra_validation
+    assert main.passed and versus_fp32.passed
+    assert main.candidate.endswith(f"CPU {precision}") and versus_fp32.reference.endswith("CPU fp32")
+    limits = PRECISION_THRESHOLDS[precision]
+    assert _metrics(main)["dice_min"] >= limits.min_dice
+    # Reduced precision really changed the numbers (an FP32 graph would be within 1e-4).
+    assert _metrics(versus_fp32)["max_abs_error"] > 1e-3
+
+
+@pytest.mark.parametrize("which", ["fp16_bundle", "int8_bundle"])
+def test_reduced_precision_runs_batches_in_onnxruntime_cpu(which: str, request: pytest.FixtureRequest) -> None:
+    bundle: Bundle = request.getfixturevalue(which)
+    session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
+    frames = _frames(3, bundle)
+    (batched,) = session.run(None, {"image": np.concatenate(frames)})
+    assert batched.dtype == np.float32 and batched.shape == (3, 1, 256, 256)
+    single = np.concatenate([session.run(None, {"image": x})[0] for x in frames])
+    assert np.allclose(batched, single, atol=0.05)
+
+
+def test_reduced_precision_bundles_are_served(int8_bundle: Bundle) -> None:
+    from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from edgescope.runtime.models import ModelRegistry
+
+    registry = ModelRegistry()
+    try:
+        registry.load(int8_bundle.path, OnnxRuntimeBackend())
+    finally:
+        registry.close()
+
+
+def test_int8_without_calibration_data_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="INT8 needs calibration frames"):
+        export_model(_request(tmp_path / "b", precision="int8"), log=lambda _: None)
+    assert not (tmp_path / "b").exists()
+
+
+def test_int8_calibrated_on_the_gate_frames_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="did not see"):
+        export_model(
+            _request(tmp_path / "b", precision="int8", calibration_data="synthetic:ultrasound"), log=lambda _: None
+        )
+
+
+def test_unknown_calibration_method_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="kl-divergence"):
+        export_model(
+            _request(
+                tmp_path / "b",
+                precision="int8",
+                calibration_data="synthetic:ultrasound?seed=2",
+                calibration_method="kl-divergence",
+            ),
+            log=lambda _: None,
+        )
+
+
+def test_calibration_from_a_folder_of_images(tmp_path: Path, fp16_bundle: Bundle) -> None:
+    with open_source("synthetic:ultrasound?seed=4&frames=3") as source:
+        for index, frame in enumerate(source):
+            cv2.imwrite(str(tmp_path / f"{index}.png"), frame.pixels)
+    (tmp_path / "notes.txt").write_text("not an image")
+    inputs = calibration_inputs(str(tmp_path), 10, fp16_bundle.manifest.preprocessing)
+    assert len(inputs) == 3 and inputs[0].shape == (1, 1, 256, 256)
+    assert float(inputs[0].min()) >= 0.0 and float(inputs[0].max()) <= 1.0
+
+
+def _softmax_input_type(model: onnx.ModelProto) -> int:
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
+    for node in graph.node:
+        if node.op_type == "Cast":
+            types[node.output[0]] = int(onnx.helper.get_attribute_value(node.attribute[0]))
+    (softmax,) = [n for n in graph.node if n.op_type == "Softmax"]
+    return types[softmax.input[0]]
+
+
+def test_fp32_ops_are_configurable() -> None:
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["r"]), onnx.helper.make_node("Softmax", ["r"], ["y"], axis=1)],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    assert _softmax_input_type(convert_fp16(model, FP16_FP32_OPS)) == onnx.TensorProto.FLOAT
+    assert _softmax_input_type(convert_fp16(model, ())) == onnx.TensorProto.FLOAT16
+
+
+def test_limits_left_at_defaults_take_the_precision_defaults() -> None:
+    mine = gate_thresholds("int8", GateThresholds(min_dice=0.97))
+    assert mine.min_dice == 0.97  # the user's own limit stands
+    assert mine.max_abs_error == float("inf")
+    assert gate_thresholds("fp32", GateThresholds()) == GateThresholds()

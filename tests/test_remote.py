@@ -1,0 +1,71 @@
+"""The remote backend, against our own server's KServe v2 endpoint on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import numpy as np
+import pytest
+
+from edgescope.bundle import Bundle
+from edgescope.errors import BackendError
+from edgescope.runtime.client import StreamOptions, stream_source
+from edgescope.runtime.pipeline.encode import decode_mask
+from edgescope.runtime.sources.synthetic import SyntheticUltrasoundSource
+from edgescope.v1 import stream_pb2
+
+from .conftest import ServerThread
+
+pytest.importorskip("tritonclient.grpc")
+
+
+def _masks(target: str) -> tuple[list[np.ndarray], list[stream_pb2.Result]]:
+    results: list[stream_pb2.Result] = []
+    options = StreamOptions(target=target, model="lesion-unet", realtime=False, timeout_s=60)
+    asyncio.run(stream_source(SyntheticUltrasoundSource(seed=4, n_frames=6), options, lambda _f, r: results.append(r)))
+    return [decode_mask(r.outputs[0].mask) for r in results], results
+
+
+def test_a_server_on_the_remote_backend_gives_the_same_results(server: ServerThread, example_bundle: Bundle) -> None:
+    from edgescope.runtime.backends.remote import RemoteBackend
+
+    front = ServerThread([example_bundle.path], backend=RemoteBackend(server.target, timeout_s=30))
+    try:
+        remote_masks, remote_results = _masks(front.target)
+    finally:
+        front.stop()
+    local_masks, _ = _masks(server.target)
+    assert len(remote_masks) == 6
+    for remote, local in zip(remote_masks, local_masks, strict=True):
+        np.testing.assert_array_equal(remote, local)
+    assert all(r.provenance.backend == "remote" for r in remote_results)
+    assert all(r.provenance.device == f"remote:{server.target}" for r in remote_results)
+
+
+def test_loading_refuses_a_missing_or_different_remote_model(server: ServerThread, example_bundle: Bundle) -> None:
+    from edgescope.runtime.backends.remote import RemoteBackend
+
+    with pytest.raises(BackendError, match="not ready"):
+        RemoteBackend(server.target, model_name="no-such-model", timeout_s=10).load(example_bundle)
+    unused_port = f"127.0.0.1:{_free_port()}"
+    with pytest.raises(BackendError, match="cannot reach"):
+        RemoteBackend(unused_port, timeout_s=2).load(example_bundle)
+
+
+def _free_port() -> int:
+    # Bind and release a port, so nothing listens there during the test.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_missing_tritonclient_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from edgescope.errors import MissingDependencyError
+    from edgescope.runtime.backends.remote import RemoteBackend
+
+    monkeypatch.setitem(sys.modules, "tritonclient.grpc", None)
+    with pytest.raises(MissingDependencyError, match=r"tritonclient.*pip install"):
+        RemoteBackend("127.0.0.1:1")

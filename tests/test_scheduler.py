@@ -1,0 +1,224 @@
+"""Real-time scheduling over a real server: live/every policies, deadlines, batching, reload, pull mode."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from edgescope.bundle import Bundle
+from edgescope.runtime.capture import CaptureConfig
+from edgescope.runtime.pipeline.decode import encode_raw
+from edgescope.runtime.scheduler import SchedulerConfig
+from edgescope.v1 import stream_pb2, stream_pb2_grpc
+
+from .conftest import ServerThread
+
+OK = stream_pb2.FRAME_STATUS_CODE_OK
+DROPPED = stream_pb2.FRAME_STATUS_CODE_DROPPED
+PIXELS = encode_raw((np.random.default_rng(0).random((240, 320)) * 255).astype(np.uint8))
+
+
+def _frame(seq: int, **fields: object) -> stream_pb2.Frame:
+    return stream_pb2.Frame(stream_id="s", seq=seq, raw=PIXELS, **fields)  # type: ignore[arg-type]
+
+
+async def _frames(count: int, interval_s: float = 0.0, **fields: object) -> AsyncIterator[stream_pb2.Frame]:
+    for seq in range(count):
+        yield _frame(seq, **fields)
+        if interval_s:
+            await asyncio.sleep(interval_s)
+
+
+async def _stream(
+    target: str, frames: AsyncIterator[stream_pb2.Frame], read_delay_s: float = 0.0
+) -> list[stream_pb2.Result]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = stream_pb2_grpc.StreamServiceStub(channel).Stream(frames, timeout=120)
+        results = []
+        async for result in call:
+            results.append(result)
+            if read_delay_s:
+                await asyncio.sleep(read_delay_s)
+        return results
+
+
+@pytest.fixture(scope="module")
+def batching_server(example_bundle: Bundle) -> Iterator[ServerThread]:
+    running = ServerThread([example_bundle.path], scheduling=SchedulerConfig(max_batch=8, max_batch_delay_s=0.004))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_live_answers_every_frame_and_drops_only_stale_ones(server: ServerThread) -> None:
+    results = asyncio.run(_stream(server.target, _frames(60, policy=stream_pb2.STREAM_POLICY_LIVE)))
+    assert [r.seq for r in results] == list(range(60))
+    codes = [r.status.code for r in results]
+    stale = [r for r in results if r.status.code == DROPPED]
+    assert stale, "60 frames sent at once must overrun a ~10 ms model"
+    assert all(r.status.drop_reason == stream_pb2.DROP_REASON_STALE for r in stale)
+    assert codes[-1] == OK  # nothing newer arrived: the newest frame always runs
+    assert set(codes) <= {OK, DROPPED}
+
+
+def test_every_processes_all_frames_in_order_under_a_slow_consumer(server: ServerThread) -> None:
+    results = asyncio.run(_stream(server.target, _frames(30, policy=stream_pb2.STREAM_POLICY_EVERY), read_delay_s=0.02))
+    assert [r.seq for r in results] == list(range(30))
+    assert all(r.status.code == OK for r in results)
+
+
+def test_deadline_drops_or_flags_late(server: ServerThread) -> None:
+    strict = asyncio.run(_stream(server.target, _frames(20, deadline_ms=1)))
+    assert [r.seq for r in strict] == list(range(20))
+    reasons = {r.status.drop_reason for r in strict if r.status.code == DROPPED}
+    assert reasons == {stream_pb2.DROP_REASON_DEADLINE}
+
+    lenient = asyncio.run(_stream(server.target, _frames(20, deadline_ms=1, process_late=True)))
+    assert all(r.status.code == OK for r in lenient)
+    assert any(r.status.late for r in lenient)
+
+
+def test_two_models_on_one_frame_answer_as_one_result(server: ServerThread, example_bundle: Bundle) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        stub = stream_pb2_grpc.StreamServiceStub(channel)
+        stub.LoadModel(stream_pb2.LoadModelRequest(bundle_path=str(example_bundle.path), name="second"), timeout=60)
+        try:
+            frames = [_frame(i, model="lesion-unet", extra_models=["second"]) for i in range(3)]
+            results = list(stub.Stream(iter(frames), timeout=60))
+        finally:
+            stub.UnloadModel(stream_pb2.UnloadModelRequest(name="second"), timeout=30)
+    for result in results:
+        assert result.status.code == OK
+        assert result.provenance.model == "lesion-unet"
+        (extra,) = result.model_results
+        assert extra.model == "second" and extra.status.code == OK
+        # Same bundle, same frame: the second model's mask equals the first's.
+        assert extra.outputs[0].mask.png == result.outputs[0].mask.png
+
+
+def test_eight_streams_on_two_models_are_batched(batching_server: ServerThread, example_bundle: Bundle) -> None:
+    with grpc.insecure_channel(batching_server.target) as channel:
+        stub = stream_pb2_grpc.StreamServiceStub(channel)
+        stub.LoadModel(stream_pb2.LoadModelRequest(bundle_path=str(example_bundle.path), name="twin"), timeout=60)
+
+    async def run_all() -> list[list[stream_pb2.Result]]:
+        streams = []
+        for index in range(8):
+            model = "lesion-unet" if index % 2 else "twin"
+
+            async def frames(index: int = index, model: str = model) -> AsyncIterator[stream_pb2.Frame]:
+                for seq in range(12):
+                    yield stream_pb2.Frame(stream_id=f"s{index}", seq=seq, model=model, raw=PIXELS)
+
+            streams.append(_stream(batching_server.target, frames()))
+        return await asyncio.gather(*streams)
+
+    for results in asyncio.run(run_all()):
+        assert [r.seq for r in results] == list(range(12))
+        assert all(r.status.code == OK for r in results)
+    stats = batching_server.running.service.batch_stats()
+    assert set(stats) == {"lesion-unet", "twin"}
+    for name, (batches, items) in stats.items():
+        assert items == 48, name
+        assert batches < items, f"{name}: frames of concurrent streams should share batches"
+
+
+def test_reload_mid_stream_loses_nothing(server: ServerThread, example_bundle: Bundle, tmp_path: Path) -> None:
+    v2 = tmp_path / "lesion-unet-v2"
+    shutil.copytree(example_bundle.path, v2)
+    manifest = json.loads((v2 / "manifest.json").read_text())
+    manifest["version"] = "2"
+    (v2 / "manifest.json").write_text(json.dumps(manifest))
+
+    async def run() -> list[stream_pb2.Result]:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = stream_pb2_grpc.StreamServiceStub(channel)
+            stream = asyncio.create_task(_stream(server.target, _frames(60, interval_s=0.01, model="lesion-unet")))
+            await asyncio.sleep(0.2)
+            await stub.LoadModel(stream_pb2.LoadModelRequest(bundle_path=str(v2)), timeout=60)
+            results = await stream
+            await stub.LoadModel(stream_pb2.LoadModelRequest(bundle_path=str(example_bundle.path)), timeout=60)
+            return results
+
+    results = asyncio.run(run())
+    assert [r.seq for r in results] == list(range(60))
+    assert all(r.status.code == OK for r in results)
+    versions = [r.provenance.version for r in results]
+    assert versions[0] == "1" and versions[-1] == "2"
+    assert versions == sorted(versions)  # once switched, new frames stay on the new version
+
+
+def test_model_lifecycle_errors(server: ServerThread, tmp_path: Path) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        stub = stream_pb2_grpc.StreamServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as missing:
+            stub.UnloadModel(stream_pb2.UnloadModelRequest(name="nope"), timeout=10)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.LoadModel(stream_pb2.LoadModelRequest(bundle_path=str(tmp_path)), timeout=10)
+        assert bad.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "manifest.json" in (bad.value.details() or "")
+
+
+def test_pull_mode_subscribers_see_the_same_results(example_bundle: Bundle) -> None:
+    capture = CaptureConfig(name="probe", source="synthetic:ultrasound?fps=30", model="lesion-unet", loop=False)
+    running = ServerThread([example_bundle.path], captures=[capture])
+    try:
+
+        async def collect(stub: stream_pb2_grpc.StreamServiceStub) -> dict[int, stream_pb2.Result]:
+            call = stub.Subscribe(stream_pb2.SubscribeRequest(capture="probe"), timeout=60)
+            seen: dict[int, stream_pb2.Result] = {}
+            async for result in call:
+                seen[result.seq] = result
+                if len(seen) == 20:
+                    call.cancel()
+                    break
+            return seen
+
+        async def subscribe() -> list[dict[int, stream_pb2.Result]]:
+            async with grpc.aio.insecure_channel(running.target) as channel:
+                stub = stream_pb2_grpc.StreamServiceStub(channel)
+                return await asyncio.gather(collect(stub), collect(stub))
+
+        first, second = asyncio.run(subscribe())
+        common = sorted(set(first) & set(second))
+        assert len(common) >= 10
+        for seq in common:
+            assert first[seq] == second[seq]
+        assert [r.status.code for r in first.values()].count(OK) >= 15
+    finally:
+        running.stop()
+
+
+def test_sigterm_drains_every_received_frame(example_bundle: Bundle, tmp_path: Path) -> None:
+    from edgescope.runtime.demo import start_server, stop_server
+
+    server, target = start_server([example_bundle.path], tmp_path / "port")
+    try:
+
+        async def run() -> tuple[list[stream_pb2.Result], grpc.StatusCode]:
+            async with grpc.aio.insecure_channel(target) as channel:
+                call = stream_pb2_grpc.StreamServiceStub(channel).Stream(_frames(400, interval_s=0.005), timeout=60)
+                results = []
+                async for result in call:
+                    results.append(result)
+                    if len(results) == 20:
+                        server.terminate()  # SIGTERM to the server this test started
+                return results, await call.code()
+
+        results, code = asyncio.run(run())
+        assert server.wait(timeout=30) == 0
+    finally:
+        stop_server(server)
+    assert code == grpc.StatusCode.OK
+    assert len(results) >= 20
+    assert [r.seq for r in results] == list(range(len(results)))
+    assert all(r.status.code == OK for r in results)
