@@ -19,6 +19,7 @@ from edgescope.errors import ConfigError, EdgescopeError
 
 if TYPE_CHECKING:
     from edgescope.export.tensorrt import EngineOptions
+    from edgescope.runtime.backends.base import Backend
 
 DEFAULT_TARGET = "127.0.0.1:8731"
 
@@ -220,6 +221,18 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--max-message-mb", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="frame worker threads (default: CPU count, at least 2)")
     p.add_argument("--allow-failed-validation", action="store_true", help="serve bundles whose accuracy gate failed")
+    p.add_argument(
+        "--backend",
+        default="onnxruntime",
+        choices=["onnxruntime", "tensorrt", "remote"],
+        help="onnxruntime (default), tensorrt (the bundle's engines), remote (a Triton/KServe v2 server)",
+    )
+    p.add_argument(
+        "--providers",
+        default="CPUExecutionProvider",
+        help="onnxruntime execution providers in order, e.g. TensorrtExecutionProvider,CUDAExecutionProvider",
+    )
+    p.add_argument("--remote-url", default="", help="host:port of the Triton/KServe v2 server for --backend remote")
     p.add_argument("--policy", choices=["every", "live"], default="every", help="default for streams that set none")
     p.add_argument("--deadline-ms", type=int, default=0, help="default per-frame budget from receipt (0: none)")
     p.add_argument("--max-batch", type=int, default=8, help="cross-stream batch size for dynamic-batch models")
@@ -246,7 +259,6 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from edgescope.runtime.capture import CaptureConfig
     from edgescope.runtime.scheduler import SchedulerConfig
     from edgescope.runtime.server import ServerConfig, serve
@@ -277,8 +289,25 @@ def _run_serve(args: argparse.Namespace) -> int:
     )
     if args.workers > 0:
         config.workers = args.workers
-    asyncio.run(serve(config, OnnxRuntimeBackend()))
+    asyncio.run(serve(config, _backend(args)))
     return 0
+
+
+def _backend(args: argparse.Namespace) -> Backend:
+    """The backend asked for; never a silent fallback to another device."""
+    if args.backend == "tensorrt":
+        from edgescope.runtime.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend()
+    if args.backend == "remote":
+        if not args.remote_url:
+            raise ConfigError("--backend remote needs --remote-url HOST:PORT")
+        from edgescope.runtime.backends.remote import RemoteBackend
+
+        return RemoteBackend(args.remote_url)
+    from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(providers=[p for p in args.providers.split(",") if p])
 
 
 def _add_stream(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -35,8 +35,9 @@ import numpy as np
 import numpy.typing as npt
 
 from edgescope.errors import EdgescopeError, FrameError
+from edgescope.runtime.pipeline.layout import raw_layout
 from edgescope.runtime.status import status_code_for
-from edgescope.v1 import manifest_pb2, stream_pb2, stream_pb2_grpc
+from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 # Bounds what one client can make the server map.
 MAX_REGIONS = 64
@@ -191,20 +192,6 @@ class SharedMemoryServicer:
         except EdgescopeError as exc:
             await context.abort(status_code_for(exc), str(exc))
         return stream_pb2.UnregisterSharedMemoryResponse()
-
-
-def raw_layout(pixels: npt.NDArray[np.uint8] | npt.NDArray[np.uint16]) -> stream_pb2.RawImage:
-    """A RawImage that describes ``pixels`` without carrying them."""
-    if pixels.ndim == 2:
-        fmt, channels = stream_pb2.PIXEL_FORMAT_GRAY, 1
-    elif pixels.ndim == 3 and pixels.shape[2] == 3:
-        fmt, channels = stream_pb2.PIXEL_FORMAT_RGB, 3
-    else:
-        raise FrameError(f"cannot send pixels of shape {pixels.shape}; need (H, W) or (H, W, 3)")
-    dtype = manifest_pb2.DATA_TYPE_UINT8 if pixels.dtype == np.uint8 else manifest_pb2.DATA_TYPE_UINT16
-    return stream_pb2.RawImage(
-        width=pixels.shape[1], height=pixels.shape[0], channels=channels, dtype=dtype, format=fmt
-    )
 
 
 class SharedMemorySender:

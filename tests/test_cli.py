@@ -80,3 +80,15 @@ def test_missing_bundle_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert run.returncode == 2
     assert "no manifest.json" in run.stderr
+
+
+def test_a_missing_execution_provider_is_refused_not_downgraded(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    command = [sys.executable, "-m", "edgescope.cli", "serve", str(tmp_path), "--port", "0",
+               "--metrics-port", "-1", "--providers", "CUDAExecutionProvider"]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "CUDAExecutionProvider" in run.stderr and "CPUExecutionProvider" in run.stderr

@@ -13,9 +13,9 @@ import pytest
 from edgescope.bundle import Bundle
 from edgescope.errors import FrameError
 from edgescope.runtime.client import StreamOptions, stream_source
-from edgescope.runtime.pipeline.decode import decode_frame, encode_raw
+from edgescope.runtime.pipeline.decode import decode_frame, encode_raw, raw_layout
 from edgescope.runtime.pipeline.encode import decode_mask
-from edgescope.runtime.shm import REGIONS, SharedMemoryRegistry, SharedMemoryServicer, raw_layout
+from edgescope.runtime.shm import REGIONS, SharedMemoryRegistry, SharedMemoryServicer
 from edgescope.runtime.sources.synthetic import SyntheticUltrasoundSource
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
