@@ -247,7 +247,7 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     left.bar([n + "\np50" for n in names], [r["p50_ms"] for r in rows], color="#4c72b0")
     left.bar([n + "\np99" for n in names], [r["p99_ms"] for r in rows], color="#dd8452")
     left.set_ylabel("latency (ms)")
-    left.tick_params(axis="x", labelsize=7)
+    left.tick_params(axis="x", labelsize=7, labelrotation=35)
     soak = report["edgescope"]["soak"]["rss_mb"]
     right.plot([i for i, _ in soak], [mb for _, mb in soak], marker="o")
     right.set_xlabel("frames")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,18 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_OPSET = 18
+
+
+@contextlib.contextmanager
+def _quiet_exporter_log() -> Iterator[None]:
+    """The exporter logs optional-package notices (e.g. torchvision ops it skips) at WARNING."""
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        exporter_log.setLevel(level)
 
 
 def export_onnx(
@@ -49,7 +62,7 @@ def export_onnx(
     )
     # The exporter narrates its steps on stdout and trips deprecations inside
     # torch itself; neither is the user's to act on.
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet_exporter_log():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         # ScriptModules have no Python signature; the exporter says so and copes.

@@ -55,3 +55,13 @@ def test_small_components_are_removed() -> None:
     cleaned = remove_small_components(mask, 10)
     assert cleaned[1:3, 1:3].sum() == 0
     assert cleaned[10:16, 10:16].all()
+
+
+@pytest.mark.parametrize("threshold", [0.2, 0.5, 0.9])
+def test_logit_threshold_equals_sigmoid_threshold(threshold: float) -> None:
+    from edgescope.runtime.pipeline.postprocess import segmentation_mask
+
+    logits = (np.random.default_rng(1).standard_normal((1, 1, 64, 64)) * 4).astype(np.float32)
+    params = manifest_pb2.SegmentationParams(activation=manifest_pb2.ACTIVATION_SIGMOID, threshold=threshold)
+    expected = (1.0 / (1.0 + np.exp(-logits[0, 0].astype(np.float64))) > threshold).astype(np.uint8)
+    np.testing.assert_array_equal(segmentation_mask(logits, params), expected)

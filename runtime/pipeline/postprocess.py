@@ -40,8 +40,15 @@ def segmentation_mask(
         raise BackendError(f"segmentation output has shape {logits.shape}; expected (1, C, H, W)")
     if params.activation == manifest_pb2.ACTIVATION_SOFTMAX or scores.shape[0] > 1:
         return np.asarray(np.argmax(scores, axis=0), dtype=np.uint8)
-    probs = sigmoid(scores[0]) if params.activation == manifest_pb2.ACTIVATION_SIGMOID else scores[0]
-    return (probs > (params.threshold or 0.5)).astype(np.uint8)
+    threshold = params.threshold or 0.5
+    if params.activation != manifest_pb2.ACTIVATION_SIGMOID:
+        above = scores[0] > threshold
+    elif 0.0 < threshold < 1.0:
+        # sigmoid(x) > t  <=>  x > logit(t): the same mask without an exp per pixel.
+        above = scores[0] > np.float32(np.log(threshold / (1.0 - threshold)))
+    else:
+        above = sigmoid(scores[0]) > threshold
+    return np.asarray(above, dtype=np.uint8)
 
 
 def remove_small_components(mask: npt.NDArray[np.uint8], min_pixels: int) -> npt.NDArray[np.uint8]:
