@@ -20,6 +20,7 @@ from edgescope.errors import ConfigError, EdgescopeError, ModelNotFoundError
 from edgescope.runtime.pipeline.decode import encode_raw
 from edgescope.runtime.scheduler import StreamScheduler
 from edgescope.runtime.sources import SourceFrame, open_source
+from edgescope.runtime.telemetry.metrics import RuntimeMetrics
 from edgescope.v1 import stream_pb2
 
 logger = logging.getLogger(__name__)
@@ -76,12 +77,15 @@ class Subscription:
 class CaptureHub:
     """Runs the configured captures and fans their results out to subscribers."""
 
-    def __init__(self, configs: list[CaptureConfig], scheduler: Callable[[], StreamScheduler]) -> None:
+    def __init__(
+        self, configs: list[CaptureConfig], scheduler: Callable[[], StreamScheduler], metrics: RuntimeMetrics
+    ) -> None:
         names = [c.name for c in configs]
         if len(set(names)) != len(names):
             raise ConfigError(f"capture names must be unique: {names}")
         self._configs = {c.name: c for c in configs}
         self._scheduler = scheduler
+        self._metrics = metrics
         self._subscribers: dict[str, set[Subscription]] = {c.name: set() for c in configs}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -111,8 +115,10 @@ class CaptureHub:
     async def _run(self, config: CaptureConfig) -> None:
         try:
             with open_source(config.source, loop=config.loop) as source:
-                frames = _paced_frames(iter(source), source.kind, config)
+                tap = self._metrics.tap()
+                frames = tap.frames(_paced_frames(iter(source), source.kind, config))
                 async for result in self._scheduler().run(frames):
+                    tap.observe(result)
                     for subscription in list(self._subscribers[config.name]):
                         subscription.offer(result)
         except EdgescopeError as exc:

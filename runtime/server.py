@@ -125,7 +125,7 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
     server = grpc.aio.server(options=channel_options(config.max_message_bytes))
     telemetry = TelemetryHub(config.telemetry)
     service = StreamService(registry, executor, backend, config.scheduling, telemetry.metrics)
-    captures = CaptureHub(list(config.captures), service.scheduler) if config.captures else None
+    captures = CaptureHub(list(config.captures), service.scheduler, telemetry.metrics) if config.captures else None
     service.attach_captures(captures)
     stream_pb2_grpc.add_StreamServiceServicer_to_server(service, server)
     add_kserve_service(registry, executor, server)

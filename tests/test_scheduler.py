@@ -194,6 +194,9 @@ def test_pull_mode_subscribers_see_the_same_results(example_bundle: Bundle) -> N
         for seq in common:
             assert first[seq] == second[seq]
         assert [r.status.code for r in first.values()].count(OK) >= 15
+        # The capture's answers are counted like any stream's, under its own stream id.
+        assert running.running.telemetry is not None
+        assert running.running.telemetry.metrics.preview("capture:probe") is not None
     finally:
         running.stop()
 
