@@ -2,7 +2,7 @@
 
 Starts a server in a child process (as on a device: camera client and
 runtime are separate processes on one host), streams the same synthetic
-1920x1080 RGB endoscopy-like frames to the example model both ways, and
+1920x1080 RGB frames of the simulated endoscope video to the example model both ways, and
 reports end-to-end latency (capture stamp to answer received) p50/p99, the
 transport share of it (end to end minus the server's own stages), the
 server's decode stage, and frames per second:
@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import numpy.typing as npt
 
 from edgescope.runtime.client import StreamOptions, stream_source
 from edgescope.runtime.sources.base import SourceFrame
+from edgescope.runtime.sources.endoscopy import SyntheticEndoscopySource
 from edgescope.v1 import stream_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,21 +50,9 @@ WARMUP = 5
 
 
 def endoscopy_frames(count: int, seed: int = 0) -> list[npt.NDArray[np.uint8]]:
-    """Reddish tissue texture, specular highlights and a dark circular vignette, like a scope image."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
-    radius = np.hypot(xx - WIDTH / 2, yy - HEIGHT / 2) / (HEIGHT / 2)
-    vignette = np.clip(1.15 - radius**2, 0, 1)[..., None]
-    frames = []
-    for _ in range(count):
-        texture = cv2.GaussianBlur(rng.random((HEIGHT // 8, WIDTH // 8), dtype=np.float32), (0, 0), 3)
-        texture = cv2.resize(texture, (WIDTH, HEIGHT), interpolation=cv2.INTER_CUBIC)
-        tissue = np.stack([150 + 90 * texture, 60 + 50 * texture, 50 + 40 * texture], axis=-1)
-        for _ in range(12):
-            cx, cy = int(rng.integers(0, WIDTH)), int(rng.integers(0, HEIGHT))
-            cv2.circle(tissue, (cx, cy), int(rng.integers(4, 18)), (255, 250, 245), -1)
-        frames.append(np.clip(tissue * vignette, 0, 255).astype(np.uint8))
-    return frames
+    """Frames of the simulated endoscope video, made before the run so the source costs nothing in it."""
+    source = SyntheticEndoscopySource(seed=seed, n_frames=count, height=HEIGHT, width=WIDTH)
+    return [np.asarray(frame.pixels, dtype=np.uint8) for frame in source]
 
 
 class LoopSource:

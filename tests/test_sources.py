@@ -73,7 +73,7 @@ def test_synthetic_spec_is_endless_by_default() -> None:
         ("rtsp://camera/stream", "unknown source scheme 'rtsp'"),
         ("movie.mp4", "invalid source"),
         ("dicom:", "invalid source"),
-        ("synthetic:endoscopy", "unknown synthetic source"),
+        ("synthetic:microscopy", "unknown synthetic source"),
         ("synthetic:ultrasound?speed=2", "unknown parameter 'speed'"),
         ("synthetic:ultrasound?frames=many", "not an integer"),
         ("synthetic:ultrasound?frames=2&frames=3", "given twice"),

@@ -21,6 +21,7 @@ SPEC_FORMS = (
     "dicom:PATH",
     "video:PATH",
     "synthetic:ultrasound[?frames=N&seed=S&fps=F&height=H&width=W]",
+    "synthetic:endoscopy[?frames=N&seed=S&fps=F&height=H&width=W]",
 )
 """The source specs :func:`open_source` accepts."""
 
@@ -57,11 +58,15 @@ def open_source(spec: str, *, loop: bool = False) -> FrameSource:
 
 
 def _open_synthetic(spec: str, rest: str, *, loop: bool) -> FrameSource:
+    from edgescope.runtime.sources.endoscopy import SyntheticEndoscopySource
     from edgescope.runtime.sources.synthetic import SyntheticUltrasoundSource
 
     simulated, _, query = rest.partition("?")
-    if simulated != "ultrasound":
-        raise ConfigError(f"unknown synthetic source {simulated!r} in {spec!r}; expected {SPEC_FORMS[2]}")
+    simulators = {"ultrasound": SyntheticUltrasoundSource, "endoscopy": SyntheticEndoscopySource}
+    if simulated not in simulators:
+        raise ConfigError(
+            f"unknown synthetic source {simulated!r} in {spec!r}; expected {SPEC_FORMS[2]} or {SPEC_FORMS[3]}"
+        )
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError as exc:
@@ -82,4 +87,6 @@ def _open_synthetic(spec: str, rest: str, *, loop: bool) -> FrameSource:
         # Without frames= the cine is endless already; a fixed length and
         # endless replay contradict each other, so say so rather than pick one.
         raise ConfigError(f"{spec!r} cannot loop: leave out frames= for an endless synthetic cine")
+    if simulated == "endoscopy":
+        return SyntheticEndoscopySource(**kwargs)
     return SyntheticUltrasoundSource(**kwargs)
