@@ -49,3 +49,21 @@ def test_checked_in_protobuf_code_is_fresh(tmp_path: Path) -> None:
         tmp_path / "edgescope" / "v1", ROOT / "edgescope" / "v1", generated, shallow=False
     )
     assert not mismatch and not errors, f"stale generated code (run `make proto`): {mismatch + errors}"
+
+
+def test_the_wheel_installs_everything_under_one_namespace(tmp_path: Path) -> None:
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--quiet", "--wheel-dir", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("edgescope-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/", 1)[0] for name in names if not name.startswith("edgescope-")}
+    assert top_level == {"edgescope"}
+    for required in ("edgescope/export/api.py", "edgescope/runtime/server.py", "edgescope/runtime/web/index.html",
+                     "edgescope/v1/stream_pb2.pyi", "edgescope/py.typed"):  # fmt: skip
+        assert required in names
