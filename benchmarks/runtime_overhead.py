@@ -25,12 +25,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
+from replay import ReplaySource
 
 from edgescope.bundle import load_bundle
 from edgescope.export import ExportRequest, export_model
@@ -44,29 +44,6 @@ from edgescope.v1 import stream_pb2
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "ultrasound_unet"
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-class MemorySource:
-    """The cine's frames decoded once, replayed ``count`` times at its frame rate."""
-
-    kind = "ultrasound"
-
-    def __init__(self, frames: list[SourceFrame], fps: float, count: int) -> None:
-        self._frames, self.fps, self._count = frames, fps, count
-
-    def __iter__(self) -> Iterator[SourceFrame]:
-        for index in range(self._count):
-            base = self._frames[index % len(self._frames)]
-            yield SourceFrame(index, base.pixels, index / self.fps, base.spacing_mm)
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> MemorySource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
 
 
 def percentiles(values_ms: list[float]) -> dict[str, float]:
@@ -165,63 +142,44 @@ def bench_edgescope(
     bundle_path: Path, frames: list[SourceFrame], fps: float, fast_count: int, live_count: int, soak_count: int
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
+
+    def replay(count: int) -> ReplaySource:
+        return ReplaySource([f.pixels for f in frames], fps, count, "ultrasound", frames[0].spacing_mm)
+
+    def measure(options: StreamOptions, count: int) -> dict[str, Any]:
+        """Stream ``count`` frames; latency of the answered frames, and the throughput."""
+        e2e: list[float] = []
+        infer: list[float] = []
+
+        def per_frame(_frame: SourceFrame, result: stream_pb2.Result) -> None:
+            if result.status.code == stream_pb2.FRAME_STATUS_CODE_OK:
+                e2e.append((time.time_ns() - result.capture_time_ns) / 1e6)
+                infer.append(next(t.duration_ns for t in result.timings if t.stage == "infer") / 1e6)
+
+        start = time.perf_counter()
+        report = asyncio.run(stream_source(replay(count), options, per_frame))
+        elapsed = time.perf_counter() - start
+        return {
+            "frames": report.sent,
+            "fps": round(report.sent / elapsed, 2),
+            "end_to_end": percentiles(e2e),
+            "infer": percentiles(infer),
+            "overhead": percentiles([total - model for total, model in zip(e2e, infer, strict=True)]),
+            "dropped": report.latency.dropped,
+            "errors": report.latency.errors,
+        }
+
     with tempfile.TemporaryDirectory() as tmp:
         server, target = start_server([bundle_path], Path(tmp) / "port")
         try:
-            overhead: list[float] = []
-            e2e: list[float] = []
-            infer: list[float] = []
-
-            def per_frame(_frame: SourceFrame, result: stream_pb2.Result) -> None:
-                if result.status.code != stream_pb2.FRAME_STATUS_CODE_OK:
-                    return
-                e2e_ms = (time.time_ns() - result.capture_time_ns) / 1e6
-                infer_ms = next(t.duration_ns for t in result.timings if t.stage == "infer") / 1e6
-                e2e.append(e2e_ms)
-                infer.append(infer_ms)
-                overhead.append(e2e_ms - infer_ms)
-
             # A window of 3 frames keeps every stage busy without queueing frames in transport buffers.
             options = StreamOptions(target=target, model="", realtime=False, max_in_flight=3)
-            start = time.perf_counter()
-            report = asyncio.run(stream_source(MemorySource(frames, fps, fast_count), options, per_frame))
-            elapsed = time.perf_counter() - start
-            results["fast"] = {
-                "frames": report.sent,
-                "fps": round(report.sent / elapsed, 2),
-                "end_to_end": percentiles(e2e),
-                "infer": percentiles(infer),
-                "overhead": percentiles(overhead),
-                "dropped": report.latency.dropped,
-                "errors": report.latency.errors,
-            }
-
-            e2e.clear(), infer.clear(), overhead.clear()
+            results["fast"] = measure(options, fast_count)
             live = StreamOptions(target=target, model="", realtime=True, policy=stream_pb2.STREAM_POLICY_LIVE)
-            report = asyncio.run(stream_source(MemorySource(frames, fps, live_count), live, per_frame))
-            results["live_30fps"] = {
-                "frames": report.sent,
-                "end_to_end": percentiles(e2e),
-                "infer": percentiles(infer),
-                "overhead": percentiles(overhead),
-                "dropped": report.latency.dropped,
-                "errors": report.latency.errors,
-            }
-
+            results["live_30fps"] = measure(live, live_count)
             # The same live stream with frames handed over in shared memory instead of protobuf bytes.
-            e2e.clear(), infer.clear(), overhead.clear()
-            live_shm = StreamOptions(
-                target=target, model="", realtime=True, policy=stream_pb2.STREAM_POLICY_LIVE, shared_memory=True
-            )
-            report = asyncio.run(stream_source(MemorySource(frames, fps, live_count), live_shm, per_frame))
-            results["live_30fps_shared_memory"] = {
-                "frames": report.sent,
-                "end_to_end": percentiles(e2e),
-                "infer": percentiles(infer),
-                "overhead": percentiles(overhead),
-                "dropped": report.latency.dropped,
-                "errors": report.latency.errors,
-            }
+            live.shared_memory = True
+            results["live_30fps_shared_memory"] = measure(live, live_count)
 
             rss: list[tuple[int, float]] = [(0, _rss_mb(server.pid))]
             step = max(1, soak_count // 20)
@@ -230,7 +188,7 @@ def bench_edgescope(
                 if (source_frame.index + 1) % step == 0:
                     rss.append((source_frame.index + 1, _rss_mb(server.pid)))
 
-            asyncio.run(stream_source(MemorySource(frames, fps, soak_count), options, sample_rss))
+            asyncio.run(stream_source(replay(soak_count), options, sample_rss))
             # The first samples include allocator warm-up; flatness is judged after it.
             settled = [mb for index, mb in rss if index >= soak_count // 10]
             results["soak"] = {

@@ -30,13 +30,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from replay import ReplaySource
 
 from edgescope.runtime.client import StreamOptions, stream_source
 from edgescope.runtime.sources.base import SourceFrame
@@ -53,29 +53,6 @@ def endoscopy_frames(count: int, seed: int = 0) -> list[npt.NDArray[np.uint8]]:
     """Frames of the simulated endoscope video, made before the run so the source costs nothing in it."""
     source = SyntheticEndoscopySource(seed=seed, n_frames=count, height=HEIGHT, width=WIDTH)
     return [np.asarray(frame.pixels, dtype=np.uint8) for frame in source]
-
-
-class LoopSource:
-    """A few pre-made frames repeated, so the source costs nothing during the run."""
-
-    kind = "endoscopy"
-    fps = FPS
-
-    def __init__(self, frames: list[npt.NDArray[np.uint8]], count: int) -> None:
-        self._frames, self._count = frames, count
-
-    def __iter__(self) -> Iterator[SourceFrame]:
-        for index in range(self._count):
-            yield SourceFrame(index, self._frames[index % len(self._frames)], index / FPS, None)
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> LoopSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
 
 
 @dataclass
@@ -109,7 +86,7 @@ class Samples:
         }
 
 
-def run_round(target: str, source: LoopSource, samples: Samples) -> None:
+def run_round(target: str, source: ReplaySource, samples: Samples) -> None:
     shared, realtime = samples.transport == "shared_memory", samples.pacing == "paced_30fps"
     seen = 0
 
@@ -241,7 +218,7 @@ def main() -> None:
             per_round = max(args.frames // ROUNDS, WARMUP + 10)
             for round_index in range(ROUNDS):
                 for samples in modes:
-                    run_round(target, LoopSource(source_frames, per_round), samples)
+                    run_round(target, ReplaySource(source_frames, FPS, per_round, "endoscopy"), samples)
                 print(f"round {round_index + 1}/{ROUNDS} done", flush=True)
             results = [samples.summary() for samples in modes]
         finally:
