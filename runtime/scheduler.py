@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -195,15 +195,6 @@ class _LiveSlot:
         return item
 
 
-@dataclass(slots=True)
-class StreamCounters:
-    received: int = 0
-    answered: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-    errors: int = 0
-    late: int = 0
-
-
 class StreamScheduler:
     """Schedules one stream: intake by policy, three overlapped stages, ordered answers."""
 
@@ -228,7 +219,6 @@ class StreamScheduler:
         self._model = ""
         # Recurrent state and previous frames live as long as this stream.
         self._state = StreamState()
-        self.counters = StreamCounters()
 
     async def run(self, frames: AsyncIterable[stream_pb2.Frame]) -> AsyncIterator[stream_pb2.Result]:
         """Answer every frame read from ``frames``, in order; stops early when draining."""
@@ -238,24 +228,11 @@ class StreamScheduler:
         dispatcher = asyncio.create_task(self._dispatch(live, every))
         try:
             while (answer := await self._answers.get()) is not None:
-                result = await answer
-                self._count(result)
-                yield result
+                yield await answer
         finally:
             reader.cancel()
             dispatcher.cancel()
             await asyncio.gather(reader, dispatcher, return_exceptions=True)
-
-    def _count(self, result: stream_pb2.Result) -> None:
-        self.counters.answered += 1
-        status = result.status
-        if status.code == stream_pb2.FRAME_STATUS_CODE_DROPPED:
-            key = stream_pb2.DropReason.Name(status.drop_reason).removeprefix("DROP_REASON_").lower()
-            self.counters.dropped[key] = self.counters.dropped.get(key, 0) + 1
-        elif status.code == stream_pb2.FRAME_STATUS_CODE_ERROR:
-            self.counters.errors += 1
-        elif status.late:
-            self.counters.late += 1
 
     async def _read(
         self, frames: AsyncIterable[stream_pb2.Frame], live: _LiveSlot, every: asyncio.Queue[_Work | None]
@@ -277,7 +254,6 @@ class StreamScheduler:
                 except StopAsyncIteration:
                     break
                 received = time.perf_counter_ns()
-                self.counters.received += 1
                 if not self._policy_known.is_set():
                     self._policy = frame.policy or self._config.policy
                     self._policy_known.set()
