@@ -196,14 +196,31 @@ def build_manifest(request: ExportRequest) -> manifest_pb2.ModelManifest:
     return manifest
 
 
+_ONNX_DTYPES: dict[int, manifest_pb2.DataType.ValueType] = {
+    onnx.TensorProto.FLOAT: manifest_pb2.DATA_TYPE_FLOAT32,
+    onnx.TensorProto.FLOAT16: manifest_pb2.DATA_TYPE_FLOAT16,
+    onnx.TensorProto.INT8: manifest_pb2.DATA_TYPE_INT8,
+    onnx.TensorProto.UINT8: manifest_pb2.DATA_TYPE_UINT8,
+    onnx.TensorProto.UINT16: manifest_pb2.DATA_TYPE_UINT16,
+    onnx.TensorProto.INT32: manifest_pb2.DATA_TYPE_INT32,
+    onnx.TensorProto.INT64: manifest_pb2.DATA_TYPE_INT64,
+    onnx.TensorProto.BOOL: manifest_pb2.DATA_TYPE_BOOL,
+}
+
+
 def _output_spec(proto: onnx.ModelProto, name: str) -> manifest_pb2.TensorSpec:
     for output in proto.graph.output:
         if output.name == name:
+            tensor_type = output.type.tensor_type
+            dtype = _ONNX_DTYPES.get(tensor_type.elem_type)
+            if dtype is None:
+                element = onnx.TensorProto.DataType.Name(tensor_type.elem_type)
+                raise ExportError(f"output {name!r} has element type {element}, which bundles cannot describe")
             dims = [
                 manifest_pb2.Dim(symbol=d.dim_param) if d.dim_param else manifest_pb2.Dim(size=d.dim_value)
-                for d in output.type.tensor_type.shape.dim
+                for d in tensor_type.shape.dim
             ]
-            return manifest_pb2.TensorSpec(name=name, dtype=manifest_pb2.DATA_TYPE_FLOAT32, shape=dims)
+            return manifest_pb2.TensorSpec(name=name, dtype=dtype, shape=dims)
     raise ExportError(f"the ONNX graph has no output named {name!r}")
 
 

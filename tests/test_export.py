@@ -122,3 +122,18 @@ def test_unsupported_choices_are_refused_by_name(tmp_path: Path, field: str, val
 def test_bad_factory(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="no attribute"):
         export_model(_request(tmp_path / "b", factory=str(EXAMPLE / "model.py") + ":missing"), log=_quiet)
+
+
+def test_output_specs_keep_the_graph_element_type() -> None:
+    from edgescope.export.api import _output_spec
+    from edgescope.v1 import manifest_pb2
+
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("ArgMax", ["x"], ["label"], axis=1)],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 3])],
+        [onnx.helper.make_tensor_value_info("label", onnx.TensorProto.INT64, ["batch", 1])],
+    )
+    spec = _output_spec(onnx.helper.make_model(graph), "label")
+    assert spec.dtype == manifest_pb2.DATA_TYPE_INT64
+    assert [d.WhichOneof("kind") for d in spec.shape] == ["symbol", "size"]
