@@ -18,9 +18,11 @@ import onnxruntime as ort
 from edgescope.bundle import Bundle, load_bundle, sha256_file, write_manifest
 from edgescope.engines import PRECISION_NAMES
 from edgescope.errors import ConfigError, ExportError
+from edgescope.export import tasks
 from edgescope.export.api import representative_inputs
 from edgescope.export.loading import load_model
 from edgescope.export.precision import gate_thresholds
+from edgescope.export.runs import onnx_runner, run_stream, torch_runner
 from edgescope.export.validation import GateThresholds, compare, format_report
 from edgescope.v1 import manifest_pb2
 
@@ -72,13 +74,13 @@ def validate_bundle(request: ValidateRequest, log: Log = print) -> Bundle:
     data = request.data or manifest.validation.data_source or "synthetic:ultrasound"
     log(f"edgescope validate {request.bundle} ({precision})")
     start = time.perf_counter()
-    model = load_model(factory, weights, torchscript)
+    task = manifest_pb2.Task.Name(manifest.task).removeprefix("TASK_").lower()
+    # The same module and runners as export: task wrappers, state and every input and output.
+    model = tasks.for_task(load_model(factory, weights, torchscript), task)
     inputs = representative_inputs(data, request.samples, manifest.preprocessing)
-    input_name, output_name = manifest.inputs[0].name, manifest.postprocessing.output or manifest.outputs[0].name
-    with torch.inference_mode():
-        reference = [model(torch.from_numpy(x)).numpy() for x in inputs]
+    _, reference = run_stream(torch_runner(model, manifest), manifest, inputs)
     session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
-    candidate = [session.run([output_name], {input_name: x})[0] for x in inputs]
+    _, candidate = run_stream(onnx_runner(session), manifest, inputs)
     log(f"  {'run PyTorch and ONNX Runtime':<34} {time.perf_counter() - start:7.2f} s")
     report = manifest_pb2.ValidationReport(
         reference=f"pytorch {torch.__version__}",

@@ -333,3 +333,20 @@ def test_a_torch_export_program_with_a_fixed_batch_is_refused(tmp_path: Path) ->
     torch.export.save(program, tmp_path / "fixed.pt2")
     with pytest.raises(ExportError, match="fixed batch size"):
         load_model(None, None, None, tmp_path / "fixed.pt2")
+
+
+@pytest.mark.parametrize("name", ["tracker", "detector", "autoencoder"])
+def test_validate_reruns_the_gate_for_stateful_multi_output_and_wrapped_models(
+    bundles: dict[str, Bundle], name: str, tmp_path: Path
+) -> None:
+    import shutil
+
+    from edgescope.export.validate import ValidateRequest, validate_bundle
+
+    copy = tmp_path / name
+    shutil.copytree(bundles[name].path, copy)
+    validated = validate_bundle(ValidateRequest(bundle=copy, samples=3), log=lambda _line: None)
+    assert validated.manifest.validation.passed
+    assert {m.name for m in validated.manifest.validation.metrics} == {
+        m.name for m in bundles[name].manifest.validation.metrics
+    }
