@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
@@ -334,7 +334,7 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
                 onnxruntime=ort.__version__,
             )
         )
-        manifest.created_at = datetime.now(UTC).isoformat(timespec="seconds")
+        manifest.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         source_file = request.weights or request.torchscript or request.exported_program
         if source_file is not None:
             manifest.source_sha256 = sha256_file(source_file)

@@ -19,7 +19,7 @@ def draw_overlay(
     frame_rgb: npt.NDArray[np.uint8], mask: npt.NDArray[np.uint8] | None, lines: list[str]
 ) -> npt.NDArray[np.uint8]:
     """Return an RGB image: frame, translucent mask with outline, text lines top-left."""
-    image = frame_rgb.copy()
+    image: npt.NDArray[np.uint8] = frame_rgb.copy()
     if mask is not None and mask.shape == image.shape[:2] and mask.any():
         region = mask > 0
         image[region] = (image[region] * (1 - _ALPHA) + _MASK_COLOR * _ALPHA).astype(np.uint8)

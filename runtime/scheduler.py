@@ -124,7 +124,7 @@ class ModelBatcher:
                     break
                 try:
                     item = await asyncio.wait_for(self._pending.get(), remaining)
-                except TimeoutError:
+                except asyncio.TimeoutError:
                     break
             else:
                 item = self._pending.get_nowait()

@@ -95,7 +95,7 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
         self.draining.set()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             return False
         return True
 

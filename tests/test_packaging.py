@@ -6,10 +6,14 @@ import filecmp
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (JetPack 6)
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 

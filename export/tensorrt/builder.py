@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +202,7 @@ def build_engine(
         opt_batch=options.opt_batch,
         max_batch=options.max_batch,
         onnx_sha256=bundle.onnx_sha256,
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         calibration=calibration,
     )
     write_sidecar(sidecar_path, entry)

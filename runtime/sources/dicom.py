@@ -37,7 +37,7 @@ import os
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -187,7 +187,7 @@ class DicomCineSource:
         for frames in list(self._active):
             frames.close()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> DicomCineSource:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Self
 
 import cv2
 import numpy as np
@@ -149,7 +148,7 @@ class SyntheticEndoscopySource:
     def close(self) -> None:
         self._closed = True
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> SyntheticEndoscopySource:
         return self
 
     def __exit__(self, *exc: object) -> None:

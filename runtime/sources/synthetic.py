@@ -29,7 +29,6 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Self
 
 import cv2
 import numpy as np
@@ -177,7 +176,8 @@ def _grid(height: int, width: int) -> _Grid:
 
 def fan_mask(height: int, width: int) -> BoolArray:
     """True for pixels inside the field of view of a ``height`` x ``width`` frame."""
-    return _grid(height, width).inside.copy()
+    inside: BoolArray = _grid(height, width).inside.copy()
+    return inside
 
 
 def _check_size(height: int, width: int) -> None:
@@ -198,7 +198,8 @@ def _tissue_db(rng: np.random.Generator, geo: FanGeometry) -> FloatArray:
         frequency = rng.uniform(1.5, 5.0)
         phase = rng.uniform(0.0, 2 * math.pi)
         wave: FloatArray = np.sin(theta * np.float32(frequency) + np.float32(phase))
-        return np.float32(mean_depth) + np.float32(amplitude) * wave
+        depth: FloatArray = np.float32(mean_depth) + np.float32(amplitude) * wave
+        return depth
 
     def step(edge: FloatArray, delta_db: float, softness: float) -> None:
         tissue[...] += delta_db / (1.0 + np.exp(-(depth - edge) / softness))
@@ -220,7 +221,8 @@ def _tissue_db(rng: np.random.Generator, geo: FanGeometry) -> FloatArray:
     coarse = rng.standard_normal((6, 8)).astype(np.float32)
     texture = cv2.resize(coarse, (geo.width, geo.height), interpolation=cv2.INTER_CUBIC)
     tissue += np.float32(rng.uniform(1.0, 2.5)) * np.asarray(texture, dtype=np.float32)
-    return tissue.astype(np.float32)
+    result: FloatArray = tissue.astype(np.float32)
+    return result
 
 
 def _random_lesion(rng: np.random.Generator, geo: FanGeometry, placed: list[Lesion]) -> Lesion | None:
@@ -442,7 +444,7 @@ class SyntheticUltrasoundSource:
     def close(self) -> None:
         self._closed = True
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> SyntheticUltrasoundSource:
         return self
 
     def __exit__(self, *exc: object) -> None:

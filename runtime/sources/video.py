@@ -11,7 +11,6 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Self
 
 import cv2
 import numpy as np
@@ -109,7 +108,7 @@ class VideoFileSource:
         if self._capture is not None:
             self._capture.release()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> VideoFileSource:
         return self
 
     def __exit__(self, *exc: object) -> None:
