@@ -23,7 +23,7 @@ demo: $(STAMP)
 		--factory examples/ultrasound_unet/model.py:build --weights examples/ultrasound_unet/weights.pt \
 		--description "Lesion segmentation in B-mode ultrasound (trained on simulated images)" \
 		--input-size 256x256 --color gray --data synthetic:ultrasound --samples 16
-	$(PY) -m edgescope.runtime.demo --bundle $(DEMO_BUNDLE) --source "dicom:$(ECHO_CINE)" \
+	$(PY) -m edgescope.runtime.client.demo --bundle $(DEMO_BUNDLE) --source "dicom:$(ECHO_CINE)" \
 		--save $(OUT)/demo_overlay.mp4 --summary $(OUT)/demo_summary.json
 
 lint: $(STAMP)

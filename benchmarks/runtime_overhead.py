@@ -35,8 +35,8 @@ from replay import ReplaySource
 from edgescope.bundle import load_bundle
 from edgescope.export import ExportRequest, export_model
 from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
-from edgescope.runtime.client import StreamOptions, stream_source
-from edgescope.runtime.demo import start_server, stop_server
+from edgescope.runtime.client.demo import start_server, stop_server
+from edgescope.runtime.client.stream import StreamOptions, stream_source
 from edgescope.runtime.pipeline.preprocess import preprocess
 from edgescope.runtime.sources import SourceFrame, open_source
 from edgescope.v1 import stream_pb2

@@ -38,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 from replay import ReplaySource
 
-from edgescope.runtime.client import StreamOptions, stream_source
+from edgescope.runtime.client.stream import StreamOptions, stream_source
 from edgescope.runtime.sources.base import SourceFrame
 from edgescope.runtime.sources.endoscopy import SyntheticEndoscopySource
 from edgescope.v1 import stream_pb2
@@ -123,19 +123,12 @@ def run_round(target: str, source: ReplaySource, samples: Samples) -> None:
 
 
 def serve(bundle: Path, port_file: Path) -> None:
-    """Child process: the server, with the shared-memory calls wired in."""
-    from edgescope.runtime import server
+    """Child process: the server."""
     from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from edgescope.runtime.shm import SharedMemoryServicer
+    from edgescope.runtime.server.app import ServerConfig, serve
 
-    if not issubclass(server.StreamService, SharedMemoryServicer):
-
-        class WithSharedMemory(SharedMemoryServicer, server.StreamService):  # type: ignore[misc,name-defined]
-            pass
-
-        server.StreamService = WithSharedMemory  # type: ignore[misc]
-    config = server.ServerConfig(bundles=[bundle], host="127.0.0.1", port=0, port_file=port_file)
-    asyncio.run(server.serve(config, OnnxRuntimeBackend()))
+    config = ServerConfig(bundles=[bundle], host="127.0.0.1", port=0, port_file=port_file)
+    asyncio.run(serve(config, OnnxRuntimeBackend()))
 
 
 def export_example(out: Path) -> Path:

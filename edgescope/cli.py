@@ -259,9 +259,9 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from edgescope.runtime.capture import CaptureConfig
-    from edgescope.runtime.scheduler import SchedulerConfig
-    from edgescope.runtime.server import ServerConfig, serve
+    from edgescope.runtime.server.app import ServerConfig, serve
+    from edgescope.runtime.server.capture import CaptureConfig
+    from edgescope.runtime.server.streams import SchedulerConfig
     from edgescope.runtime.telemetry.metrics import TelemetryConfig
     from edgescope.v1 import stream_pb2
 
@@ -327,7 +327,7 @@ def _add_stream(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _run_stream(args: argparse.Namespace) -> int:
-    from edgescope.runtime.client import StreamOptions, stream_source
+    from edgescope.runtime.client.stream import StreamOptions, stream_source
     from edgescope.runtime.sources import open_source
     from edgescope.v1 import stream_pb2
 
@@ -394,7 +394,7 @@ def _add_top(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _run_top(args: argparse.Namespace) -> int:
-    from edgescope.runtime.telemetry.top import run_top
+    from edgescope.runtime.client.top import run_top
 
     run_top(args.target, args.interval, args.count)
     return 0

@@ -14,7 +14,7 @@
     └── BackendError             an inference backend failed
 
 Errors are translated at boundaries (``raise ... from exc``); the runtime maps
-them to gRPC status codes in one place (``edgescope.runtime.status``).
+them to gRPC status codes in one place (``edgescope.runtime.server.status``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import numpy.typing as npt
 
 from edgescope.errors import ExportError
 from edgescope.runtime.backends.base import Feed, Outputs
-from edgescope.runtime.stream_state import ModelState
+from edgescope.runtime.pipeline.state import ModelState
 from edgescope.v1 import manifest_pb2
 
 if TYPE_CHECKING:

@@ -60,7 +60,7 @@ class ServerThread:
 
     def __init__(self, bundles: list[Path], backend: Any = None, **config_fields: Any) -> None:
         from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
-        from edgescope.runtime.server import RunningServer, ServerConfig, start_server
+        from edgescope.runtime.server.app import RunningServer, ServerConfig, start_server
 
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)

@@ -12,7 +12,7 @@ import cv2
 import pytest
 
 from edgescope.bundle import Bundle
-from edgescope.runtime.demo import start_server, stop_server
+from edgescope.runtime.client.demo import start_server, stop_server
 
 pydicom_data = pytest.importorskip("pydicom.data")
 

@@ -67,7 +67,7 @@ def test_failing_gate_writes_nothing(tmp_path: Path) -> None:
 
 def test_forced_bundle_is_marked_failed_and_not_served_by_default(tmp_path: Path) -> None:
     from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from edgescope.runtime.models import ModelRegistry
+    from edgescope.runtime.server.registry import ModelRegistry
 
     out = tmp_path / "b"
     bundle = export_model(_request(out, thresholds=GateThresholds(min_dice=1.5), force=True), log=_quiet)

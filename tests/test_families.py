@@ -16,15 +16,15 @@ import pytest
 from edgescope.bundle import Bundle
 from edgescope.errors import ExportError, FrameError
 from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
-from edgescope.runtime.models import LoadedModel, ModelRegistry
 from edgescope.runtime.pipeline.decode import encode_raw
 from edgescope.runtime.pipeline.encode import decode_mask, decode_tensor
 from edgescope.runtime.pipeline.preprocess import Geometry, preprocess
+from edgescope.runtime.pipeline.state import StreamStates, is_stateful
 from edgescope.runtime.pipeline.tasks.registration import frame_displacement, postprocess_registration
-from edgescope.runtime.processing import run_model
-from edgescope.runtime.server import channel_options
+from edgescope.runtime.server.processing import run_model
+from edgescope.runtime.server.registry import LoadedModel, ModelRegistry
 from edgescope.runtime.sources.synthetic import SyntheticUltrasoundSource
-from edgescope.runtime.stream_state import StreamStates, is_stateful
+from edgescope.runtime.transport import channel_options
 from edgescope.v1 import manifest_pb2, stream_pb2, stream_pb2_grpc
 
 from .conftest import ROOT, ServerThread

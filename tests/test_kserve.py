@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from edgescope.bundle import Bundle
-from edgescope.runtime.server import channel_options
+from edgescope.runtime.transport import channel_options
 
 from .conftest import ServerThread
 

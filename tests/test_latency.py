@@ -3,9 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgescope.runtime.latency import (
-    ClockEstimator,
-    ClockSample,
+from edgescope.runtime.client.clock import ClockEstimator, ClockSample
+from edgescope.runtime.telemetry.latency import (
     LatencyRecorder,
     StageHistogram,
     drop_label,

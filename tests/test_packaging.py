@@ -31,7 +31,7 @@ def test_every_package_folder_is_in_the_distribution() -> None:
 
 def test_runtime_and_export_do_not_import_torch() -> None:
     code = (
-        "import sys, edgescope.runtime.server, edgescope.runtime.client, edgescope.export, edgescope.cli; "
+        "import sys, edgescope.runtime.server.app, edgescope.runtime.client.stream, edgescope.export, edgescope.cli; "
         "print(sorted(m for m in ('torch', 'tensorrt', 'cuda') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)

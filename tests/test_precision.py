@@ -123,7 +123,7 @@ def test_reduced_precision_runs_batches_in_onnxruntime_cpu(which: str, request: 
 
 def test_reduced_precision_bundles_are_served(int8_bundle: Bundle) -> None:
     from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from edgescope.runtime.models import ModelRegistry
+    from edgescope.runtime.server.registry import ModelRegistry
 
     registry = ModelRegistry()
     try:

@@ -10,7 +10,7 @@ import pytest
 
 from edgescope.bundle import Bundle
 from edgescope.errors import BackendError
-from edgescope.runtime.client import StreamOptions, stream_source
+from edgescope.runtime.client.stream import StreamOptions, stream_source
 from edgescope.runtime.pipeline.encode import decode_mask
 from edgescope.runtime.sources.synthetic import SyntheticUltrasoundSource
 from edgescope.v1 import stream_pb2

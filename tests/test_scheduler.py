@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from edgescope.bundle import Bundle
-from edgescope.runtime.capture import CaptureConfig
 from edgescope.runtime.pipeline.decode import encode_raw
-from edgescope.runtime.scheduler import SchedulerConfig
+from edgescope.runtime.server.capture import CaptureConfig
+from edgescope.runtime.server.streams import SchedulerConfig
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 from .conftest import ServerThread
@@ -202,7 +202,7 @@ def test_pull_mode_subscribers_see_the_same_results(example_bundle: Bundle) -> N
 
 
 def test_sigterm_drains_every_received_frame(example_bundle: Bundle, tmp_path: Path) -> None:
-    from edgescope.runtime.demo import start_server, stop_server
+    from edgescope.runtime.client.demo import start_server, stop_server
 
     server, target = start_server([example_bundle.path], tmp_path / "port")
     try:

@@ -13,12 +13,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from edgescope.bundle import Bundle
 from edgescope.export.validation import dice
-from edgescope.runtime.client import StreamOptions, build_frame, stream_source
+from edgescope.runtime.client.stream import StreamOptions, build_frame, stream_source
 from edgescope.runtime.pipeline.decode import encode_raw
 from edgescope.runtime.pipeline.encode import decode_mask
-from edgescope.runtime.server import channel_options
 from edgescope.runtime.sources.base import SourceFrame
 from edgescope.runtime.sources.synthetic import SyntheticUltrasoundSource
+from edgescope.runtime.transport import channel_options
 from edgescope.v1 import manifest_pb2, stream_pb2, stream_pb2_grpc
 
 from .conftest import ServerThread

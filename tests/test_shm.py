@@ -12,10 +12,10 @@ import pytest
 
 from edgescope.bundle import Bundle
 from edgescope.errors import FrameError
-from edgescope.runtime.client import StreamOptions, stream_source
+from edgescope.runtime.client.stream import StreamOptions, stream_source
 from edgescope.runtime.pipeline.decode import decode_frame, encode_raw, raw_layout
 from edgescope.runtime.pipeline.encode import decode_mask
-from edgescope.runtime.shm import REGIONS, SharedMemoryRegistry, SharedMemoryServicer
+from edgescope.runtime.server.shm import REGIONS, SharedMemoryRegistry
 from edgescope.runtime.sources.synthetic import SyntheticUltrasoundSource
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
@@ -115,26 +115,19 @@ def test_decode_frame_reads_shared_memory_like_raw_bytes(segment: shared_memory.
                 region=segment.name, slot=1, offset=0, size=pixels.nbytes, image=raw_layout(pixels)
             )
         )
-        np.testing.assert_array_equal(decode_frame(frame), decode_frame(stream_pb2.Frame(raw=encode_raw(pixels))))
+        np.testing.assert_array_equal(
+            decode_frame(frame, REGIONS.view), decode_frame(stream_pb2.Frame(raw=encode_raw(pixels)))
+        )
         frame.shm.size -= 1
         with pytest.raises(FrameError, match="needs 600"):
-            decode_frame(frame)
+            decode_frame(frame, REGIONS.view)
     finally:
         REGIONS.unregister(segment.name)
 
 
 @pytest.fixture(scope="module")
 def shm_server(example_bundle: Bundle) -> Iterator[ServerThread]:
-    from edgescope.runtime import server as server_module
-
-    with pytest.MonkeyPatch.context() as patch:
-        if not issubclass(server_module.StreamService, SharedMemoryServicer):
-
-            class WithSharedMemory(SharedMemoryServicer, server_module.StreamService):
-                pass
-
-            patch.setattr(server_module, "StreamService", WithSharedMemory)
-        running = ServerThread([example_bundle.path])
+    running = ServerThread([example_bundle.path])
     try:
         yield running
     finally:

@@ -22,10 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgescope.bundle import Bundle
 from edgescope.cli import main
-from edgescope.runtime.client import StreamOptions, StreamReport, stream_source
+from edgescope.runtime.client.stream import StreamOptions, StreamReport, stream_source
+from edgescope.runtime.server.telemetry import TelemetryHub
 from edgescope.runtime.sources.base import SourceFrame
 from edgescope.runtime.sources.synthetic import SyntheticUltrasoundSource
-from edgescope.runtime.telemetry.hub import TelemetryHub
 from edgescope.runtime.telemetry.metrics import TelemetryConfig
 from edgescope.v1 import stream_pb2, telemetry_pb2, telemetry_pb2_grpc
 

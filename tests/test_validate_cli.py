@@ -33,7 +33,7 @@ def test_validate_reruns_the_gate_and_saves_it(bundle_copy: Bundle, capsys: pyte
 def test_validate_that_fails_marks_the_bundle_failed(bundle_copy: Bundle) -> None:
     from edgescope.errors import BundleError
     from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from edgescope.runtime.models import ModelRegistry
+    from edgescope.runtime.server.registry import ModelRegistry
 
     assert main(["validate", str(bundle_copy.path), "--samples", "2", "--min-dice", "1.5"]) == 1
     assert not load_bundle(bundle_copy.path).manifest.validation.passed

@@ -6,6 +6,7 @@ the caller answers that frame with an error and the stream goes on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
 import cv2
@@ -14,7 +15,6 @@ import numpy.typing as npt
 
 from edgescope.errors import FrameError
 from edgescope.runtime.pipeline.layout import raw_layout
-from edgescope.runtime.shm import shared_memory_view
 from edgescope.v1 import manifest_pb2, stream_pb2
 
 # Larger than any imaging sensor in use (16K x 16K); stops absurd allocations.
@@ -27,9 +27,11 @@ _RAW_DTYPES: dict[int, type[np.uint8] | type[np.uint16] | type[np.float32]] = {
 }
 
 Pixels = npt.NDArray[np.uint8] | npt.NDArray[np.uint16] | npt.NDArray[np.float32]
+# Resolves a shared-memory reference to the bytes it names (the server's region registry).
+SharedMemoryView = Callable[[stream_pb2.SharedMemoryFrame], memoryview]
 
 
-def decode_frame(frame: stream_pb2.Frame) -> Pixels:
+def decode_frame(frame: stream_pb2.Frame, shared_memory: SharedMemoryView | None = None) -> Pixels:
     """Return ``(H, W)`` gray or ``(H, W, 3)`` RGB pixels for a frame."""
     kind = frame.WhichOneof("pixels")
     if kind == "raw":
@@ -37,8 +39,10 @@ def decode_frame(frame: stream_pb2.Frame) -> Pixels:
     if kind == "encoded":
         return _decode_encoded(frame.encoded)
     if kind == "shm":
+        if shared_memory is None:
+            raise FrameError("shared-memory frames are not accepted here; send the pixels as raw or encoded")
         # Same checks as raw pixels; the bytes are a read-only view of the client's slot.
-        return _decode_raw(frame.shm.image, shared_memory_view(frame.shm))
+        return _decode_raw(frame.shm.image, shared_memory(frame.shm))
     raise FrameError("frame carries no pixels: set raw, encoded or shm")
 
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from edgescope.runtime.latency import PERCENTILES, LatencyRecorder, drop_label, missed_deadline, reason_code
 from edgescope.runtime.telemetry.alerts import Alert, budget_ms, device_alerts, kind_label, latency_alert
 from edgescope.runtime.telemetry.device import DeviceSample
 from edgescope.runtime.telemetry.gpu import THROTTLE_REASONS
+from edgescope.runtime.telemetry.latency import PERCENTILES, LatencyRecorder, drop_label, missed_deadline, reason_code
 from edgescope.v1 import stream_pb2, telemetry_pb2
 
 # Seconds; dense from 1 ms to 100 ms where real-time imaging lives.

@@ -29,9 +29,9 @@ from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edgescope.errors import EdgescopeError
-from edgescope.runtime.overlay import draw_overlay
 from edgescope.runtime.pipeline.decode import decode_frame
 from edgescope.runtime.pipeline.encode import decode_mask
+from edgescope.runtime.render.overlay import draw_overlay
 from edgescope.runtime.sources.display import to_display_rgb8
 from edgescope.runtime.telemetry.metrics import RuntimeMetrics
 from edgescope.v1 import stream_pb2

@@ -14,12 +14,13 @@ import numpy as np
 import numpy.typing as npt
 
 from edgescope.runtime.backends.base import Outputs
-from edgescope.runtime.models import LoadedModel
 from edgescope.runtime.pipeline.decode import decode_frame
 from edgescope.runtime.pipeline.encode import fill_result
 from edgescope.runtime.pipeline.postprocess import postprocess
 from edgescope.runtime.pipeline.preprocess import Geometry, preprocess
-from edgescope.runtime.stream_state import StreamState, frame_input, is_stateful
+from edgescope.runtime.pipeline.state import StreamState, frame_input, is_stateful
+from edgescope.runtime.server.registry import LoadedModel
+from edgescope.runtime.server.shm import REGIONS
 from edgescope.v1 import stream_pb2
 
 
@@ -43,7 +44,7 @@ class Prepared:
 def prepare(frame: stream_pb2.Frame, models: list[LoadedModel]) -> Prepared:
     """Decode once and preprocess for each model (they may want different sizes)."""
     start = time.perf_counter_ns()
-    pixels = decode_frame(frame)
+    pixels = decode_frame(frame, REGIONS.view)
     prepared = Prepared(frame=frame, decode_ns=time.perf_counter_ns() - start)
     for model in models:
         begin = time.perf_counter_ns()

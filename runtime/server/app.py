@@ -17,32 +17,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edgescope.runtime.backends.base import Backend
-from edgescope.runtime.capture import CaptureConfig, CaptureHub
-from edgescope.runtime.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
-from edgescope.runtime.kserve import add_kserve_service
-from edgescope.runtime.models import ModelRegistry
-from edgescope.runtime.scheduler import SchedulerConfig
-from edgescope.runtime.service import StreamService
-from edgescope.runtime.shm import REGIONS
-from edgescope.runtime.telemetry.hub import TelemetryHub
+from edgescope.runtime.server.capture import CaptureConfig, CaptureHub
+from edgescope.runtime.server.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
+from edgescope.runtime.server.kserve import add_kserve_service
+from edgescope.runtime.server.registry import ModelRegistry
+from edgescope.runtime.server.service import StreamService
+from edgescope.runtime.server.shm import REGIONS
+from edgescope.runtime.server.streams import SchedulerConfig
+from edgescope.runtime.server.telemetry import TelemetryHub
+from edgescope.runtime.server.telemetry_service import TELEMETRY_SERVICE_NAME, TelemetryServicer
 from edgescope.runtime.telemetry.metrics import TelemetryConfig
-from edgescope.runtime.telemetry.service import TELEMETRY_SERVICE_NAME, TelemetryServicer
+from edgescope.runtime.transport import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from edgescope.v1 import stream_pb2, stream_pb2_grpc, telemetry_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-# gRPC's 4 MiB default is smaller than one 1080p RGB frame (6 MB); 64 MiB fits
-# a raw 4K RGB 16-bit frame (50 MB) with room for the envelope.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVICE_NAME = stream_pb2.DESCRIPTOR.services_by_name["StreamService"].full_name
-
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Message limits set on both ends, so neither side falls back to 4 MiB."""
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-    ]
 
 
 @dataclass(slots=True)

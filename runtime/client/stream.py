@@ -19,14 +19,16 @@ import numpy as np
 import numpy.typing as npt
 
 from edgescope.errors import EdgescopeError
-from edgescope.runtime.latency import ClockEstimator, ClockSample, LatencyRecorder, drop_label, missed_deadline
-from edgescope.runtime.overlay import VideoRecorder, draw_overlay
+from edgescope.runtime.client.clock import ClockEstimator, ClockSample
+from edgescope.runtime.client.shm import SharedMemorySender
+from edgescope.runtime.client.video import VideoRecorder
 from edgescope.runtime.pipeline.decode import encode_raw
 from edgescope.runtime.pipeline.encode import decode_mask
-from edgescope.runtime.server import DEFAULT_MAX_MESSAGE_BYTES, channel_options
-from edgescope.runtime.shm import SharedMemorySender
+from edgescope.runtime.render.overlay import draw_overlay
 from edgescope.runtime.sources.base import FrameSource, SourceFrame
 from edgescope.runtime.sources.display import to_display_rgb8
+from edgescope.runtime.telemetry.latency import LatencyRecorder, drop_label, missed_deadline
+from edgescope.runtime.transport import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 SOURCE_KINDS = {

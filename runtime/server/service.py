@@ -19,13 +19,13 @@ import grpc
 
 from edgescope.errors import EdgescopeError, ModelNotFoundError
 from edgescope.runtime.backends.base import Backend
-from edgescope.runtime.capture import CaptureHub
-from edgescope.runtime.models import LoadedModel, ModelRegistry
-from edgescope.runtime.processing import process_frame
-from edgescope.runtime.scheduler import ModelBatcher, SchedulerConfig, StreamScheduler
-from edgescope.runtime.shm import REGIONS, SharedMemoryServicer
-from edgescope.runtime.status import status_code_for
-from edgescope.runtime.stream_state import is_stateful
+from edgescope.runtime.pipeline.state import is_stateful
+from edgescope.runtime.server.capture import CaptureHub
+from edgescope.runtime.server.processing import process_frame
+from edgescope.runtime.server.registry import LoadedModel, ModelRegistry
+from edgescope.runtime.server.shm import REGIONS, SharedMemoryServicer
+from edgescope.runtime.server.status import status_code_for
+from edgescope.runtime.server.streams import ModelBatcher, SchedulerConfig, StreamScheduler
 from edgescope.runtime.telemetry.metrics import RuntimeMetrics
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 

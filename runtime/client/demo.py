@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edgescope.runtime.client import StreamOptions, stream_source
+from edgescope.runtime.client.stream import StreamOptions, stream_source
 from edgescope.runtime.sources import open_source
 
 STARTUP_TIMEOUT_S = 60.0

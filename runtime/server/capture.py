@@ -18,7 +18,7 @@ from types import TracebackType
 
 from edgescope.errors import ConfigError, EdgescopeError, ModelNotFoundError
 from edgescope.runtime.pipeline.decode import encode_raw
-from edgescope.runtime.scheduler import StreamScheduler
+from edgescope.runtime.server.streams import StreamScheduler
 from edgescope.runtime.sources import SourceFrame, open_source
 from edgescope.runtime.telemetry.metrics import RuntimeMetrics
 from edgescope.v1 import stream_pb2

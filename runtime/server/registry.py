@@ -11,7 +11,7 @@ import numpy as np
 from edgescope.bundle import Bundle, load_bundle
 from edgescope.errors import BundleError, ConfigError, ModelNotFoundError
 from edgescope.runtime.backends.base import Backend, Session
-from edgescope.runtime.stream_state import ModelState
+from edgescope.runtime.pipeline.state import ModelState
 from edgescope.v1 import manifest_pb2, stream_pb2
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 
-from edgescope.runtime.models import LoadedModel, ModelRegistry
-from edgescope.runtime.stages import finish, infer, prepare, stamp
-from edgescope.runtime.stream_state import StreamState
+from edgescope.runtime.pipeline.state import StreamState
+from edgescope.runtime.server.registry import LoadedModel, ModelRegistry
+from edgescope.runtime.server.stages import finish, infer, prepare, stamp
 from edgescope.v1 import stream_pb2
 
 

@@ -27,9 +27,9 @@ import numpy as np
 
 from edgescope.errors import EdgescopeError
 from edgescope.runtime.backends.base import Outputs
-from edgescope.runtime.models import LoadedModel, ModelRegistry
-from edgescope.runtime.stages import ModelInput, as_model_result, finish, infer, prepare, stamp
-from edgescope.runtime.stream_state import StreamState, frame_input
+from edgescope.runtime.pipeline.state import StreamState, frame_input
+from edgescope.runtime.server.registry import LoadedModel, ModelRegistry
+from edgescope.runtime.server.stages import ModelInput, as_model_result, finish, infer, prepare, stamp
 from edgescope.v1 import stream_pb2
 
 logger = logging.getLogger(__name__)

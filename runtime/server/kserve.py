@@ -32,8 +32,8 @@ from edgescope import __version__
 from edgescope.errors import EdgescopeError, FrameError, ModelNotFoundError
 from edgescope.kserve.v2 import inference_pb2 as pb
 from edgescope.runtime.backends.base import Feed
-from edgescope.runtime.models import LoadedModel, ModelRegistry
-from edgescope.runtime.status import status_code_for
+from edgescope.runtime.server.registry import LoadedModel, ModelRegistry
+from edgescope.runtime.server.status import status_code_for
 from edgescope.v1 import manifest_pb2
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""The client side: the streaming client, overlay video, clock estimate, shared-memory sender, demo, top."""

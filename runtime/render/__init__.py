@@ -1,0 +1,1 @@
+"""Drawing results over frames, shared by the client and the web preview."""
