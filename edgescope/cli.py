@@ -219,7 +219,21 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--port", type=int, default=8731, help="0 picks a free port (see --port-file)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once serving")
     p.add_argument("--max-message-mb", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="frame worker threads (default: CPU count, at least 2)")
+    p.add_argument(
+        "--instances",
+        type=int,
+        default=0,
+        help="instances per model, each a session on its own thread (default: the backend's; 1 on the CPU)",
+    )
+    p.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="onnxruntime threads per instance (default: the cores divided among the instances)",
+    )
+    p.add_argument(
+        "--frame-threads", type=int, default=0, help="threads for decode and pre/postprocessing (default: the cores)"
+    )
     p.add_argument("--allow-failed-validation", action="store_true", help="serve bundles whose accuracy gate failed")
     p.add_argument(
         "--backend",
@@ -261,6 +275,7 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _run_serve(args: argparse.Namespace) -> int:
     from edgescope.runtime.server.app import ServerConfig, serve
     from edgescope.runtime.server.capture import CaptureConfig
+    from edgescope.runtime.server.registry import WorkerOptions
     from edgescope.runtime.server.streams import SchedulerConfig
     from edgescope.runtime.telemetry.metrics import TelemetryConfig
     from edgescope.v1 import stream_pb2
@@ -274,8 +289,6 @@ def _run_serve(args: argparse.Namespace) -> int:
         scheduling=SchedulerConfig(
             policy=stream_pb2.STREAM_POLICY_LIVE if args.policy == "live" else stream_pb2.STREAM_POLICY_EVERY,
             deadline_ms=args.deadline_ms,
-            max_batch=args.max_batch,
-            max_batch_delay_s=args.batch_delay_ms / 1000.0,
         ),
         captures=[CaptureConfig.parse(c) for c in args.capture],
         port_file=args.port_file,
@@ -287,9 +300,15 @@ def _run_serve(args: argparse.Namespace) -> int:
             warmup_frames=args.warmup_frames,
         ),
     )
-    if args.workers > 0:
-        config.workers = args.workers
-    asyncio.run(serve(config, _backend(args)))
+    backend = _backend(args)
+    config.models = WorkerOptions(
+        instances=args.instances or backend.default_instances,
+        max_batch=args.max_batch,
+        batch_delay_s=args.batch_delay_ms / 1000.0,
+    )
+    if args.frame_threads > 0:
+        config.frame_threads = args.frame_threads
+    asyncio.run(serve(config, backend))
     return 0
 
 
@@ -307,7 +326,11 @@ def _backend(args: argparse.Namespace) -> Backend:
         return RemoteBackend(args.remote_url)
     from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-    return OnnxRuntimeBackend(providers=[p for p in args.providers.split(",") if p])
+    return OnnxRuntimeBackend(
+        providers=[p for p in args.providers.split(",") if p],
+        intra_op_threads=args.intra_op_threads or None,
+        instances=args.instances or OnnxRuntimeBackend.default_instances,
+    )
 
 
 def _add_stream(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

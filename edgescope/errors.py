@@ -11,6 +11,7 @@
     ├── SourceError              a frame source cannot be opened or read
     ├── FrameError               one frame is malformed (the stream goes on)
     ├── ModelNotFoundError       a request names a model that is not loaded
+    ├── OverloadError            the server has no room for the request now
     └── BackendError             an inference backend failed
 
 Errors are translated at boundaries (``raise ... from exc``); the runtime maps
@@ -59,6 +60,10 @@ class FrameError(EdgescopeError):
 
 class ModelNotFoundError(EdgescopeError):
     """A request names a model the server has not loaded."""
+
+
+class OverloadError(EdgescopeError):
+    """The server has no room for this request now; try again later or elsewhere."""
 
 
 class BackendError(EdgescopeError):

@@ -65,7 +65,7 @@ class ServerThread:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        config = ServerConfig(bundles=bundles, host="127.0.0.1", port=0, workers=2, **config_fields)
+        config = ServerConfig(bundles=bundles, host="127.0.0.1", port=0, frame_threads=2, **config_fields)
         started: Future[RunningServer] = asyncio.run_coroutine_threadsafe(
             start_server(config, backend or OnnxRuntimeBackend(intra_op_threads=1)), self._loop
         )

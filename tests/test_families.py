@@ -3,6 +3,7 @@ recurrent state and the previous frame carried per stream."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,10 @@ from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgescope.runtime.pipeline.decode import encode_raw
 from edgescope.runtime.pipeline.encode import decode_mask, decode_tensor
 from edgescope.runtime.pipeline.preprocess import Geometry, preprocess
-from edgescope.runtime.pipeline.state import StreamStates, is_stateful
+from edgescope.runtime.pipeline.state import StreamState, StreamStates, is_stateful
 from edgescope.runtime.pipeline.tasks.registration import frame_displacement, postprocess_registration
-from edgescope.runtime.server.processing import run_model
-from edgescope.runtime.server.registry import LoadedModel, ModelRegistry
+from edgescope.runtime.server.registry import ModelRegistry, ServedModel
+from edgescope.runtime.server.stages import finish, job_for, prepare
 from edgescope.runtime.sources.synthetic import SyntheticUltrasoundSource
 from edgescope.runtime.transport import channel_options
 from edgescope.v1 import manifest_pb2, stream_pb2, stream_pb2_grpc
@@ -220,7 +221,7 @@ def test_stateful_families_carry_state_over_the_server(family_server: ServerThre
         ):
             model = registry.load(bundles[name].path, OnnxRuntimeBackend(intra_op_threads=1))
             carried = StreamStates().for_stream(key)
-            expected = [run_model(model, frame_message(p, name, seq=i), 0, carried) for i, p in enumerate(seq_pixels)]
+            expected = [run_model(model, frame_message(p, name, seq=i), carried) for i, p in enumerate(seq_pixels)]
             for got, want in zip(results[key], expected, strict=True):
                 assert got.outputs == want.outputs, (key, got.seq)
             registry.unload(name)
@@ -228,11 +229,22 @@ def test_stateful_families_carry_state_over_the_server(family_server: ServerThre
         registry.close()
 
 
-# --- Recurrent state and the previous frame, carried per stream by run_model ------------
+# --- Recurrent state and the previous frame, carried per stream ------------------------
+
+
+def run_model(model: ServedModel, frame: stream_pb2.Frame, stream: StreamState | None = None) -> stream_pb2.Result:
+    """One frame through the stages and the model's worker, as a stream runs it."""
+
+    async def run() -> stream_pb2.Result:
+        (model_input,) = prepare(frame, [model], None).inputs
+        inferred = await model.worker.infer(job_for(model_input, "test", stream or StreamState(), frame.reset_state))
+        return finish(model_input, inferred, frame).result
+
+    return asyncio.run(run())
 
 
 @pytest.fixture(scope="module")
-def loaded(bundles: dict[str, Bundle]) -> Iterator[dict[str, LoadedModel]]:
+def loaded(bundles: dict[str, Bundle]) -> Iterator[dict[str, ServedModel]]:
     registry = ModelRegistry()
     backend = OnnxRuntimeBackend(intra_op_threads=1)
     yield {name: registry.load(bundles[name].path, backend) for name in ("tracker", "registration")}
@@ -249,32 +261,32 @@ def test_manifest_declares_state_and_roles(bundles: dict[str, Bundle]) -> None:
     assert is_stateful(tracker) and is_stateful(registration)
 
 
-def test_tracker_state_is_separate_per_stream_and_reset_restarts_it(loaded: dict[str, LoadedModel]) -> None:
+def test_tracker_state_is_separate_per_stream_and_reset_restarts_it(loaded: dict[str, ServedModel]) -> None:
     model, states = loaded["tracker"], StreamStates()
     pixels = frames(4)
     a, b = states.for_stream("a"), states.for_stream("b")
     state_a = a.for_model(model.name, model.manifest)
     for i, p in enumerate(pixels):
-        run_model(model, frame_message(p, "tracker", seq=i), 0, a)
+        run_model(model, frame_message(p, "tracker", seq=i), a)
     hidden_after_a = state_a.feed(np.zeros((1, 1, 64, 64), np.float32))["hidden"].copy()
     # Stream b saw only the last frame: its state differs from a's.
-    run_model(model, frame_message(pixels[-1], "tracker"), 0, b)
+    run_model(model, frame_message(pixels[-1], "tracker"), b)
     hidden_b = b.for_model(model.name, model.manifest).feed(np.zeros((1, 1, 64, 64), np.float32))["hidden"]
     assert not np.allclose(hidden_after_a, hidden_b)
     assert np.abs(hidden_after_a).max() > 0
     # Resetting stream a and showing it the last frame gives exactly b's state.
-    run_model(model, frame_message(pixels[-1], "tracker", reset_state=True), 0, a)
+    run_model(model, frame_message(pixels[-1], "tracker", reset_state=True), a)
     np.testing.assert_array_equal(state_a.feed(np.zeros((1, 1, 64, 64), np.float32))["hidden"], hidden_b)
     states.drop("a")
     assert len(states) == 1
 
 
-def test_registration_feeds_the_previous_frame(loaded: dict[str, LoadedModel], bundles: dict[str, Bundle]) -> None:
+def test_registration_feeds_the_previous_frame(loaded: dict[str, ServedModel], bundles: dict[str, Bundle]) -> None:
     model, states = loaded["registration"], StreamStates()
     first, second = frames(2)
     stream = states.for_stream("s")
-    run_model(model, frame_message(first, "registration"), 0, stream)
-    result = run_model(model, frame_message(second, "registration", seq=1), 0, stream)
+    run_model(model, frame_message(first, "registration"), stream)
+    result = run_model(model, frame_message(second, "registration", seq=1), stream)
     field = decode_tensor(result.outputs[0].tensor)
     # The same pair fed straight to ONNX Runtime, mapped to the frame the same way.
     spec = model.manifest.preprocessing
@@ -284,7 +296,7 @@ def test_registration_feeds_the_previous_frame(loaded: dict[str, LoadedModel], b
     (raw,) = session.run(None, {"image": moving, "previous": fixed})
     np.testing.assert_allclose(field, frame_displacement(raw, geometry, spec.height), atol=1e-5)
     # Without stream state the frame is its own predecessor: another answer.
-    alone = decode_tensor(run_model(model, frame_message(second, "registration"), 0).outputs[0].tensor)
+    alone = decode_tensor(run_model(model, frame_message(second, "registration")).outputs[0].tensor)
     assert not np.allclose(alone, field)
 
 

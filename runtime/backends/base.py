@@ -3,10 +3,17 @@
 Sessions follow the runner shape: ``infer`` is public and timed, the
 implementation lives in ``_infer_impl``; a session is a context manager so
 device memory and threads are released deterministically.
+
+A session declares how many callers it can take at once
+(``capabilities.max_concurrency``). The server's model worker never calls it
+beyond that: a session that holds per-call state (TensorRT: one execution
+context, one CUDA stream, one set of buffers) declares 1 and gets one thread.
+A session is closed by the thread that runs it, after its last call.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -25,6 +32,14 @@ Feed = Mapping[str, npt.NDArray[np.generic]]
 Outputs = dict[str, npt.NDArray[np.generic]]
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True, slots=True)
 class SessionCapabilities:
     """What a session can do, so the pipeline can adapt without probing."""
@@ -32,6 +47,8 @@ class SessionCapabilities:
     dynamic_batch: bool
     device_buffers: bool
     device: str
+    # Callers it can take at once; None: any number (a thread-safe client of a remote server).
+    max_concurrency: int | None = 1
 
 
 class Session(ABC):
@@ -82,8 +99,13 @@ class Session(ABC):
 
 
 class Backend(Protocol):
-    """Turns a bundle into a session."""
+    """Turns a bundle into a session.
+
+    ``default_instances`` is how many instances of a model the server runs
+    when not told (each instance is one session state and one thread).
+    """
 
     name: str
+    default_instances: int
 
     def load(self, bundle: Bundle) -> Session: ...

@@ -3,11 +3,16 @@
 Execution providers are chosen explicitly and never silently swapped: if a
 requested provider is missing from the installed onnxruntime, loading fails
 and names the providers that are available.
+
+Threads: each session (one per model instance) gets ``intra_op_threads``
+(default: the cores divided among the instances, so instances x threads never
+exceeds the cores), and its pool does not spin while idle: ONNX Runtime's
+default busy-wait would take the cores that decoding, pre/postprocessing and
+gRPC need between frames.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,7 +20,7 @@ import onnxruntime as ort
 
 from edgescope.bundle import Bundle
 from edgescope.errors import BackendError
-from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
+from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities, cpu_cores
 from edgescope.v1 import manifest_pb2
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
@@ -39,7 +44,8 @@ class OnnxRuntimeSession(Session):
         first = self.manifest.inputs[0].shape[0] if self.manifest.inputs else None
         dynamic = first is not None and first.WhichOneof("kind") == "symbol"
         device = "cpu" if self._provider == "CPUExecutionProvider" else self._provider
-        return SessionCapabilities(dynamic_batch=dynamic, device_buffers=False, device=device)
+        # Thread-safe in ONNX Runtime, but each instance gets its own session and thread pool.
+        return SessionCapabilities(dynamic_batch=dynamic, device_buffers=False, device=device, max_concurrency=1)
 
     def _infer_impl(self, feed: Feed) -> Outputs:
         try:
@@ -55,11 +61,14 @@ class OnnxRuntimeSession(Session):
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    default_instances = 1
 
     def __init__(
         self,
         providers: Sequence[str] = DEFAULT_PROVIDERS,
         intra_op_threads: int | None = None,
+        *,
+        instances: int = 1,
     ) -> None:
         available = ort.get_available_providers()
         missing = [p for p in providers if p not in available]
@@ -70,12 +79,14 @@ class OnnxRuntimeBackend:
                 "onnxruntime package (e.g. onnxruntime-gpu) or choose an available provider"
             )
         self.providers = list(providers)
-        self.intra_op_threads = intra_op_threads or (os.cpu_count() or 1)
+        self.intra_op_threads = intra_op_threads or max(1, cpu_cores() // max(1, instances))
 
     def load(self, bundle: Bundle) -> OnnxRuntimeSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             inference = ort.InferenceSession(str(bundle.onnx_path), sess_options=options, providers=self.providers)

@@ -55,7 +55,10 @@ class RemoteSession(Session):
     def capabilities(self) -> SessionCapabilities:
         first = self.manifest.inputs[0].shape[0] if self.manifest.inputs else None
         dynamic = first is not None and first.WhichOneof("kind") == "symbol"
-        return SessionCapabilities(dynamic_batch=dynamic, device_buffers=False, device=f"remote:{self._url}")
+        # tritonclient's gRPC client is thread-safe: instances share it and wait on the network together.
+        return SessionCapabilities(
+            dynamic_batch=dynamic, device_buffers=False, device=f"remote:{self._url}", max_concurrency=None
+        )
 
     def _infer_impl(self, feed: Feed) -> Outputs:
         from tritonclient.utils import np_to_triton_dtype
@@ -80,6 +83,8 @@ class RemoteBackend:
     """Sessions whose ``infer`` runs on a KServe v2 server at ``url`` (host:port)."""
 
     name = "remote"
+    # Remote calls wait on the network: several in flight keep the remote server busy.
+    default_instances = 4
 
     def __init__(self, url: str, *, model_name: str | None = None, timeout_s: float = 10.0) -> None:
         self._grpcclient, self._error = _tritonclient()

@@ -85,7 +85,10 @@ class TensorRTSession(Session):
 
     @property
     def capabilities(self) -> SessionCapabilities:
-        return SessionCapabilities(dynamic_batch=not self._static, device_buffers=True, device=f"cuda:{self._device}")
+        # One execution context, one stream, one set of buffers: one caller at a time.
+        return SessionCapabilities(
+            dynamic_batch=not self._static, device_buffers=True, device=f"cuda:{self._device}", max_concurrency=1
+        )
 
     def _ensure(self, tensor: _Tensor, shape: tuple[int, ...]) -> bool:
         """Size the tensor's buffers for ``shape``; True when an address changed."""
@@ -154,6 +157,8 @@ class TensorRTBackend:
     """Sessions on the bundle's engine for this GPU, TensorRT and precision (default: the bundle's)."""
 
     name = "tensorrt"
+    # Triton's default: one instance per GPU; more instances are more contexts and streams.
+    default_instances = 1
 
     def __init__(self, *, precision: str | None = None, device: int = 0, cuda_graph: bool = False) -> None:
         _tensorrt()

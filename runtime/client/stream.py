@@ -127,11 +127,13 @@ async def stream_source(
     frames_iter: Iterator[SourceFrame] = iter(source)
     sender: SharedMemorySender | None = None
     window = asyncio.Semaphore(options.max_in_flight) if options.max_in_flight else None
+    # Set when the server says it is shutting down: frames sent after that would only be dropped.
+    server_stopping = asyncio.Event()
 
     async def frames() -> AsyncIterator[stream_pb2.Frame]:
         nonlocal sent
         start = time.monotonic()
-        while options.max_frames is None or sent < options.max_frames:
+        while (options.max_frames is None or sent < options.max_frames) and not server_stopping.is_set():
             # Decoding a source frame (JPEG, video) blocks; keep it off the loop.
             source_frame = await asyncio.to_thread(next, frames_iter, None)
             if source_frame is None:
@@ -180,6 +182,8 @@ async def stream_source(
                     window.release()
                 if sender is not None:
                     sender.answered(result.seq)
+                if result.status.drop_reason == stream_pb2.DROP_REASON_SHUTDOWN:
+                    server_stopping.set()
                 e2e_ns = received_ns - result.capture_time_ns
                 _record(latency, clock, result, received_ns)
                 if recorder is not None:

@@ -1,10 +1,22 @@
-"""The grpc.aio server: stream service, health, reflection, graceful stop."""
+"""The grpc.aio server: who owns what, how it starts, and how it stops.
+
+The server owns a model registry (each model with its worker and instance
+threads), the frame threads (decode, pre- and postprocessing), one loader
+thread (reading, checking and warming up bundles, so a LoadModel never
+delays frames), the registry of streams, telemetry and the captures.
+
+Stopping drains: health turns NOT_SERVING and new streams are refused;
+frames read from then on are answered ``dropped: shutdown`` while frames
+already in flight finish; after ``grace_s`` whatever is still in flight is
+answered ``dropped: shutdown``; each stream ends with a status saying what
+happened; only then do the workers finish and close their sessions.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import os
 import signal
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,11 +28,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edgescope.runtime.backends.base import Backend
+from edgescope.runtime.backends.base import Backend, cpu_cores
 from edgescope.runtime.server.capture import CaptureConfig, CaptureHub
 from edgescope.runtime.server.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from edgescope.runtime.server.kserve import add_kserve_service
-from edgescope.runtime.server.registry import ModelRegistry
+from edgescope.runtime.server.registry import ModelRegistry, WorkerOptions
 from edgescope.runtime.server.service import StreamService
 from edgescope.runtime.server.shm import REGIONS
 from edgescope.runtime.server.streams import SchedulerConfig
@@ -41,12 +53,14 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8731
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    workers: int = field(default_factory=lambda: max(2, os.cpu_count() or 1))
+    # Threads for decode, pre- and postprocessing; model instances have threads of their own.
+    frame_threads: int = field(default_factory=lambda: max(2, cpu_cores()))
     grace_s: float = 5.0
     allow_failed_validation: bool = False
     # Written with the bound port once serving, so callers can use port 0.
     port_file: Path | None = None
     scheduling: SchedulerConfig = field(default_factory=SchedulerConfig)
+    models: WorkerOptions = field(default_factory=WorkerOptions)
     captures: Sequence[CaptureConfig] = ()
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
@@ -59,36 +73,35 @@ class RunningServer:
         server: grpc.aio.Server,
         port: int,
         registry: ModelRegistry,
-        executor: ThreadPoolExecutor,
+        executors: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
         health_servicer: Any,
         service: StreamService,
         captures: CaptureHub | None,
-        telemetry: TelemetryHub | None = None,
+        telemetry: TelemetryHub,
     ) -> None:
         self.server = server
         self.telemetry = telemetry
         self.port = port
         self.registry = registry
         self.service = service
-        self._executor = executor
+        self._executors = executors
         self._health = health_servicer
         self._captures = captures
 
     async def stop(self, grace_s: float) -> None:
-        """Drain: refuse new streams, answer every frame already received, then stop."""
+        """Drain (see the module docstring), then release everything in order."""
         await self._health.enter_graceful_shutdown()
         if self._captures is not None:
             await self._captures.stop()
-        drained = await self.service.drain(grace_s)
-        if not drained:
-            logger.warning("streams still open after %.1f s of draining; closing them", grace_s)
+        if not await self.service.streams.drain(grace_s):
+            logger.warning("frames still in flight after %.1f s of draining were answered dropped: shutdown", grace_s)
+        # Streams whose clients stop reading their last answers are cancelled by gRPC after the grace.
         await self.server.stop(grace_s)
-        await self.service.close()
-        self._executor.shutdown(wait=True)
-        self.registry.close()
+        for executor in self._executors:
+            executor.shutdown(wait=True)
+        await asyncio.to_thread(self.registry.close)
         REGIONS.close()
-        if self.telemetry is not None:
-            self.telemetry.close()
+        self.telemetry.close()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -96,29 +109,40 @@ class RunningServer:
 
 async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
     """Load and warm up every bundle, then start serving; health turns SERVING last."""
-    registry = ModelRegistry()
-    executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="edgescope-frame")
+    registry = ModelRegistry(config.models)
+    frames = ThreadPoolExecutor(max_workers=config.frame_threads, thread_name_prefix="edgescope-frame")
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgescope-loader")
+    telemetry = TelemetryHub(config.telemetry)
+    registry.on_change(telemetry.metrics.set_models)
+    loop = asyncio.get_running_loop()
     try:
         for bundle in config.bundles:
-            model = registry.load(Path(bundle), backend, allow_failed_validation=config.allow_failed_validation)
+            model = await loop.run_in_executor(
+                loader,
+                functools.partial(
+                    registry.load, Path(bundle), backend, allow_failed_validation=config.allow_failed_validation
+                ),
+            )
             logger.info(
-                "loaded %s %s (%s, sha256 %s)",
+                "loaded %s %s (%s, %d instance(s), sha256 %s)",
                 model.name,
                 model.manifest.version,
                 backend.name,
+                model.worker.instances,
                 model.provenance.sha256[:12],
             )
     except BaseException:
-        executor.shutdown(wait=False)
+        for executor in (frames, loader):
+            executor.shutdown(wait=False)
         registry.close()
+        telemetry.close()
         raise
     server = grpc.aio.server(options=channel_options(config.max_message_bytes))
-    telemetry = TelemetryHub(config.telemetry)
-    service = StreamService(registry, executor, backend, config.scheduling, telemetry.metrics)
-    captures = CaptureHub(list(config.captures), service.scheduler, telemetry.metrics) if config.captures else None
+    service = StreamService(registry, frames, loader, backend, config.scheduling, telemetry.metrics)
+    captures = CaptureHub(list(config.captures), service.run_capture) if config.captures else None
     service.attach_captures(captures)
     stream_pb2_grpc.add_StreamServiceServicer_to_server(service, server)
-    add_kserve_service(registry, executor, server)
+    add_kserve_service(registry, frames, service.streams, server)
     telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryServicer(telemetry.metrics), server)
     # grpc_health's type stubs predate its asyncio servicer.
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -141,7 +165,7 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
         await health_servicer.set(health_name, health_pb2.HealthCheckResponse.SERVING)
     if captures is not None:
         captures.start()
-    return RunningServer(server, port, registry, executor, health_servicer, service, captures, telemetry)
+    return RunningServer(server, port, registry, (frames, loader), health_servicer, service, captures, telemetry)
 
 
 async def serve(config: ServerConfig, backend: Backend) -> None:

@@ -12,20 +12,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 
 from edgescope.errors import ConfigError, EdgescopeError, ModelNotFoundError
 from edgescope.runtime.pipeline.decode import encode_raw
-from edgescope.runtime.server.streams import StreamScheduler
 from edgescope.runtime.sources import SourceFrame, open_source
-from edgescope.runtime.telemetry.metrics import RuntimeMetrics
 from edgescope.v1 import stream_pb2
 
 logger = logging.getLogger(__name__)
 
 SUBSCRIBER_BACKLOG = 8
+
+# Schedules a capture's frames like a stream's and yields their answers in order.
+RunStream = Callable[[AsyncIterable[stream_pb2.Frame]], AsyncIterator[stream_pb2.Result]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,15 +78,12 @@ class Subscription:
 class CaptureHub:
     """Runs the configured captures and fans their results out to subscribers."""
 
-    def __init__(
-        self, configs: list[CaptureConfig], scheduler: Callable[[], StreamScheduler], metrics: RuntimeMetrics
-    ) -> None:
+    def __init__(self, configs: list[CaptureConfig], run_stream: RunStream) -> None:
         names = [c.name for c in configs]
         if len(set(names)) != len(names):
             raise ConfigError(f"capture names must be unique: {names}")
         self._configs = {c.name: c for c in configs}
-        self._scheduler = scheduler
-        self._metrics = metrics
+        self._run_stream = run_stream
         self._subscribers: dict[str, set[Subscription]] = {c.name: set() for c in configs}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -115,10 +113,8 @@ class CaptureHub:
     async def _run(self, config: CaptureConfig) -> None:
         try:
             with open_source(config.source, loop=config.loop) as source:
-                tap = self._metrics.tap()
-                frames = tap.frames(_paced_frames(iter(source), source.kind, config))
-                async for result in self._scheduler().run(frames):
-                    tap.observe(result)
+                frames = _paced_frames(iter(source), source.kind, config)
+                async for result in self._run_stream(frames):
                     for subscription in list(self._subscribers[config.name]):
                         subscription.offer(result)
         except EdgescopeError as exc:

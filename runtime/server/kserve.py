@@ -6,8 +6,9 @@ tooling call any loaded model at tensor level: no preprocessing, no
 postprocessing, the model's own input and output tensors.
 
 Inputs come as ``raw_input_contents`` (little-endian, row-major) or as typed
-``contents``; outputs go back as ``raw_output_contents``. Decoding, inference
-and encoding run on the worker pool, never on the event loop. A unary call
+``contents``; outputs go back as ``raw_output_contents``. Decoding and
+encoding run on the frame threads and inference on the model's worker,
+never on the event loop. A unary call
 that fails is aborted with the mapped gRPC status; in ``ModelStreamInfer`` a
 failed request gets a response with ``error_message`` and the stream goes on.
 
@@ -32,8 +33,10 @@ from edgescope import __version__
 from edgescope.errors import EdgescopeError, FrameError, ModelNotFoundError
 from edgescope.kserve.v2 import inference_pb2 as pb
 from edgescope.runtime.backends.base import Feed
-from edgescope.runtime.server.registry import LoadedModel, ModelRegistry
+from edgescope.runtime.server.registry import ModelRegistry, ServedModel
 from edgescope.runtime.server.status import status_code_for
+from edgescope.runtime.server.streams import StreamRegistry
+from edgescope.runtime.server.workers import Job
 from edgescope.v1 import manifest_pb2
 
 logger = logging.getLogger(__name__)
@@ -138,7 +141,7 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, npt.NDArray[np.gen
     }
 
 
-def check_feed(model: LoadedModel, feed: Feed) -> None:
+def check_feed(model: ServedModel, feed: Feed) -> None:
     """Refuse inputs that do not match the manifest, before the backend sees them."""
     specs = {spec.name: spec for spec in model.manifest.inputs}
     if set(feed) != set(specs):
@@ -158,7 +161,7 @@ def check_feed(model: LoadedModel, feed: Feed) -> None:
 
 
 def infer_response(
-    model: LoadedModel, request: pb.ModelInferRequest, outputs: dict[str, npt.NDArray[np.generic]]
+    model: ServedModel, request: pb.ModelInferRequest, outputs: dict[str, npt.NDArray[np.generic]]
 ) -> pb.ModelInferResponse:
     requested = [output.name for output in request.outputs] or list(outputs)
     unknown = [name for name in requested if name not in outputs]
@@ -175,36 +178,40 @@ def infer_response(
     return response
 
 
-def _version_matches(model: LoadedModel, version: str) -> bool:
+def _checked_feed(model: ServedModel, request: pb.ModelInferRequest) -> dict[str, npt.NDArray[np.generic]]:
+    feed = decode_inputs(request)
+    check_feed(model, feed)
+    return feed
+
+
+def _version_matches(model: ServedModel, version: str) -> bool:
     return not version or version == model.manifest.version
 
 
 class KServeService:
     """The protocol's handlers over a model registry; tensors in, tensors out."""
 
-    def __init__(self, registry: ModelRegistry, executor: Executor) -> None:
+    def __init__(self, registry: ModelRegistry, executor: Executor, streams: StreamRegistry) -> None:
         self._registry = registry
         self._executor = executor
+        self._streams = streams
 
-    def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        # Runs on a worker thread: array decoding and encoding copy megabytes.
-        model = self._registry.acquire(request.model_name)
+    async def _run(self, request: pb.ModelInferRequest, lane: str) -> pb.ModelInferResponse:
+        """One request: decode on a frame thread, infer on the model's worker, encode on a frame thread."""
+        if not request.model_name:
+            raise ModelNotFoundError("the request names no model (model_name is empty)")
+        loop = asyncio.get_running_loop()
+        model = self._registry.lease(request.model_name)
         try:
             if not _version_matches(model, request.model_version):
                 raise ModelNotFoundError(
                     f"model {model.name!r} has version {model.manifest.version!r}, not {request.model_version!r}"
                 )
-            feed = decode_inputs(request)
-            check_feed(model, feed)
-            outputs = model.session.infer(feed)
-            return infer_response(model, request, outputs)
+            feed = await loop.run_in_executor(self._executor, _checked_feed, model, request)
+            inferred = await model.worker.infer(Job(lane=lane, feed=feed))
+            return await loop.run_in_executor(self._executor, infer_response, model, request, inferred.outputs)
         finally:
             self._registry.release(model)
-
-    async def _run(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        if not request.model_name:
-            raise ModelNotFoundError("the request names no model (model_name is empty)")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._infer, request)
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -255,7 +262,7 @@ class KServeService:
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelInferResponse:
         try:
-            return await self._run(request)
+            return await self._run(request, self._streams.next_lane("kserve"))
         except EdgescopeError as exc:
             await _abort(context, exc)
         except Exception as exc:
@@ -266,9 +273,10 @@ class KServeService:
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # One response per request, in order; a failed request does not end the stream.
+        lane = self._streams.next_lane("kserve-stream")
         async for request in request_iterator:
             try:
-                yield pb.ModelStreamInferResponse(infer_response=await self._run(request))
+                yield pb.ModelStreamInferResponse(infer_response=await self._run(request, lane))
             except EdgescopeError as exc:
                 yield pb.ModelStreamInferResponse(error_message=str(exc), infer_response=_echo(request))
             except Exception as exc:
@@ -299,9 +307,11 @@ def _unary(
     )
 
 
-def add_kserve_service(registry: ModelRegistry, executor: Executor, server: grpc.aio.Server) -> None:
+def add_kserve_service(
+    registry: ModelRegistry, executor: Executor, streams: StreamRegistry, server: grpc.aio.Server
+) -> None:
     """Serve the Open Inference Protocol for ``registry``'s models on ``server``."""
-    service = KServeService(registry, executor)
+    service = KServeService(registry, executor, streams)
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "ServerLive": _unary(service.ServerLive, pb.ServerLiveRequest),
         "ServerReady": _unary(service.ServerReady, pb.ServerReadyRequest),

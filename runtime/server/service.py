@@ -1,9 +1,11 @@
 """The gRPC servicer: Stream, Infer, ListModels, GetModel, LoadModel, UnloadModel, Subscribe.
 
-Handlers never run model code on the event loop. A stream is scheduled by
-``StreamScheduler`` (live/every policies, deadlines, overlapped stages); a
-frame that fails gets an error result and the stream goes on. A unary call
-that fails is aborted with the mapped status.
+Handlers never run model code on the event loop and never touch a session:
+frames go through ``StreamRun`` (or ``infer_one``) to the model's worker. A
+frame that fails gets an error result and the stream goes on; a stream that
+cannot be read, or is cut short by shutdown, ends with a status that says
+so after every frame read has its answer. A unary call that fails is
+aborted with the mapped status.
 """
 
 from __future__ import annotations
@@ -19,144 +21,108 @@ import grpc
 
 from edgescope.errors import EdgescopeError, ModelNotFoundError
 from edgescope.runtime.backends.base import Backend
-from edgescope.runtime.pipeline.state import is_stateful
 from edgescope.runtime.server.capture import CaptureHub
-from edgescope.runtime.server.processing import process_frame
-from edgescope.runtime.server.registry import LoadedModel, ModelRegistry
+from edgescope.runtime.server.registry import ModelRegistry, ServedModel
 from edgescope.runtime.server.shm import REGIONS, SharedMemoryServicer
 from edgescope.runtime.server.status import status_code_for
-from edgescope.runtime.server.streams import ModelBatcher, SchedulerConfig, StreamScheduler
+from edgescope.runtime.server.streams import SchedulerConfig, StreamRegistry, StreamRun, infer_one
 from edgescope.runtime.telemetry.metrics import RuntimeMetrics
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 
-def _model_info(model: LoadedModel) -> stream_pb2.ModelInfo:
+def _model_info(model: ServedModel) -> stream_pb2.ModelInfo:
     return stream_pb2.ModelInfo(name=model.name, manifest=model.manifest, backend=model.provenance.backend, ready=True)
 
 
 class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer):
     def __init__(
         self,
-        registry: ModelRegistry,
+        models: ModelRegistry,
         executor: Executor,
+        loader: Executor,
         backend: Backend,
         config: SchedulerConfig,
-        metrics: RuntimeMetrics | None = None,
+        metrics: RuntimeMetrics,
     ) -> None:
-        self._registry = registry
-        self._metrics = metrics or RuntimeMetrics()
+        self._models = models
+        self._metrics = metrics
         self._executor = executor
+        self._loader = loader
         self._backend = backend
         self._config = config
         self._captures: CaptureHub | None = None
-        self._batchers: dict[int, ModelBatcher] = {}
-        self.draining = asyncio.Event()
-        self._active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.streams = StreamRegistry()
 
     def attach_captures(self, captures: CaptureHub | None) -> None:
         self._captures = captures
 
-    def scheduler(self) -> StreamScheduler:
-        return StreamScheduler(self._registry, self._executor, self._config, self._batcher_for, self.draining)
+    def _new_run(self, kind: str) -> StreamRun:
+        return StreamRun(
+            self._models, self._executor, self._config, self._metrics, self.streams.next_lane(kind), REGIONS.view
+        )
 
-    def _batcher_for(self, model: LoadedModel) -> ModelBatcher | None:
-        if (
-            self._config.max_batch <= 1
-            or not model.session.capabilities.dynamic_batch
-            or is_stateful(model.manifest)  # each stream's state is its own: no cross-stream batch
-        ):
-            return None
+    async def run_capture(self, frames: AsyncIterable[stream_pb2.Frame]) -> AsyncIterator[stream_pb2.Result]:
+        """A capture's frames, scheduled and answered like any stream's."""
+        run = self._new_run("capture")
+        self.streams.add(run)
         try:
-            if self._registry.get(model.name) is not model:
-                return None  # retired by a reload: finish its frames unbatched
-        except ModelNotFoundError:
-            return None
-        batcher = self._batchers.get(id(model))
-        if batcher is None:
-            batcher = ModelBatcher(model, self._executor, self._config.max_batch, self._config.max_batch_delay_s)
-            self._batchers[id(model)] = batcher
-        return batcher
-
-    def batch_stats(self) -> dict[str, tuple[int, int]]:
-        """Model name -> (batches run, frames in them) for the current batchers."""
-        return {b.model.name: (b.batches, b.items) for b in self._batchers.values()}
-
-    def _retire_stale_batchers(self) -> None:
-        current = {id(m) for m in self._registry.all()}
-        for key in [k for k in self._batchers if k not in current]:
-            self._batchers.pop(key).retire()
-
-    async def drain(self, timeout_s: float) -> bool:
-        """Stop reading new frames, answer every frame already received; True if all streams ended."""
-        self.draining.set()
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except asyncio.TimeoutError:
-            return False
-        return True
-
-    async def close(self) -> None:
-        for batcher in self._batchers.values():
-            await batcher.close()
-        self._batchers.clear()
+            async for result in run.results(frames):
+                yield result
+        finally:
+            self.streams.remove(run)
 
     async def Stream(
         self,
         request_iterator: AsyncIterable[stream_pb2.Frame],
         context: grpc.aio.ServicerContext[stream_pb2.Frame, stream_pb2.Result],
     ) -> AsyncIterator[stream_pb2.Result]:
-        if self.draining.is_set():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        self._active += 1
-        self._idle.clear()
-        tap = self._metrics.tap()
-        stream_ids: set[str] = set()
-
-        async def remember(frames: AsyncIterable[stream_pb2.Frame]) -> AsyncIterator[stream_pb2.Frame]:
-            async for frame in frames:
-                stream_ids.add(frame.stream_id)
-                yield frame
-
+        if self.streams.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; use another server")
+        run = self._new_run("stream")
+        self.streams.add(run)
         try:
-            async for result in self.scheduler().run(tap.frames(remember(request_iterator))):
-                yield tap.observe(result)
+            async for result in run.results(request_iterator):
+                yield result
         finally:
+            self.streams.remove(run)
             # A client that crashed never unregisters its ring; unmap it with its stream.
-            for stream_id in stream_ids:
+            for stream_id in run.stream_ids:
                 REGIONS.release_stream(stream_id)
-            self._active -= 1
-            if self._active == 0:
-                self._idle.set()
+        outcome = run.outcome()
+        if outcome.code != grpc.StatusCode.OK:
+            context.set_code(outcome.code)
+            context.set_details(outcome.details)
 
     async def Infer(
         self,
         request: stream_pb2.Frame,
         context: grpc.aio.ServicerContext[stream_pb2.Frame, stream_pb2.Result],
     ) -> stream_pb2.Result:
-        loop = asyncio.get_running_loop()
-        received = time.perf_counter_ns()
+        received_ns, received_wall_ns = time.perf_counter_ns(), time.time_ns()
         try:
-            result = await loop.run_in_executor(
-                self._executor, process_frame, self._registry, request, request.model, received
+            result = await infer_one(
+                self._models, self._executor, request, self.streams.next_lane("infer"), REGIONS.view
             )
-            self._metrics.observe_result(request.model, request.stream_id, result, request, received)
-            return result
         except EdgescopeError as exc:
             await context.abort(status_code_for(exc), str(exc))
         except Exception as exc:
             logger.exception("Infer failed unexpectedly")
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+        residence_ns = time.perf_counter_ns() - received_ns
+        result.alerts.extend(self._metrics.alerts_for(result.provenance.model, residence_ns))
+        result.server_receive_time_ns = received_wall_ns
+        result.server_send_time_ns = time.time_ns()
+        self._metrics.observe_result(result.provenance.model, request.stream_id, result, residence_ns)
+        return result
 
     async def ListModels(
         self,
         request: stream_pb2.ListModelsRequest,
         context: grpc.aio.ServicerContext[stream_pb2.ListModelsRequest, stream_pb2.ListModelsResponse],
     ) -> stream_pb2.ListModelsResponse:
-        return stream_pb2.ListModelsResponse(models=[_model_info(m) for m in self._registry.all()])
+        return stream_pb2.ListModelsResponse(models=[_model_info(m) for m in self._models.all()])
 
     async def GetModel(
         self,
@@ -166,7 +132,7 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
         if not request.name:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "GetModel needs a model name")
         try:
-            return _model_info(self._registry.get(request.name))
+            return _model_info(self._models.get(request.name))
         except ModelNotFoundError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
 
@@ -177,11 +143,10 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
     ) -> stream_pb2.ModelInfo:
         if not request.bundle_path:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "LoadModel needs a bundle_path")
-        loop = asyncio.get_running_loop()
 
-        def load() -> LoadedModel:
-            # Loading and warm-up happen before the swap: streams keep running meanwhile.
-            return self._registry.load(
+        def load() -> ServedModel:
+            # Loading and warm-up happen before the swap, on the loader thread: streams keep running.
+            return self._models.load(
                 Path(request.bundle_path),
                 self._backend,
                 name=request.name or None,
@@ -190,10 +155,9 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
             )
 
         try:
-            model = await loop.run_in_executor(self._executor, load)
+            model = await asyncio.get_running_loop().run_in_executor(self._loader, load)
         except EdgescopeError as exc:
             await context.abort(status_code_for(exc), str(exc))
-        self._retire_stale_batchers()
         logger.info("loaded %s %s (sha256 %s)", model.name, model.manifest.version, model.provenance.sha256[:12])
         return _model_info(model)
 
@@ -203,10 +167,9 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
         context: grpc.aio.ServicerContext[stream_pb2.UnloadModelRequest, stream_pb2.UnloadModelResponse],
     ) -> stream_pb2.UnloadModelResponse:
         try:
-            self._registry.unload(request.name)
+            self._models.unload(request.name)
         except ModelNotFoundError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        self._retire_stale_batchers()
         return stream_pb2.UnloadModelResponse()
 
     async def Subscribe(

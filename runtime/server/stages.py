@@ -1,8 +1,11 @@
-"""One frame split into the stages the scheduler overlaps across frames.
+"""One frame split into the stages a stream overlaps across frames.
 
 ``prepare`` (decode, then preprocess for each model) and ``finish``
-(postprocess, then encode) run on worker threads while another frame of the
-same stream is in inference. Every stage's duration travels with the answer.
+(postprocess, then encode) run on the frame threads while another frame of
+the same stream is in inference; inference itself is a ``Job`` for the
+model's worker (``job_for``). Every stage's duration travels with the answer.
+Streams and ``Infer`` both go through these functions, so a frame gets the
+same answer either way.
 """
 
 from __future__ import annotations
@@ -13,14 +16,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from edgescope.runtime.backends.base import Outputs
-from edgescope.runtime.pipeline.decode import decode_frame
+from edgescope.runtime.pipeline.decode import SharedMemoryView, decode_frame
 from edgescope.runtime.pipeline.encode import fill_result
 from edgescope.runtime.pipeline.postprocess import postprocess
 from edgescope.runtime.pipeline.preprocess import Geometry, preprocess
 from edgescope.runtime.pipeline.state import StreamState, frame_input, is_stateful
-from edgescope.runtime.server.registry import LoadedModel
-from edgescope.runtime.server.shm import REGIONS
+from edgescope.runtime.render.preview import preview_jpeg, thumbnail
+from edgescope.runtime.server.registry import ServedModel
+from edgescope.runtime.server.workers import Job, JobResult
 from edgescope.v1 import stream_pb2
 
 
@@ -28,7 +31,7 @@ from edgescope.v1 import stream_pb2
 class ModelInput:
     """One model's input tensor for one frame, and where the frame sits inside it."""
 
-    model: LoadedModel
+    model: ServedModel
     tensor: npt.NDArray[np.float32]
     geometry: Geometry
     preprocess_ns: int
@@ -36,38 +39,51 @@ class ModelInput:
 
 @dataclass(slots=True)
 class Prepared:
-    frame: stream_pb2.Frame
     decode_ns: int
     inputs: list[ModelInput] = field(default_factory=list)
+    # A small display copy of the frame, made only when telemetry asked for a preview.
+    thumbnail: npt.NDArray[np.uint8] | None = None
 
 
-def prepare(frame: stream_pb2.Frame, models: list[LoadedModel]) -> Prepared:
+@dataclass(slots=True)
+class Finished:
+    result: stream_pb2.Result
+    # The preview JPEG for telemetry, when a thumbnail was made.
+    preview: bytes | None = None
+
+
+def prepare(
+    frame: stream_pb2.Frame,
+    models: list[ServedModel],
+    shared_memory: SharedMemoryView | None,
+    want_thumbnail: bool = False,
+) -> Prepared:
     """Decode once and preprocess for each model (they may want different sizes)."""
     start = time.perf_counter_ns()
-    pixels = decode_frame(frame, REGIONS.view)
-    prepared = Prepared(frame=frame, decode_ns=time.perf_counter_ns() - start)
+    pixels = decode_frame(frame, shared_memory)
+    prepared = Prepared(decode_ns=time.perf_counter_ns() - start)
     for model in models:
         begin = time.perf_counter_ns()
         tensor, geometry = preprocess(pixels, model.manifest.preprocessing)
         prepared.inputs.append(ModelInput(model, tensor, geometry, time.perf_counter_ns() - begin))
+    if want_thumbnail:
+        prepared.thumbnail = thumbnail(pixels)
     return prepared
 
 
-def infer(model_input: ModelInput, stream: StreamState, reset: bool) -> tuple[Outputs, int]:
-    """Run one model on one frame, carrying the stream's state if the model has any."""
+def job_for(model_input: ModelInput, lane: str, stream: StreamState, reset: bool) -> Job:
+    """The worker job for one model on one frame, carrying the stream's state if the model has any."""
     model = model_input.model
-    start = time.perf_counter_ns()
-    if is_stateful(model.manifest):
-        state = stream.for_model(model.name, model.manifest)
-        # Held from feed to update, so frames of one stream cannot interleave their state.
-        with state.lock:
-            if reset:
-                state.reset()
-            outputs = model.session.infer(state.feed(model_input.tensor))
-            state.update(model_input.tensor, outputs)
-    else:
-        outputs = model.session.infer({frame_input(model.manifest): model_input.tensor})
-    return outputs, time.perf_counter_ns() - start
+    manifest = model.manifest
+    state = stream.for_model(model.name, manifest) if is_stateful(manifest) else None
+    return Job(
+        lane=lane,
+        tensor=model_input.tensor,
+        frame_input=frame_input(manifest),
+        state=state,
+        reset_state=reset,
+        batchable=state is None and model.batchable,
+    )
 
 
 def _spacing(frame: stream_pb2.Frame) -> stream_pb2.PixelSpacing | None:
@@ -76,21 +92,40 @@ def _spacing(frame: stream_pb2.Frame) -> stream_pb2.PixelSpacing | None:
     return None
 
 
-def finish(model_input: ModelInput, outputs: Outputs, infer_ns: int, frame: stream_pb2.Frame) -> stream_pb2.Result:
+def finish(
+    model_input: ModelInput, inferred: JobResult, frame: stream_pb2.Frame, thumb: npt.NDArray[np.uint8] | None = None
+) -> Finished:
     """Postprocess and encode one model's outputs; the Result carries its stage timings."""
     model = model_input.model
     result = stream_pb2.Result()
     result.timings.add(stage="preprocess", duration_ns=model_input.preprocess_ns)
-    result.timings.add(stage="infer", duration_ns=infer_ns)
+    result.timings.add(stage="infer", duration_ns=inferred.infer_ns)
     start = time.perf_counter_ns()
-    task = postprocess(outputs, model.manifest, model_input.geometry, _spacing(frame))
+    task = postprocess(inferred.outputs, model.manifest, model_input.geometry, _spacing(frame))
     encoded = time.perf_counter_ns()
     result.timings.add(stage="postprocess", duration_ns=encoded - start)
     fill_result(result, task, frame.mask_encoding)
     result.provenance.CopyFrom(model.provenance)
     result.status.code = stream_pb2.FRAME_STATUS_CODE_OK
     result.timings.add(stage="encode", duration_ns=time.perf_counter_ns() - encoded)
-    return result
+    preview = None
+    if thumb is not None:
+        caption = [f"{frame.stream_id} seq {frame.seq} {model.name}"]
+        preview = preview_jpeg(thumb, task.mask, caption)
+    return Finished(result, preview)
+
+
+def finish_all(
+    inputs: list[ModelInput], inferred: list[JobResult], frame: stream_pb2.Frame, prepared: Prepared, queued_ns: int
+) -> Finished:
+    """The frame's answer: the first model's result, the others' in ``model_results``."""
+    first = finish(inputs[0], inferred[0], frame, prepared.thumbnail)
+    stamp(first.result, frame, queued_ns, prepared.decode_ns)
+    for model_input, extra in zip(inputs[1:], inferred[1:], strict=True):
+        first.result.model_results.append(
+            as_model_result(model_input.model.name, finish(model_input, extra, frame).result)
+        )
+    return first
 
 
 def stamp(result: stream_pb2.Result, frame: stream_pb2.Frame, queued_ns: int, decode_ns: int) -> None:

@@ -12,12 +12,14 @@ from edgescope.errors import (
     FrameError,
     MissingDependencyError,
     ModelNotFoundError,
+    OverloadError,
 )
 
 _CODES: tuple[tuple[type[EdgescopeError], grpc.StatusCode], ...] = (
     (FrameError, grpc.StatusCode.INVALID_ARGUMENT),
     (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (OverloadError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (MissingDependencyError, grpc.StatusCode.FAILED_PRECONDITION),
     (BundleError, grpc.StatusCode.FAILED_PRECONDITION),
     (BackendError, grpc.StatusCode.INTERNAL),

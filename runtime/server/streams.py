@@ -1,17 +1,30 @@
-"""Real-time scheduling of one stream's frames.
+"""One stream's frames, from the first read to the last answer, owned by one task group.
 
 Policies (``Frame.policy`` on the first frame, else the server default):
 
 - ``live``: the newest frame wins. At most one frame waits; a newer frame
   replaces it and the replaced one is answered ``dropped: stale``.
-- ``every``: every frame, in order; a short bounded queue makes gRPC flow
-  control slow the client down instead of dropping.
+- ``every``: every frame, in order; a full window stops the stream being
+  read, so gRPC flow control slows the client down instead of dropping.
 
-Frames move through three stages, each held by one frame at a time and
-handed over in arrival order (hand-over-hand), so the next frame decodes and
-preprocesses while this one is in inference, and this one postprocesses
-while the next is inferred. Each frame gets exactly one answer, in arrival
-order: a result, or a drop or error notice with its reason.
+A ``StreamRun`` owns its reader, its dispatcher and one task per frame in
+flight; when the run ends, for whatever reason, every one of them is
+cancelled and awaited, so nothing outlives the stream. Frames move through
+three stages (prepare, infer on the model's worker, finish), each held by one
+frame at a time and handed over in arrival order, so the next frame decodes
+while this one is inferred. Every frame read gets exactly one answer, in
+arrival order, set by whoever owns the frame at that moment: the reader (a
+stale or shutdown drop), the frame's task (its result, error or deadline
+drop), or the shutdown cut (frames still in flight when the drain time is up).
+
+Memory per stream is bounded: at most ``WINDOW`` frames are held between
+being read and their answer being sent, whatever the client or the consumer
+of the answers does.
+
+Deadlines hold end to end: a frame over its budget before it starts, before
+inference, or when its answer is about to be sent is dropped (``deadline``),
+or processed and flagged ``late`` when the frame asked for that
+(``process_late``). Either way it counts as a deadline miss.
 """
 
 from __future__ import annotations
@@ -19,27 +32,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Coroutine
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
+import grpc
 
 from edgescope.errors import EdgescopeError
-from edgescope.runtime.backends.base import Outputs
-from edgescope.runtime.pipeline.state import StreamState, frame_input
-from edgescope.runtime.server.registry import LoadedModel, ModelRegistry
-from edgescope.runtime.server.stages import ModelInput, as_model_result, finish, infer, prepare, stamp
+from edgescope.runtime.pipeline.decode import SharedMemoryView
+from edgescope.runtime.pipeline.state import StreamState
+from edgescope.runtime.server.registry import ModelRegistry, ServedModel
+from edgescope.runtime.server.stages import finish_all, job_for, prepare
+from edgescope.runtime.server.workers import JobResult
+from edgescope.runtime.telemetry.metrics import RuntimeMetrics
 from edgescope.v1 import stream_pb2
 
 logger = logging.getLogger(__name__)
 
-EVERY_QUEUE_FRAMES = 2
-ANSWER_BACKLOG = 64
+# Frames read but not yet answered, per stream: three stages, one waiting, two answers on their way out.
+WINDOW = 6
+EVERY_QUEUE_FRAMES = 1
 
 _DROP_TEXT = {
     stream_pb2.DROP_REASON_STALE: "stale: a newer frame arrived before this one started",
-    stream_pb2.DROP_REASON_DEADLINE: "deadline: it could no longer be answered in time",
+    stream_pb2.DROP_REASON_DEADLINE: "deadline: it could not be answered in time",
     stream_pb2.DROP_REASON_SHUTDOWN: "shutdown: the server is stopping",
 }
 
@@ -62,7 +79,7 @@ def failed(frame: stream_pb2.Frame, error: Exception) -> stream_pb2.Result:
     if isinstance(error, EdgescopeError):
         result.status.reason = str(error)
     else:
-        result.status.reason = f"internal error: {type(error).__name__}: {error}"
+        result.status.reason = f"internal error: {type(error).__name__}"
     return result
 
 
@@ -70,113 +87,64 @@ def failed(frame: stream_pb2.Frame, error: Exception) -> stream_pb2.Result:
 class SchedulerConfig:
     policy: stream_pb2.StreamPolicy.ValueType = stream_pb2.STREAM_POLICY_EVERY
     deadline_ms: int = 0
-    max_batch: int = 8
-    max_batch_delay_s: float = 0.002
 
 
-_BatchItem = tuple[ModelInput, "asyncio.Future[tuple[Outputs, int]]"]
+class TaskSet:
+    """The tasks of one owner; ``close`` cancels and awaits every one still running."""
 
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
 
-@dataclass(slots=True)
-class _Work:
-    frame: stream_pb2.Frame
-    received_ns: int
-    answer: asyncio.Future[stream_pb2.Result]
-
-
-class ModelBatcher:
-    """Gathers concurrent requests for one model into one batched inference.
-
-    A request waits at most ``max_delay_s`` for company (0: only requests
-    already waiting are batched, so a lone stream pays no added latency);
-    batches never exceed ``max_batch``. Used only for models whose batch
-    dimension is dynamic.
-    """
-
-    def __init__(self, model: LoadedModel, executor: Executor, max_batch: int, max_delay_s: float) -> None:
-        self.model = model
-        self._executor = executor
-        self._max_batch = max_batch
-        self._max_delay_s = max_delay_s
-        self._pending: asyncio.Queue[_BatchItem | None] = asyncio.Queue()
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        self.batches = 0
-        self.items = 0
-
-    async def infer(self, model_input: ModelInput) -> tuple[Outputs, int]:
-        future: asyncio.Future[tuple[Outputs, int]] = asyncio.get_running_loop().create_future()
-        await self._pending.put((model_input, future))
-        return await future
-
-    def retire(self) -> None:
-        """Finish what is queued, then stop; no new requests may come after this."""
-        self._pending.put_nowait(None)
-
-    async def _gather(self, first: _BatchItem) -> tuple[list[_BatchItem], bool]:
-        """Collect a batch; the flag says the batcher was retired meanwhile."""
-        loop = asyncio.get_running_loop()
-        batch = [first]
-        deadline = loop.time() + self._max_delay_s
-        while len(batch) < self._max_batch:
-            if self._pending.empty():
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self._pending.get(), remaining)
-                except asyncio.TimeoutError:
-                    break
-            else:
-                item = self._pending.get_nowait()
-            if item is None:
-                return batch, True
-            batch.append(item)
-        return batch, False
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        retired = False
-        while not retired:
-            first = await self._pending.get()
-            if first is None:
-                return
-            batch, retired = await self._gather(first)
-            try:
-                outputs, elapsed = await loop.run_in_executor(self._executor, self._run_batch, [i for i, _ in batch])
-            except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            self.batches += 1
-            self.items += len(batch)
-            for index, (_, future) in enumerate(batch):
-                if not future.done():
-                    future.set_result(({name: value[index : index + 1] for name, value in outputs.items()}, elapsed))
-
-    def _run_batch(self, inputs: list[ModelInput]) -> tuple[Outputs, int]:
-        start = time.perf_counter_ns()
-        stacked = np.concatenate([i.tensor for i in inputs]) if len(inputs) > 1 else inputs[0].tensor
-        outputs = self.model.session.infer({frame_input(self.model.manifest): stacked})
-        return outputs, time.perf_counter_ns() - start
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def close(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                logger.error("a stream task failed: %r", outcome)
 
 
-BatcherLookup = Callable[[LoadedModel], ModelBatcher | None]
+class Work:
+    """One frame read from a stream, until its answer is sent."""
+
+    __slots__ = ("_answer", "frame", "preview", "received_ns", "received_wall_ns")
+
+    def __init__(self, frame: stream_pb2.Frame) -> None:
+        self.frame = frame
+        self.received_ns = time.perf_counter_ns()
+        self.received_wall_ns = time.time_ns()
+        self._answer: asyncio.Future[stream_pb2.Result] = asyncio.get_running_loop().create_future()
+        self.preview: bytes | None = None
+
+    @property
+    def answered(self) -> bool:
+        return self._answer.done()
+
+    def resolve(self, result: stream_pb2.Result) -> None:
+        if self._answer.done():
+            # A second answer for one frame is a bug in this module, never the client's doing.
+            raise RuntimeError(f"frame {self.frame.stream_id}/{self.frame.seq} was answered twice")
+        self._answer.set_result(result)
+
+    async def answer(self) -> stream_pb2.Result:
+        return await self._answer
 
 
 class _LiveSlot:
     """Holds at most one waiting frame; a newer one replaces it."""
 
     def __init__(self) -> None:
-        self._item: _Work | None = None
+        self._item: Work | None = None
         self._closed = False
         self._changed = asyncio.Event()
 
-    def put(self, item: _Work) -> _Work | None:
+    def put(self, item: Work) -> Work | None:
         replaced, self._item = self._item, item
         self._changed.set()
         return replaced
@@ -185,7 +153,7 @@ class _LiveSlot:
         self._closed = True
         self._changed.set()
 
-    async def take(self) -> _Work | None:
+    async def take(self) -> Work | None:
         while self._item is None:
             if self._closed:
                 return None
@@ -195,169 +163,328 @@ class _LiveSlot:
         return item
 
 
-class StreamScheduler:
-    """Schedules one stream: intake by policy, three overlapped stages, ordered answers."""
+@dataclass(slots=True)
+class Outcome:
+    """How a stream ended, for its final gRPC status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    details: str = ""
+
+
+class StreamRun:
+    """Schedules one stream; ``results`` yields one answer per frame read, in order."""
 
     def __init__(
         self,
-        registry: ModelRegistry,
+        models: ModelRegistry,
         executor: Executor,
         config: SchedulerConfig,
-        batcher_for: BatcherLookup,
-        draining: asyncio.Event,
+        metrics: RuntimeMetrics,
+        lane: str,
+        shared_memory: SharedMemoryView | None = None,
     ) -> None:
-        self._registry = registry
+        self._models = models
         self._executor = executor
         self._config = config
-        self._batcher_for = batcher_for
-        self._draining = draining
-        self._answers: asyncio.Queue[asyncio.Future[stream_pb2.Result] | None] = asyncio.Queue(ANSWER_BACKLOG)
+        self._metrics = metrics
+        self._shared_memory = shared_memory
+        self.lane = lane
+        self._answers: asyncio.Queue[Work | None] = asyncio.Queue()
+        self._window = asyncio.Semaphore(WINDOW)
         self._stages = (asyncio.Lock(), asyncio.Lock(), asyncio.Lock())
         self._policy: stream_pb2.StreamPolicy.ValueType = config.policy
-        # Set once the first frame has chosen the policy (or the stream ended).
         self._policy_known = asyncio.Event()
+        self._live = _LiveSlot()
+        self._every: asyncio.Queue[Work | None] = asyncio.Queue(EVERY_QUEUE_FRAMES)
+        self._tasks = TaskSet()
+        self._reader: asyncio.Task[None] | None = None
+        self._unanswered: set[Work] = set()
         self._model = ""
         # Recurrent state and previous frames live as long as this stream.
         self._state = StreamState()
+        self._draining = False
+        self._cut = False
+        self._read_error = ""
+        self.stream_ids: set[str] = set()
+        self.sent = 0
+        self.shutdown_drops = 0
 
-    async def run(self, frames: AsyncIterable[stream_pb2.Frame]) -> AsyncIterator[stream_pb2.Result]:
-        """Answer every frame read from ``frames``, in order; stops early when draining."""
-        live = _LiveSlot()
-        every: asyncio.Queue[_Work | None] = asyncio.Queue(EVERY_QUEUE_FRAMES)
-        reader = asyncio.create_task(self._read(frames, live, every))
-        dispatcher = asyncio.create_task(self._dispatch(live, every))
+    # -- the answers, in order ---------------------------------------------------------------------
+
+    async def results(self, frames: AsyncIterable[stream_pb2.Frame]) -> AsyncIterator[stream_pb2.Result]:
+        """Answer every frame read from ``frames``, in order; the run's tasks end with it."""
+        self._reader = self._tasks.spawn(self._read(frames), name=f"{self.lane}-reader")
+        self._tasks.spawn(self._dispatch(), name=f"{self.lane}-dispatcher")
         try:
-            while (answer := await self._answers.get()) is not None:
-                yield await answer
+            while (work := await self._answers.get()) is not None:
+                result = await work.answer()
+                residence_ns = self._seal(work, result)
+                yield result
+                self.sent += 1
+                self._window.release()
+                self._metrics.observe_result(self._label(result), result.stream_id, result, residence_ns)
+                if work.preview is not None:
+                    self._metrics.set_preview(result.stream_id, work.preview)
         finally:
-            reader.cancel()
-            dispatcher.cancel()
-            await asyncio.gather(reader, dispatcher, return_exceptions=True)
+            await self._tasks.close()
 
-    async def _read(
-        self, frames: AsyncIterable[stream_pb2.Frame], live: _LiveSlot, every: asyncio.Queue[_Work | None]
-    ) -> None:
-        loop = asyncio.get_running_loop()
+    def _seal(self, work: Work, result: stream_pb2.Result) -> int:
+        """Last checks before the answer leaves: the deadline at send, alerts, the server's clock stamps."""
+        residence_ns = time.perf_counter_ns() - work.received_ns
+        frame = work.frame
+        if result.status.code == stream_pb2.FRAME_STATUS_CODE_OK and self._over_budget(frame, residence_ns):
+            if frame.process_late:
+                result.status.late = True
+            else:
+                result.Clear()
+                result.MergeFrom(dropped(frame, stream_pb2.DROP_REASON_DEADLINE))
+        if result.status.code == stream_pb2.FRAME_STATUS_CODE_OK:
+            result.alerts.extend(self._metrics.alerts_for(self._label(result), residence_ns))
+        result.server_receive_time_ns = work.received_wall_ns
+        result.server_send_time_ns = time.time_ns()
+        return residence_ns
+
+    def _label(self, result: stream_pb2.Result) -> str:
+        return result.provenance.model or self._model
+
+    def outcome(self) -> Outcome:
+        """The stream's final status, once ``results`` is exhausted."""
+        if self._read_error:
+            return Outcome(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the stream could not be read after {self.sent} frame(s), each of which was answered: "
+                f"{self._read_error}",
+            )
+        if self._cut or self.shutdown_drops:
+            return Outcome(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the server is shutting down: {self.sent} frame(s) answered, "
+                f"{self.shutdown_drops} of them dropped for shutdown; send the rest to another server",
+            )
+        return Outcome()
+
+    # -- shutdown ----------------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """From now on, frames read are answered ``dropped: shutdown``; frames already read finish."""
+        self._draining = True
+
+    async def cut(self) -> None:
+        """The drain time is up: stop reading, answer every frame still in flight ``dropped: shutdown``."""
+        self._cut = True
+        await self._tasks.close()
+        for work in sorted(self._unanswered, key=lambda w: w.received_ns):
+            self._drop(work, stream_pb2.DROP_REASON_SHUTDOWN)
+        self._answers.put_nowait(None)
+
+    # -- reading and dispatching -------------------------------------------------------------------
+
+    def _drop(self, work: Work, reason: stream_pb2.DropReason.ValueType) -> None:
+        if reason == stream_pb2.DROP_REASON_SHUTDOWN:
+            self.shutdown_drops += 1
+        self._settle(work, dropped(work.frame, reason))
+
+    def _settle(self, work: Work, result: stream_pb2.Result) -> None:
+        self._unanswered.discard(work)
+        work.resolve(result)
+
+    async def _read(self, frames: AsyncIterable[stream_pb2.Frame]) -> None:
         iterator = aiter(frames)
-        drain = asyncio.ensure_future(self._draining.wait())
-        next_frame: asyncio.Future[stream_pb2.Frame] | None = None
         try:
             while True:
-                next_frame = asyncio.ensure_future(anext(iterator))
-                await asyncio.wait((next_frame, drain), return_when=asyncio.FIRST_COMPLETED)
-                if not next_frame.done():
-                    # Draining: frames not yet read are no longer accepted.
-                    next_frame.cancel()
-                    break
+                await self._window.acquire()
                 try:
-                    frame = next_frame.result()
+                    frame = await anext(iterator)
                 except StopAsyncIteration:
+                    self._window.release()
                     break
-                received = time.perf_counter_ns()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # An unparseable message or a broken transport: answer what was read, then end non-OK.
+                    self._window.release()
+                    self._read_error = _read_error_text(exc)
+                    break
+                work = Work(frame)
+                self.stream_ids.add(frame.stream_id)
+                self._unanswered.add(work)
+                self._answers.put_nowait(work)
                 if not self._policy_known.is_set():
                     self._policy = frame.policy or self._config.policy
                     self._policy_known.set()
-                work = _Work(frame, received, loop.create_future())
-                await self._answers.put(work.answer)
-                if self._policy == stream_pb2.STREAM_POLICY_LIVE:
-                    replaced = live.put(work)
+                if self._draining:
+                    self._drop(work, stream_pb2.DROP_REASON_SHUTDOWN)
+                elif self._policy == stream_pb2.STREAM_POLICY_LIVE:
+                    replaced = self._live.put(work)
                     if replaced is not None:
-                        replaced.answer.set_result(dropped(replaced.frame, stream_pb2.DROP_REASON_STALE))
+                        self._drop(replaced, stream_pb2.DROP_REASON_STALE)
                 else:
-                    await every.put(work)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            # The client's side of the stream broke; answer what was received, then end.
-            logger.warning("reading stream frames failed: %s", exc)
+                    await self._every.put(work)
         finally:
-            drain.cancel()
-            if next_frame is not None:
-                next_frame.cancel()
             self._policy_known.set()
-            live.close()
-        await every.put(None)
+            self._live.close()
+        await self._every.put(None)
 
-    async def _dispatch(self, live: _LiveSlot, every: asyncio.Queue[_Work | None]) -> None:
-        tasks: set[asyncio.Task[None]] = set()
+    async def _dispatch(self) -> None:
         first = self._stages[0]
-        try:
-            await self._policy_known.wait()
-            is_live = self._policy == stream_pb2.STREAM_POLICY_LIVE
-            while True:
-                await first.acquire()
-                work = await (live.take() if is_live else every.get())
-                if work is None:
-                    first.release()
-                    break
-                task = asyncio.create_task(self._process(work))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            await asyncio.gather(*tasks)
-        finally:
-            await self._answers.put(None)
+        await self._policy_known.wait()
+        is_live = self._policy == stream_pb2.STREAM_POLICY_LIVE
+        while True:
+            await first.acquire()
+            work = await (self._live.take() if is_live else self._every.get())
+            if work is None:
+                first.release()
+                break
+            self._tasks.spawn(self._process(work), name=f"{self.lane}-frame-{work.frame.seq}")
+        # The reader has queued every frame's answer ahead of this end mark.
+        self._answers.put_nowait(None)
 
-    def _deadline_missed(self, work: _Work) -> bool:
-        budget_ms = work.frame.deadline_ms or self._config.deadline_ms
-        return budget_ms > 0 and time.perf_counter_ns() - work.received_ns > budget_ms * 1_000_000
+    # -- one frame ---------------------------------------------------------------------------------
 
-    async def _process(self, work: _Work) -> None:
+    def _over_budget(self, frame: stream_pb2.Frame, elapsed_ns: int) -> bool:
+        budget_ms = frame.deadline_ms or self._config.deadline_ms
+        return budget_ms > 0 and elapsed_ns > budget_ms * 1_000_000
+
+    async def _process(self, work: Work) -> None:
         """Run one frame through the stages; the first stage lock is already held."""
         frame = work.frame
-        held = [self._stages[0]]
-        models: list[LoadedModel] = []
+        held = [0]
+        leases: list[ServedModel] = []
         loop = asyncio.get_running_loop()
-        late = False
         try:
             queued_ns = time.perf_counter_ns() - work.received_ns
-            if self._deadline_missed(work):
+            late = False
+            if self._over_budget(frame, queued_ns):
                 if not frame.process_late:
-                    work.answer.set_result(dropped(frame, stream_pb2.DROP_REASON_DEADLINE))
+                    self._drop(work, stream_pb2.DROP_REASON_DEADLINE)
                     return
                 late = True
             if frame.model:
                 self._model = frame.model
             for name in (self._model, *frame.extra_models):
-                models.append(self._registry.acquire(name))
-            prepared = await loop.run_in_executor(self._executor, prepare, frame, models)
-            await self._stages[1].acquire()
-            held.append(self._stages[1])
-            held.remove(self._stages[0])
-            self._stages[0].release()
-            if self._deadline_missed(work) and not late:
+                leases.append(self._models.lease(name))
+            want_thumbnail = self._metrics.preview_due(frame.stream_id)
+            prepared = await loop.run_in_executor(
+                self._executor, prepare, frame, leases, self._shared_memory, want_thumbnail
+            )
+            await self._hand_over(held, 1)
+            if self._over_budget(frame, time.perf_counter_ns() - work.received_ns) and not late:
                 if not frame.process_late:
-                    work.answer.set_result(dropped(frame, stream_pb2.DROP_REASON_DEADLINE))
+                    self._drop(work, stream_pb2.DROP_REASON_DEADLINE)
                     return
                 late = True
-            inferred = [await self._infer(model_input, frame.reset_state) for model_input in prepared.inputs]
-            await self._stages[2].acquire()
-            held.append(self._stages[2])
-            held.remove(self._stages[1])
-            self._stages[1].release()
-            answers = [
-                await loop.run_in_executor(self._executor, finish, model_input, outputs, infer_ns, frame)
-                for model_input, (outputs, infer_ns) in zip(prepared.inputs, inferred, strict=True)
-            ]
-            result = answers[0]
-            stamp(result, frame, queued_ns, prepared.decode_ns)
-            result.status.late = late
-            for model_input, extra in zip(prepared.inputs[1:], answers[1:], strict=True):
-                result.model_results.append(as_model_result(model_input.model.name, extra))
-            work.answer.set_result(result)
+            inferred: list[JobResult] = []
+            for model_input in prepared.inputs:
+                job = job_for(model_input, self.lane, self._state, frame.reset_state)
+                inferred.append(await model_input.model.worker.infer(job))
+            await self._hand_over(held, 2)
+            finished = await loop.run_in_executor(
+                self._executor, finish_all, prepared.inputs, inferred, frame, prepared, queued_ns
+            )
+            finished.result.status.late = late
+            work.preview = finished.preview
+            self._settle(work, finished.result)
+        except asyncio.CancelledError:
+            raise
         except EdgescopeError as exc:
-            work.answer.set_result(failed(frame, exc))
+            self._settle(work, failed(frame, exc))
         except Exception as exc:
             logger.exception("frame %s/%d failed unexpectedly", frame.stream_id, frame.seq)
-            work.answer.set_result(failed(frame, exc))
+            self._settle(work, failed(frame, exc))
         finally:
-            for lock in held:
-                lock.release()
-            for model in models:
-                self._registry.release(model)
+            for stage in held:
+                self._stages[stage].release()
+            for model in leases:
+                self._models.release(model)
 
-    async def _infer(self, model_input: ModelInput, reset: bool) -> tuple[Outputs, int]:
-        batcher = self._batcher_for(model_input.model)
-        if batcher is not None:
-            return await batcher.infer(model_input)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, infer, model_input, self._state, reset)
+    async def _hand_over(self, held: list[int], stage: int) -> None:
+        """Take the next stage, then give up the current one: frames keep their order."""
+        await self._stages[stage].acquire()
+        held.append(stage)
+        self._stages[stage - 1].release()
+        held.remove(stage - 1)
+
+
+def _read_error_text(exc: Exception) -> str:
+    # protobuf's DecodeError names the message type and what was corrupt; bounded, it may echo input.
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+async def infer_one(
+    models: ModelRegistry,
+    executor: Executor,
+    frame: stream_pb2.Frame,
+    lane: str,
+    shared_memory: SharedMemoryView | None = None,
+) -> stream_pb2.Result:
+    """One frame through every stage, for ``Infer``; raises ``EdgescopeError`` for bad input or a failing model.
+
+    No stream: a stateful model starts from its initial state.
+    """
+    received_ns = time.perf_counter_ns()
+    loop = asyncio.get_running_loop()
+    leases: list[ServedModel] = []
+    try:
+        for name in (frame.model, *frame.extra_models):
+            leases.append(models.lease(name))
+        queued_ns = time.perf_counter_ns() - received_ns
+        prepared = await loop.run_in_executor(executor, prepare, frame, leases, shared_memory, False)
+        state = StreamState()
+        inferred = [
+            await model_input.model.worker.infer(job_for(model_input, lane, state, frame.reset_state))
+            for model_input in prepared.inputs
+        ]
+        finished = await loop.run_in_executor(
+            executor, finish_all, prepared.inputs, inferred, frame, prepared, queued_ns
+        )
+        return finished.result
+    finally:
+        for model in leases:
+            models.release(model)
+
+
+class StreamRegistry:
+    """Every stream the server is running, so shutdown can answer each one's frames."""
+
+    def __init__(self) -> None:
+        self._runs: set[StreamRun] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+        self._count = 0
+
+    def next_lane(self, kind: str) -> str:
+        self._count += 1
+        return f"{kind}-{self._count}"
+
+    def add(self, run: StreamRun) -> None:
+        if self.draining:
+            run.begin_drain()
+        self._runs.add(run)
+        self._idle.clear()
+
+    def remove(self, run: StreamRun) -> None:
+        self._runs.discard(run)
+        if not self._runs:
+            self._idle.set()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Answer every frame received; frames still in flight after ``timeout_s`` are dropped. True if none were."""
+        self.draining = True
+        for run in list(self._runs):
+            run.begin_drain()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            pass
+        for run in list(self._runs):
+            await run.cut()
+        return False
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True

@@ -1,17 +1,20 @@
 """Runtime metrics: what the server records per frame, and what it reports.
 
-``RuntimeMetrics`` is the one object the server feeds: ``observe_result``
-for every answer (it reads the stage timings already in the Result, stamps
-the server's receive/send times, and attaches the alerts in force),
-``observe_drop`` and ``observe_deadline_miss`` for the scheduler, and
-``observe_device`` for the background device sampler. It reports through a
-Prometheus registry (``registry``), a protobuf snapshot (``snapshot``) for
-the Telemetry call, the web page and ``edgescope top``, and the latest
-frame of each stream for the live preview.
+``RuntimeMetrics`` observes; it never holds frames and never changes a
+result. The server asks it for the alerts in force (``alerts_for``) and puts
+them on a result itself, then, once the answer is sent, hands the result to
+``observe_result``, which reads its status and stage timings. The background
+device sampler feeds ``observe_device``. It reports through a Prometheus
+registry (``registry``), a protobuf snapshot (``snapshot``) for the Telemetry
+call, the web page and ``edgescope top``, and a small JPEG preview of each
+recent stream (``preview``), refreshed at most every ``preview_interval_s``.
 
-Prometheus series are labelled per model, never per stream: stream ids are
-unbounded, and a time series per stream would grow the scrape without end.
-Per-stream figures live in the snapshot, for the most recent streams only.
+Label sets are bounded. Prometheus series are labelled per model, never per
+stream: stream ids are unbounded, and a time series per stream would grow the
+scrape without end. Only the models the server has loaded (``set_models``)
+get a label and a latency recorder of their own; answers naming any other
+model are counted under ``UNKNOWN_MODEL``. Per-stream figures live in the
+snapshot, for the most recent streams only.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -28,7 +31,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from edgescope.runtime.telemetry.alerts import Alert, budget_ms, device_alerts, kind_label, latency_alert
 from edgescope.runtime.telemetry.device import DeviceSample
 from edgescope.runtime.telemetry.gpu import THROTTLE_REASONS
-from edgescope.runtime.telemetry.latency import PERCENTILES, LatencyRecorder, drop_label, missed_deadline, reason_code
+from edgescope.runtime.telemetry.latency import PERCENTILES, LatencyRecorder, drop_label, missed_deadline
 from edgescope.v1 import stream_pb2, telemetry_pb2
 
 # Seconds; dense from 1 ms to 100 ms where real-time imaging lives.
@@ -39,6 +42,8 @@ LATENCY_BUCKETS_S = (
 SERVER_TOTAL = "server_total"
 # A model's latency alert stays in force this long after the late frame, then lapses if no frame renews it.
 LATENCY_ALERT_HOLD_S = 5.0
+# The label for answers that name no loaded model (a typo, an unloaded model): one series, however many names.
+UNKNOWN_MODEL = "_unknown"
 
 
 @dataclass(slots=True)
@@ -55,14 +60,16 @@ class TelemetryConfig:
     memory_near_full: float = 0.9
     # Streams kept for per-stream figures and the preview (least recently active dropped first).
     max_streams: int = 16
+    # Seconds between preview images of one stream (each a small JPEG, made off the event loop).
+    preview_interval_s: float = 0.5
 
 
 @dataclass(slots=True)
 class _StreamState:
     model: str
     latency: LatencyRecorder
-    frame: stream_pb2.Frame | None = None
-    result: stream_pb2.Result | None = None
+    preview: bytes | None = None
+    preview_at: float = -1e9
 
 
 class RuntimeMetrics:
@@ -77,6 +84,7 @@ class RuntimeMetrics:
         self._device: DeviceSample | None = None
         self._device_alerts: list[Alert] = []
         self._late: dict[str, tuple[float, Alert]] = {}
+        self._loaded: frozenset[str] = frozenset()
         r = self.registry
         self._success = Counter("edgescope_inference_success", "Frames answered with a result", ["model"], registry=r)
         self._failure = Counter("edgescope_inference_failure", "Frames answered with an error", ["model"], registry=r)
@@ -110,39 +118,34 @@ class RuntimeMetrics:
 
     # -- recording ---------------------------------------------------------------------------------
 
-    def observe_result(
-        self,
-        model: str,
-        stream_id: str,
-        result: stream_pb2.Result,
-        frame: stream_pb2.Frame | None = None,
-        received_ns: int | None = None,
-    ) -> None:
-        """Record one answer just before it is sent; attaches alerts and the server's clock stamps.
+    def set_models(self, names: list[str]) -> None:
+        """The models now loaded: the only names that get a label of their own."""
+        with self._lock:
+            self._loaded = frozenset(names)
 
-        ``received_ns`` is ``time.perf_counter_ns()`` when the frame arrived; without it the
-        server time is the sum of the result's stage timings.
+    def label(self, model: str) -> str:
+        """``model`` if it is loaded, else ``UNKNOWN_MODEL``: label sets stay bounded whatever clients send."""
+        return model if model in self._loaded else UNKNOWN_MODEL
+
+    def observe_result(
+        self, model: str, stream_id: str, result: stream_pb2.Result, residence_ns: int | None = None
+    ) -> None:
+        """Record one answer after it was sent; reads the result, never changes it.
+
+        ``residence_ns`` is the frame's time in the server, arrival to answer; without it
+        the sum of the result's stage timings.
         """
-        model = model or result.provenance.model or "unknown"
-        now_ns = time.perf_counter_ns()
-        wall_ns = time.time_ns()
-        if received_ns is not None:
-            residence_ns = max(0, now_ns - received_ns)
-            result.server_receive_time_ns = wall_ns - residence_ns
-        else:
+        model = self.label(model)
+        if residence_ns is None:
             residence_ns = sum(t.duration_ns for t in result.timings)
         code = result.status.code
-        alerts = self.alerts_for(model, result, residence_ns) if code == stream_pb2.FRAME_STATUS_CODE_OK else []
-        result.alerts.extend(alerts)
-        now_s = now_ns / 1e9
+        now_s = time.perf_counter_ns() / 1e9
         late = missed_deadline(result.status)
         with self._lock:
             model_latency = self._model(model)
             stream = self._stream(model, stream_id)
             measured = stream.latency.count_result(now_s)
             model_latency.count_result(now_s)
-            if frame is not None:
-                stream.frame, stream.result = frame, result
             if late:
                 stream.latency.deadline_misses += 1
                 model_latency.deadline_misses += 1
@@ -178,26 +181,25 @@ class RuntimeMetrics:
                         child = self._stage_children[(model, timing.stage)] = self._stage.labels(model, timing.stage)
                     child.observe(timing.duration_ns / 1e9)
                 self._total.labels(model).observe(residence_ns / 1e9)
-        for alert in alerts:
+        for alert in result.alerts:
             self._alerted.labels(model, kind_label(alert.kind)).inc()
-        result.server_send_time_ns = time.time_ns()
 
-    def tap(self) -> StreamTap:
-        return StreamTap(self)
-
-    def observe_drop(self, model: str, stream_id: str, reason: str) -> None:
-        """A frame dropped without a result of its own (e.g. superseded by a newer one)."""
-        code = reason_code(reason)
+    def preview_due(self, stream_id: str) -> bool:
+        """True when this stream's preview is older than the preview interval (and claims the next one)."""
+        now = time.monotonic()
         with self._lock:
-            self._stream(model, stream_id).latency.count_drop(code)
-            self._model(model).count_drop(code)
-        self._drops.labels(model, code).inc()
+            state = self._streams.get(stream_id)
+            if state is not None and now - state.preview_at < self.config.preview_interval_s:
+                return False
+            if state is not None:
+                state.preview_at = now
+            return True
 
-    def observe_deadline_miss(self, model: str, stream_id: str) -> None:
+    def set_preview(self, stream_id: str, jpeg: bytes) -> None:
         with self._lock:
-            self._stream(model, stream_id).latency.deadline_misses += 1
-            self._model(model).deadline_misses += 1
-        self._deadline.labels(model).inc()
+            state = self._streams.get(stream_id)
+            if state is not None:
+                state.preview = jpeg
 
     def observe_device(self, sample: DeviceSample) -> None:
         alerts = device_alerts(sample, self.config.memory_near_full)
@@ -205,10 +207,9 @@ class RuntimeMetrics:
             self._device = sample
             self._device_alerts = alerts
 
-    def alerts_for(self, model: str, result: stream_pb2.Result, server_ns: int | None = None) -> list[Alert]:
-        """Alerts that apply to this result: its own lateness, and the device's state."""
-        if server_ns is None:
-            server_ns = sum(t.duration_ns for t in result.timings)
+    def alerts_for(self, model: str, server_ns: int) -> list[Alert]:
+        """Alerts for a result that spent ``server_ns`` in the server: its own lateness, the device's state."""
+        model = self.label(model)
         late = latency_alert(model, server_ns / 1e6, budget_ms(self.config.latency_budget_ms, model))
         with self._lock:
             if late is not None:
@@ -242,14 +243,14 @@ class RuntimeMetrics:
             late = [alert for at, alert in self._late.values() if now - at <= LATENCY_ALERT_HOLD_S]
             return late + list(self._device_alerts)
 
-    def preview(self, stream_id: str = "") -> tuple[stream_pb2.Frame, stream_pb2.Result] | None:
-        """The latest frame and result of ``stream_id`` (or of the most recently active stream)."""
+    def preview(self, stream_id: str = "") -> bytes | None:
+        """The latest preview JPEG of ``stream_id`` (or of the most recently active stream that has one)."""
         with self._lock:
             candidates = [self._streams[stream_id]] if stream_id in self._streams else []
             candidates += [s for s in reversed(self._streams.values())]
             for state in candidates:
-                if state.frame is not None and state.result is not None:
-                    return state.frame, state.result
+                if state.preview is not None:
+                    return state.preview
         return None
 
     def snapshot(self) -> telemetry_pb2.TelemetrySnapshot:
@@ -297,31 +298,6 @@ class RuntimeMetrics:
         yield from _alert_families(self.active_alerts(), models)
         if device is not None:
             yield from _device_families(device)
-
-
-class StreamTap:
-    """Watches one Stream call: notes when each frame arrived, then records its answer.
-
-    Frames are held only until answered, and every frame gets exactly one
-    answer, so this holds no more than the scheduler has in flight.
-    """
-
-    def __init__(self, metrics: RuntimeMetrics) -> None:
-        self._metrics = metrics
-        self._pending: dict[int, tuple[stream_pb2.Frame, int]] = {}
-        self._model = ""
-
-    async def frames(self, source: AsyncIterable[stream_pb2.Frame]) -> AsyncIterator[stream_pb2.Frame]:
-        async for frame in source:
-            if frame.model:
-                self._model = frame.model
-            self._pending[frame.seq] = (frame, time.perf_counter_ns())
-            yield frame
-
-    def observe(self, result: stream_pb2.Result) -> stream_pb2.Result:
-        frame, received = self._pending.pop(result.seq, (None, None))
-        self._metrics.observe_result(result.provenance.model or self._model, result.stream_id, result, frame, received)
-        return result
 
 
 class _LiveCollector:

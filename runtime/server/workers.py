@@ -1,0 +1,383 @@
+"""One inference worker per loaded model: the only code that calls a model's sessions.
+
+Triton's instance groups are the model: a worker owns ``instances`` threads,
+each holding one session state (for TensorRT: an execution context, a CUDA
+stream and its buffers, on a thread that set the device once). A session is
+loaded, warmed up, run and closed on its own thread, so no two callers ever
+enter one session, whatever calls the model (streams, ``Infer``, KServe,
+captures) and whatever happens to the model (reload, unload, shutdown). A
+session that declares it can take every instance's calls at once (a client of
+a remote server) is shared by the instances instead of opened once per thread.
+
+Everything submits a ``Job`` through ``infer``; jobs wait in one bounded queue
+made of one lane per requester (a stream, a unary call), served round-robin so
+a busy stream cannot starve another. A requester has at most one job queued
+at a time (a stream's frames reach inference one by one); when the queue is
+full, a new job is refused at once (``OverloadError``) rather than held. Batching is the worker's policy: jobs
+that carry one preprocessed frame of a stateless, dynamic-batch model are
+stacked across lanes (up to ``max_batch``, waiting at most ``batch_delay_s``
+for company); if a batch fails, its jobs are run one by one so a bad frame
+fails only itself.
+
+Retiring a worker stops it taking jobs, lets queued and running jobs finish,
+then each thread closes its session and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from edgescope.errors import BackendError, EdgescopeError, OverloadError
+from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
+from edgescope.runtime.pipeline.state import ModelState
+
+logger = logging.getLogger(__name__)
+
+# Jobs queued per model across all requesters; beyond this a job is refused.
+MAX_QUEUED_JOBS = 256
+
+SessionFactory = Callable[[], Session]
+# Runs on each instance's thread right after its session is loaded (warm-up, self-test).
+SessionCheck = Callable[[Session], None]
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One request to a model.
+
+    Either ``tensor`` (one preprocessed frame, a batch of one; with ``state``
+    for a stateful model, whose feed the worker builds and whose state it
+    updates) or ``feed`` (every input, as KServe sends them).
+    """
+
+    lane: str
+    tensor: npt.NDArray[np.float32] | None = None
+    frame_input: str = ""
+    state: ModelState | None = None
+    reset_state: bool = False
+    feed: Feed | None = None
+    batchable: bool = False
+    # Set by the worker: the outputs, the inference time and the batch size it ran in.
+    future: asyncio.Future[JobResult] | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    cancelled: bool = False
+
+    def run_alone(self, session: Session) -> Outputs:
+        if self.feed is not None:
+            return session.infer(self.feed)
+        if self.tensor is None:
+            raise BackendError("a job carries neither a tensor nor a feed")
+        if self.state is None:
+            return session.infer({self.frame_input: self.tensor})
+        if self.reset_state:
+            self.state.reset()
+        outputs = session.infer(self.state.feed(self.tensor))
+        self.state.update(self.tensor, outputs)
+        return outputs
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    outputs: Outputs
+    infer_ns: int
+    batch_size: int
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """What the worker has done, for telemetry and the protocol's statistics."""
+
+    jobs: int = 0
+    failures: int = 0
+    batches: int = 0
+    batched_jobs: int = 0
+    infer_ns: int = 0
+    last_ns: int = 0
+    queue_depth_max: int = 0
+
+
+@dataclass(slots=True)
+class _Instance:
+    index: int
+    thread: threading.Thread | None = None
+    session: Session | None = None
+    owns_session: bool = True
+    ready: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class ModelWorker:
+    """Runs one model's jobs on its instances; see the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        open_session: SessionFactory,
+        *,
+        instances: int = 1,
+        max_batch: int = 1,
+        batch_delay_s: float = 0.0,
+        check: SessionCheck | None = None,
+    ) -> None:
+        if instances < 1:
+            raise BackendError(f"model {name}: instances must be at least 1, not {instances}")
+        self.name = name
+        self._open_session = open_session
+        self._check = check
+        self._max_batch = max(1, max_batch)
+        self._batch_delay_s = max(0.0, batch_delay_s)
+        self._instances = [_Instance(i) for i in range(instances)]
+        self._lanes: OrderedDict[str, deque[Job]] = OrderedDict()
+        self._queued = 0
+        self._cond = threading.Condition()
+        self._retired = False
+        self.capabilities: SessionCapabilities | None = None
+        self.stats = WorkerStats()
+
+    # -- lifecycle (blocking: call from a loader thread, never the event loop) ---------------------
+
+    def start(self) -> None:
+        """Open, warm up and check every instance's session on its own thread; raise if any fails."""
+        first = self._instances[0]
+        self._spawn(first, load=True)
+        first.ready.wait()
+        if first.error is not None:
+            self.retire()
+            self.join()
+            raise first.error
+        assert first.session is not None  # set with ready when there is no error
+        self.capabilities = first.session.capabilities
+        limit = self.capabilities.max_concurrency
+        shared = limit is None or limit >= len(self._instances)
+        for instance in self._instances[1:]:
+            if shared:
+                instance.session, instance.owns_session = first.session, False
+            self._spawn(instance, load=not shared)
+        for instance in self._instances[1:]:
+            instance.ready.wait()
+        failed = next((i.error for i in self._instances if i.error is not None), None)
+        if failed is not None:
+            self.retire()
+            self.join()
+            raise failed
+
+    def _spawn(self, instance: _Instance, *, load: bool) -> None:
+        instance.thread = threading.Thread(
+            target=self._serve,
+            args=(instance, load),
+            name=f"edgescope-{self.name}-{instance.index}",
+            daemon=True,
+        )
+        instance.thread.start()
+
+    def retire(self) -> None:
+        """Take no more jobs; threads finish what is queued, close their sessions and exit."""
+        with self._cond:
+            self._retired = True
+            self._cond.notify_all()
+
+    def join(self, timeout_s: float | None = None) -> bool:
+        """Wait for every thread to exit; True when all did."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for instance in self._instances:
+            if instance.thread is not None:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                instance.thread.join(remaining)
+        return not any(i.thread is not None and i.thread.is_alive() for i in self._instances)
+
+    @property
+    def instances(self) -> int:
+        return len(self._instances)
+
+    # -- submitting (on the event loop) -----------------------------------------------------------
+
+    async def infer(self, job: Job) -> JobResult:
+        """Queue ``job`` and wait for its result; cancelling the wait withdraws a job not yet started."""
+        loop = asyncio.get_running_loop()
+        job.loop = loop
+        job.future = loop.create_future()
+        with self._cond:
+            if self._retired:
+                raise BackendError(f"model {self.name} is being unloaded; send the frame again")
+            if self._queued >= MAX_QUEUED_JOBS:
+                raise OverloadError(f"model {self.name} has {self._queued} requests waiting; try again shortly")
+            self._lanes.setdefault(job.lane, deque()).append(job)
+            self._queued += 1
+            self.stats.queue_depth_max = max(self.stats.queue_depth_max, self._queued)
+            self._cond.notify()
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            self._withdraw(job)
+            raise
+
+    def _withdraw(self, job: Job) -> None:
+        with self._cond:
+            job.cancelled = True
+            lane = self._lanes.get(job.lane)
+            if lane is not None and job in lane:
+                lane.remove(job)
+                self._queued -= 1
+                if not lane:
+                    del self._lanes[job.lane]
+
+    # -- the instance threads ----------------------------------------------------------------------
+
+    def _serve(self, instance: _Instance, load: bool) -> None:
+        try:
+            if load:
+                instance.session = self._open_session()
+            if self._check is not None and instance.owns_session:
+                assert instance.session is not None
+                self._check(instance.session)
+        except BaseException as exc:
+            instance.error = exc
+            self._close(instance)
+            return
+        finally:
+            instance.ready.set()
+        assert instance.session is not None
+        try:
+            while (batch := self._next_batch()) is not None:
+                self._run(instance.session, batch)
+        finally:
+            if instance.owns_session:
+                # Shared sessions are closed by their owner once every user has left.
+                for other in self._instances:
+                    if other is not instance and not other.owns_session and other.thread is not None:
+                        other.thread.join()
+            self._close(instance)
+
+    def _close(self, instance: _Instance) -> None:
+        if instance.owns_session and instance.session is not None:
+            try:
+                instance.session.close()
+            except Exception:
+                logger.exception("closing a session of %s failed", self.name)
+
+    def _next_batch(self) -> list[Job] | None:
+        """The next lane's job, plus batchable company from other lanes; None once retired and empty."""
+        with self._cond:
+            while not self._lanes:
+                if self._retired:
+                    return None
+                self._cond.wait()
+            batch = [self._pop_next()]
+            if batch[0].batchable and self._max_batch > 1 and self._batch_delay_s > 0:
+                deadline = time.monotonic() + self._batch_delay_s
+                while self._batchable_waiting(batch[0]) < self._max_batch - 1 and not self._retired:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            if batch[0].batchable:
+                while len(batch) < self._max_batch and (company := self._pop_batchable(batch[0])) is not None:
+                    batch.append(company)
+            return batch
+
+    def _pop_next(self) -> Job:
+        lane_key, lane = next(iter(self._lanes.items()))
+        job = lane.popleft()
+        self._queued -= 1
+        # Round-robin: the lane goes to the back, or away when empty.
+        del self._lanes[lane_key]
+        if lane:
+            self._lanes[lane_key] = lane
+        return job
+
+    def _fits(self, job: Job, first: Job) -> bool:
+        return (
+            job.batchable
+            and job.tensor is not None
+            and first.tensor is not None
+            and job.tensor.shape == first.tensor.shape
+            and job.tensor.dtype == first.tensor.dtype
+        )
+
+    def _batchable_waiting(self, first: Job) -> int:
+        return sum(1 for lane in self._lanes.values() for job in lane if self._fits(job, first))
+
+    def _pop_batchable(self, first: Job) -> Job | None:
+        for lane_key, lane in self._lanes.items():
+            if lane and self._fits(lane[0], first):
+                job = lane.popleft()
+                self._queued -= 1
+                del self._lanes[lane_key]
+                if lane:
+                    self._lanes[lane_key] = lane
+                return job
+        return None
+
+    def _run(self, session: Session, batch: list[Job]) -> None:
+        live = [job for job in batch if not job.cancelled]
+        if not live:
+            return
+        if len(live) > 1:
+            try:
+                self._run_batch(session, live)
+                return
+            except Exception as exc:
+                # Find the frame that broke the batch: only it fails.
+                logger.debug(
+                    "a batch of %d for %s failed (%s); running its frames one by one", len(live), self.name, exc
+                )
+        for job in live:
+            start = time.perf_counter_ns()
+            try:
+                outputs = job.run_alone(session)
+            except Exception as exc:
+                self._settle(job, None, _as_backend_error(exc, self.name))
+                continue
+            self._settle(job, JobResult(outputs, time.perf_counter_ns() - start, 1), None)
+
+    def _run_batch(self, session: Session, jobs: list[Job]) -> None:
+        start = time.perf_counter_ns()
+        stacked = np.concatenate([job.tensor for job in jobs if job.tensor is not None])
+        outputs = session.infer({jobs[0].frame_input: stacked})
+        elapsed = time.perf_counter_ns() - start
+        with self._cond:
+            self.stats.batches += 1
+            self.stats.batched_jobs += len(jobs)
+        for index, job in enumerate(jobs):
+            own = {name: value[index : index + 1] for name, value in outputs.items()}
+            self._settle(job, JobResult(own, elapsed, len(jobs)), None)
+
+    def _settle(self, job: Job, result: JobResult | None, error: BaseException | None) -> None:
+        with self._cond:
+            self.stats.jobs += 1
+            if error is not None:
+                self.stats.failures += 1
+            elif result is not None:
+                self.stats.infer_ns += result.infer_ns // result.batch_size
+                self.stats.last_ns = time.time_ns()
+        if job.loop is None or job.future is None:
+            return
+        # RuntimeError: the loop is closed, so nobody waits for this answer any more.
+        with contextlib.suppress(RuntimeError):
+            job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
+
+
+def _resolve(future: asyncio.Future[JobResult], result: JobResult | None, error: BaseException | None) -> None:
+    # The waiter may have been cancelled meanwhile; its answer was given elsewhere.
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    elif result is not None:
+        future.set_result(result)
+
+
+def _as_backend_error(exc: Exception, name: str) -> EdgescopeError:
+    if isinstance(exc, EdgescopeError):
+        return exc
+    return BackendError(f"model {name} failed: {type(exc).__name__}: {exc}")
