@@ -182,6 +182,20 @@ class RuntimeMetrics:
             self._alerted.labels(model, kind_label(alert.kind)).inc()
         result.server_send_time_ns = time.time_ns()
 
+    def add_model(self, model: str) -> None:
+        """Start every per-model counter at 0 when a model loads, so its series exist before its first event.
+
+        Rates and alert rules over a counter that appears only with its first failure miss that
+        failure; starting at 0 also keeps a model that never succeeded visible on dashboards.
+        """
+        self._success.labels(model)
+        self._failure.labels(model)
+        self._deadline.labels(model)
+        self._warmup.labels(model)
+        for reason in stream_pb2.DropReason.values():
+            if reason != stream_pb2.DROP_REASON_UNSPECIFIED:
+                self._drops.labels(model, drop_label(stream_pb2.FrameStatus(drop_reason=reason)))
+
     def tap(self) -> StreamTap:
         return StreamTap(self)
 
@@ -266,9 +280,10 @@ class RuntimeMetrics:
     def live_families(self) -> Iterable[Metric]:
         """Gauges computed at scrape time: percentiles, jitter, fps, device health, alerts."""
         quantiles = GaugeMetricFamily(
-            "edgescope_latency_quantile_seconds",
-            "Latency percentile since start (warm-up excluded); quantile 1 is the maximum",
-            labels=["model", "stage", "quantile"],
+            "edgescope_latency_percentile_seconds",
+            # Not "quantile": that label belongs to summaries, and promtool rejects it on a gauge.
+            "Latency percentile since start (warm-up excluded); percentile 100 is the maximum",
+            labels=["model", "stage", "percentile"],
         )
         jitter = GaugeMetricFamily(
             "edgescope_latency_jitter_seconds",
@@ -289,7 +304,7 @@ class RuntimeMetrics:
                 for stage, stats in latency.summary().items():
                     values = (stats.p50_ms, stats.p90_ms, stats.p99_ms, stats.p999_ms, stats.max_ms)
                     for q, value in zip((*PERCENTILES, 100.0), values, strict=True):
-                        quantiles.add_metric([model, stage, _quantile_label(q)], value / 1000.0)
+                        quantiles.add_metric([model, stage, f"{q:g}"], value / 1000.0)
                     jitter.add_metric([model, stage], stats.jitter_ms / 1000.0)
             device = self._device
             models = list(self._models)
@@ -330,10 +345,6 @@ class _LiveCollector:
 
     def collect(self) -> Iterable[Metric]:
         return self._metrics.live_families()
-
-
-def _quantile_label(percentile: float) -> str:
-    return f"{percentile / 100.0:g}"
 
 
 def _group(model: str, stream_id: str, latency: LatencyRecorder, now_s: float) -> telemetry_pb2.LatencyGroup:

@@ -1,0 +1,133 @@
+"""Prometheus conventions: the runtime's /metrics and deploy/'s config and rules pass promtool.
+
+promtool comes with Debian's ``prometheus`` package (``.ci/run`` installs it);
+the tests that need it skip, saying so, where it is absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from edgescope.bundle import Bundle
+from edgescope.runtime.client import StreamOptions, stream_source
+from edgescope.runtime.sources.synthetic import SyntheticUltrasoundSource
+from edgescope.runtime.telemetry.metrics import RuntimeMetrics, TelemetryConfig
+
+from . import deploy_queries
+from .conftest import ServerThread
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMETHEUS = ROOT / "deploy" / "prometheus"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (Debian: apt-get install prometheus)"
+)
+MODEL = "lesion-unet"
+PER_MODEL_COUNTERS = (
+    "edgescope_inference_success_total",
+    "edgescope_inference_failure_total",
+    "edgescope_deadline_misses_total",
+    "edgescope_warmup_frames_total",
+)
+
+
+def _promtool(*args: str, stdin: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL is not None
+    return subprocess.run(
+        [PROMTOOL, *args], input=stdin, capture_output=True, text=True, timeout=60, cwd=cwd, check=False
+    )
+
+
+def test_add_model_starts_every_per_model_counter_at_zero() -> None:
+    metrics = RuntimeMetrics()
+    metrics.add_model("probe-cls")
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for s in family.samples
+    }
+    model = ("model", "probe-cls")
+    for name in PER_MODEL_COUNTERS:
+        assert samples[(name, frozenset({model}))] == 0.0, name
+    for reason in ("stale", "deadline", "shutdown"):
+        assert samples[("edgescope_frames_dropped_total", frozenset({model, ("reason", reason)}))] == 0.0
+    # A failure then moves the series that already existed.
+    metrics.observe_drop("probe-cls", "s1", "stale: a newer frame arrived")
+    after = generate_latest(metrics.registry).decode()
+    assert 'edgescope_frames_dropped_total{model="probe-cls",reason="stale"} 1.0' in after
+
+
+@pytest.fixture(scope="module")
+def server(example_bundle: Bundle) -> Iterator[ServerThread]:
+    running = ServerThread([example_bundle.path], telemetry=TelemetryConfig(interval_s=0.2, http_port=0))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@needs_promtool
+def test_promtool_check_metrics_passes_on_a_live_scrape(server: ServerThread) -> None:
+    hub = server.running.telemetry
+    assert hub is not None and hub.http_port is not None
+    hub.metrics.add_model(MODEL)
+    options = StreamOptions(target=server.target, model=MODEL, realtime=False, timeout_s=60)
+    report = asyncio.run(stream_source(SyntheticUltrasoundSource(seed=3, n_frames=6), options))
+    assert report.latency.results == 6
+    with urllib.request.urlopen(f"http://127.0.0.1:{hub.http_port}/metrics", timeout=10) as response:
+        scrape = response.read().decode()
+    # The scrape holds what promtool judges: latency percentiles, histograms, counters, device gauges.
+    for name in ("edgescope_latency_percentile_seconds", "edgescope_stage_duration_seconds_bucket"):
+        assert name in scrape
+    done = _promtool("check", "metrics", stdin=scrape)
+    assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), done.stdout + done.stderr
+
+
+@needs_promtool
+@pytest.mark.parametrize("config", ["prometheus.yml", "compose-prometheus.yml"])
+def test_promtool_accepts_the_scrape_configs(config: str) -> None:
+    done = _promtool("check", "config", str(PROMETHEUS / config))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS: 1 rule files found" in done.stdout
+
+
+@needs_promtool
+def test_alert_rules_fire_as_their_unit_tests_expect() -> None:
+    checked = _promtool("check", "rules", str(PROMETHEUS / "alerts.yml"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    done = _promtool("test", "rules", "alerts_test.yml", cwd=ROOT / "tests" / "prometheus")
+    assert done.returncode == 0, done.stdout + done.stderr
+    # Every rule is exercised by the unit tests.
+    tested = set(re.findall(r"alertname: (\w+)", (ROOT / "tests" / "prometheus" / "alerts_test.yml").read_text()))
+    groups = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"]
+    assert tested == {rule["alert"] for group in groups for rule in group["rules"]}
+
+
+@needs_promtool
+def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
+    # Grafana's variables, replaced as Grafana would for "All" and a 1 h range.
+    values = {"$__rate_interval": "1m", "$__range": "1h", "$job": ".*", "$instance": ".*", "$model": ".*"}
+    rules = []
+    for i, expr in enumerate(deploy_queries.dashboard_exprs()):
+        for variable, value in values.items():
+            expr = expr.replace(variable, value)
+        assert "$" not in expr, expr
+        if expr.startswith("label_values("):
+            # Grafana's own function: its selector is the PromQL part.
+            expr = expr[len("label_values(") : expr.rindex(",")]
+        rules.append({"record": f"dashboard:query_{i}", "expr": expr})
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    done = _promtool("check", "rules", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
