@@ -169,3 +169,49 @@ def test_the_image_health_check_asks_the_grpc_health_service(example_bundle: Bun
     # The same port, the server gone: unhealthy, with the reason.
     gone = _healthcheck("--target", running.target, "--timeout", "1")
     assert gone.returncode == 1 and "unhealthy" in gone.stderr
+
+
+UNIT = DEPLOY / "systemd" / "edgescope.service"
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+needs_systemd_analyze = pytest.mark.skipif(
+    SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed (Debian: systemd)"
+)
+
+
+def _exec_start() -> str:
+    return UNIT.read_text().split("ExecStart=", 1)[1].split("\n#", 1)[0].replace("\\\n", " ")
+
+
+def test_systemd_unit_uses_real_flags_and_reads_its_secrets_from_credentials() -> None:
+    exec_start = _exec_start()
+    flags = set(re.findall(r"--[a-z][a-z-]+", exec_start))
+    assert flags and flags <= _known_flags(), flags - _known_flags()
+    credentials = dict(re.findall(r"^LoadCredential=([^:\n]+):(\S+)$", UNIT.read_text(), flags=re.MULTILINE))
+    for flag in ("--tls-cert", "--tls-key", "--token-file"):
+        value = re.search(rf"{flag} (\S+)", exec_start)
+        assert value is not None, flag
+        name = value.group(1).removeprefix("${CREDENTIALS_DIRECTORY}/")
+        assert name != value.group(1) and name in credentials, f"{flag} does not read a LoadCredential= file"
+    assert not re.search(r"pip install[^\n]*\sedgescope\b", UNIT.read_text())
+
+
+@needs_systemd_analyze
+def test_systemd_unit_parses_and_its_sandbox_exposure_is_at_most_3(tmp_path: Path) -> None:
+    assert SYSTEMD_ANALYZE is not None
+    # verify wants the executable to exist: the same unit with a stand-in for it.
+    copy = tmp_path / "edgescope.service"
+    copy.write_text(UNIT.read_text().replace("/opt/edgescope/.venv/bin/edgescope", shutil.which("true") or "/bin/true"))
+    verify = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", str(copy)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    security = subprocess.run(
+        [SYSTEMD_ANALYZE, "security", "--offline=yes", "--no-pager", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for edgescope\.service: (\d+\.\d+)", security.stdout)
+    assert match is not None, security.stdout + security.stderr
+    assert float(match.group(1)) <= 3.0, security.stdout
