@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-from functools import cache
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ import yaml
 
 from edgescope.bundle import Bundle
 
+from . import deploy_checks
 from .conftest import ServerThread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,36 +27,6 @@ DEPLOY = ROOT / "deploy"
 DOCKERFILES = sorted((DEPLOY / "docker").glob("Dockerfile.*"))
 COMPOSE = DEPLOY / "compose" / "compose.yaml"
 HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
-# The security work's agreed serve flags, not yet in `edgescope serve --help`. Delete this set
-# once they are: every deploy file must then use only flags that serve really has.
-AGREED_SERVE_FLAGS = frozenset(
-    {
-        "--tls-cert",
-        "--tls-key",
-        "--tls-client-ca",
-        "--token-file",
-        "--insecure",
-        "--model-repository",
-        "--trusted-keys",
-        "--allowed-hosts",
-    }
-)
-
-
-@cache
-def _serve_flags() -> frozenset[str]:
-    help_text = subprocess.run(
-        [sys.executable, "-m", "edgescope.cli", "serve", "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    return frozenset(re.findall(r"--[a-z][a-z-]+", help_text))
-
-
-def _known_flags() -> frozenset[str]:
-    return _serve_flags() | AGREED_SERVE_FLAGS
 
 
 def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -82,7 +52,7 @@ def test_dockerfiles_copy_real_paths_and_use_real_flags(dockerfile: Path) -> Non
     command = _exec_form(instructions, "ENTRYPOINT")
     assert command[:2] == ["edgescope", "serve"]
     flags = {word for word in command if word.startswith("--")}
-    assert flags <= _known_flags(), flags - _known_flags()
+    assert flags <= deploy_checks.serve_flags(), flags - deploy_checks.serve_flags()
     # On 0.0.0.0 the image serves TLS with tokens; plain text is for the compose demo alone.
     assert {"--tls-cert", "--tls-key", "--token-file"} <= flags and "--insecure" not in flags
     assert _exec_form(instructions, "CMD")[0].startswith("/models/")
@@ -114,7 +84,7 @@ def test_compose_runs_the_real_server_and_mounts_what_exists() -> None:
     command = edgescope["entrypoint"]
     assert command[:2] == ["edgescope", "serve"]
     flags = {word for word in command if word.startswith("--")}
-    assert flags <= _known_flags(), flags - _known_flags()
+    assert flags <= deploy_checks.serve_flags(), flags - deploy_checks.serve_flags()
     assert "--insecure" in flags  # the local demonstration network, and nowhere else
     assert (ROOT / edgescope["build"]["dockerfile"]).exists()
     for name, service in services.items():
@@ -185,7 +155,7 @@ def _exec_start() -> str:
 def test_systemd_unit_uses_real_flags_and_reads_its_secrets_from_credentials() -> None:
     exec_start = _exec_start()
     flags = set(re.findall(r"--[a-z][a-z-]+", exec_start))
-    assert flags and flags <= _known_flags(), flags - _known_flags()
+    assert flags and flags <= deploy_checks.serve_flags(), flags - deploy_checks.serve_flags()
     credentials = dict(re.findall(r"^LoadCredential=([^:\n]+):(\S+)$", UNIT.read_text(), flags=re.MULTILINE))
     for flag in ("--tls-cert", "--tls-key", "--token-file"):
         value = re.search(rf"{flag} (\S+)", exec_start)

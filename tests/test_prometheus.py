@@ -24,7 +24,7 @@ from edgescope.runtime.client import StreamOptions, stream_source
 from edgescope.runtime.sources.synthetic import SyntheticUltrasoundSource
 from edgescope.runtime.telemetry.metrics import RuntimeMetrics, TelemetryConfig
 
-from . import deploy_queries
+from . import deploy_checks
 from .conftest import ServerThread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +119,7 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
     # Grafana's variables, replaced as Grafana would for "All" and a 1 h range.
     values = {"$__rate_interval": "1m", "$__range": "1h", "$job": ".*", "$instance": ".*", "$model": ".*"}
     rules = []
-    for i, expr in enumerate(deploy_queries.dashboard_exprs()):
+    for i, expr in enumerate(deploy_checks.dashboard_exprs()):
         for variable, value in values.items():
             expr = expr.replace(variable, value)
         assert "$" not in expr, expr

@@ -29,7 +29,7 @@ from edgescope.runtime.telemetry.hub import TelemetryHub
 from edgescope.runtime.telemetry.metrics import TelemetryConfig
 from edgescope.v1 import stream_pb2, telemetry_pb2, telemetry_pb2_grpc
 
-from . import deploy_queries
+from . import deploy_checks
 from .conftest import ServerThread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,8 +225,8 @@ def test_every_metric_the_dashboard_and_alert_rules_query_is_exported(server: Se
     options = StreamOptions(target=server.target, model=MODEL, realtime=False, timeout_s=60)
     asyncio.run(stream_source(SyntheticUltrasoundSource(seed=9, n_frames=3), options))
     samples, families = _scrape(server)
-    exprs = deploy_queries.dashboard_exprs() + deploy_queries.alert_exprs()
-    queried = deploy_queries.metric_names(exprs)
+    exprs = deploy_checks.dashboard_exprs() + deploy_checks.alert_exprs()
+    queried = deploy_checks.metric_names(exprs)
     assert len(queried) >= 20
     missing = queried - _exported_names(families)
     assert not missing, f"queried by deploy/ but not in /metrics: {sorted(missing)}"
@@ -234,9 +234,9 @@ def test_every_metric_the_dashboard_and_alert_rules_query_is_exported(server: Se
     labels: dict[str, set[tuple[str, str]]] = {}
     for name, label_set in samples:
         labels.setdefault(name, set()).update(label_set)
-    for metric, matchers in deploy_queries.selectors(exprs):
+    for metric, matchers in deploy_checks.selectors(exprs):
         for label, operator, value in matchers:
-            if label in deploy_queries.TARGET_LABELS:
+            if label in deploy_checks.TARGET_LABELS:
                 continue
             assert label in {k for k, _ in labels[metric]}, f"{metric} has no label {label!r}"
             if operator == "=" and "$" not in value:
