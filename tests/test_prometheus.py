@@ -22,6 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgescope.bundle import Bundle
 from edgescope.runtime.client import StreamOptions, stream_source
 from edgescope.runtime.sources.synthetic import SyntheticUltrasoundSource
+from edgescope.runtime.telemetry.device import DeviceSample, HostSample
+from edgescope.runtime.telemetry.gpu import GpuSample
 from edgescope.runtime.telemetry.metrics import RuntimeMetrics, TelemetryConfig
 
 from . import deploy_checks
@@ -131,3 +133,36 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     done = _promtool("check", "rules", str(path))
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@needs_promtool
+def test_promtool_check_metrics_passes_with_every_gpu_family(tmp_path: Path) -> None:
+    # No GPU here: a device sample as NVML and tegrastats (Thor: no utilisation) give them, through
+    # the same exporter, so the GPU families are linted too.
+    nvml = GpuSample(
+        index=0,
+        name="NVIDIA RTX A4000",
+        utilization_percent=87.0,
+        memory_used_bytes=3 << 30,
+        memory_total_bytes=16 << 30,
+        temperature_c=71.0,
+        power_w=120.5,
+        timestamp_s=1.0,
+        process_memory_bytes=1 << 30,
+        power_limit_w=140.0,
+        sm_clock_mhz=1560.0,
+        memory_clock_mhz=7001.0,
+        throttle_reasons=("sw_power_cap",),
+        ecc_corrected=0,
+        ecc_uncorrected=0,
+    )
+    thor = GpuSample(1, "Jetson iGPU", -1.0, 3 << 30, 122 << 30, 50.5, 6.33, 1.0, sm_clock_mhz=1574.0)
+    metrics = RuntimeMetrics()
+    metrics.add_model(MODEL)
+    metrics.observe_device(
+        DeviceSample("nvml", "ok", (nvml, thor), HostSample(12.5, 4 << 30, 16 << 30, 300 << 20), 51_000, 1)
+    )
+    scrape = generate_latest(metrics.registry).decode()
+    assert 'edgescope_gpu_throttle{gpu="0",reason="sw_power_cap"} 1.0' in scrape
+    done = _promtool("check", "metrics", stdin=scrape)
+    assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), done.stdout + done.stderr
