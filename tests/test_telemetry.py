@@ -29,6 +29,7 @@ from edgescope.runtime.sources.synthetic import SyntheticUltrasoundSource
 from edgescope.runtime.telemetry.metrics import TelemetryConfig
 from edgescope.v1 import stream_pb2, telemetry_pb2, telemetry_pb2_grpc
 
+from . import deploy_checks
 from .conftest import ServerThread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,13 +124,13 @@ def test_metrics_count_every_frame_of_a_stream_while_it_runs(server: ServerThrea
         assert delta("edgescope_stage_duration_seconds_count", model=MODEL, stage=stage) == sent, stage
         assert delta("edgescope_stage_duration_seconds_bucket", model=MODEL, stage=stage, le="+Inf") == sent
     assert delta("edgescope_alerted_results_total", model=MODEL, kind="latency_budget_exceeded") == sent
-    quantiles = {
-        dict(labels)["quantile"]: value
+    percentiles = {
+        dict(labels)["percentile"]: value
         for (name, labels), value in after.items()
-        if name == "edgescope_latency_quantile_seconds" and ("stage", "infer") in labels
+        if name == "edgescope_latency_percentile_seconds" and ("stage", "infer") in labels
     }
-    assert set(quantiles) == {"0.5", "0.9", "0.99", "0.999", "1"}
-    assert 0 < quantiles["0.5"] <= quantiles["0.99"] <= quantiles["1"]
+    assert set(percentiles) == {"50", "90", "99", "99.9", "100"}
+    assert 0 < percentiles["50"] <= percentiles["99"] <= percentiles["100"]
     assert _value(after, "edgescope_alert_active", kind="latency_budget_exceeded", model=MODEL) == 1.0
 
 
@@ -211,25 +212,33 @@ def test_top_against_no_server_fails_plainly(capsys: pytest.CaptureFixture[str])
     assert "telemetry from 127.0.0.1:1 failed: UNAVAILABLE" in capsys.readouterr().err
 
 
-def _dashboard_metric_names() -> set[str]:
-    dashboard = json.loads((ROOT / "deploy" / "grafana" / "edgescope-dashboard.json").read_text())
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    exprs += [v["definition"] for v in dashboard["templating"]["list"]]
-    exprs += re.findall(r"expr: (.+)", (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
-    return set(re.findall(r"\bedgescope_[a-z0-9_]+", " ".join(exprs)))
-
-
 def _exported_names(families: dict[str, str]) -> set[str]:
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
     return {name + suffix for name, kind in families.items() for suffix in suffixes.get(kind, ("",))}
 
 
 def test_every_metric_the_dashboard_and_alert_rules_query_is_exported(server: ServerThread) -> None:
-    _, families = _scrape(server)
-    queried = _dashboard_metric_names()
+    hub = server.running.telemetry
+    assert hub is not None
+    options = StreamOptions(target=server.target, model=MODEL, realtime=False, timeout_s=60)
+    asyncio.run(stream_source(SyntheticUltrasoundSource(seed=9, n_frames=3), options))
+    samples, families = _scrape(server)
+    exprs = deploy_checks.dashboard_exprs() + deploy_checks.alert_exprs()
+    queried = deploy_checks.metric_names(exprs)
     assert len(queried) >= 20
     missing = queried - _exported_names(families)
     assert not missing, f"queried by deploy/ but not in /metrics: {sorted(missing)}"
+    # Every label a query selects on is one the metric has, and every exact value exists.
+    labels: dict[str, set[tuple[str, str]]] = {}
+    for name, label_set in samples:
+        labels.setdefault(name, set()).update(label_set)
+    for metric, matchers in deploy_checks.selectors(exprs):
+        for label, operator, value in matchers:
+            if label in deploy_checks.TARGET_LABELS:
+                continue
+            assert label in {k for k, _ in labels[metric]}, f"{metric} has no label {label!r}"
+            if operator == "=" and "$" not in value:
+                assert (label, value) in labels[metric], f"{metric} never has {label}={value!r}"
     scrape = (ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text()
     assert "metrics_path: /metrics" in scrape and "127.0.0.1:8732" in scrape
 

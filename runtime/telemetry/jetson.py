@@ -1,11 +1,25 @@
 """Jetson GPU telemetry from tegrastats (Jetson's integrated GPU has no NVML).
 
-tegrastats prints one line per interval; its fields differ between
-generations (Nano/TX: ``POM_5V_GPU 0/0``; Xavier: ``GPU 0/0``; Orin:
-``VDD_GPU_SOC 2393mW/2393mW``; JetPack 6 Orin Nano: ``VDD_CPU_GPU_CV``;
-temperatures ``GPU@33.5C`` or ``gpu@47.093C``, -256C for a powered-down
-zone). ``parse_tegrastats`` reads what is there and leaves the rest at -1.
-The GPU shares system RAM, so its memory is the RAM figure.
+tegrastats prints one line per interval. Its fields differ between
+generations and JetPack releases; these forms are read:
+
+- GPU engine: ``GR3D_FREQ 46%@921`` (Nano, TX2, Xavier, JetPack 5 Orin),
+  ``GR3D_FREQ 87%@[1300,1300]`` (Orin, one clock per GPC), ``GR3D_FREQ 0%``
+  (JetPack 6 Orin Nano: no clock), ``GR3D_FREQ @[1574,1574,1574]`` (Thor,
+  JetPack 7: per-GPC clocks and no utilisation); a GPC may read ``off``.
+  Some Thor images print no GR3D field at all.
+- Memory clock: ``EMC_FREQ 0%@2133``, ``EMC_FREQ @4266`` (Thor), ``EMC_FREQ 3%``.
+- GPU temperature: ``GPU@33.5C``, ``gpu@47.093C``, ``gpu@51.218C/51.218C``
+  (JetPack 7: current and highest); -256C marks a powered-down zone.
+- Power rails, milliwatts: ``POM_5V_GPU 412/398`` (no unit, current/average;
+  Nano, TX2, Xavier), ``VDD_GPU_SOC 9213mW/6393mW`` (JetPack 5/6 Orin) and
+  ``VDD_GPU 6330mW/6330mW/6330mW`` (JetPack 7: current/average/highest).
+  The rail that carries the GPU is named per module (``_GPU_RAILS``).
+
+``parse_tegrastats`` reads each field on its own: a field that is missing
+or in a form not listed here is left unknown (-1) and the rest of the line
+still makes a sample. The GPU shares system RAM, so its memory is the RAM
+figure.
 """
 
 from __future__ import annotations
@@ -20,13 +34,18 @@ from pathlib import Path
 
 from edgescope.runtime.telemetry.gpu import GpuSample
 
-_RAM = re.compile(r"\bRAM (\d+)/(\d+)MB")
-_GR3D = re.compile(r"\bGR3D_FREQ (\d+)%(?:@\[?(\d+)(?:,\d+)*\]?)?")
-_EMC = re.compile(r"\bEMC_FREQ \d+%@(\d+)")
-_GPU_TEMP = re.compile(r"\bgpu@(-?[\d.]+)C", re.IGNORECASE)
-# Power rails that carry the GPU, newest naming first: "NAME cur/avg" in mW (unit suffix since JetPack 5).
-_GPU_RAILS = ("VDD_GPU_SOC", "VDD_CPU_GPU_CV", "POM_5V_GPU", "VDD_GPU", "GPU")
-_RAIL = re.compile(r"\b([A-Z][A-Z0-9_]*) (\d+)(?:mW)?/(\d+)(?:mW)?\b")
+UNKNOWN = -1.0
+_MIB = 1024 * 1024
+_RAM = re.compile(r"\bRAM (\d+)/(\d+)MB\b")
+# "NAME [P%][@CLOCK | @[CLOCK,CLOCK,...]]": each part optional, so one missing part spoils nothing else.
+_ENGINE = r"\b{name}\s+(?:(\d+(?:\.\d+)?)%)?(?:@(\[[^\]]*\]|\d+(?:\.\d+)?))?"
+_GR3D = re.compile(_ENGINE.format(name="GR3D_FREQ"))
+_EMC = re.compile(_ENGINE.format(name="EMC_FREQ"))
+_GPU_TEMP = re.compile(r"\bgpu@(-?\d+(?:\.\d+)?)C", re.IGNORECASE)
+# "NAME cur/avg" or "NAME cur/avg/max", each value in mW with or without the unit.
+_RAIL = re.compile(r"\b([A-Z][A-Z0-9_]*) (\d+(?:\.\d+)?)(?:mW)?/\d+(?:\.\d+)?(?:mW)?(?:/\d+(?:\.\d+)?(?:mW)?)?(?=\s|$)")
+# The rail that carries the GPU, by module: AGX Orin, Thor, Orin NX/Nano, TX2, Nano, AGX Xavier.
+_GPU_RAILS = ("VDD_GPU_SOC", "VDD_GPU", "VDD_CPU_GPU_CV", "VDD_SYS_GPU", "POM_5V_GPU", "GPU")
 # A zone reported at -256C is switched off.
 _OFF_ZONE_C = -200.0
 JETSON_RELEASE = Path("/etc/nv_tegra_release")
@@ -34,35 +53,65 @@ JETSON_RELEASE = Path("/etc/nv_tegra_release")
 
 @dataclass(frozen=True, slots=True)
 class TegraStats:
-    gpu_percent: float
-    gpu_clock_mhz: float
-    memory_clock_mhz: float
-    ram_used_bytes: int
-    ram_total_bytes: int
-    gpu_temperature_c: float
-    gpu_power_w: float
+    """One line's figures; -1 where the line did not say."""
+
+    gpu_percent: float = UNKNOWN
+    gpu_clock_mhz: float = UNKNOWN
+    memory_clock_mhz: float = UNKNOWN
+    ram_used_bytes: int = -1
+    ram_total_bytes: int = -1
+    gpu_temperature_c: float = UNKNOWN
+    gpu_power_w: float = UNKNOWN
 
 
 def parse_tegrastats(line: str) -> TegraStats | None:
-    """One tegrastats line; None when it is not one (no RAM or GR3D field)."""
+    """One tegrastats line; None when it holds none of the fields read here."""
     ram = _RAM.search(line)
     gr3d = _GR3D.search(line)
-    if ram is None or gr3d is None:
-        return None
     emc = _EMC.search(line)
     temp = _GPU_TEMP.search(line)
-    temperature = float(temp.group(1)) if temp else -1.0
-    rails = {m.group(1): int(m.group(2)) for m in _RAIL.finditer(line)}
-    power_mw = next((rails[name] for name in _GPU_RAILS if name in rails), -1000)
+    rails = {m.group(1): float(m.group(2)) for m in _RAIL.finditer(line)}
+    gpu_rail = next((name for name in _GPU_RAILS if name in rails), None)
+    if ram is None and gr3d is None and temp is None and gpu_rail is None:
+        return None
+    gpu_percent, gpu_clock = _engine(gr3d)
+    _, memory_clock = _engine(emc)
+    temperature = float(temp.group(1)) if temp else UNKNOWN
     return TegraStats(
-        gpu_percent=float(gr3d.group(1)),
-        gpu_clock_mhz=float(gr3d.group(2)) if gr3d.group(2) else -1.0,
-        memory_clock_mhz=float(emc.group(1)) if emc else -1.0,
-        ram_used_bytes=int(ram.group(1)) * 1024 * 1024,
-        ram_total_bytes=int(ram.group(2)) * 1024 * 1024,
-        gpu_temperature_c=temperature if temperature > _OFF_ZONE_C else -1.0,
-        gpu_power_w=power_mw / 1000.0,
+        gpu_percent=gpu_percent,
+        gpu_clock_mhz=gpu_clock,
+        memory_clock_mhz=memory_clock,
+        ram_used_bytes=int(ram.group(1)) * _MIB if ram else -1,
+        ram_total_bytes=int(ram.group(2)) * _MIB if ram else -1,
+        gpu_temperature_c=temperature if temperature > _OFF_ZONE_C else UNKNOWN,
+        gpu_power_w=rails[gpu_rail] / 1000.0 if gpu_rail is not None else UNKNOWN,
     )
+
+
+def _engine(match: re.Match[str] | None) -> tuple[float, float]:
+    """(utilisation %, clock MHz) of an engine field; a per-GPC array gives its fastest GPC."""
+    if match is None:
+        return UNKNOWN, UNKNOWN
+    percent = float(match.group(1)) if match.group(1) is not None else UNKNOWN
+    if percent > 100.0:
+        percent = UNKNOWN
+    clock = match.group(2)
+    if clock is None:
+        return percent, UNKNOWN
+    if not clock.startswith("["):
+        return percent, float(clock)
+    clocks = [_gpc_clock(entry.strip()) for entry in clock[1:-1].split(",")]
+    known = [c for c in clocks if c is not None]
+    return percent, max(known) if known else UNKNOWN
+
+
+def _gpc_clock(entry: str) -> float | None:
+    if entry == "off":  # a power-gated GPC runs no clock
+        return 0.0
+    try:
+        return float(entry)
+    except ValueError:
+        return None
 
 
 def is_jetson() -> bool:

@@ -121,7 +121,24 @@ class RuntimeMetrics:
     def set_models(self, names: list[str]) -> None:
         """The models now loaded: the only names that get a label of their own."""
         with self._lock:
+            added = set(names) - self._loaded
             self._loaded = frozenset(names)
+        for model in sorted(added):
+            self._start_counters(model)
+
+    def _start_counters(self, model: str) -> None:
+        """Start every per-model counter at 0, so its series exist before its first event.
+
+        Rates and alert rules over a counter that appears only with its first failure miss that
+        failure; starting at 0 also keeps a model that never succeeded visible on dashboards.
+        """
+        self._success.labels(model)
+        self._failure.labels(model)
+        self._deadline.labels(model)
+        self._warmup.labels(model)
+        for reason in stream_pb2.DropReason.values():
+            if reason != stream_pb2.DROP_REASON_UNSPECIFIED:
+                self._drops.labels(model, drop_label(stream_pb2.FrameStatus(drop_reason=reason)))
 
     def label(self, model: str) -> str:
         """``model`` if it is loaded, else ``UNKNOWN_MODEL``: label sets stay bounded whatever clients send."""
@@ -267,9 +284,10 @@ class RuntimeMetrics:
     def live_families(self) -> Iterable[Metric]:
         """Gauges computed at scrape time: percentiles, jitter, fps, device health, alerts."""
         quantiles = GaugeMetricFamily(
-            "edgescope_latency_quantile_seconds",
-            "Latency percentile since start (warm-up excluded); quantile 1 is the maximum",
-            labels=["model", "stage", "quantile"],
+            "edgescope_latency_percentile_seconds",
+            # Not "quantile": that label belongs to summaries, and promtool rejects it on a gauge.
+            "Latency percentile since start (warm-up excluded); percentile 100 is the maximum",
+            labels=["model", "stage", "percentile"],
         )
         jitter = GaugeMetricFamily(
             "edgescope_latency_jitter_seconds",
@@ -290,7 +308,7 @@ class RuntimeMetrics:
                 for stage, stats in latency.summary().items():
                     values = (stats.p50_ms, stats.p90_ms, stats.p99_ms, stats.p999_ms, stats.max_ms)
                     for q, value in zip((*PERCENTILES, 100.0), values, strict=True):
-                        quantiles.add_metric([model, stage, _quantile_label(q)], value / 1000.0)
+                        quantiles.add_metric([model, stage, f"{q:g}"], value / 1000.0)
                     jitter.add_metric([model, stage], stats.jitter_ms / 1000.0)
             device = self._device
             models = list(self._models)
@@ -306,10 +324,6 @@ class _LiveCollector:
 
     def collect(self) -> Iterable[Metric]:
         return self._metrics.live_families()
-
-
-def _quantile_label(percentile: float) -> str:
-    return f"{percentile / 100.0:g}"
 
 
 def _group(model: str, stream_id: str, latency: LatencyRecorder, now_s: float) -> telemetry_pb2.LatencyGroup:
@@ -412,12 +426,12 @@ def _device_families(sample: DeviceSample) -> Iterable[Metric]:
     for g in sample.gpus:
         i = str(g.index)
         info.add_metric([i, g.name], 1.0)
-        util.add_metric([i], g.utilization_percent / 100.0)
-        used.add_metric([i], float(g.memory_used_bytes))
-        total.add_metric([i], float(g.memory_total_bytes))
-        process.add_metric([i], float(g.process_memory_bytes))
-        # -1 marks a field this GPU does not report: left out rather than exported as a value.
+        # -1 marks a field this GPU does not report (Thor prints no utilisation): left out, not exported.
         for family, value, scale in (
+            (util, g.utilization_percent, 0.01),
+            (used, g.memory_used_bytes, 1.0),
+            (total, g.memory_total_bytes, 1.0),
+            (process, g.process_memory_bytes, 1.0),
             (temp, g.temperature_c, 1.0),
             (power, g.power_w, 1.0),
             (limit, g.power_limit_w, 1.0),
