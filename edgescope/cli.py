@@ -236,6 +236,12 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--allow-failed-validation", action="store_true", help="serve bundles whose accuracy gate failed")
     p.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        help="seconds SIGTERM leaves frames in flight to finish before they are answered dropped: shutdown",
+    )
+    p.add_argument(
         "--backend",
         default="onnxruntime",
         choices=["onnxruntime", "tensorrt", "remote"],
@@ -286,6 +292,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         port=args.port,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         allow_failed_validation=args.allow_failed_validation,
+        grace_s=args.grace,
         scheduling=SchedulerConfig(
             policy=stream_pb2.STREAM_POLICY_LIVE if args.policy == "live" else stream_pb2.STREAM_POLICY_EVERY,
             deadline_ms=args.deadline_ms,

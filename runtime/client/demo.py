@@ -45,9 +45,12 @@ def wait_until_serving(target: str, server: subprocess.Popen[bytes], timeout_s: 
 
 
 def start_server(
-    bundles: list[Path], port_file: Path, extra: list[str] | None = None
+    bundles: list[Path], port_file: Path, extra: list[str] | None = None, log: Path | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """Start ``edgescope serve`` on an OS-chosen loopback port; return it and its target."""
+    """Start ``edgescope serve`` on an OS-chosen loopback port; return it and its target.
+
+    With ``log``, the server's output goes to that file instead of this process's.
+    """
     command = [
         sys.executable,
         "-m",
@@ -65,7 +68,11 @@ def start_server(
         "0",
         *(extra or []),
     ]
-    server = subprocess.Popen(command)
+    if log is None:
+        server = subprocess.Popen(command)
+    else:
+        with log.open("wb") as output:
+            server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not (port_file.exists() and port_file.read_text().strip()):
         if server.poll() is not None or time.monotonic() > deadline:

@@ -99,6 +99,7 @@ class WorkerStats:
 
     jobs: int = 0
     failures: int = 0
+    # Inferences run on a batch of more than one job (failed ones included), and the jobs in them.
     batches: int = 0
     batched_jobs: int = 0
     infer_ns: int = 0
@@ -341,13 +342,13 @@ class ModelWorker:
             self._settle(job, JobResult(outputs, time.perf_counter_ns() - start, 1), None)
 
     def _run_batch(self, session: Session, jobs: list[Job]) -> None:
+        with self._cond:
+            self.stats.batches += 1
+            self.stats.batched_jobs += len(jobs)
         start = time.perf_counter_ns()
         stacked = np.concatenate([job.tensor for job in jobs if job.tensor is not None])
         outputs = session.infer({jobs[0].frame_input: stacked})
         elapsed = time.perf_counter_ns() - start
-        with self._cond:
-            self.stats.batches += 1
-            self.stats.batched_jobs += len(jobs)
         for index, job in enumerate(jobs):
             own = {name: value[index : index + 1] for name, value in outputs.items()}
             self._settle(job, JobResult(own, elapsed, len(jobs)), None)

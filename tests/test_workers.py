@@ -1,0 +1,284 @@
+"""The model worker: sessions used by one caller at a time, fair lanes, batches that fail only the bad frame.
+
+The sessions here are fakes shaped like the real ones: ``GuardedSession``
+fails loudly if two callers are inside it at once or if a thread other than
+the one that opened it calls it (TensorRT sets the CUDA device per thread);
+``SharedBufferSession`` holds one input buffer, like a TensorRT execution
+context with its one set of bindings, so callers that overlap get each
+other's answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from edgescope.errors import BackendError
+from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
+from edgescope.runtime.server.workers import Job, ModelWorker
+from edgescope.v1 import manifest_pb2
+
+MANIFEST = manifest_pb2.ModelManifest(name="fake")
+
+
+class SessionMisuse(AssertionError):
+    """A session was entered by two callers at once, or by a thread that did not open it."""
+
+
+class GuardedSession(Session):
+    backend_name = "guarded"
+
+    def __init__(self, delay_s: float = 0.0, max_concurrency: int | None = 1) -> None:
+        super().__init__(MANIFEST)
+        self.owner = threading.get_ident()
+        self._inside = threading.Lock()
+        self._delay_s = delay_s
+        self._max_concurrency = max_concurrency
+        self.calls = 0
+        self.closed_at = 0.0
+        self.finished_at = 0.0
+
+    @property
+    def capabilities(self) -> SessionCapabilities:
+        return SessionCapabilities(False, False, "cpu", max_concurrency=self._max_concurrency)
+
+    def _infer_impl(self, feed: Feed) -> Outputs:
+        if self._max_concurrency == 1 and threading.get_ident() != self.owner:
+            raise SessionMisuse("called from a thread that did not open the session")
+        if not self._inside.acquire(blocking=False):
+            raise SessionMisuse("two callers inside one session")
+        try:
+            x = np.asarray(feed["x"], dtype=np.float32)
+            if not np.isfinite(x).all():
+                raise ValueError("input holds NaN")
+            time.sleep(self._delay_s)
+            self.calls += 1
+            return {"y": x * 2.0}
+        finally:
+            self.finished_at = time.monotonic()
+            self._inside.release()
+
+    def _close_impl(self) -> None:
+        if threading.get_ident() != self.owner:
+            raise SessionMisuse("closed from a thread that did not open it")
+        self.closed_at = time.monotonic()
+
+
+class SharedBufferSession(Session):
+    """One buffer for the input, read back after a pause: overlapping callers swap answers."""
+
+    backend_name = "shared-buffer"
+
+    def __init__(self) -> None:
+        super().__init__(MANIFEST)
+        self._buffer = np.zeros((1, 4), np.float32)
+
+    @property
+    def capabilities(self) -> SessionCapabilities:
+        return SessionCapabilities(False, True, "cuda:0", max_concurrency=1)
+
+    def _infer_impl(self, feed: Feed) -> Outputs:
+        self._buffer[...] = feed["x"]
+        time.sleep(0.002)  # the kernel runs; another caller may overwrite the binding meanwhile
+        return {"y": self._buffer * 2.0}
+
+    def _close_impl(self) -> None:
+        pass
+
+
+def _job(lane: str, value: float, *, batchable: bool = False) -> Job:
+    return Job(lane=lane, tensor=np.full((1, 4), value, np.float32), frame_input="x", batchable=batchable)
+
+
+def _worker(factory: Callable[[], Session], **options: int | float) -> ModelWorker:
+    worker = ModelWorker("fake", factory, **options)  # type: ignore[arg-type]
+    worker.start()
+    return worker
+
+
+def _stop(worker: ModelWorker) -> None:
+    worker.retire()
+    assert worker.join(10)
+
+
+async def _run_all(worker: ModelWorker, jobs: list[Job]) -> list[object]:
+    return await asyncio.gather(*(worker.infer(job) for job in jobs), return_exceptions=True)
+
+
+def test_the_shared_buffer_session_swaps_answers_when_callers_overlap() -> None:
+    # The detector works: called from two threads at once, it gives a frame another frame's answer.
+    session = SharedBufferSession()
+    answers: dict[float, float] = {}
+
+    def call(value: float) -> None:
+        for _ in range(20):
+            out = session.infer({"x": np.full((1, 4), value, np.float32)})["y"]
+            answers[value] = min(answers.get(value, np.inf), float(out[0, 0]))
+
+    threads = [threading.Thread(target=call, args=(v,)) for v in (1.0, 100.0)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers[100.0] == 2.0  # frame 100 once got frame 1's answer
+
+
+@pytest.mark.parametrize("instances", [1, 3])
+def test_every_job_gets_its_own_answer_through_a_shared_buffer_session(instances: int) -> None:
+    worker = _worker(SharedBufferSession, instances=instances)
+    try:
+        jobs = [_job(f"lane-{i % 8}", float(i)) for i in range(64)]
+        results = asyncio.run(_run_all(worker, jobs))
+    finally:
+        _stop(worker)
+    for job, result in zip(jobs, results, strict=True):
+        assert not isinstance(result, BaseException), result
+        np.testing.assert_array_equal(result.outputs["y"], job.tensor * 2.0)  # type: ignore[attr-defined]
+
+
+def test_sessions_are_opened_run_and_closed_on_their_own_thread_one_caller_at_a_time() -> None:
+    sessions: list[GuardedSession] = []
+
+    def open_session() -> Session:
+        sessions.append(GuardedSession(delay_s=0.001))
+        return sessions[-1]
+
+    worker = _worker(open_session, instances=3)
+    try:
+        results = asyncio.run(_run_all(worker, [_job(f"lane-{i % 5}", float(i)) for i in range(90)]))
+    finally:
+        _stop(worker)
+    assert not [r for r in results if isinstance(r, BaseException)]
+    assert len(sessions) == 3
+    assert len({s.owner for s in sessions}) == 3
+    assert sum(s.calls for s in sessions) == 90
+    assert all(s.closed_at > 0 for s in sessions)
+
+
+def test_a_session_that_takes_every_caller_is_shared_by_the_instances() -> None:
+    opened: list[GuardedSession] = []
+
+    def open_session() -> Session:
+        opened.append(GuardedSession(max_concurrency=None))
+        return opened[-1]
+
+    worker = _worker(open_session, instances=4)
+    _stop(worker)
+    assert len(opened) == 1 and opened[0].closed_at > 0
+
+
+def test_lanes_are_served_round_robin() -> None:
+    gate = threading.Event()
+    order: list[str] = []
+
+    class Gated(GuardedSession):
+        def _infer_impl(self, feed: Feed) -> Outputs:
+            gate.wait(10)
+            order.append(str(int(np.asarray(feed["x"])[0, 0])))
+            return super()._infer_impl(feed)
+
+    worker = _worker(Gated)
+
+    async def scenario() -> None:
+        busy = [asyncio.ensure_future(worker.infer(_job("busy", 1.0))) for _ in range(10)]
+        await asyncio.sleep(0.05)  # the first is running, nine wait in the busy lane
+        other = asyncio.ensure_future(worker.infer(_job("other", 2.0)))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(*busy, other)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        _stop(worker)
+    # The other lane's job ran right after the one already running, not after the nine waiting.
+    assert order.index("2") <= 2, order
+
+
+def test_a_bad_frame_in_a_batch_fails_only_itself() -> None:
+    class Batching(GuardedSession):
+        @property
+        def capabilities(self) -> SessionCapabilities:
+            return SessionCapabilities(True, False, "cpu", max_concurrency=1)
+
+    worker = _worker(Batching, max_batch=8, batch_delay_s=0.05)
+    jobs = [_job(f"lane-{i}", float(i), batchable=True) for i in range(6)]
+    bad = _job("lane-bad", float("nan"), batchable=True)
+    try:
+        results = asyncio.run(_run_all(worker, [*jobs, bad]))
+    finally:
+        _stop(worker)
+    assert isinstance(results[-1], BackendError) and "NaN" in str(results[-1])
+    for job, result in zip(jobs, results[:-1], strict=True):
+        np.testing.assert_array_equal(result.outputs["y"], job.tensor * 2.0)  # type: ignore[attr-defined]
+    assert worker.stats.batches >= 1 and worker.stats.failures == 1
+
+
+def test_retiring_waits_for_the_running_job_before_closing() -> None:
+    sessions: list[GuardedSession] = []
+
+    def open_session() -> Session:
+        sessions.append(GuardedSession(delay_s=0.3))
+        return sessions[-1]
+
+    worker = _worker(open_session)
+
+    async def scenario() -> object:
+        running = asyncio.ensure_future(worker.infer(_job("a", 3.0)))
+        await asyncio.sleep(0.05)
+        worker.retire()  # as an unload does while a frame is in inference
+        with pytest.raises(BackendError, match="being unloaded"):
+            await worker.infer(_job("b", 1.0))
+        return await running
+
+    result = asyncio.run(scenario())
+    assert worker.join(10)
+    np.testing.assert_array_equal(result.outputs["y"], np.full((1, 4), 6.0))  # type: ignore[attr-defined]
+    (session,) = sessions
+    assert session.closed_at >= session.finished_at > 0
+
+
+def test_a_cancelled_job_that_has_not_started_never_runs() -> None:
+    gate = threading.Event()
+    seen: list[float] = []
+
+    class Gated(GuardedSession):
+        def _infer_impl(self, feed: Feed) -> Outputs:
+            gate.wait(10)
+            seen.append(float(np.asarray(feed["x"])[0, 0]))
+            return super()._infer_impl(feed)
+
+    worker = _worker(Gated)
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(worker.infer(_job("a", 1.0)))
+        await asyncio.sleep(0.05)
+        doomed = asyncio.ensure_future(worker.infer(_job("b", 2.0)))
+        await asyncio.sleep(0.05)
+        doomed.cancel()
+        await asyncio.sleep(0.05)
+        gate.set()
+        await first
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        _stop(worker)
+    assert seen == [1.0]
+
+
+def test_a_session_that_fails_to_open_fails_the_start() -> None:
+    def broken() -> Session:
+        raise BackendError("no such engine")
+
+    worker = ModelWorker("fake", broken, instances=2)
+    with pytest.raises(BackendError, match="no such engine"):
+        worker.start()
+    assert worker.join(5)
