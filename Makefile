@@ -8,7 +8,7 @@ OUT := out
 DEMO_BUNDLE := $(OUT)/bundles/lesion-unet
 ECHO_CINE = $$($(PY) -c "from pydicom.data import get_testdata_file; print(get_testdata_file('color3d_jpeg_baseline.dcm'))")
 
-.PHONY: demo test lint typecheck pytest proto train clean
+.PHONY: demo test test-py310 lint typecheck pytest proto train clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,19 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+# JetPack 6 ships Python 3.10: install there without torch and run the suite on a bundle
+# exported by the main environment (tests that export models skip).
+PY310 ?= python3.10
+VENV310 := .venv310
+test-py310: $(STAMP)
+	$(PY310) -m venv $(VENV310)
+	$(VENV310)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV310)/bin/python -m pip install --quiet -e ".[test]"
+	$(VENV)/bin/edgescope export --name lesion-unet --out build/py310/lesion-unet --overwrite \
+		--factory examples/ultrasound_unet/model.py:build --weights examples/ultrasound_unet/weights.pt \
+		--samples 4 > /dev/null
+	EDGESCOPE_TEST_BUNDLE=build/py310/lesion-unet $(VENV310)/bin/pytest -p no:cacheprovider
+
 proto: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) scripts/gen_proto.py
 
@@ -51,4 +64,4 @@ train: $(STAMP)
 	$(PY) examples/ultrasound_unet/train.py
 
 clean:
-	rm -rf $(VENV) build $(OUT)
+	rm -rf $(VENV) $(VENV310) build $(OUT)

@@ -216,7 +216,10 @@ def test_pull_mode_subscribers_see_the_same_results(example_bundle: Bundle) -> N
         assert len(common) >= 10
         for seq in common:
             assert first[seq] == second[seq]
-        assert [r.status.code for r in first.values()].count(OK) >= 15
+        # A live capture answers every frame: a result, or stale when a newer frame overtook it on a busy machine.
+        codes = [(r.status.code, r.status.drop_reason) for r in first.values()]
+        assert set(codes) <= {(OK, 0), (DROPPED, stream_pb2.DROP_REASON_STALE)}
+        assert (OK, 0) in codes
         # The capture's answers are counted like any stream's, under its own stream id.
         assert running.running.telemetry is not None
         assert running.running.telemetry.metrics.preview("capture:probe") is not None
