@@ -50,8 +50,6 @@ def test_echo_cine_at_native_rate_gets_every_frame_answered(served: str, tmp_pat
     assert (report["sent"], report["results"], report["dropped"], report["errors"]) == (120, 120, 0, 0)
     # Paced by the cine's 30 fps frame time, not sent flat out (a busy machine may well be slower).
     assert report["fps"] < 32.0
-        report["fps"] < 32.0
-    )  # paced by the cine's 30 fps frame time, not sent flat out (a busy machine may be slower)
     for stage in ("decode", "preprocess", "infer", "postprocess", "encode", "end_to_end"):
         assert report["stages_ms"][stage]["count"] == 120
     assert "end_to_end" in run.stdout and "p99" in run.stdout
