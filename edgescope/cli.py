@@ -252,6 +252,12 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default="CPUExecutionProvider",
         help="onnxruntime execution providers in order, e.g. TensorrtExecutionProvider,CUDAExecutionProvider",
     )
+    p.add_argument(
+        "--fallback",
+        default="",
+        choices=["", "onnxruntime", "tensorrt", "remote"],
+        help="a second, self-tested backend that serves a model, flagged degraded, while its primary fails",
+    )
     p.add_argument("--remote-url", default="", help="host:port of the Triton/KServe v2 server for --backend remote")
     p.add_argument("--policy", choices=["every", "live"], default="every", help="default for streams that set none")
     p.add_argument("--deadline-ms", type=int, default=0, help="default per-frame budget from receipt (0: none)")
@@ -307,7 +313,11 @@ def _run_serve(args: argparse.Namespace) -> int:
             warmup_frames=args.warmup_frames,
         ),
     )
-    backend = _backend(args)
+    backend = _backend(args.backend, args)
+    if args.fallback:
+        if args.fallback == args.backend:
+            raise ConfigError(f"--fallback {args.fallback} is the primary backend already; name another")
+        config.fallback = _backend(args.fallback, args)
     config.models = WorkerOptions(
         instances=args.instances or backend.default_instances,
         max_batch=args.max_batch,
@@ -319,22 +329,24 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backend(args: argparse.Namespace) -> Backend:
+def _backend(kind: str, args: argparse.Namespace) -> Backend:
     """The backend asked for; never a silent fallback to another device."""
-    if args.backend == "tensorrt":
+    if kind == "tensorrt":
         from edgescope.runtime.backends.tensorrt import TensorRTBackend
 
         return TensorRTBackend()
-    if args.backend == "remote":
+    if kind == "remote":
         if not args.remote_url:
-            raise ConfigError("--backend remote needs --remote-url HOST:PORT")
+            raise ConfigError("the remote backend needs --remote-url HOST:PORT")
         from edgescope.runtime.backends.remote import RemoteBackend
 
         return RemoteBackend(args.remote_url)
     from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
+    # ONNX Runtime as the fallback keeps to the CPU: the primary is the accelerator that failed.
+    providers = args.providers if kind == args.backend else "CPUExecutionProvider"
     return OnnxRuntimeBackend(
-        providers=[p for p in args.providers.split(",") if p],
+        providers=[p for p in providers.split(",") if p],
         intra_op_threads=args.intra_op_threads or None,
         instances=args.instances or OnnxRuntimeBackend.default_instances,
     )

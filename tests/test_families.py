@@ -212,14 +212,14 @@ def test_stateful_families_carry_state_over_the_server(family_server: ServerThre
     for answers in results.values():
         assert [r.status.code for r in answers] == [stream_pb2.FRAME_STATUS_CODE_OK] * 3
     # The server's answers equal running the model with state carried frame by frame.
-    registry = ModelRegistry()
+    registry = ModelRegistry(OnnxRuntimeBackend(intra_op_threads=1))
     try:
         for key, name, seq_pixels in (
             ("a", "tracker", pixels),
             ("b", "tracker", pixels[::-1]),
             ("r", "registration", pixels),
         ):
-            model = registry.load(bundles[name].path, OnnxRuntimeBackend(intra_op_threads=1))
+            model = registry.load(bundles[name].path)
             carried = StreamStates().for_stream(key)
             expected = [run_model(model, frame_message(p, name, seq=i), carried) for i, p in enumerate(seq_pixels)]
             for got, want in zip(results[key], expected, strict=True):
@@ -245,9 +245,8 @@ def run_model(model: ServedModel, frame: stream_pb2.Frame, stream: StreamState |
 
 @pytest.fixture(scope="module")
 def loaded(bundles: dict[str, Bundle]) -> Iterator[dict[str, ServedModel]]:
-    registry = ModelRegistry()
-    backend = OnnxRuntimeBackend(intra_op_threads=1)
-    yield {name: registry.load(bundles[name].path, backend) for name in ("tracker", "registration")}
+    registry = ModelRegistry(OnnxRuntimeBackend(intra_op_threads=1))
+    yield {name: registry.load(bundles[name].path) for name in ("tracker", "registration")}
     registry.close()
 
 

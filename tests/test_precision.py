@@ -125,9 +125,9 @@ def test_reduced_precision_bundles_are_served(int8_bundle: Bundle) -> None:
     from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from edgescope.runtime.server.registry import ModelRegistry
 
-    registry = ModelRegistry()
+    registry = ModelRegistry(OnnxRuntimeBackend())
     try:
-        registry.load(int8_bundle.path, OnnxRuntimeBackend())
+        registry.load(int8_bundle.path)
     finally:
         registry.close()
 

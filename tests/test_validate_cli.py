@@ -38,7 +38,7 @@ def test_validate_that_fails_marks_the_bundle_failed(bundle_copy: Bundle) -> Non
     assert main(["validate", str(bundle_copy.path), "--samples", "2", "--min-dice", "1.5"]) == 1
     assert not load_bundle(bundle_copy.path).manifest.validation.passed
     with pytest.raises(BundleError, match="accuracy gate"):
-        ModelRegistry().load(bundle_copy.path, OnnxRuntimeBackend())
+        ModelRegistry(OnnxRuntimeBackend()).load(bundle_copy.path)
 
 
 def test_validate_refuses_other_weights(

@@ -604,12 +604,25 @@ class Provenance(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     PRECISION_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
+    SELF_TEST_FIELD_NUMBER: _builtins.int
+    SELF_TEST_SKIPPED_FIELD_NUMBER: _builtins.int
+    DEGRADED_FIELD_NUMBER: _builtins.int
+    DEGRADED_REASON_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     sha256: _builtins.str
+    """sha256 of the artifact that ran: the ONNX graph, or the TensorRT plan."""
     backend: _builtins.str
     precision: _manifest_pb2.Precision.ValueType
+    """The precision the artifact ran in (a TensorRT engine's own, not the bundle's graph's)."""
     device: _builtins.str
+    self_test: _builtins.str
+    """The golden-frame self-test this model passed on this device before serving, in one line."""
+    self_test_skipped: _builtins.bool
+    """The server was started with --skip-self-test: nothing checked this device's numbers."""
+    degraded: _builtins.bool
+    """Served by the fallback backend because the primary failed; the reason says how."""
+    degraded_reason: _builtins.str
     def __init__(
         self,
         *,
@@ -619,10 +632,14 @@ class Provenance(_message.Message):
         backend: _builtins.str = ...,
         precision: _manifest_pb2.Precision.ValueType = ...,
         device: _builtins.str = ...,
+        self_test: _builtins.str = ...,
+        self_test_skipped: _builtins.bool = ...,
+        degraded: _builtins.bool = ...,
+        degraded_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "model", b"model", "precision", b"precision", "sha256", b"sha256", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "degraded", b"degraded", "degraded_reason", b"degraded_reason", "device", b"device", "model", b"model", "precision", b"precision", "self_test", b"self_test", "self_test_skipped", b"self_test_skipped", "sha256", b"sha256", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -781,6 +798,8 @@ class Alert(_message.Message):
         KIND_GPU_POWER_THROTTLING: Alert._Kind.ValueType  # 3
         KIND_GPU_MEMORY_NEAR_FULL: Alert._Kind.ValueType  # 4
         KIND_HOST_MEMORY_NEAR_FULL: Alert._Kind.ValueType  # 5
+        KIND_MODEL_DEGRADED: Alert._Kind.ValueType  # 6
+        """The model's primary backend failed; its fallback serves (see Provenance.degraded_reason)."""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: Alert.Kind.ValueType  # 0
@@ -790,6 +809,8 @@ class Alert(_message.Message):
     KIND_GPU_POWER_THROTTLING: Alert.Kind.ValueType  # 3
     KIND_GPU_MEMORY_NEAR_FULL: Alert.Kind.ValueType  # 4
     KIND_HOST_MEMORY_NEAR_FULL: Alert.Kind.ValueType  # 5
+    KIND_MODEL_DEGRADED: Alert.Kind.ValueType  # 6
+    """The model's primary backend failed; its fallback serves (see Provenance.degraded_reason)."""
 
     KIND_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
@@ -842,11 +863,22 @@ class ModelInfo(_message.Message):
     MANIFEST_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
+    PROVENANCE_FIELD_NUMBER: _builtins.int
+    NOT_READY_REASON_FIELD_NUMBER: _builtins.int
+    INSTANCES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     backend: _builtins.str
     ready: _builtins.bool
+    not_ready_reason: _builtins.str
+    """Why it is not ready (a failed load or self-test); empty when ready."""
+    instances: _builtins.int
+    """Instances running the model, each a session on its own thread."""
     @_builtins.property
     def manifest(self) -> _manifest_pb2.ModelManifest: ...
+    @_builtins.property
+    def provenance(self) -> Global___Provenance:
+        """What results of this model carry as provenance now (degraded or not)."""
+
     def __init__(
         self,
         *,
@@ -854,10 +886,13 @@ class ModelInfo(_message.Message):
         manifest: _manifest_pb2.ModelManifest | None = ...,
         backend: _builtins.str = ...,
         ready: _builtins.bool = ...,
+        provenance: Global___Provenance | None = ...,
+        not_ready_reason: _builtins.str = ...,
+        instances: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "manifest", b"manifest", "name", b"name", "ready", b"ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "instances", b"instances", "manifest", b"manifest", "name", b"name", "not_ready_reason", b"not_ready_reason", "provenance", b"provenance", "ready", b"ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

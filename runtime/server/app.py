@@ -15,7 +15,6 @@ happened; only then do the workers finish and close their sessions.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import signal
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from edgescope.errors import EdgescopeError
 from edgescope.runtime.backends.base import Backend, cpu_cores
 from edgescope.runtime.server.capture import CaptureConfig, CaptureHub
 from edgescope.runtime.server.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
@@ -57,6 +57,8 @@ class ServerConfig:
     frame_threads: int = field(default_factory=lambda: max(2, cpu_cores()))
     grace_s: float = 5.0
     allow_failed_validation: bool = False
+    # A second backend that takes a model over when its primary fails (degraded mode).
+    fallback: Backend | None = None
     # Written with the bound port once serving, so callers can use port 0.
     port_file: Path | None = None
     scheduling: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -107,38 +109,77 @@ class RunningServer:
         await self.server.wait_for_termination()
 
 
+MODEL_HEALTH_PREFIX = "edgescope.model."
+
+
+class HealthBoard:
+    """The gRPC health service's answers: the server, and each configured model by name.
+
+    The server is SERVING once started with every model it was told to load served;
+    a model that could not be served (its load or self-test failed) is NOT_SERVING
+    under ``edgescope.model.<name>``, and so is the server as a whole.
+    """
+
+    def __init__(self, servicer: Any, registry: ModelRegistry, loop: asyncio.AbstractEventLoop) -> None:
+        self._servicer = servicer
+        self._registry = registry
+        self._loop = loop
+        self.started = False
+
+    def refresh(self) -> None:
+        """Thread-safe: recompute and publish every status."""
+        if self.started:
+            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._publish()))
+
+    async def _publish(self) -> None:
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        failed = self._registry.failed()
+        for name in self._registry.names():
+            await self._servicer.set(MODEL_HEALTH_PREFIX + name, serving)
+        for name in failed:
+            await self._servicer.set(MODEL_HEALTH_PREFIX + name, not_serving)
+        overall = serving if self._registry.names() and not failed else not_serving
+        for health_name in ("", SERVICE_NAME):
+            await self._servicer.set(health_name, overall)
+
+
 async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
-    """Load and warm up every bundle, then start serving; health turns SERVING last."""
-    registry = ModelRegistry(config.models)
+    """Load, warm up and check every bundle, then start serving; health turns SERVING last.
+
+    A bundle that cannot be served does not stop the server: it is logged, listed by
+    ListModels with the reason, and reported NOT_SERVING by the health service.
+    """
+    registry = ModelRegistry(
+        backend, config.models, fallback=config.fallback, allow_failed_validation=config.allow_failed_validation
+    )
     frames = ThreadPoolExecutor(max_workers=config.frame_threads, thread_name_prefix="edgescope-frame")
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgescope-loader")
     telemetry = TelemetryHub(config.telemetry)
-    registry.on_change(telemetry.metrics.set_models)
+    registry.on_change(lambda: telemetry.metrics.set_models(registry.names()))
+    registry.on_degraded = telemetry.metrics.set_degraded
     loop = asyncio.get_running_loop()
-    try:
-        for bundle in config.bundles:
-            model = await loop.run_in_executor(
-                loader,
-                functools.partial(
-                    registry.load, Path(bundle), backend, allow_failed_validation=config.allow_failed_validation
-                ),
-            )
-            logger.info(
-                "loaded %s %s (%s, %d instance(s), sha256 %s)",
-                model.name,
-                model.manifest.version,
-                backend.name,
-                model.worker.instances,
-                model.provenance.sha256[:12],
-            )
-    except BaseException:
-        for executor in (frames, loader):
-            executor.shutdown(wait=False)
-        registry.close()
-        telemetry.close()
-        raise
+    for bundle in config.bundles:
+        try:
+            model = await loop.run_in_executor(loader, registry.load, Path(bundle))
+        except EdgescopeError as exc:
+            logger.error("NOT serving %s: %s", bundle, exc)
+            continue
+        except BaseException:
+            for executor in (frames, loader):
+                executor.shutdown(wait=False)
+            registry.close()
+            telemetry.close()
+            raise
+        logger.info(
+            "loaded %s %s (%s, %d instance(s), sha256 %s)",
+            model.name,
+            model.manifest.version,
+            backend.name,
+            model.worker.instances,
+            model.provenance.sha256[:12],
+        )
     server = grpc.aio.server(options=channel_options(config.max_message_bytes))
-    service = StreamService(registry, frames, loader, backend, config.scheduling, telemetry.metrics)
+    service = StreamService(registry, frames, loader, config.scheduling, telemetry.metrics)
     captures = CaptureHub(list(config.captures), service.run_capture) if config.captures else None
     service.attach_captures(captures)
     stream_pb2_grpc.add_StreamServiceServicer_to_server(service, server)
@@ -161,8 +202,9 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     await server.start()
-    for health_name in ("", SERVICE_NAME):
-        await health_servicer.set(health_name, health_pb2.HealthCheckResponse.SERVING)
+    board = HealthBoard(health_servicer, registry, loop)
+    board.started = True
+    registry.on_change(board.refresh)
     if captures is not None:
         captures.start()
     return RunningServer(server, port, registry, (frames, loader), health_servicer, service, captures, telemetry)

@@ -208,7 +208,7 @@ class KServeService:
                     f"model {model.name!r} has version {model.manifest.version!r}, not {request.model_version!r}"
                 )
             feed = await loop.run_in_executor(self._executor, _checked_feed, model, request)
-            inferred = await model.worker.infer(Job(lane=lane, feed=feed))
+            inferred = await model.infer(Job(lane=lane, feed=feed))
             return await loop.run_in_executor(self._executor, infer_response, model, request, inferred.outputs)
         finally:
             self._registry.release(model)

@@ -1,11 +1,16 @@
-"""The models a server serves: name -> model (bundle, worker, provenance).
+"""The models a server serves: name -> model (bundle, route to its workers, provenance).
 
 Frames take a model with ``lease`` and give it back with ``release``. A model
 replaced or unloaded while leased is retired: it takes no new leases, and its
-worker is stopped when the last lease is returned. Stopping lets queued and
+workers are stopped when the last lease is returned. Stopping lets queued and
 running jobs finish before each session is closed on its own thread, so a
 reload never fails a frame and never closes a session under a running call.
 Models are keyed by identity, never by ``id()``.
+
+A model runs on the server's backend; with a fallback backend it also has a
+second worker that takes over when the first fails (``failover``). Every
+worker checks its sessions before it serves (``SessionCheck``: warm-up, then
+the bundle's golden-frame self-test on this device).
 
 Loading (reading, checking, warming up) is blocking: call ``load`` from the
 server's loader thread, never the event loop or the frame threads.
@@ -13,6 +18,7 @@ server's loader thread, never the event loop or the frame threads.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,11 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from edgescope.bundle import Bundle, load_bundle
-from edgescope.errors import BundleError, ConfigError, ModelNotFoundError
+from edgescope.errors import BundleError, ConfigError, EdgescopeError, ModelNotFoundError
 from edgescope.runtime.backends.base import Backend, Session, SessionCapabilities
 from edgescope.runtime.pipeline.state import ModelState, is_stateful
-from edgescope.runtime.server.workers import ModelWorker
+from edgescope.runtime.server.failover import ModelRoute
+from edgescope.runtime.server.workers import Job, JobResult, ModelWorker
 from edgescope.v1 import manifest_pb2, stream_pb2
+
+logger = logging.getLogger(__name__)
 
 # Bounds the echo of a client-supplied name in error messages.
 _NAME_ECHO = 128
@@ -46,12 +55,28 @@ class ServedModel:
 
     name: str
     bundle: Bundle
-    worker: ModelWorker
-    provenance: stream_pb2.Provenance
+    route: ModelRoute
 
     @property
     def manifest(self) -> manifest_pb2.ModelManifest:
         return self.bundle.manifest
+
+    @property
+    def worker(self) -> ModelWorker:
+        """The primary worker (the fallback serves only while the model is degraded)."""
+        return self.route.primary
+
+    @property
+    def provenance(self) -> stream_pb2.Provenance:
+        """What results carry now: the primary's, or the fallback's marked degraded."""
+        reason = self.route.degraded_reason
+        fallback = self.route.fallback
+        if not reason or fallback is None:
+            return self.worker.provenance
+        marked = stream_pb2.Provenance()
+        marked.CopyFrom(fallback.provenance)
+        marked.degraded, marked.degraded_reason = True, reason
+        return marked
 
     @property
     def capabilities(self) -> SessionCapabilities:
@@ -63,6 +88,9 @@ class ServedModel:
     def batchable(self) -> bool:
         """Frames of different streams may share one inference."""
         return self.capabilities.dynamic_batch and not is_stateful(self.manifest)
+
+    async def infer(self, job: Job) -> JobResult:
+        return await self.route.infer(job)
 
 
 def warm_up(session: Session, manifest: manifest_pb2.ModelManifest) -> None:
@@ -85,52 +113,97 @@ def _echo(name: str) -> str:
 class ModelRegistry:
     """Name -> served model; thread-safe. Owns every worker it started until ``close``."""
 
-    def __init__(self, options: WorkerOptions | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        options: WorkerOptions | None = None,
+        *,
+        fallback: Backend | None = None,
+        allow_failed_validation: bool = False,
+        warm: bool = True,
+    ) -> None:
+        self.backend = backend
+        self.fallback = fallback
         self.options = options or WorkerOptions()
+        self._allow_failed_validation = allow_failed_validation
+        self._warm = warm
         self._models: dict[str, ServedModel] = {}
+        # Models that could not be served, and why (a failed load or self-test).
+        self._failed: dict[str, str] = {}
         self._leases: dict[ServedModel, int] = {}
         self._retired: set[ServedModel] = set()
-        # Workers told to stop, kept so close() can wait for them.
-        self._stopping: list[ModelWorker] = []
+        # Routes told to stop, kept so close() can wait for their workers.
+        self._stopping: list[ModelRoute] = []
         self._lock = threading.Lock()
-        self._listeners: list[Callable[[list[str]], None]] = []
+        self._listeners: list[Callable[[], None]] = []
+        self.on_degraded: Callable[[str, str], None] = lambda _model, _reason: None
 
-    def on_change(self, listener: Callable[[list[str]], None]) -> None:
-        """Call ``listener(names)`` whenever the set of served names changes (telemetry's label set)."""
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` whenever a model is served, replaced, removed or refused."""
         self._listeners.append(listener)
-        listener(self.names())
+        listener()
 
-    def load(
-        self,
-        path: Path,
-        backend: Backend,
-        *,
-        name: str | None = None,
-        warm: bool = True,
-        allow_failed_validation: bool = False,
-        replace: bool = False,
-    ) -> ServedModel:
-        """Load, warm up and start a bundle's worker, then publish it (replacing a same-named model if asked)."""
+    def load(self, path: Path, *, name: str | None = None, replace: bool = False) -> ServedModel:
+        """Load, check and start a bundle's workers, then publish it (replacing a same-named model if asked).
+
+        A bundle that cannot be served is recorded (``failed``) and the error raised.
+        """
         bundle = load_bundle(path)
-        if not bundle.manifest.validation.passed and not allow_failed_validation:
+        model_name = name or bundle.manifest.name
+        try:
+            model = self._start(bundle, model_name, replace)
+        except EdgescopeError as exc:
+            with self._lock:
+                if model_name not in self._models:
+                    self._failed[model_name] = str(exc)
+            self._notify()
+            raise
+        with self._lock:
+            old = self._models.get(model_name)
+            if old is not None and not replace:
+                model.route.retire()
+                raise ConfigError(f"a model named {_echo(model_name)!r} is already loaded")
+            self._models[model_name] = model
+            self._failed.pop(model_name, None)
+            if old is not None:
+                self._retire(old)
+        self._notify()
+        return model
+
+    def _start(self, bundle: Bundle, model_name: str, replace: bool) -> ServedModel:
+        if not bundle.manifest.validation.passed and not self._allow_failed_validation:
             # A forced export is kept for investigation, not for patients.
             raise BundleError(
-                f"{path}: this bundle failed its accuracy gate at export; serving it needs "
+                f"{bundle.path}: this bundle failed its accuracy gate at export; serving it needs "
                 "the server's --allow-failed-validation"
             )
-        model_name = name or bundle.manifest.name
         if not replace:
             with self._lock:
                 if model_name in self._models:
                     raise ConfigError(f"a model named {_echo(model_name)!r} is already loaded")
+        primary = self._open(bundle, self.backend, model_name)
+        fallback = None
+        if self.fallback is not None:
+            try:
+                fallback = self._open(bundle, self.fallback, model_name)
+            except BaseException:
+                primary.retire()
+                raise
+        route = ModelRoute(model_name, primary, fallback, lambda: self._open(bundle, self.backend, model_name))
+        route.on_change = self._degraded
+        return ServedModel(model_name, bundle, route)
+
+    def _open(self, bundle: Bundle, backend: Backend, name: str) -> ModelWorker:
+        """A started worker for ``bundle`` on ``backend``: sessions open, warmed up, checked."""
         manifest = bundle.manifest
+        warm = self._warm
 
         def check(session: Session) -> None:
             if warm:
                 warm_up(session, manifest)
 
         worker = ModelWorker(
-            model_name,
+            name,
             lambda: backend.load(bundle),
             instances=self.options.instances,
             max_batch=self.options.max_batch,
@@ -139,25 +212,18 @@ class ModelRegistry:
         )
         worker.start()
         assert worker.capabilities is not None  # start() sets it or raises
-        provenance = stream_pb2.Provenance(
-            model=model_name,
+        worker.provenance = stream_pb2.Provenance(
+            model=name,
             version=manifest.version,
             sha256=bundle.onnx_sha256,
             backend=backend.name,
             precision=manifest.precision,
             device=worker.capabilities.device,
         )
-        model = ServedModel(model_name, bundle, worker, provenance)
-        with self._lock:
-            old = self._models.get(model_name)
-            if old is not None and not replace:
-                worker.retire()
-                raise ConfigError(f"a model named {_echo(model_name)!r} is already loaded")
-            self._models[model_name] = model
-            if old is not None:
-                self._retire(old)
-        self._notify()
-        return model
+        return worker
+
+    def _degraded(self, model: str, reason: str) -> None:
+        self.on_degraded(model, reason)
 
     def unload(self, name: str) -> None:
         with self._lock:
@@ -168,14 +234,14 @@ class ModelRegistry:
         self._notify()
 
     def _retire(self, model: ServedModel) -> None:
-        """Stop the model taking leases; its worker stops now if unleased, else with its last lease."""
+        """Stop the model taking leases; its workers stop now if unleased, else with its last lease."""
         if self._leases.get(model, 0) == 0:
-            self._stop(model.worker)
+            self._stop(model.route)
         else:
             self._retired.add(model)
 
     def lease(self, name: str) -> ServedModel:
-        """The current model of that name; its worker keeps running until ``release``."""
+        """The current model of that name; its workers keep running until ``release``."""
         with self._lock:
             model = self._lookup(name)
             self._leases[model] = self._leases.get(model, 0) + 1
@@ -191,12 +257,13 @@ class ModelRegistry:
             if model not in self._retired:
                 return
             self._retired.discard(model)
-            self._stop(model.worker)
+            self._stop(model.route)
 
-    def _stop(self, worker: ModelWorker) -> None:
-        worker.retire()
-        self._stopping = [w for w in self._stopping if not w.join(0)]  # forget the ones already gone
-        self._stopping.append(worker)
+    def _stop(self, route: ModelRoute) -> None:
+        route.retire()
+        # Forget the routes whose workers are gone; keep the others for close().
+        self._stopping = [r for r in self._stopping if not all(w.join(0) for w in r.workers())]
+        self._stopping.append(route)
 
     def get(self, name: str) -> ServedModel:
         with self._lock:
@@ -212,6 +279,9 @@ class ModelRegistry:
             )
         model = self._models.get(name)
         if model is None:
+            why = self._failed.get(name)
+            if why is not None:
+                raise ModelNotFoundError(f"model {_echo(name)!r} is not served: {why}")
             raise ModelNotFoundError(
                 f"model {_echo(name)!r} is not loaded; loaded models: {', '.join(sorted(self._models)) or '(none)'}"
             )
@@ -225,17 +295,22 @@ class ModelRegistry:
         with self._lock:
             return sorted(self._models)
 
+    def failed(self) -> dict[str, str]:
+        """Models that could not be served, and why."""
+        with self._lock:
+            return dict(self._failed)
+
     def _notify(self) -> None:
-        names = self.names()
         for listener in self._listeners:
-            listener(names)
+            listener()
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Retire every model (leased or not), then wait for their workers to finish and close."""
         with self._lock:
-            workers = [m.worker for m in (*self._models.values(), *self._retired, *self._leases)] + self._stopping
+            routes = [m.route for m in (*self._models.values(), *self._retired, *self._leases)] + self._stopping
             self._models, self._retired, self._leases, self._stopping = {}, set(), {}, []
-        for worker in workers:
-            worker.retire()
-        for worker in workers:
-            worker.join(timeout_s)
+        for route in routes:
+            route.retire()
+        for route in routes:
+            for worker in route.workers():
+                worker.join(timeout_s)

@@ -20,7 +20,6 @@ from pathlib import Path
 import grpc
 
 from edgescope.errors import EdgescopeError, ModelNotFoundError
-from edgescope.runtime.backends.base import Backend
 from edgescope.runtime.server.capture import CaptureHub
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel
 from edgescope.runtime.server.shm import REGIONS, SharedMemoryServicer
@@ -33,7 +32,15 @@ logger = logging.getLogger(__name__)
 
 
 def _model_info(model: ServedModel) -> stream_pb2.ModelInfo:
-    return stream_pb2.ModelInfo(name=model.name, manifest=model.manifest, backend=model.provenance.backend, ready=True)
+    provenance = model.provenance
+    return stream_pb2.ModelInfo(
+        name=model.name,
+        manifest=model.manifest,
+        backend=provenance.backend,
+        ready=True,
+        provenance=provenance,
+        instances=model.worker.instances,
+    )
 
 
 class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer):
@@ -42,7 +49,6 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
         models: ModelRegistry,
         executor: Executor,
         loader: Executor,
-        backend: Backend,
         config: SchedulerConfig,
         metrics: RuntimeMetrics,
     ) -> None:
@@ -50,7 +56,6 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
         self._metrics = metrics
         self._executor = executor
         self._loader = loader
-        self._backend = backend
         self._config = config
         self._captures: CaptureHub | None = None
         self.streams = StreamRegistry()
@@ -122,7 +127,12 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
         request: stream_pb2.ListModelsRequest,
         context: grpc.aio.ServicerContext[stream_pb2.ListModelsRequest, stream_pb2.ListModelsResponse],
     ) -> stream_pb2.ListModelsResponse:
-        return stream_pb2.ListModelsResponse(models=[_model_info(m) for m in self._models.all()])
+        served = [_model_info(m) for m in self._models.all()]
+        refused = [
+            stream_pb2.ModelInfo(name=name, ready=False, not_ready_reason=reason)
+            for name, reason in sorted(self._models.failed().items())
+        ]
+        return stream_pb2.ListModelsResponse(models=served + refused)
 
     async def GetModel(
         self,
@@ -145,14 +155,8 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "LoadModel needs a bundle_path")
 
         def load() -> ServedModel:
-            # Loading and warm-up happen before the swap, on the loader thread: streams keep running.
-            return self._models.load(
-                Path(request.bundle_path),
-                self._backend,
-                name=request.name or None,
-                allow_failed_validation=request.allow_failed_validation,
-                replace=True,
-            )
+            # Loading, warm-up and checks happen before the swap, on the loader thread: streams keep running.
+            return self._models.load(Path(request.bundle_path), name=request.name or None, replace=True)
 
         try:
             model = await asyncio.get_running_loop().run_in_executor(self._loader, load)

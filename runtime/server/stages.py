@@ -105,7 +105,7 @@ def finish(
     encoded = time.perf_counter_ns()
     result.timings.add(stage="postprocess", duration_ns=encoded - start)
     fill_result(result, task, frame.mask_encoding)
-    result.provenance.CopyFrom(model.provenance)
+    result.provenance.CopyFrom(inferred.provenance)
     result.status.code = stream_pb2.FRAME_STATUS_CODE_OK
     result.timings.add(stage="encode", duration_ns=time.perf_counter_ns() - encoded)
     preview = None

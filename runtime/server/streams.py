@@ -376,7 +376,7 @@ class StreamRun:
             inferred: list[JobResult] = []
             for model_input in prepared.inputs:
                 job = job_for(model_input, self.lane, self._state, frame.reset_state)
-                inferred.append(await model_input.model.worker.infer(job))
+                inferred.append(await model_input.model.infer(job))
             await self._hand_over(held, 2)
             finished = await loop.run_in_executor(
                 self._executor, finish_all, prepared.inputs, inferred, frame, prepared, queued_ns
@@ -431,7 +431,7 @@ async def infer_one(
         prepared = await loop.run_in_executor(executor, prepare, frame, leases, shared_memory, False)
         state = StreamState()
         inferred = [
-            await model_input.model.worker.infer(job_for(model_input, lane, state, frame.reset_state))
+            await model_input.model.infer(job_for(model_input, lane, state, frame.reset_state))
             for model_input in prepared.inputs
         ]
         finished = await loop.run_in_executor(

@@ -40,6 +40,7 @@ import numpy.typing as npt
 from edgescope.errors import BackendError, EdgescopeError, OverloadError
 from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
 from edgescope.runtime.pipeline.state import ModelState
+from edgescope.v1 import stream_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ class JobResult:
     outputs: Outputs
     infer_ns: int
     batch_size: int
+    # What ran it: the worker's provenance (the route marks a degraded answer on a copy).
+    provenance: stream_pb2.Provenance
 
 
 @dataclass(slots=True)
@@ -143,6 +146,8 @@ class ModelWorker:
         self._cond = threading.Condition()
         self._retired = False
         self.capabilities: SessionCapabilities | None = None
+        # Set by whoever publishes the worker, once it has started (the device is known then).
+        self.provenance = stream_pb2.Provenance(model=name)
         self.stats = WorkerStats()
 
     # -- lifecycle (blocking: call from a loader thread, never the event loop) ---------------------
@@ -339,7 +344,7 @@ class ModelWorker:
             except Exception as exc:
                 self._settle(job, None, _as_backend_error(exc, self.name))
                 continue
-            self._settle(job, JobResult(outputs, time.perf_counter_ns() - start, 1), None)
+            self._settle(job, JobResult(outputs, time.perf_counter_ns() - start, 1, self.provenance), None)
 
     def _run_batch(self, session: Session, jobs: list[Job]) -> None:
         with self._cond:
@@ -351,7 +356,7 @@ class ModelWorker:
         elapsed = time.perf_counter_ns() - start
         for index, job in enumerate(jobs):
             own = {name: value[index : index + 1] for name, value in outputs.items()}
-            self._settle(job, JobResult(own, elapsed, len(jobs)), None)
+            self._settle(job, JobResult(own, elapsed, len(jobs), self.provenance), None)
 
     def _settle(self, job: Job, result: JobResult | None, error: BaseException | None) -> None:
         with self._cond:

@@ -84,3 +84,8 @@ def device_alerts(sample: DeviceSample, memory_near_full: float) -> list[Alert]:
             )
         )
     return alerts
+
+
+def degraded_alert(model: str, reason: str) -> Alert:
+    """In force while a model is served by its fallback backend."""
+    return Alert(kind=Alert.KIND_MODEL_DEGRADED, model=model, message=f"{model} is degraded: {reason}", value=1.0)

@@ -28,7 +28,14 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from edgescope.runtime.telemetry.alerts import Alert, budget_ms, device_alerts, kind_label, latency_alert
+from edgescope.runtime.telemetry.alerts import (
+    Alert,
+    budget_ms,
+    degraded_alert,
+    device_alerts,
+    kind_label,
+    latency_alert,
+)
 from edgescope.runtime.telemetry.device import DeviceSample
 from edgescope.runtime.telemetry.gpu import THROTTLE_REASONS
 from edgescope.runtime.telemetry.latency import PERCENTILES, LatencyRecorder, drop_label, missed_deadline
@@ -85,6 +92,8 @@ class RuntimeMetrics:
         self._device_alerts: list[Alert] = []
         self._late: dict[str, tuple[float, Alert]] = {}
         self._loaded: frozenset[str] = frozenset()
+        # Models served by their fallback, and why.
+        self._degraded: dict[str, str] = {}
         r = self.registry
         self._success = Counter("edgescope_inference_success", "Frames answered with a result", ["model"], registry=r)
         self._failure = Counter("edgescope_inference_failure", "Frames answered with an error", ["model"], registry=r)
@@ -139,6 +148,14 @@ class RuntimeMetrics:
         for reason in stream_pb2.DropReason.values():
             if reason != stream_pb2.DROP_REASON_UNSPECIFIED:
                 self._drops.labels(model, drop_label(stream_pb2.FrameStatus(drop_reason=reason)))
+
+    def set_degraded(self, model: str, reason: str) -> None:
+        """``model`` is served by its fallback for ``reason`` (empty: its primary serves again)."""
+        with self._lock:
+            if reason:
+                self._degraded[model] = reason
+            else:
+                self._degraded.pop(model, None)
 
     def label(self, model: str) -> str:
         """``model`` if it is loaded, else ``UNKNOWN_MODEL``: label sets stay bounded whatever clients send."""
@@ -233,8 +250,12 @@ class RuntimeMetrics:
                 self._late[model] = (time.monotonic(), late)
             else:
                 self._late.pop(model, None)
-            device = list(self._device_alerts)
-        return [late, *device] if late is not None else device
+            alerts = [late] if late is not None else []
+            degraded = self._degraded.get(model)
+            if degraded is not None:
+                alerts.append(degraded_alert(model, degraded))
+            alerts.extend(self._device_alerts)
+        return alerts
 
     def _model(self, model: str) -> LatencyRecorder:
         latency = self._models.get(model)
@@ -258,7 +279,8 @@ class RuntimeMetrics:
         now = time.monotonic()
         with self._lock:
             late = [alert for at, alert in self._late.values() if now - at <= LATENCY_ALERT_HOLD_S]
-            return late + list(self._device_alerts)
+            degraded = [degraded_alert(model, reason) for model, reason in sorted(self._degraded.items())]
+            return late + degraded + list(self._device_alerts)
 
     def preview(self, stream_id: str = "") -> bytes | None:
         """The latest preview JPEG of ``stream_id`` (or of the most recently active stream that has one)."""
@@ -399,7 +421,8 @@ def _alert_families(alerts: list[Alert], models: list[str]) -> Iterable[Metric]:
         if kind == stream_pb2.Alert.KIND_UNSPECIFIED:
             continue
         label = kind_label(kind)
-        scopes = models if kind == stream_pb2.Alert.KIND_LATENCY_BUDGET_EXCEEDED else [""]
+        per_model = (stream_pb2.Alert.KIND_LATENCY_BUDGET_EXCEEDED, stream_pb2.Alert.KIND_MODEL_DEGRADED)
+        scopes = models if kind in per_model else [""]
         for model in scopes:
             family.add_metric([label, model], 1.0 if (label, model) in active else 0.0)
     yield family
