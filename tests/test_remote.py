@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edgescope.bundle import Bundle
+from edgescope.bundle import MANIFEST_FILE, Bundle, load_bundle
 from edgescope.errors import BackendError
 from edgescope.runtime.client.stream import StreamOptions, stream_source
 from edgescope.runtime.pipeline.encode import decode_mask
@@ -40,7 +43,9 @@ def test_a_server_on_the_remote_backend_gives_the_same_results(server: ServerThr
     for remote, local in zip(remote_masks, local_masks, strict=True):
         np.testing.assert_array_equal(remote, local)
     assert all(r.provenance.backend == "remote" for r in remote_results)
-    assert all(r.provenance.device == f"remote:{server.target}" for r in remote_results)
+    # Provenance names the remote model and the version pinned at load (the bundle's, as our server serves it).
+    version = example_bundle.manifest.version
+    assert all(r.provenance.device == f"remote:{server.target}/lesion-unet/{version}" for r in remote_results)
 
 
 def test_loading_refuses_a_missing_or_different_remote_model(server: ServerThread, example_bundle: Bundle) -> None:
@@ -48,9 +53,25 @@ def test_loading_refuses_a_missing_or_different_remote_model(server: ServerThrea
 
     with pytest.raises(BackendError, match="not ready"):
         RemoteBackend(server.target, model_name="no-such-model", timeout_s=10).load(example_bundle)
+    with pytest.raises(BackendError, match="not ready"):
+        RemoteBackend(server.target, model_version="7", timeout_s=10).load(example_bundle)
     unused_port = f"127.0.0.1:{_free_port()}"
     with pytest.raises(BackendError, match="cannot reach"):
         RemoteBackend(unused_port, timeout_s=2).load(example_bundle)
+
+
+def test_loading_refuses_a_remote_model_with_other_tensors(
+    server: ServerThread, example_bundle: Bundle, tmp_path: Path
+) -> None:
+    from edgescope.runtime.backends.remote import RemoteBackend
+
+    # The same graph, but a bundle that expects another output: the remote model is not this bundle's.
+    copy = Path(shutil.copytree(example_bundle.path, tmp_path / "other"))
+    manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    manifest["outputs"][0]["name"] = "probabilities"
+    (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BackendError, match=r"outputs logits FP32 .*declares probabilities FP32.*not the same model"):
+        RemoteBackend(server.target, model_name="lesion-unet", timeout_s=10).load(load_bundle(copy))
 
 
 def _free_port() -> int:

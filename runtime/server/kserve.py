@@ -33,6 +33,7 @@ from edgescope import __version__
 from edgescope.errors import EdgescopeError, FrameError, ModelNotFoundError
 from edgescope.kserve.v2 import inference_pb2 as pb
 from edgescope.runtime.backends.base import Feed
+from edgescope.runtime.backends.tensors import tensor_datatype, tensor_shape
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel
 from edgescope.runtime.server.status import status_code_for
 from edgescope.runtime.server.streams import StreamRegistry
@@ -60,16 +61,6 @@ NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
 }
 _DATATYPE_OF = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
 
-MANIFEST_DATATYPES = {
-    manifest_pb2.DATA_TYPE_FLOAT32: "FP32",
-    manifest_pb2.DATA_TYPE_FLOAT16: "FP16",
-    manifest_pb2.DATA_TYPE_INT8: "INT8",
-    manifest_pb2.DATA_TYPE_UINT8: "UINT8",
-    manifest_pb2.DATA_TYPE_UINT16: "UINT16",
-    manifest_pb2.DATA_TYPE_INT32: "INT32",
-    manifest_pb2.DATA_TYPE_INT64: "INT64",
-    manifest_pb2.DATA_TYPE_BOOL: "BOOL",
-}
 
 # Where each datatype's values sit in InferTensorContents (FP16 has no typed field).
 _CONTENTS_FIELD = {
@@ -92,9 +83,8 @@ Response = TypeVar("Response")
 
 def tensor_metadata(spec: manifest_pb2.TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
     """A manifest tensor as the protocol describes it: -1 for each dynamic dimension."""
-    shape = [dim.size if dim.WhichOneof("kind") == "size" else -1 for dim in spec.shape]
     return pb.ModelMetadataResponse.TensorMetadata(
-        name=spec.name, datatype=MANIFEST_DATATYPES.get(spec.dtype, "FP32"), shape=shape
+        name=spec.name, datatype=tensor_datatype(spec), shape=tensor_shape(spec)
     )
 
 
