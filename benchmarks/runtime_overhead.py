@@ -1,14 +1,23 @@
-"""Runtime overhead, throughput, live latency and memory, against two baselines, in one run.
+"""Runtime overhead, throughput, live latency and memory, against baselines, in one run.
 
 Same frames (the 120-frame echo cine from pydicom-data, decoded once and
-looped) and the same model (the example lesion U-Net) throughout:
+looped) throughout, on two workloads:
 
-- raw: the ONNX Runtime session in a tight loop on preprocessed tensors
-  (the limit no server can beat);
-- torch-unary: a plain gRPC unary server that runs the PyTorch model per
-  request (what a team would otherwise write);
-- edgescope: ``edgescope serve`` streamed as fast as possible (every), at the
-  cine's 30 fps (live), and for a long run sampling the server's RSS.
+1. the example lesion U-Net (121k parameters, 256x256 gray input) on the
+   cine's 480x640 RGB frames:
+
+   - raw: the ONNX Runtime session in a tight loop on preprocessed tensors
+     (the limit no server can beat);
+   - torch-unary: a plain gRPC unary server that runs the PyTorch model per
+     request (what a team would otherwise write);
+   - plain-ort: a plain grpcio unary server around the same ONNX Runtime
+     session (decode, preprocess, infer, mask PNG; the afternoon's work);
+   - edgescope: ``edgescope serve`` streamed as fast as possible (every), at
+     the cine's 30 fps (live), and for a long run sampling the server's RSS;
+
+2. a MONAI U-Net of 1.6M parameters on the cine as gray 480x640 frames,
+   where inference dominates: raw, plain-ort and edgescope, each one frame
+   at a time (send, wait for the answer, send the next).
 
 Prints a table, writes ``benchmarks/results/runtime_overhead.json`` and a PNG.
 Run: ``.venv/bin/python benchmarks/runtime_overhead.py [--quick]``.
@@ -28,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cv2
 import grpc
 import numpy as np
 from replay import ReplaySource
@@ -97,38 +107,83 @@ server.wait_for_termination()
 """
 
 
+_PLAIN_ORT_SERVER = r"""
+import sys, grpc, numpy as np, onnxruntime as ort, cv2
+from concurrent import futures
+options = ort.SessionOptions()
+options.intra_op_num_threads = 2
+session = ort.InferenceSession(sys.argv[1], sess_options=options, providers=["CPUExecutionProvider"])
+name = session.get_inputs()[0].name
+height, width = int(sys.argv[2]), int(sys.argv[3])
+def infer(request, context):
+    h, w, c = (int.from_bytes(request[i:i + 4], "little") for i in (0, 4, 8))
+    pixels = np.frombuffer(request[12:], np.uint8).reshape((h, w, c) if c > 1 else (h, w))
+    gray = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY) if c > 1 else pixels
+    if gray.shape != (height, width):
+        gray = cv2.resize(gray, (width, height), interpolation=cv2.INTER_AREA)
+    (logits,) = session.run(None, {name: gray[None, None].astype(np.float32) / 255.0})
+    mask = (logits[0, 0] > 0).astype(np.uint8)
+    if mask.shape != (h, w):
+        mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+    return cv2.imencode(".png", mask)[1].tobytes()
+server = grpc.server(futures.ThreadPoolExecutor(4), options=[("grpc.max_receive_message_length", 64 << 20)])
+handler = grpc.method_handlers_generic_handler("plain.Seg", {"Infer": grpc.unary_unary_rpc_method_handler(infer)})
+server.add_generic_rpc_handlers((handler,))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(port, flush=True)
+server.wait_for_termination()
+"""
+
+
+def _payload(pixels: np.ndarray[Any, Any]) -> bytes:
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    header = b"".join(v.to_bytes(4, "little") for v in (pixels.shape[0], pixels.shape[1], channels))
+    return header + np.ascontiguousarray(pixels).tobytes()
+
+
+def _bench_unary_server(argv: list[str], payloads: list[bytes], count: int) -> dict[str, Any]:
+    """Start a plain unary gRPC server script, send ``count`` requests one at a time, time them."""
+    server = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)])
+        call = channel.unary_unary("/plain.Seg/Infer")
+        call(payloads[0], timeout=60)
+        times = []
+        start = time.perf_counter()
+        for index in range(count):
+            begin = time.perf_counter()
+            call(payloads[index % len(payloads)], timeout=60)
+            times.append((time.perf_counter() - begin) * 1e3)
+        elapsed = time.perf_counter() - start
+        channel.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return {"frames": count, "fps": round(count / elapsed, 2), **percentiles(times)}
+
+
+def bench_plain_ort(bundle_path: Path, frames: list[SourceFrame], count: int) -> dict[str, Any]:
+    spec = load_bundle(bundle_path).manifest.preprocessing
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "plain_ort_server.py"
+        script.write_text(_PLAIN_ORT_SERVER)
+        argv = [str(script), str(bundle_path / "model.onnx"), str(spec.height), str(spec.width)]
+        return _bench_unary_server(argv, [_payload(f.pixels) for f in frames], count)
+
+
 def bench_torch_unary(frames: list[SourceFrame], count: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "plain_server.py"
         script.write_text(_TORCH_SERVER)
-        server = subprocess.Popen(
-            [sys.executable, str(script), "", str(EXAMPLE), str(EXAMPLE / "weights.pt")],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert server.stdout is not None
-            port = int(server.stdout.readline())
-            channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)])
-            call = channel.unary_unary("/plain.Seg/Infer")
-            payloads = []
-            for frame in frames:
-                rgb = frame.pixels if frame.pixels.ndim == 3 else np.stack([frame.pixels] * 3, axis=-1)
-                h, w = rgb.shape[:2]
-                payloads.append(h.to_bytes(4, "little") + w.to_bytes(4, "little") + rgb.tobytes())
-            call(payloads[0], timeout=30)
-            times = []
-            start = time.perf_counter()
-            for index in range(count):
-                begin = time.perf_counter()
-                call(payloads[index % len(payloads)], timeout=30)
-                times.append((time.perf_counter() - begin) * 1e3)
-            elapsed = time.perf_counter() - start
-            channel.close()
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-    return {"frames": count, "fps": round(count / elapsed, 2), **percentiles(times)}
+        payloads = []
+        for frame in frames:
+            rgb = frame.pixels if frame.pixels.ndim == 3 else np.stack([frame.pixels] * 3, axis=-1)
+            h, w = rgb.shape[:2]
+            payloads.append(h.to_bytes(4, "little") + w.to_bytes(4, "little") + rgb.tobytes())
+        return _bench_unary_server([str(script), "", str(EXAMPLE), str(EXAMPLE / "weights.pt")], payloads, count)
 
 
 def _rss_mb(pid: int) -> float:
@@ -136,6 +191,30 @@ def _rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024.0
     raise RuntimeError("no VmRSS")
+
+
+def measure_stream(source: ReplaySource, options: StreamOptions) -> dict[str, Any]:
+    """Stream ``source``; latency of the answered frames, and the throughput."""
+    e2e: list[float] = []
+    infer: list[float] = []
+
+    def per_frame(_frame: SourceFrame, result: stream_pb2.Result) -> None:
+        if result.status.code == stream_pb2.FRAME_STATUS_CODE_OK:
+            e2e.append((time.time_ns() - result.capture_time_ns) / 1e6)
+            infer.append(next(t.duration_ns for t in result.timings if t.stage == "infer") / 1e6)
+
+    start = time.perf_counter()
+    report = asyncio.run(stream_source(source, options, per_frame))
+    elapsed = time.perf_counter() - start
+    return {
+        "frames": report.sent,
+        "fps": round(report.sent / elapsed, 2),
+        "end_to_end": percentiles(e2e),
+        "infer": percentiles(infer),
+        "overhead": percentiles([total - model for total, model in zip(e2e, infer, strict=True)]),
+        "dropped": report.latency.dropped,
+        "errors": report.latency.errors,
+    }
 
 
 def bench_edgescope(
@@ -146,40 +225,17 @@ def bench_edgescope(
     def replay(count: int) -> ReplaySource:
         return ReplaySource([f.pixels for f in frames], fps, count, "ultrasound", frames[0].spacing_mm)
 
-    def measure(options: StreamOptions, count: int) -> dict[str, Any]:
-        """Stream ``count`` frames; latency of the answered frames, and the throughput."""
-        e2e: list[float] = []
-        infer: list[float] = []
-
-        def per_frame(_frame: SourceFrame, result: stream_pb2.Result) -> None:
-            if result.status.code == stream_pb2.FRAME_STATUS_CODE_OK:
-                e2e.append((time.time_ns() - result.capture_time_ns) / 1e6)
-                infer.append(next(t.duration_ns for t in result.timings if t.stage == "infer") / 1e6)
-
-        start = time.perf_counter()
-        report = asyncio.run(stream_source(replay(count), options, per_frame))
-        elapsed = time.perf_counter() - start
-        return {
-            "frames": report.sent,
-            "fps": round(report.sent / elapsed, 2),
-            "end_to_end": percentiles(e2e),
-            "infer": percentiles(infer),
-            "overhead": percentiles([total - model for total, model in zip(e2e, infer, strict=True)]),
-            "dropped": report.latency.dropped,
-            "errors": report.latency.errors,
-        }
-
     with tempfile.TemporaryDirectory() as tmp:
         server, target = start_server([bundle_path], Path(tmp) / "port")
         try:
             # A window of 3 frames keeps every stage busy without queueing frames in transport buffers.
             options = StreamOptions(target=target, model="", realtime=False, max_in_flight=3)
-            results["fast"] = measure(options, fast_count)
+            results["fast"] = measure_stream(replay(fast_count), options)
             live = StreamOptions(target=target, model="", realtime=True, policy=stream_pb2.STREAM_POLICY_LIVE)
-            results["live_30fps"] = measure(live, live_count)
+            results["live_30fps"] = measure_stream(replay(live_count), live)
             # The same live stream with frames handed over in shared memory instead of protobuf bytes.
             live.shared_memory = True
-            results["live_30fps_shared_memory"] = measure(live, live_count)
+            results["live_30fps_shared_memory"] = measure_stream(replay(live_count), live)
 
             rss: list[tuple[int, float]] = [(0, _rss_mb(server.pid))]
             step = max(1, soak_count // 20)
@@ -199,6 +255,41 @@ def bench_edgescope(
         finally:
             stop_server(server)
     return results
+
+
+def bench_heavy(frames: list[SourceFrame], fps: float, count: int, tmp: Path) -> dict[str, Any]:
+    """The 1.6M-parameter U-Net on gray 480x640 frames, one frame at a time: raw, plain-ort, edgescope."""
+    gray = [cv2.cvtColor(f.pixels, cv2.COLOR_RGB2GRAY) if f.pixels.ndim == 3 else f.pixels for f in frames]
+    gray_frames = [SourceFrame(f.index, g, f.timestamp_s, f.spacing_mm) for f, g in zip(frames, gray, strict=True)]
+    bundle = tmp / "unet-1m6"
+    export_model(
+        ExportRequest(
+            name="unet-1m6",
+            output=bundle,
+            factory=f"{ROOT / 'benchmarks' / 'models.py'}:build_unet_1m6",
+            input_height=480,
+            input_width=640,
+            samples=2,
+        ),
+        log=lambda _line: None,
+    )
+    raw = bench_raw(bundle, gray_frames, count)
+    plain = bench_plain_ort(bundle, gray_frames, count)
+    with tempfile.TemporaryDirectory() as run_dir:
+        server, target = start_server([bundle], Path(run_dir) / "port")
+        try:
+            options = StreamOptions(target=target, model="", realtime=False, max_in_flight=1)
+            edgescope = measure_stream(ReplaySource(gray, fps, count, "ultrasound"), options)
+        finally:
+            stop_server(server)
+    return {
+        "model": "MONAI UNet (16, 32, 64, 128, 256), 2 residual units, 1.62M parameters, 480x640 gray input",
+        "raw": raw,
+        "plain_ort": plain,
+        "edgescope_send_answer": edgescope,
+        "edgescope_vs_raw": round(edgescope["fps"] / raw["fps"], 3),
+        "edgescope_vs_plain_ort": round(edgescope["fps"] / plain["fps"], 3),
+    }
 
 
 def plot(report: dict[str, Any], path: Path) -> bool:
@@ -235,8 +326,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     args = parser.parse_args()
-    counts = (200, 100, 150, 2000) if args.quick else (1000, 300, 300, 20000)
-    raw_n, torch_n, live_n, soak_n = counts
+    counts = (200, 100, 150, 2000, 30) if args.quick else (1000, 300, 300, 20000, 120)
+    raw_n, torch_n, live_n, soak_n, heavy_n = counts
     fast_n = raw_n
 
     from pydicom.data import get_testdata_file
@@ -258,7 +349,9 @@ def main() -> int:
         )
         raw = bench_raw(bundle, frames, raw_n)
         torch_unary = bench_torch_unary(frames, torch_n)
+        plain_ort = bench_plain_ort(bundle, frames, torch_n)
         edgescope = bench_edgescope(bundle, frames, fps, fast_n, live_n, soak_n)
+        heavy = bench_heavy(frames, fps, heavy_n, Path(tmp))
 
     fast = edgescope["fast"]
     report = {
@@ -266,13 +359,18 @@ def main() -> int:
         "frames": "color3d_jpeg_baseline.dcm, 480x640 RGB, model input 256x256 gray",
         "raw": raw,
         "torch_unary": torch_unary,
+        "plain_ort": plain_ort,
         "edgescope": edgescope,
+        "heavy": heavy,
         "targets": {
             # Overhead is judged at the live rate, where no frame waits for another.
             "overhead_p50_ms (< 1.5)": edgescope["live_30fps"]["overhead"]["p50_ms"],
             "overhead_p50_ms_shared_memory (< 1.5)": edgescope["live_30fps_shared_memory"]["overhead"]["p50_ms"],
             "throughput_vs_raw (>= 0.9)": round(fast["fps"] / raw["fps"], 3),
             "throughput_vs_torch_unary": round(fast["fps"] / torch_unary["fps"], 3),
+            "throughput_vs_plain_ort": round(fast["fps"] / plain_ort["fps"], 3),
+            "heavy_send_answer_vs_raw": heavy["edgescope_vs_raw"],
+            "heavy_send_answer_vs_plain_ort": heavy["edgescope_vs_plain_ort"],
             "live_p99_minus_raw_p99_ms (<= 5)": round(
                 edgescope["live_30fps"]["end_to_end"]["p99_ms"] - raw["p99_ms"], 3
             ),
@@ -283,7 +381,9 @@ def main() -> int:
     out = RESULTS / "runtime_overhead.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["targets"], indent=2))
-    print(f"raw {raw}\ntorch-unary {torch_unary}\nedgescope fast {fast}\nlive {edgescope['live_30fps']}")
+    print(f"raw {raw}\ntorch-unary {torch_unary}\nplain-ort {plain_ort}")
+    print(f"edgescope fast {fast}\nlive {edgescope['live_30fps']}")
+    print(f"heavy {json.dumps(heavy)}")
     print(f"live, shared memory {edgescope['live_30fps_shared_memory']}")
     if plot(report, RESULTS / "runtime_overhead.png"):
         print(f"plot: {RESULTS / 'runtime_overhead.png'}")
