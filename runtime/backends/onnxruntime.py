@@ -77,8 +77,10 @@ class OnnxRuntimeBackend:
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # From the bytes that were just checked against the manifest, not the path again.
+        model = bundle.onnx_bytes()
         try:
-            inference = ort.InferenceSession(str(bundle.onnx_path), sess_options=options, providers=self.providers)
+            inference = ort.InferenceSession(model, sess_options=options, providers=self.providers)
         except Exception as exc:
             raise BackendError(f"onnxruntime cannot load {bundle.onnx_path}: {exc}") from exc
         return OnnxRuntimeSession(bundle.manifest, inference)
