@@ -11,7 +11,10 @@
     ├── SourceError              a frame source cannot be opened or read
     ├── FrameError               one frame is malformed (the stream goes on)
     ├── ModelNotFoundError       a request names a model that is not loaded
-    └── BackendError             an inference backend failed
+    ├── BackendError             an inference backend failed
+    ├── AuthenticationError      a caller's credentials are missing or wrong
+    ├── PermissionDeniedError    a caller lacks the role a call needs
+    └── QuotaExceededError       a caller holds as much of a shared resource as it may
 
 Errors are translated at boundaries (``raise ... from exc``); the runtime maps
 them to gRPC status codes in one place (``edgescope.runtime.server.status``).
@@ -63,3 +66,15 @@ class ModelNotFoundError(EdgescopeError):
 
 class BackendError(EdgescopeError):
     """An inference backend failed to load a model or to run it."""
+
+
+class AuthenticationError(EdgescopeError):
+    """A caller gave no credentials, or credentials the server does not accept."""
+
+
+class PermissionDeniedError(EdgescopeError):
+    """A caller is known but lacks the role (or ownership) a call needs."""
+
+
+class QuotaExceededError(EdgescopeError):
+    """A caller already holds as much of a shared resource as one caller may."""

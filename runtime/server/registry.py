@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgescope.bundle import Bundle, load_bundle
-from edgescope.errors import BundleError, ConfigError, ModelNotFoundError
+from edgescope.bundle import Bundle
+from edgescope.errors import ConfigError, ModelNotFoundError
 from edgescope.runtime.backends.base import Backend, Session
 from edgescope.runtime.pipeline.state import ModelState
+from edgescope.runtime.server.repository import BundlePolicy
+from edgescope.runtime.server.status import echo
 from edgescope.v1 import manifest_pb2, stream_pb2
 
 
@@ -61,17 +63,11 @@ class ModelRegistry:
         *,
         name: str | None = None,
         warm_up: bool = True,
-        allow_failed_validation: bool = False,
+        policy: BundlePolicy | None = None,
         replace: bool = False,
     ) -> LoadedModel:
         """Load and warm up a bundle, then publish it (replacing a same-named model if asked)."""
-        bundle = load_bundle(path)
-        if not bundle.manifest.validation.passed and not allow_failed_validation:
-            # A forced export is kept for investigation, not for patients.
-            raise BundleError(
-                f"{path}: this bundle failed its accuracy gate at export; serving it needs "
-                "an explicit allow_failed_validation (--allow-failed-validation)"
-            )
+        bundle = (policy or BundlePolicy()).open(path)
         model_name = name or bundle.manifest.name
         session = backend.load(bundle)
         if warm_up:
@@ -83,6 +79,8 @@ class ModelRegistry:
             backend=backend.name,
             precision=bundle.manifest.precision,
             device=session.capabilities.device,
+            failed_validation=not bundle.manifest.validation.passed,
+            signer=bundle.signer,
         )
         model = LoadedModel(model_name, bundle, session, provenance)
         with self._lock:
@@ -100,7 +98,7 @@ class ModelRegistry:
         with self._lock:
             model = self._models.pop(name, None)
             if model is None:
-                raise ModelNotFoundError(f"model {name!r} is not loaded")
+                raise ModelNotFoundError(f"model {echo(name)} is not loaded")
             to_close = self._retire(model)
         if to_close is not None:
             to_close.session.close()
@@ -145,7 +143,7 @@ class ModelRegistry:
         model = self._models.get(name)
         if model is None:
             raise ModelNotFoundError(
-                f"model {name!r} is not loaded; loaded models: {', '.join(sorted(self._models)) or '(none)'}"
+                f"model {echo(name)} is not loaded; loaded models: {', '.join(sorted(self._models)) or '(none)'}"
             )
         return model
 
