@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgescope.runtime.backends.base import Outputs
-from edgescope.runtime.pipeline.decode import decode_frame
+from edgescope.runtime.pipeline.decode import DEFAULT_LIMITS, FrameLimits, decode_frame
 from edgescope.runtime.pipeline.encode import fill_result
 from edgescope.runtime.pipeline.postprocess import postprocess
 from edgescope.runtime.pipeline.preprocess import Geometry, preprocess
@@ -41,10 +41,10 @@ class Prepared:
     inputs: list[ModelInput] = field(default_factory=list)
 
 
-def prepare(frame: stream_pb2.Frame, models: list[LoadedModel]) -> Prepared:
+def prepare(frame: stream_pb2.Frame, models: list[LoadedModel], limits: FrameLimits = DEFAULT_LIMITS) -> Prepared:
     """Decode once and preprocess for each model (they may want different sizes)."""
     start = time.perf_counter_ns()
-    pixels = decode_frame(frame, REGIONS.view)
+    pixels = decode_frame(frame, REGIONS.view, limits)
     prepared = Prepared(frame=frame, decode_ns=time.perf_counter_ns() - start)
     for model in models:
         begin = time.perf_counter_ns()

@@ -27,6 +27,7 @@ import numpy as np
 
 from edgescope.errors import EdgescopeError
 from edgescope.runtime.backends.base import Outputs
+from edgescope.runtime.pipeline.decode import DEFAULT_LIMITS, FrameLimits
 from edgescope.runtime.pipeline.state import StreamState, frame_input
 from edgescope.runtime.server.registry import LoadedModel, ModelRegistry
 from edgescope.runtime.server.stages import ModelInput, as_model_result, finish, infer, prepare, stamp
@@ -72,6 +73,7 @@ class SchedulerConfig:
     deadline_ms: int = 0
     max_batch: int = 8
     max_batch_delay_s: float = 0.002
+    frame_limits: FrameLimits = DEFAULT_LIMITS
 
 
 _BatchItem = tuple[ModelInput, "asyncio.Future[tuple[Outputs, int]]"]
@@ -319,7 +321,7 @@ class StreamScheduler:
                 self._model = frame.model
             for name in (self._model, *frame.extra_models):
                 models.append(self._registry.acquire(name))
-            prepared = await loop.run_in_executor(self._executor, prepare, frame, models)
+            prepared = await loop.run_in_executor(self._executor, prepare, frame, models, self._config.frame_limits)
             await self._stages[1].acquire()
             held.append(self._stages[1])
             held.remove(self._stages[0])
