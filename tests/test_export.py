@@ -68,6 +68,7 @@ def test_failing_gate_writes_nothing(tmp_path: Path) -> None:
 def test_forced_bundle_is_marked_failed_and_not_served_by_default(tmp_path: Path) -> None:
     from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from edgescope.runtime.server.registry import ModelRegistry
+    from edgescope.runtime.server.repository import BundlePolicy
 
     out = tmp_path / "b"
     bundle = export_model(_request(out, thresholds=GateThresholds(min_dice=1.5), force=True), log=_quiet)
@@ -75,7 +76,8 @@ def test_forced_bundle_is_marked_failed_and_not_served_by_default(tmp_path: Path
     registry = ModelRegistry()
     with pytest.raises(BundleError, match="accuracy gate"):
         registry.load(out, OnnxRuntimeBackend())
-    registry.load(out, OnnxRuntimeBackend(), allow_failed_validation=True)
+    model = registry.load(out, OnnxRuntimeBackend(), policy=BundlePolicy(allow_failed_validation=True))
+    assert model.provenance.failed_validation  # every result it gives says so
     registry.close()
 
 

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +17,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edgescope.runtime.backends.base import Backend
+from edgescope.runtime.server.auth import CallerExecutor
 from edgescope.runtime.server.capture import CaptureConfig, CaptureHub
+from edgescope.runtime.server.kserve import DEFAULT_TENSOR_LIMITS, TensorLimits, add_kserve_service
 from edgescope.runtime.server.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
-from edgescope.runtime.server.kserve import add_kserve_service
 from edgescope.runtime.server.registry import ModelRegistry
+from edgescope.runtime.server.security import SecurityConfig, open_security
 from edgescope.runtime.server.service import StreamService
 from edgescope.runtime.server.shm import REGIONS
 from edgescope.runtime.server.streams import SchedulerConfig
@@ -49,6 +51,8 @@ class ServerConfig:
     scheduling: SchedulerConfig = field(default_factory=SchedulerConfig)
     captures: Sequence[CaptureConfig] = ()
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    kserve_limits: TensorLimits = DEFAULT_TENSOR_LIMITS
 
 
 class RunningServer:
@@ -59,7 +63,7 @@ class RunningServer:
         server: grpc.aio.Server,
         port: int,
         registry: ModelRegistry,
-        executor: ThreadPoolExecutor,
+        executor: Executor,
         health_servicer: Any,
         service: StreamService,
         captures: CaptureHub | None,
@@ -96,11 +100,16 @@ class RunningServer:
 
 async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
     """Load and warm up every bundle, then start serving; health turns SERVING last."""
+    web_host = config.telemetry.http_host if config.telemetry.http_port is not None else None
+    security = open_security(
+        config.security, host=config.host, web_host=web_host, allow_failed_validation=config.allow_failed_validation
+    )
     registry = ModelRegistry()
-    executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="edgescope-frame")
+    # Carries the caller of each call into the frame threads (shared memory belongs to its registrant).
+    executor = CallerExecutor(max_workers=config.workers, thread_name_prefix="edgescope-frame")
     try:
         for bundle in config.bundles:
-            model = registry.load(Path(bundle), backend, allow_failed_validation=config.allow_failed_validation)
+            model = registry.load(Path(bundle), backend, policy=security.policy)
             logger.info(
                 "loaded %s %s (%s, sha256 %s)",
                 model.name,
@@ -112,13 +121,15 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
         executor.shutdown(wait=False)
         registry.close()
         raise
-    server = grpc.aio.server(options=channel_options(config.max_message_bytes))
-    telemetry = TelemetryHub(config.telemetry)
-    service = StreamService(registry, executor, backend, config.scheduling, telemetry.metrics)
+    server = grpc.aio.server(options=channel_options(config.max_message_bytes), interceptors=[security.interceptor])
+    telemetry = TelemetryHub(config.telemetry, security.web)
+    service = StreamService(
+        registry, executor, backend, config.scheduling, telemetry.metrics, repository=security.repository
+    )
     captures = CaptureHub(list(config.captures), service.scheduler, telemetry.metrics) if config.captures else None
     service.attach_captures(captures)
     stream_pb2_grpc.add_StreamServiceServicer_to_server(service, server)
-    add_kserve_service(registry, executor, server)
+    add_kserve_service(registry, executor, server, config.kserve_limits)
     telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryServicer(telemetry.metrics), server)
     # grpc_health's type stubs predate its asyncio servicer.
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -133,7 +144,7 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
         ),
         server,
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = security.bind(server, f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     await server.start()

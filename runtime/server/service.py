@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from concurrent.futures import Executor
-from pathlib import Path
 
 import grpc
 
@@ -23,6 +22,7 @@ from edgescope.runtime.pipeline.state import is_stateful
 from edgescope.runtime.server.capture import CaptureHub
 from edgescope.runtime.server.processing import process_frame
 from edgescope.runtime.server.registry import LoadedModel, ModelRegistry
+from edgescope.runtime.server.repository import ModelRepository
 from edgescope.runtime.server.shm import REGIONS, SharedMemoryServicer
 from edgescope.runtime.server.status import status_code_for
 from edgescope.runtime.server.streams import ModelBatcher, SchedulerConfig, StreamScheduler
@@ -44,8 +44,11 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
         backend: Backend,
         config: SchedulerConfig,
         metrics: RuntimeMetrics | None = None,
+        repository: ModelRepository | None = None,
     ) -> None:
         self._registry = registry
+        # Where LoadModel finds bundles, and the policy they must meet; no root: LoadModel is refused.
+        self._repository = repository or ModelRepository(None)
         self._metrics = metrics or RuntimeMetrics()
         self._executor = executor
         self._backend = backend
@@ -141,7 +144,13 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
         received = time.perf_counter_ns()
         try:
             result = await loop.run_in_executor(
-                self._executor, process_frame, self._registry, request, request.model, received
+                self._executor,
+                process_frame,
+                self._registry,
+                request,
+                request.model,
+                received,
+                self._config.frame_limits,
             )
             self._metrics.observe_result(request.model, request.stream_id, result, request, received)
             return result
@@ -175,18 +184,15 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
         request: stream_pb2.LoadModelRequest,
         context: grpc.aio.ServicerContext[stream_pb2.LoadModelRequest, stream_pb2.ModelInfo],
     ) -> stream_pb2.ModelInfo:
-        if not request.bundle_path:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "LoadModel needs a bundle_path")
+        if not request.bundle:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "LoadModel needs a bundle name")
         loop = asyncio.get_running_loop()
 
         def load() -> LoadedModel:
             # Loading and warm-up happen before the swap: streams keep running meanwhile.
+            path = self._repository.resolve(request.bundle)
             return self._registry.load(
-                Path(request.bundle_path),
-                self._backend,
-                name=request.name or None,
-                allow_failed_validation=request.allow_failed_validation,
-                replace=True,
+                path, self._backend, name=request.name or None, policy=self._repository.policy, replace=True
             )
 
         try:
