@@ -70,7 +70,7 @@ from edgescope.v1 import stream_pb2
 logger = logging.getLogger(__name__)
 
 _PAGE = resources.files("edgescope.runtime.web").joinpath("index.html")
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 # A few operators' browsers and a scraper; more open connections than this are closed at once.
 MAX_CONNECTIONS = 64
 # A new connection must send its request within this many seconds (and an idle keep-alive one closes).
@@ -247,7 +247,7 @@ def allowed_hosts_for(host: str, configured: Sequence[str]) -> list[str]:
     hosts = list(configured) or list(LOOPBACK_HOSTS)
     bare = host.strip("[]")
     if bare and bare not in ("0.0.0.0", "::") and not is_loopback(bare):
-        hosts.append(bare)
+        hosts.append(f"[{bare}]" if ":" in bare else bare)  # a Host header writes IPv6 in brackets
     return hosts
 
 
