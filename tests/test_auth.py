@@ -306,3 +306,29 @@ def test_client_refuses_plain_text_off_loopback_and_tokens_in_the_clear() -> Non
     with pytest.raises(ConfigError, match="not sent in plain text"):
         client_credentials("10.0.0.5:8731", ClientSecurity(insecure=True, token=READ_TOKEN))
     assert client_credentials("[::1]:8731", ClientSecurity(token=READ_TOKEN)) is not None
+
+
+def test_cli_clients_refuse_plain_text_to_a_remote_server(capsys: pytest.CaptureFixture[str]) -> None:
+    from edgescope.cli import main
+
+    assert main(["models", "--target", "10.255.255.1:8731"]) == 2
+    assert "not a loopback address" in capsys.readouterr().err
+    assert (
+        main(["top", "--target", "10.255.255.1:8731", "--count", "1", "--insecure", "--token-file", "/nonexistent"])
+        == 2
+    )
+    assert "token file" in capsys.readouterr().err
+
+
+def test_cli_models_lists_over_tls_with_a_token(
+    mtls_server: ServerThread, pki: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgescope.cli import main
+
+    token = tmp_path / "token"
+    token.write_text(READ_TOKEN + "\n")
+    tls = ["--tls-ca", str(pki["ca"]), "--tls-cert", str(pki["client_cert"]), "--tls-key", str(pki["client_key"])]
+    assert main(["models", "--target", mtls_server.target, *tls, "--token-file", str(token)]) == 0
+    assert capsys.readouterr().out.startswith("lesion-unet\t")
+    assert main(["models", "--target", mtls_server.target, *tls]) == 2
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
