@@ -290,6 +290,9 @@ class WebServer:
         self._thread = threading.Thread(target=self._run, name="edgescope-http", daemon=True)
         self._thread.start()
         self._started.wait(timeout=10)
+        if not self._server.started:  # e.g. a TLS key ssl cannot load; the caller logs it
+            self.close()
+            raise OSError(f"the web page did not start on {host}:{self.port}")
 
     def _run(self) -> None:
         async def serve() -> None:
