@@ -1,4 +1,4 @@
-"""The ``edgescope`` command: export, serve, stream, models.
+"""The ``edgescope`` command: export, serve, stream, models, top, validate, engines, sign, keygen.
 
 Heavy imports happen inside each command, so ``edgescope serve`` on a device
 never loads torch and ``--help`` is instant.
@@ -20,6 +20,7 @@ from edgescope.errors import ConfigError, EdgescopeError
 if TYPE_CHECKING:
     from edgescope.export.tensorrt import EngineOptions
     from edgescope.runtime.backends.base import Backend
+    from edgescope.runtime.transport import ClientSecurity
 
 DEFAULT_TARGET = "127.0.0.1:8731"
 
@@ -51,6 +52,27 @@ def _pair(values: list[float], flag: str) -> tuple[float, float]:
     if len(values) != 2:
         raise ConfigError(f"{flag} takes two numbers, MIN,MAX")
     return values[0], values[1]
+
+
+def _add_client_security(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connection security")
+    g.add_argument("--tls-ca", type=Path, help="connect with TLS, trusting this CA certificate (PEM)")
+    g.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for servers that require one (mTLS)")
+    g.add_argument("--tls-key", type=Path, help="the client certificate's private key (PEM)")
+    g.add_argument("--token-file", type=Path, help="a file holding the bearer token (default: $EDGESCOPE_TOKEN)")
+    g.add_argument("--insecure", action="store_true", help="allow plain text to a non-loopback server")
+
+
+def _client_security(args: argparse.Namespace) -> ClientSecurity:
+    from edgescope.runtime.transport import ClientSecurity, read_client_token
+
+    return ClientSecurity(
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        token=read_client_token(args.token_file),
+        insecure=args.insecure,
+    )
 
 
 def _add_export(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -102,6 +124,7 @@ def _add_export(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--min-dice", type=float, default=0.99)
     p.add_argument("--force", action="store_true", help="write the bundle even if the gate fails (marked failed)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--sign-key", type=Path, help="sign the bundle's manifest with this Ed25519 private key (PEM)")
     p.add_argument("--fp32-ops", help="fp16: comma-separated op types kept in FP32 (replaces the default list)")
     p.add_argument("--calibration-data", help="int8: dicom:PATH, video:PATH, synthetic:..., or a folder of images")
     p.add_argument("--calibration-samples", type=int, default=32)
@@ -207,6 +230,7 @@ def _run_export(args: argparse.Namespace) -> int:
             formats=("bundle", *args.format),
             engines=args.engines,
             engine_options=_engine_options(args, None),
+            sign_key=args.sign_key,
         )
     )
     return 0
@@ -282,12 +306,38 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--telemetry-interval", type=float, default=1.0, help="seconds between device samples")
     p.add_argument("--warmup-frames", type=int, default=0, help="leave each stream's first frames out of latency")
+    g = p.add_argument_group("security (see README: Security)")
+    g.add_argument("--tls-cert", type=Path, help="serve gRPC and the page over TLS with this certificate (PEM)")
+    g.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
+    g.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mutual TLS)")
+    g.add_argument(
+        "--token-file",
+        type=Path,
+        help="bearer tokens, lines 'ROLE TOKEN' (read or admin); also $EDGESCOPE_READ_TOKEN/$EDGESCOPE_ADMIN_TOKEN",
+    )
+    g.add_argument(
+        "--insecure", action="store_true", help="allow plain text or no authentication on a non-loopback address"
+    )
+    g.add_argument("--model-repository", type=Path, help="directory of bundles LoadModel may load, by name")
+    g.add_argument(
+        "--trusted-keys", type=Path, help="Ed25519 public keys (PEM file or directory): serve only bundles they signed"
+    )
+    g.add_argument(
+        "--allowed-hosts", default="", help="Host names the page answers, comma-separated (default: loopback names)"
+    )
+    g.add_argument("--max-frame-pixels", type=int, default=40_000_000, help="largest frame, checked before decoding")
+    g.add_argument("--max-extra-models", type=int, default=4, help="extra models one frame may ask for")
+    g.add_argument("--kserve-max-batch", type=int, default=16, help="largest batch of one KServe request")
+    g.add_argument("--kserve-max-tensor-mb", type=int, default=64, help="input tensors of one KServe request, in MiB")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from edgescope.runtime.pipeline.decode import FrameLimits
     from edgescope.runtime.server.app import ServerConfig, serve
     from edgescope.runtime.server.capture import CaptureConfig
+    from edgescope.runtime.server.kserve import TensorLimits
     from edgescope.runtime.server.registry import WorkerOptions
+    from edgescope.runtime.server.security import SecurityConfig
     from edgescope.runtime.server.streams import SchedulerConfig
     from edgescope.runtime.telemetry.metrics import TelemetryConfig
     from edgescope.v1 import stream_pb2
@@ -302,6 +352,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         scheduling=SchedulerConfig(
             policy=stream_pb2.STREAM_POLICY_LIVE if args.policy == "live" else stream_pb2.STREAM_POLICY_EVERY,
             deadline_ms=args.deadline_ms,
+            frame_limits=FrameLimits(max_pixels=args.max_frame_pixels, max_extra_models=args.max_extra_models),
         ),
         captures=[CaptureConfig.parse(c) for c in args.capture],
         port_file=args.port_file,
@@ -311,6 +362,19 @@ def _run_serve(args: argparse.Namespace) -> int:
             http_port=None if args.metrics_port < 0 else args.metrics_port,
             latency_budget_ms=dict(args.latency_budget_ms),
             warmup_frames=args.warmup_frames,
+        ),
+        security=SecurityConfig(
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            token_file=args.token_file,
+            insecure=args.insecure,
+            model_repository=args.model_repository,
+            trusted_keys=args.trusted_keys,
+            allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
+        ),
+        kserve_limits=TensorLimits(
+            max_batch=args.kserve_max_batch, max_request_bytes=args.kserve_max_tensor_mb * 1024 * 1024
         ),
     )
     backend = _backend(args.backend, args)
@@ -366,6 +430,7 @@ def _add_stream(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--policy", choices=["every", "live"], help="live: newest frame wins; every: all frames (default)")
     p.add_argument("--deadline-ms", type=int, default=0, help="per-frame budget from server receipt")
     p.add_argument("--max-message-mb", type=int, default=64)
+    _add_client_security(p)
 
 
 def _run_stream(args: argparse.Namespace) -> int:
@@ -385,6 +450,7 @@ def _run_stream(args: argparse.Namespace) -> int:
             args.policy or "", stream_pb2.STREAM_POLICY_UNSPECIFIED
         ),
         deadline_ms=args.deadline_ms,
+        security=_client_security(args),
     )
     with open_source(args.source, loop=args.loop) as source:
         pace = "as fast as possible" if args.fast else f"at {source.fps:.1f} fps"
@@ -412,15 +478,21 @@ def _run_stream(args: argparse.Namespace) -> int:
 def _add_models(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser("models", help="list the models a server has loaded")
     p.add_argument("--target", default=DEFAULT_TARGET)
+    _add_client_security(p)
 
 
 def _run_models(args: argparse.Namespace) -> int:
     import grpc
 
+    from edgescope.runtime.transport import sync_channel
     from edgescope.v1 import manifest_pb2, stream_pb2, stream_pb2_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
-        response = stream_pb2_grpc.StreamServiceStub(channel).ListModels(stream_pb2.ListModelsRequest(), timeout=10)
+    try:
+        with sync_channel(args.target, _client_security(args)) as channel:
+            stub = stream_pb2_grpc.StreamServiceStub(channel)
+            response = stub.ListModels(stream_pb2.ListModelsRequest(), timeout=10)
+    except grpc.RpcError as exc:
+        raise EdgescopeError(f"{args.target}: {exc.code().name}: {exc.details()}") from exc
     for model in response.models:
         gate = "passed" if model.manifest.validation.passed else "FAILED"
         task = manifest_pb2.Task.Name(model.manifest.task)
@@ -433,12 +505,13 @@ def _add_top(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--target", default=DEFAULT_TARGET)
     p.add_argument("--interval", type=float, default=1.0, help="seconds between updates")
     p.add_argument("--count", type=int, help="print the view after this many updates and exit")
+    _add_client_security(p)
 
 
 def _run_top(args: argparse.Namespace) -> int:
     from edgescope.runtime.client.top import run_top
 
-    run_top(args.target, args.interval, args.count)
+    run_top(args.target, args.interval, args.count, security=_client_security(args))
     return 0
 
 
@@ -490,11 +563,48 @@ def _run_engines(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sign(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("sign", help="sign a bundle's manifest with an Ed25519 private key")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--key", type=Path, required=True, help="Ed25519 private key (PEM, from edgescope keygen)")
+
+
+def _run_sign(args: argparse.Namespace) -> int:
+    from edgescope.signing import load_private_key, sign_bundle
+
+    signer = sign_bundle(args.bundle, load_private_key(args.key))
+    print(f"signed {args.bundle} with key {signer[:16]}; servers trust it with --trusted-keys PUBLIC.pem")
+    return 0
+
+
+def _add_keygen(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
+    p.add_argument("--out", type=Path, required=True, help="private key file to write (mode 0600); KEY.pub beside it")
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    from edgescope.signing import generate_key
+
+    public = generate_key(args.out)
+    print(f"private key: {args.out} (keep it off the devices)\npublic key:  {public} (give it to --trusted-keys)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgescope", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_export, _add_serve, _add_stream, _add_models, _add_top, _add_validate, _add_engines):
+    for add in (
+        _add_export,
+        _add_serve,
+        _add_stream,
+        _add_models,
+        _add_top,
+        _add_validate,
+        _add_engines,
+        _add_sign,
+        _add_keygen,
+    ):
         add(commands)
     args = parser.parse_args(argv)
     # Our own progress at INFO; libraries (the ONNX exporter is chatty) only warn.
@@ -511,6 +621,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "top": _run_top,
         "validate": _run_validate,
         "engines": _run_engines,
+        "sign": _run_sign,
+        "keygen": _run_keygen,
     }
     try:
         return runners[args.command](args)

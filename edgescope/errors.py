@@ -12,7 +12,10 @@
     ├── FrameError               one frame is malformed (the stream goes on)
     ├── ModelNotFoundError       a request names a model that is not loaded
     ├── OverloadError            the server has no room for the request now
-    └── BackendError             an inference backend failed
+    ├── BackendError             an inference backend failed
+    ├── AuthenticationError      a caller's credentials are missing or wrong
+    ├── PermissionDeniedError    a caller lacks the role a call needs
+    └── QuotaExceededError       a caller holds as much of a shared resource as it may
 
 Errors are translated at boundaries (``raise ... from exc``); the runtime maps
 them to gRPC status codes in one place (``edgescope.runtime.server.status``).
@@ -68,3 +71,15 @@ class OverloadError(EdgescopeError):
 
 class BackendError(EdgescopeError):
     """An inference backend failed to load a model or to run it."""
+
+
+class AuthenticationError(EdgescopeError):
+    """A caller gave no credentials, or credentials the server does not accept."""
+
+
+class PermissionDeniedError(EdgescopeError):
+    """A caller is known but lacks the role (or ownership) a call needs."""
+
+
+class QuotaExceededError(EdgescopeError):
+    """A caller already holds as much of a shared resource as one caller may."""

@@ -27,7 +27,15 @@ import onnx
 import onnxruntime as ort
 
 import edgescope
-from edgescope.bundle import ONNX_FILE, Bundle, load_bundle, sha256_file, staged_bundle, write_manifest
+from edgescope.bundle import (
+    ONNX_FILE,
+    SIGNATURE_FILE,
+    Bundle,
+    load_bundle,
+    sha256_file,
+    staged_bundle,
+    write_manifest,
+)
 from edgescope.errors import ConfigError, ExportError, MissingDependencyError, ValidationFailedError
 from edgescope.export import tasks
 from edgescope.export.loading import load_model
@@ -47,6 +55,7 @@ from edgescope.export.triton import write_repository
 from edgescope.export.validation import GateThresholds, compare, format_report
 from edgescope.runtime.pipeline.preprocess import preprocess
 from edgescope.runtime.sources import open_source
+from edgescope.signing import load_private_key, sign_bundle
 from edgescope.v1 import manifest_pb2
 
 Log = Callable[[str], None]
@@ -139,6 +148,8 @@ class ExportRequest:
     # TensorRT engines: None builds them when TensorRT and a GPU are here, True requires them, False skips.
     engines: bool | None = None
     engine_options: EngineOptions = field(default_factory=EngineOptions)
+    # Ed25519 private key (PEM) that signs the finished bundle's manifest; None: unsigned.
+    sign_key: Path | None = None
 
     def precision_options(self) -> PrecisionOptions:
         return PrecisionOptions(
@@ -258,6 +269,8 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
     if unknown:
         raise ConfigError(f"format {', '.join(sorted(unknown))} is not supported; choose from: {', '.join(FORMATS)}")
     thresholds = gate_thresholds(request.precision, request.thresholds)
+    # Read the key before minutes of export, so a wrong path fails first.
+    signing_key = load_private_key(request.sign_key) if request.sign_key is not None else None
     log(f"edgescope export {request.name} -> {request.output}")
     with _step(log, "load PyTorch model"):
         model = tasks.for_task(
@@ -348,6 +361,8 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
         write_manifest(staging, manifest)
     bundle = load_bundle(request.output)
     bundle = _artifacts(bundle, request, log)
+    if signing_key is not None:
+        log(f"signed the manifest with key {sign_bundle(bundle.path, signing_key)[:16]} ({SIGNATURE_FILE})")
     log(f"wrote {request.output}: {', '.join(e.path for e in bundle.manifest.files)}, manifest.json")
     log(f"next: edgescope serve {request.output}    (re-check any time: edgescope validate {request.output})")
     return bundle

@@ -91,7 +91,10 @@ class ServerThread:
 
 @pytest.fixture(scope="module")
 def server(example_bundle: Bundle) -> Iterator[ServerThread]:
-    running = ServerThread([example_bundle.path])
+    """The example bundle served; LoadModel finds bundles beside it (its folder is the model repository)."""
+    from edgescope.runtime.server.security import SecurityConfig
+
+    running = ServerThread([example_bundle.path], security=SecurityConfig(model_repository=example_bundle.path.parent))
     try:
         yield running
     finally:

@@ -2,16 +2,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
 import pytest
+from onnx import helper
 
 from edgescope.bundle import MANIFEST_FILE, load_bundle, manifest_to_json, staged_bundle, write_manifest
 from edgescope.errors import BundleError
 from edgescope.v1 import manifest_pb2
 
 
+def tiny_onnx() -> bytes:
+    """A real one-node ONNX model (Identity), so bundle checks that parse the graph can."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    return helper.make_model(graph).SerializeToString()
+
+
 def _write(dest: Path) -> None:
     with staged_bundle(dest, overwrite=False) as staging:
-        (staging / "model.onnx").write_bytes(b"onnx bytes")
+        (staging / "model.onnx").write_bytes(tiny_onnx())
         (staging / "engines").mkdir()
         (staging / "engines" / "a.plan").write_bytes(b"plan")
         write_manifest(staging, manifest_pb2.ModelManifest(schema_version=1, name="m"))
@@ -23,7 +36,7 @@ def test_manifest_lists_every_file_with_its_sha256(tmp_path: Path) -> None:
     assert [e.path for e in bundle.manifest.files] == ["engines/a.plan", "model.onnx"]
     import hashlib
 
-    assert bundle.onnx_sha256 == hashlib.sha256(b"onnx bytes").hexdigest()
+    assert bundle.onnx_sha256 == hashlib.sha256(tiny_onnx()).hexdigest()
 
 
 def test_altered_file_is_detected(tmp_path: Path) -> None:

@@ -68,6 +68,7 @@ def test_failing_gate_writes_nothing(tmp_path: Path) -> None:
 def test_forced_bundle_is_marked_failed_and_not_served_by_default(tmp_path: Path) -> None:
     from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from edgescope.runtime.server.registry import ModelRegistry
+    from edgescope.runtime.server.repository import BundlePolicy
 
     out = tmp_path / "b"
     bundle = export_model(_request(out, thresholds=GateThresholds(min_dice=1.5), force=True), log=_quiet)
@@ -76,8 +77,9 @@ def test_forced_bundle_is_marked_failed_and_not_served_by_default(tmp_path: Path
     with pytest.raises(BundleError, match="accuracy gate"):
         strict.load(out)
     strict.close()
-    lenient = ModelRegistry(OnnxRuntimeBackend(), allow_failed_validation=True)
-    lenient.load(out)
+    lenient = ModelRegistry(OnnxRuntimeBackend(), policy=BundlePolicy(allow_failed_validation=True))
+    model = lenient.load(out)
+    assert model.provenance.failed_validation  # every result it gives says so
     lenient.close()
 
 

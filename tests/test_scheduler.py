@@ -6,7 +6,6 @@ import asyncio
 import json
 import shutil
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -16,6 +15,7 @@ from edgescope.bundle import Bundle
 from edgescope.runtime.pipeline.decode import encode_raw
 from edgescope.runtime.server.capture import CaptureConfig
 from edgescope.runtime.server.registry import WorkerOptions
+from edgescope.runtime.server.security import SecurityConfig
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 from .conftest import ServerThread
@@ -51,7 +51,11 @@ async def _stream(
 
 @pytest.fixture(scope="module")
 def batching_server(example_bundle: Bundle) -> Iterator[ServerThread]:
-    running = ServerThread([example_bundle.path], models=WorkerOptions(max_batch=8, batch_delay_s=0.004))
+    running = ServerThread(
+        [example_bundle.path],
+        models=WorkerOptions(max_batch=8, batch_delay_s=0.004),
+        security=SecurityConfig(model_repository=example_bundle.path.parent),
+    )
     try:
         yield running
     finally:
@@ -110,7 +114,7 @@ def test_no_answer_leaves_after_its_deadline_unflagged(server: ServerThread, pro
 def test_two_models_on_one_frame_answer_as_one_result(server: ServerThread, example_bundle: Bundle) -> None:
     with grpc.insecure_channel(server.target) as channel:
         stub = stream_pb2_grpc.StreamServiceStub(channel)
-        stub.LoadModel(stream_pb2.LoadModelRequest(bundle_path=str(example_bundle.path), name="second"), timeout=60)
+        stub.LoadModel(stream_pb2.LoadModelRequest(bundle=example_bundle.path.name, name="second"), timeout=60)
         try:
             frames = [_frame(i, model="lesion-unet", extra_models=["second"]) for i in range(3)]
             results = list(stub.Stream(iter(frames), timeout=60))
@@ -128,7 +132,7 @@ def test_two_models_on_one_frame_answer_as_one_result(server: ServerThread, exam
 def test_eight_streams_on_two_models_are_batched(batching_server: ServerThread, example_bundle: Bundle) -> None:
     with grpc.insecure_channel(batching_server.target) as channel:
         stub = stream_pb2_grpc.StreamServiceStub(channel)
-        stub.LoadModel(stream_pb2.LoadModelRequest(bundle_path=str(example_bundle.path), name="twin"), timeout=60)
+        stub.LoadModel(stream_pb2.LoadModelRequest(bundle=example_bundle.path.name, name="twin"), timeout=60)
 
     async def run_all() -> list[list[stream_pb2.Result]]:
         streams = []
@@ -154,9 +158,9 @@ def test_eight_streams_on_two_models_are_batched(batching_server: ServerThread, 
         assert worker.batches > 0 and worker.batched_jobs > worker.batches, name
 
 
-def test_reload_mid_stream_loses_nothing(server: ServerThread, example_bundle: Bundle, tmp_path: Path) -> None:
-    v2 = tmp_path / "lesion-unet-v2"
-    shutil.copytree(example_bundle.path, v2)
+def test_reload_mid_stream_loses_nothing(server: ServerThread, example_bundle: Bundle) -> None:
+    v2 = example_bundle.path.parent / "lesion-unet-v2"  # in the server's model repository
+    shutil.copytree(example_bundle.path, v2, dirs_exist_ok=True)
     manifest = json.loads((v2 / "manifest.json").read_text())
     manifest["version"] = "2"
     (v2 / "manifest.json").write_text(json.dumps(manifest))
@@ -166,9 +170,9 @@ def test_reload_mid_stream_loses_nothing(server: ServerThread, example_bundle: B
             stub = stream_pb2_grpc.StreamServiceStub(channel)
             stream = asyncio.create_task(_stream(server.target, _frames(60, interval_s=0.01, model="lesion-unet")))
             await asyncio.sleep(0.2)
-            await stub.LoadModel(stream_pb2.LoadModelRequest(bundle_path=str(v2)), timeout=60)
+            await stub.LoadModel(stream_pb2.LoadModelRequest(bundle=v2.name), timeout=60)
             results = await stream
-            await stub.LoadModel(stream_pb2.LoadModelRequest(bundle_path=str(example_bundle.path)), timeout=60)
+            await stub.LoadModel(stream_pb2.LoadModelRequest(bundle=example_bundle.path.name), timeout=60)
             return results
 
     results = asyncio.run(run())
@@ -179,14 +183,15 @@ def test_reload_mid_stream_loses_nothing(server: ServerThread, example_bundle: B
     assert versions == sorted(versions)  # once switched, new frames stay on the new version
 
 
-def test_model_lifecycle_errors(server: ServerThread, tmp_path: Path) -> None:
+def test_model_lifecycle_errors(server: ServerThread, example_bundle: Bundle) -> None:
+    (example_bundle.path.parent / "not-a-bundle").mkdir(exist_ok=True)
     with grpc.insecure_channel(server.target) as channel:
         stub = stream_pb2_grpc.StreamServiceStub(channel)
         with pytest.raises(grpc.RpcError) as missing:
             stub.UnloadModel(stream_pb2.UnloadModelRequest(name="nope"), timeout=10)
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(grpc.RpcError) as bad:
-            stub.LoadModel(stream_pb2.LoadModelRequest(bundle_path=str(tmp_path)), timeout=10)
+            stub.LoadModel(stream_pb2.LoadModelRequest(bundle="not-a-bundle"), timeout=10)
         assert bad.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "manifest.json" in (bad.value.details() or "")
 

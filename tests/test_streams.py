@@ -28,6 +28,7 @@ from edgescope.runtime.client.demo import start_server, stop_server
 from edgescope.runtime.pipeline.decode import encode_raw
 from edgescope.runtime.pipeline.encode import decode_mask
 from edgescope.runtime.server.registry import WorkerOptions
+from edgescope.runtime.server.security import SecurityConfig
 from edgescope.runtime.transport import channel_options
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
@@ -93,6 +94,7 @@ def test_streams_infer_kserve_and_reloads_never_share_a_session(example_bundle: 
         [example_bundle.path],
         backend=_GuardedBackend(intra_op_threads=1, instances=2),
         models=WorkerOptions(instances=2, max_batch=4, batch_delay_s=0.002),
+        security=SecurityConfig(model_repository=example_bundle.path.parent),
     )
     reference = ort.InferenceSession(str(example_bundle.onnx_path), providers=["CPUExecutionProvider"])
     tensor = RNG.random((1, 1, 256, 256), dtype=np.float32)
@@ -115,7 +117,7 @@ def test_streams_infer_kserve_and_reloads_never_share_a_session(example_bundle: 
                 stub = stream_pb2_grpc.StreamServiceStub(channel)
                 for _ in range(3):
                     await asyncio.sleep(0.2)
-                    await stub.LoadModel(stream_pb2.LoadModelRequest(bundle_path=str(example_bundle.path)), timeout=120)
+                    await stub.LoadModel(stream_pb2.LoadModelRequest(bundle=example_bundle.path.name), timeout=120)
 
         def kserve(count: int) -> list[np.ndarray[Any, Any]]:
             outputs = []

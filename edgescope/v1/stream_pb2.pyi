@@ -608,6 +608,8 @@ class Provenance(_message.Message):
     SELF_TEST_SKIPPED_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
     DEGRADED_REASON_FIELD_NUMBER: _builtins.int
+    FAILED_VALIDATION_FIELD_NUMBER: _builtins.int
+    SIGNER_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     sha256: _builtins.str
@@ -623,6 +625,14 @@ class Provenance(_message.Message):
     degraded: _builtins.bool
     """Served by the fallback backend because the primary failed; the reason says how."""
     degraded_reason: _builtins.str
+    failed_validation: _builtins.bool
+    """The bundle failed its accuracy gate at export and is served only because the
+    server was started with --allow-failed-validation: not for clinical use.
+    """
+    signer: _builtins.str
+    """sha256 fingerprint of the trusted Ed25519 key that verified the bundle's
+    signature; empty when the server does not check signatures (no --trusted-keys).
+    """
     def __init__(
         self,
         *,
@@ -636,10 +646,12 @@ class Provenance(_message.Message):
         self_test_skipped: _builtins.bool = ...,
         degraded: _builtins.bool = ...,
         degraded_reason: _builtins.str = ...,
+        failed_validation: _builtins.bool = ...,
+        signer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "degraded", b"degraded", "degraded_reason", b"degraded_reason", "device", b"device", "model", b"model", "precision", b"precision", "self_test", b"self_test", "self_test_skipped", b"self_test_skipped", "sha256", b"sha256", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "degraded", b"degraded", "degraded_reason", b"degraded_reason", "device", b"device", "failed_validation", b"failed_validation", "model", b"model", "precision", b"precision", "self_test", b"self_test", "self_test_skipped", b"self_test_skipped", "sha256", b"sha256", "signer", b"signer", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -941,24 +953,23 @@ Global___GetModelRequest: _TypeAlias = GetModelRequest  # noqa: Y015
 class LoadModelRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    BUNDLE_PATH_FIELD_NUMBER: _builtins.int
+    BUNDLE_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
-    ALLOW_FAILED_VALIDATION_FIELD_NUMBER: _builtins.int
-    bundle_path: _builtins.str
-    """Bundle directory on the server's file system."""
+    bundle: _builtins.str
+    """Name of a bundle directory directly under the server's --model-repository
+    (never a path: a name with '/' or '..' is refused).
+    """
     name: _builtins.str
     """Serve under this name instead of the manifest's."""
-    allow_failed_validation: _builtins.bool
     def __init__(
         self,
         *,
-        bundle_path: _builtins.str = ...,
+        bundle: _builtins.str = ...,
         name: _builtins.str = ...,
-        allow_failed_validation: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_failed_validation", b"allow_failed_validation", "bundle_path", b"bundle_path", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -88,8 +88,10 @@ class OnnxRuntimeBackend:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # From the bytes that were just checked against the manifest, not the path again.
+        model = bundle.onnx_bytes()
         try:
-            inference = ort.InferenceSession(str(bundle.onnx_path), sess_options=options, providers=self.providers)
+            inference = ort.InferenceSession(model, sess_options=options, providers=self.providers)
         except Exception as exc:
             raise BackendError(f"onnxruntime cannot load {bundle.onnx_path}: {exc}") from exc
         return OnnxRuntimeSession(bundle.manifest, inference)

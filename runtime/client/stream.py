@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 
@@ -28,7 +27,7 @@ from edgescope.runtime.render.overlay import draw_overlay
 from edgescope.runtime.sources.base import FrameSource, SourceFrame
 from edgescope.runtime.sources.display import to_display_rgb8
 from edgescope.runtime.telemetry.latency import LatencyRecorder, drop_label, missed_deadline
-from edgescope.runtime.transport import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from edgescope.runtime.transport import DEFAULT_MAX_MESSAGE_BYTES, ClientSecurity, aio_channel, channel_options
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 SOURCE_KINDS = {
@@ -64,6 +63,8 @@ class StreamOptions:
     # Same host only: pixels go through a ring of shared-memory slots, not protobuf bytes.
     shared_memory: bool = False
     shared_memory_slots: int = 4
+    # TLS, client certificate, token; plain text only to loopback by default.
+    security: ClientSecurity = field(default_factory=ClientSecurity)
 
 
 @dataclass(slots=True)
@@ -165,9 +166,7 @@ async def stream_source(
     renderer = asyncio.create_task(render())
     expected = 0
     try:
-        async with grpc.aio.insecure_channel(
-            options.target, options=channel_options(options.max_message_bytes)
-        ) as channel:
+        async with aio_channel(options.target, options.security, channel_options(options.max_message_bytes)) as channel:
             stub = stream_pb2_grpc.StreamServiceStub(channel)
             if options.shared_memory:
                 sender = SharedMemorySender(stub, options.stream_id, options.shared_memory_slots)

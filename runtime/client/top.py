@@ -9,6 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from edgescope.errors import EdgescopeError
+from edgescope.runtime.transport import ClientSecurity, sync_channel
 from edgescope.v1 import telemetry_pb2, telemetry_pb2_grpc
 
 GIB = 1024**3
@@ -68,12 +69,18 @@ def render(snapshot: telemetry_pb2.TelemetrySnapshot) -> Group:
     return Group(*parts)
 
 
-def run_top(target: str, interval_s: float, count: int | None, console: Console | None = None) -> None:
+def run_top(
+    target: str,
+    interval_s: float,
+    count: int | None,
+    console: Console | None = None,
+    security: ClientSecurity | None = None,
+) -> None:
     """Show snapshots until interrupted, or ``count`` of them (then print the last one plainly)."""
     console = console or Console()
     request = telemetry_pb2.TelemetryRequest(interval_s=interval_s)
     try:
-        with grpc.insecure_channel(target) as channel:
+        with sync_channel(target, security or ClientSecurity()) as channel:
             stream = telemetry_pb2_grpc.TelemetryServiceStub(channel).Telemetry(request)
             if count is not None:
                 last = None

@@ -2,11 +2,18 @@
 
 A malformed frame raises ``FrameError`` with a reason a person can act on;
 the caller answers that frame with an error and the stream goes on.
+
+Work per frame is bounded before it is done (``FrameLimits``): an encoded
+image's declared size is read from its header and checked against the pixel
+budget before any pixel is decoded, its encoding must match its magic bytes,
+and a frame may ask for only so many extra models. Float pixels must be
+finite: NaN or infinity would pass silently through a model as "nothing found".
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 
 import cv2
@@ -14,11 +21,26 @@ import numpy as np
 import numpy.typing as npt
 
 from edgescope.errors import FrameError
+from edgescope.runtime.pipeline.image_header import ImageHeader, jpeg_header, png_header, sniff
 from edgescope.runtime.pipeline.layout import raw_layout
 from edgescope.v1 import manifest_pb2, stream_pb2
 
 # Larger than any imaging sensor in use (16K x 16K); stops absurd allocations.
 MAX_SIDE = 16384
+# 40 megapixels: an 8K UHD video frame (33 MP) or a 6000 x 6000 detector fits.
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_EXTRA_MODELS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class FrameLimits:
+    """What one frame may make the server do."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_extra_models: int = DEFAULT_MAX_EXTRA_MODELS
+
+
+DEFAULT_LIMITS = FrameLimits()
 
 _RAW_DTYPES: dict[int, type[np.uint8] | type[np.uint16] | type[np.float32]] = {
     manifest_pb2.DATA_TYPE_UINT8: np.uint8,
@@ -31,31 +53,47 @@ Pixels = npt.NDArray[np.uint8] | npt.NDArray[np.uint16] | npt.NDArray[np.float32
 SharedMemoryView = Callable[[stream_pb2.SharedMemoryFrame], memoryview]
 
 
-def decode_frame(frame: stream_pb2.Frame, shared_memory: SharedMemoryView | None = None) -> Pixels:
+def decode_frame(
+    frame: stream_pb2.Frame, shared_memory: SharedMemoryView | None = None, limits: FrameLimits = DEFAULT_LIMITS
+) -> Pixels:
     """Return ``(H, W)`` gray or ``(H, W, 3)`` RGB pixels for a frame."""
+    check_extra_models(frame, limits)
     kind = frame.WhichOneof("pixels")
     if kind == "raw":
-        return _decode_raw(frame.raw)
+        return _decode_raw(frame.raw, limits)
     if kind == "encoded":
-        return _decode_encoded(frame.encoded)
+        return _decode_encoded(frame.encoded, limits)
     if kind == "shm":
         if shared_memory is None:
             raise FrameError("shared-memory frames are not accepted here; send the pixels as raw or encoded")
         # Same checks as raw pixels; the bytes are a read-only view of the client's slot.
-        return _decode_raw(frame.shm.image, shared_memory(frame.shm))
+        return _decode_raw(frame.shm.image, limits, shared_memory(frame.shm))
     raise FrameError("frame carries no pixels: set raw, encoded or shm")
 
 
-def _check_size(width: int, height: int) -> None:
+def check_extra_models(frame: stream_pb2.Frame, limits: FrameLimits) -> None:
+    """Each extra model is a full inference: their number is capped and none may repeat."""
+    extra = frame.extra_models
+    if len(extra) > limits.max_extra_models:
+        raise FrameError(f"the frame asks for {len(extra)} extra models; at most {limits.max_extra_models} are allowed")
+    if len(set(extra)) != len(extra):
+        raise FrameError("the frame names an extra model more than once")
+
+
+def _check_size(width: int, height: int, limits: FrameLimits) -> None:
     if width == 0 or height == 0:
         raise FrameError(f"frame size {width}x{height} is empty")
     if width > MAX_SIDE or height > MAX_SIDE:
         raise FrameError(f"frame size {width}x{height} exceeds the {MAX_SIDE} pixel limit per side")
+    if width * height > limits.max_pixels:
+        raise FrameError(
+            f"frame size {width}x{height} is {width * height} pixels; this server's budget is {limits.max_pixels}"
+        )
 
 
-def _decode_raw(raw: stream_pb2.RawImage, data: bytes | memoryview | None = None) -> Pixels:
+def _decode_raw(raw: stream_pb2.RawImage, limits: FrameLimits, data: bytes | memoryview | None = None) -> Pixels:
     data = raw.data if data is None else data
-    _check_size(raw.width, raw.height)
+    _check_size(raw.width, raw.height, limits)
     dtype = _RAW_DTYPES.get(raw.dtype)
     if dtype is None:
         name = manifest_pb2.DataType.Name(raw.dtype) if raw.dtype in manifest_pb2.DataType.values() else str(raw.dtype)
@@ -82,6 +120,8 @@ def _decode_raw(raw: stream_pb2.RawImage, data: bytes | memoryview | None = None
         )
     pixels = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"))
     pixels = pixels.astype(dtype, copy=False)
+    if dtype is np.float32 and not np.isfinite(pixels).all():
+        raise FrameError("float frame holds NaN or infinite pixels")
     if channels == 1:
         return pixels.reshape(raw.height, raw.width)
     image = pixels.reshape(raw.height, raw.width, 3)
@@ -90,17 +130,37 @@ def _decode_raw(raw: stream_pb2.RawImage, data: bytes | memoryview | None = None
     return image
 
 
-def _decode_encoded(encoded: stream_pb2.EncodedImage) -> Pixels:
-    if encoded.encoding not in (stream_pb2.ENCODING_PNG, stream_pb2.ENCODING_JPEG):
+_DECLARED = {stream_pb2.ENCODING_PNG: "png", stream_pb2.ENCODING_JPEG: "jpeg"}
+
+
+def encoded_header(encoded: stream_pb2.EncodedImage, limits: FrameLimits) -> ImageHeader:
+    """The image's declared size, checked against the budget; its bytes must be what it is labelled."""
+    declared = _DECLARED.get(encoded.encoding)
+    if declared is None:
         raise FrameError("encoded image must be PNG or JPEG")
     if not encoded.data:
         raise FrameError("encoded image is empty")
+    actual = sniff(encoded.data)
+    if actual != declared:
+        found = f"{actual.upper()} data" if actual else "data that is neither PNG nor JPEG"
+        raise FrameError(
+            f"encoded image could not be decoded as {declared.upper()}: it holds {found} "
+            "(the declared encoding must match the bytes)"
+        )
+    header = png_header(encoded.data) if declared == "png" else jpeg_header(encoded.data)
+    _check_size(header.width, header.height, limits)
+    return header
+
+
+def _decode_encoded(encoded: stream_pb2.EncodedImage, limits: FrameLimits) -> Pixels:
+    header = encoded_header(encoded, limits)
     buffer = np.frombuffer(encoded.data, dtype=np.uint8)
     image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     if image is None:
         name = stream_pb2.Encoding.Name(encoded.encoding).removeprefix("ENCODING_")
         raise FrameError(f"encoded image could not be decoded as {name} (corrupt or truncated)")
-    _check_size(image.shape[1], image.shape[0])
+    if (image.shape[1], image.shape[0]) != (header.width, header.height):
+        raise FrameError("encoded image decoded to another size than its header declares")
     if image.ndim == 2:
         return cast(Pixels, image)
     if image.shape[2] == 4:

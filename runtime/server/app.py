@@ -27,12 +27,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edgescope.errors import EdgescopeError
+from edgescope.errors import BundleError, ConfigError, EdgescopeError
 from edgescope.runtime.backends.base import Backend, cpu_cores
+from edgescope.runtime.server.auth import CallerExecutor
 from edgescope.runtime.server.capture import CaptureConfig, CaptureHub
+from edgescope.runtime.server.kserve import DEFAULT_TENSOR_LIMITS, TensorLimits, add_kserve_service
 from edgescope.runtime.server.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
-from edgescope.runtime.server.kserve import add_kserve_service
 from edgescope.runtime.server.registry import ModelRegistry, WorkerOptions
+from edgescope.runtime.server.security import SecurityConfig, open_security
 from edgescope.runtime.server.service import StreamService
 from edgescope.runtime.server.shm import REGIONS
 from edgescope.runtime.server.streams import SchedulerConfig
@@ -65,6 +67,8 @@ class ServerConfig:
     models: WorkerOptions = field(default_factory=WorkerOptions)
     captures: Sequence[CaptureConfig] = ()
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    kserve_limits: TensorLimits = DEFAULT_TENSOR_LIMITS
 
 
 class RunningServer:
@@ -146,22 +150,36 @@ class HealthBoard:
 async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
     """Load, warm up and check every bundle, then start serving; health turns SERVING last.
 
-    A bundle that cannot be served does not stop the server: it is logged, listed by
-    ListModels with the reason, and reported NOT_SERVING by the health service.
+    A bundle the server may not serve (missing, altered, unsigned, failed gate) stops it from
+    starting. A bundle this device cannot run (its backend, engine or self-test fails) does
+    not: it is logged, listed by ListModels with the reason, and reported NOT_SERVING by the
+    health service, while the other models serve.
     """
-    registry = ModelRegistry(
-        backend, config.models, fallback=config.fallback, allow_failed_validation=config.allow_failed_validation
+    web_host = config.telemetry.http_host if config.telemetry.http_port is not None else None
+    security = open_security(
+        config.security, host=config.host, web_host=web_host, allow_failed_validation=config.allow_failed_validation
     )
-    frames = ThreadPoolExecutor(max_workers=config.frame_threads, thread_name_prefix="edgescope-frame")
+    registry = ModelRegistry(backend, config.models, fallback=config.fallback, policy=security.policy)
+    # Carries the caller of each call into the frame threads (shared memory belongs to its registrant).
+    frames = CallerExecutor(max_workers=config.frame_threads, thread_name_prefix="edgescope-frame")
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgescope-loader")
-    telemetry = TelemetryHub(config.telemetry)
+    telemetry = TelemetryHub(config.telemetry, security.web)
     registry.on_change(lambda: telemetry.metrics.set_models(registry.names()))
     registry.on_degraded = telemetry.metrics.set_degraded
     loop = asyncio.get_running_loop()
     for bundle in config.bundles:
         try:
             model = await loop.run_in_executor(loader, registry.load, Path(bundle))
+        except (BundleError, ConfigError):
+            # The bundle named is not one this server may serve (missing, altered, unsigned, failed gate):
+            # a configuration error, reported by refusing to start.
+            for executor in (frames, loader):
+                executor.shutdown(wait=False)
+            registry.close()
+            telemetry.close()
+            raise
         except EdgescopeError as exc:
+            # This device cannot run it (a backend, an engine, a self-test): serve the rest, say why.
             logger.error("NOT serving %s: %s", bundle, exc)
             continue
         except BaseException:
@@ -178,12 +196,14 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
             model.worker.instances,
             model.provenance.sha256[:12],
         )
-    server = grpc.aio.server(options=channel_options(config.max_message_bytes))
-    service = StreamService(registry, frames, loader, config.scheduling, telemetry.metrics)
+    server = grpc.aio.server(options=channel_options(config.max_message_bytes), interceptors=[security.interceptor])
+    service = StreamService(
+        registry, frames, loader, config.scheduling, telemetry.metrics, repository=security.repository
+    )
     captures = CaptureHub(list(config.captures), service.run_capture) if config.captures else None
     service.attach_captures(captures)
     stream_pb2_grpc.add_StreamServiceServicer_to_server(service, server)
-    add_kserve_service(registry, frames, service.streams, server)
+    add_kserve_service(registry, frames, service.streams, server, config.kserve_limits)
     telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryServicer(telemetry.metrics), server)
     # grpc_health's type stubs predate its asyncio servicer.
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -198,7 +218,7 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
         ),
         server,
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = security.bind(server, f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     await server.start()

@@ -23,6 +23,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -35,7 +36,7 @@ from edgescope.kserve.v2 import inference_pb2 as pb
 from edgescope.runtime.backends.base import Feed
 from edgescope.runtime.backends.tensors import tensor_datatype, tensor_shape
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel
-from edgescope.runtime.server.status import status_code_for
+from edgescope.runtime.server.status import echo, status_code_for
 from edgescope.runtime.server.streams import StreamRegistry
 from edgescope.runtime.server.workers import Job
 from edgescope.v1 import manifest_pb2
@@ -77,6 +78,24 @@ _CONTENTS_FIELD = {
     "FP64": "fp64_contents",
 }
 
+# Typed contents cost a Python object per value while decoding; larger tensors go as raw bytes.
+MAX_TYPED_VALUES = 1 << 20
+MAX_INPUTS = 64
+MAX_DIMS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class TensorLimits:
+    """What one request may make the server allocate and run."""
+
+    # Largest first dimension for a model whose batch dimension is dynamic.
+    max_batch: int = 16
+    # All input tensors of one request together, decoded.
+    max_request_bytes: int = 64 * 1024 * 1024
+
+
+DEFAULT_TENSOR_LIMITS = TensorLimits()
+
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 
@@ -88,54 +107,92 @@ def tensor_metadata(spec: manifest_pb2.TensorSpec) -> pb.ModelMetadataResponse.T
     )
 
 
-def _input_array(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> npt.NDArray[np.generic]:
+def tensor_bytes(tensor: pb.ModelInferRequest.InferInputTensor, itemsize: int, budget: int) -> int:
+    """Bytes the tensor's shape needs, in exact integer arithmetic, refused once past ``budget``."""
+    shape = list(tensor.shape)
+    if len(shape) > MAX_DIMS:
+        raise FrameError(f"input {echo(tensor.name)}: {len(shape)} dimensions; at most {MAX_DIMS}")
+    if any(dim < 0 for dim in shape):
+        raise FrameError(f"input {echo(tensor.name)}: shape {shape} has a negative dimension")
+    size = itemsize
+    for dim in shape:
+        size *= dim
+        if size > budget:
+            raise FrameError(
+                f"input {echo(tensor.name)}: shape {shape} needs more than the {budget} bytes left "
+                "in this request's budget"
+            )
+    return size
+
+
+def _input_array(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, budget: int
+) -> npt.NDArray[np.generic]:
     dtype = NUMPY_DTYPES.get(tensor.datatype)
     if dtype is None:
         supported = ", ".join(NUMPY_DTYPES)
         raise FrameError(
-            f"input {tensor.name!r}: datatype {tensor.datatype!r} is not supported; use one of {supported}"
+            f"input {echo(tensor.name)}: datatype {echo(tensor.datatype)} is not supported; use one of {supported}"
         )
-    if any(dim < 0 for dim in tensor.shape):
-        raise FrameError(f"input {tensor.name!r}: shape {list(tensor.shape)} has a negative dimension")
-    count = int(np.prod(tensor.shape, dtype=np.int64))
+    size = tensor_bytes(tensor, dtype.itemsize, budget)
+    count = size // dtype.itemsize
     if raw is not None:
-        if len(raw) != count * dtype.itemsize:
+        if len(raw) != size:
             raise FrameError(
-                f"input {tensor.name!r}: raw contents are {len(raw)} bytes; "
-                f"{tensor.datatype} {list(tensor.shape)} needs {count * dtype.itemsize}"
+                f"input {echo(tensor.name)}: raw contents are {len(raw)} bytes; "
+                f"{tensor.datatype} {list(tensor.shape)} needs {size}"
             )
         return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(tensor.shape)
     field = _CONTENTS_FIELD.get(tensor.datatype)
     if field is None:
-        raise FrameError(f"input {tensor.name!r}: {tensor.datatype} can only be sent as raw_input_contents")
+        raise FrameError(f"input {echo(tensor.name)}: {tensor.datatype} can only be sent as raw_input_contents")
     values = getattr(tensor.contents, field)
     if len(values) != count:
         raise FrameError(
-            f"input {tensor.name!r}: {len(values)} values in contents.{field}; shape {list(tensor.shape)} needs {count}"
+            f"input {echo(tensor.name)}: {len(values)} values in contents.{field}; "
+            f"shape {list(tensor.shape)} needs {count}"
         )
-    return np.asarray(values, dtype=dtype).reshape(tensor.shape)
+    if count > MAX_TYPED_VALUES:
+        raise FrameError(
+            f"input {echo(tensor.name)}: {count} typed values; send more than {MAX_TYPED_VALUES} as raw_input_contents"
+        )
+    try:
+        return np.asarray(values, dtype=dtype).reshape(tensor.shape)
+    except (OverflowError, ValueError) as exc:  # e.g. 300 in contents for a UINT8 input
+        raise FrameError(f"input {echo(tensor.name)}: values do not fit {tensor.datatype}: {exc}") from exc
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> dict[str, npt.NDArray[np.generic]]:
-    """The request's input tensors by name, from raw or typed contents."""
+def decode_inputs(
+    request: pb.ModelInferRequest, limits: TensorLimits = DEFAULT_TENSOR_LIMITS
+) -> dict[str, npt.NDArray[np.generic]]:
+    """The request's input tensors by name, from raw or typed contents, within the request's byte budget."""
     if not request.inputs:
         raise FrameError("the request has no inputs")
+    if len(request.inputs) > MAX_INPUTS:
+        raise FrameError(f"the request has {len(request.inputs)} inputs; at most {MAX_INPUTS}")
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise FrameError(
             f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; "
             "when raw contents are used, every input needs one"
         )
-    return {
-        tensor.name: _input_array(tensor, raw[index] if raw else None) for index, tensor in enumerate(request.inputs)
-    }
+    arrays: dict[str, npt.NDArray[np.generic]] = {}
+    budget = limits.max_request_bytes
+    for index, tensor in enumerate(request.inputs):
+        if tensor.name in arrays:
+            raise FrameError(f"input {echo(tensor.name)} is given twice")
+        array = _input_array(tensor, raw[index] if raw else None, budget)
+        budget -= array.nbytes
+        arrays[tensor.name] = array
+    return arrays
 
 
-def check_feed(model: ServedModel, feed: Feed) -> None:
-    """Refuse inputs that do not match the manifest, before the backend sees them."""
+def check_feed(model: ServedModel, feed: Feed, limits: TensorLimits = DEFAULT_TENSOR_LIMITS) -> None:
+    """Refuse inputs that do not match the manifest, or a batch over the cap, before the backend sees them."""
     specs = {spec.name: spec for spec in model.manifest.inputs}
     if set(feed) != set(specs):
-        raise FrameError(f"model {model.name!r} takes inputs {sorted(specs)}, the request gives {sorted(feed)}")
+        given = sorted(echo(name) for name in feed)[:8]
+        raise FrameError(f"model {model.name!r} takes inputs {sorted(specs)}, the request gives {given}")
     for name, array in feed.items():
         expected = tensor_metadata(specs[name])
         datatype = _DATATYPE_OF.get(array.dtype)
@@ -148,15 +205,19 @@ def check_feed(model: ServedModel, feed: Feed) -> None:
             raise FrameError(
                 f"input {name!r} must have shape {list(expected.shape)}, the request gives {list(array.shape)}"
             )
+        if expected.shape and expected.shape[0] == -1 and array.shape[0] > limits.max_batch:
+            raise FrameError(
+                f"input {name!r}: batch of {array.shape[0]}; this server runs at most {limits.max_batch} per request"
+            )
 
 
 def infer_response(
     model: ServedModel, request: pb.ModelInferRequest, outputs: dict[str, npt.NDArray[np.generic]]
 ) -> pb.ModelInferResponse:
     requested = [output.name for output in request.outputs] or list(outputs)
-    unknown = [name for name in requested if name not in outputs]
+    unknown = [echo(name) for name in requested if name not in outputs]
     if unknown:
-        raise FrameError(f"model {model.name!r} has no output(s) {unknown}; it has {sorted(outputs)}")
+        raise FrameError(f"model {model.name!r} has no output(s) {unknown[:8]}; it has {sorted(outputs)}")
     response = pb.ModelInferResponse(model_name=model.name, model_version=model.manifest.version, id=request.id)
     for name in requested:
         array = np.asarray(outputs[name])
@@ -168,12 +229,6 @@ def infer_response(
     return response
 
 
-def _checked_feed(model: ServedModel, request: pb.ModelInferRequest) -> dict[str, npt.NDArray[np.generic]]:
-    feed = decode_inputs(request)
-    check_feed(model, feed)
-    return feed
-
-
 def _version_matches(model: ServedModel, version: str) -> bool:
     return not version or version == model.manifest.version
 
@@ -181,10 +236,22 @@ def _version_matches(model: ServedModel, version: str) -> bool:
 class KServeService:
     """The protocol's handlers over a model registry; tensors in, tensors out."""
 
-    def __init__(self, registry: ModelRegistry, executor: Executor, streams: StreamRegistry) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        executor: Executor,
+        streams: StreamRegistry,
+        limits: TensorLimits = DEFAULT_TENSOR_LIMITS,
+    ) -> None:
         self._registry = registry
         self._executor = executor
         self._streams = streams
+        self._limits = limits
+
+    def _checked_feed(self, model: ServedModel, request: pb.ModelInferRequest) -> dict[str, npt.NDArray[np.generic]]:
+        feed = decode_inputs(request, self._limits)
+        check_feed(model, feed, self._limits)
+        return feed
 
     async def _run(self, request: pb.ModelInferRequest, lane: str) -> pb.ModelInferResponse:
         """One request: decode on a frame thread, infer on the model's worker, encode on a frame thread."""
@@ -195,9 +262,9 @@ class KServeService:
         try:
             if not _version_matches(model, request.model_version):
                 raise ModelNotFoundError(
-                    f"model {model.name!r} has version {model.manifest.version!r}, not {request.model_version!r}"
+                    f"model {model.name!r} has version {model.manifest.version!r}, not {echo(request.model_version)}"
                 )
-            feed = await loop.run_in_executor(self._executor, _checked_feed, model, request)
+            feed = await loop.run_in_executor(self._executor, self._checked_feed, model, request)
             inferred = await model.infer(Job(lane=lane, feed=feed))
             return await loop.run_in_executor(self._executor, infer_response, model, request, inferred.outputs)
         finally:
@@ -238,7 +305,7 @@ class KServeService:
         except ModelNotFoundError as exc:
             await _abort(context, exc)
         if not _version_matches(model, request.version):
-            await _abort(context, ModelNotFoundError(f"model {model.name!r} has no version {request.version!r}"))
+            await _abort(context, ModelNotFoundError(f"model {model.name!r} has no version {echo(request.version)}"))
         manifest = model.manifest
         return pb.ModelMetadataResponse(
             name=model.name,
@@ -298,10 +365,14 @@ def _unary(
 
 
 def add_kserve_service(
-    registry: ModelRegistry, executor: Executor, streams: StreamRegistry, server: grpc.aio.Server
+    registry: ModelRegistry,
+    executor: Executor,
+    streams: StreamRegistry,
+    server: grpc.aio.Server,
+    limits: TensorLimits = DEFAULT_TENSOR_LIMITS,
 ) -> None:
     """Serve the Open Inference Protocol for ``registry``'s models on ``server``."""
-    service = KServeService(registry, executor, streams)
+    service = KServeService(registry, executor, streams, limits)
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "ServerLive": _unary(service.ServerLive, pb.ServerLiveRequest),
         "ServerReady": _unary(service.ServerReady, pb.ServerReadyRequest),

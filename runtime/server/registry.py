@@ -26,18 +26,17 @@ from pathlib import Path
 
 import numpy as np
 
-from edgescope.bundle import Bundle, load_bundle
+from edgescope.bundle import Bundle
 from edgescope.errors import BundleError, ConfigError, EdgescopeError, ModelNotFoundError
 from edgescope.runtime.backends.base import Backend, Session, SessionCapabilities
 from edgescope.runtime.pipeline.state import ModelState, is_stateful
 from edgescope.runtime.server.failover import ModelRoute
+from edgescope.runtime.server.repository import BundlePolicy
+from edgescope.runtime.server.status import echo
 from edgescope.runtime.server.workers import Job, JobResult, ModelWorker
 from edgescope.v1 import manifest_pb2, stream_pb2
 
 logger = logging.getLogger(__name__)
-
-# Bounds the echo of a client-supplied name in error messages.
-_NAME_ECHO = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +105,6 @@ def warm_up(session: Session, manifest: manifest_pb2.ModelManifest) -> None:
     session.infer(ModelState(manifest).feed(np.zeros(shape, dtype=np.float32)))
 
 
-def _echo(name: str) -> str:
-    return name if len(name) <= _NAME_ECHO else name[:_NAME_ECHO] + "..."
-
-
 class ModelRegistry:
     """Name -> served model; thread-safe. Owns every worker it started until ``close``."""
 
@@ -119,13 +114,14 @@ class ModelRegistry:
         options: WorkerOptions | None = None,
         *,
         fallback: Backend | None = None,
-        allow_failed_validation: bool = False,
+        policy: BundlePolicy | None = None,
         warm: bool = True,
     ) -> None:
         self.backend = backend
         self.fallback = fallback
         self.options = options or WorkerOptions()
-        self._allow_failed_validation = allow_failed_validation
+        # The server's own rule for every bundle (integrity, signatures, failed gate); no request relaxes it.
+        self.policy = policy or BundlePolicy()
         self._warm = warm
         self._models: dict[str, ServedModel] = {}
         # Models that could not be served, and why (a failed load or self-test).
@@ -148,7 +144,7 @@ class ModelRegistry:
 
         A bundle that cannot be served is recorded (``failed``) and the error raised.
         """
-        bundle = load_bundle(path)
+        bundle = self.policy.open(path)
         model_name = name or bundle.manifest.name
         try:
             model = self._start(bundle, model_name, replace)
@@ -162,7 +158,7 @@ class ModelRegistry:
             old = self._models.get(model_name)
             if old is not None and not replace:
                 model.route.retire()
-                raise ConfigError(f"a model named {_echo(model_name)!r} is already loaded")
+                raise ConfigError(f"a model named {echo(model_name)} is already loaded")
             self._models[model_name] = model
             self._failed.pop(model_name, None)
             if old is not None:
@@ -171,16 +167,10 @@ class ModelRegistry:
         return model
 
     def _start(self, bundle: Bundle, model_name: str, replace: bool) -> ServedModel:
-        if not bundle.manifest.validation.passed and not self._allow_failed_validation:
-            # A forced export is kept for investigation, not for patients.
-            raise BundleError(
-                f"{bundle.path}: this bundle failed its accuracy gate at export; serving it needs "
-                "the server's --allow-failed-validation"
-            )
         if not replace:
             with self._lock:
                 if model_name in self._models:
-                    raise ConfigError(f"a model named {_echo(model_name)!r} is already loaded")
+                    raise ConfigError(f"a model named {echo(model_name)} is already loaded")
         primary = self._open(bundle, self.backend, model_name)
         fallback = None
         if self.fallback is not None:
@@ -219,6 +209,8 @@ class ModelRegistry:
             backend=backend.name,
             precision=manifest.precision,
             device=worker.capabilities.device,
+            failed_validation=not manifest.validation.passed,
+            signer=bundle.signer,
         )
         return worker
 
@@ -229,7 +221,7 @@ class ModelRegistry:
         with self._lock:
             model = self._models.pop(name, None)
             if model is None:
-                raise ModelNotFoundError(f"model {_echo(name)!r} is not loaded")
+                raise ModelNotFoundError(f"model {echo(name)} is not loaded")
             self._retire(model)
         self._notify()
 
@@ -281,9 +273,9 @@ class ModelRegistry:
         if model is None:
             why = self._failed.get(name)
             if why is not None:
-                raise ModelNotFoundError(f"model {_echo(name)!r} is not served: {why}")
+                raise ModelNotFoundError(f"model {echo(name)} is not served: {why}")
             raise ModelNotFoundError(
-                f"model {_echo(name)!r} is not loaded; loaded models: {', '.join(sorted(self._models)) or '(none)'}"
+                f"model {echo(name)} is not loaded; loaded models: {', '.join(sorted(self._models)) or '(none)'}"
             )
         return model
 

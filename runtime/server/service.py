@@ -15,13 +15,13 @@ import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from concurrent.futures import Executor
-from pathlib import Path
 
 import grpc
 
 from edgescope.errors import EdgescopeError, ModelNotFoundError
 from edgescope.runtime.server.capture import CaptureHub
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel
+from edgescope.runtime.server.repository import ModelRepository
 from edgescope.runtime.server.shm import REGIONS, SharedMemoryServicer
 from edgescope.runtime.server.status import status_code_for
 from edgescope.runtime.server.streams import SchedulerConfig, StreamRegistry, StreamRun, infer_one
@@ -51,8 +51,11 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
         loader: Executor,
         config: SchedulerConfig,
         metrics: RuntimeMetrics,
+        repository: ModelRepository | None = None,
     ) -> None:
         self._models = models
+        # Where LoadModel finds bundles; no root: LoadModel is refused.
+        self._repository = repository or ModelRepository(None)
         self._metrics = metrics
         self._executor = executor
         self._loader = loader
@@ -151,12 +154,13 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
         request: stream_pb2.LoadModelRequest,
         context: grpc.aio.ServicerContext[stream_pb2.LoadModelRequest, stream_pb2.ModelInfo],
     ) -> stream_pb2.ModelInfo:
-        if not request.bundle_path:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "LoadModel needs a bundle_path")
+        if not request.bundle:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "LoadModel needs a bundle name")
 
         def load() -> ServedModel:
             # Loading, warm-up and checks happen before the swap, on the loader thread: streams keep running.
-            return self._models.load(Path(request.bundle_path), name=request.name or None, replace=True)
+            path = self._repository.resolve(request.bundle)
+            return self._models.load(path, name=request.name or None, replace=True)
 
         try:
             model = await asyncio.get_running_loop().run_in_executor(self._loader, load)

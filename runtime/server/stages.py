@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from edgescope.runtime.pipeline.decode import SharedMemoryView, decode_frame
+from edgescope.runtime.pipeline.decode import DEFAULT_LIMITS, FrameLimits, SharedMemoryView, decode_frame
 from edgescope.runtime.pipeline.encode import fill_result
 from edgescope.runtime.pipeline.postprocess import postprocess
 from edgescope.runtime.pipeline.preprocess import Geometry, preprocess
@@ -56,11 +56,12 @@ def prepare(
     frame: stream_pb2.Frame,
     models: list[ServedModel],
     shared_memory: SharedMemoryView | None,
+    limits: FrameLimits = DEFAULT_LIMITS,
     want_thumbnail: bool = False,
 ) -> Prepared:
-    """Decode once and preprocess for each model (they may want different sizes)."""
+    """Decode once (within ``limits``) and preprocess for each model (they may want different sizes)."""
     start = time.perf_counter_ns()
-    pixels = decode_frame(frame, shared_memory)
+    pixels = decode_frame(frame, shared_memory, limits)
     prepared = Prepared(decode_ns=time.perf_counter_ns() - start)
     for model in models:
         begin = time.perf_counter_ns()

@@ -40,7 +40,7 @@ from typing import Any
 import grpc
 
 from edgescope.errors import EdgescopeError
-from edgescope.runtime.pipeline.decode import SharedMemoryView
+from edgescope.runtime.pipeline.decode import DEFAULT_LIMITS, FrameLimits, SharedMemoryView, check_extra_models
 from edgescope.runtime.pipeline.state import StreamState
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel
 from edgescope.runtime.server.stages import finish_all, job_for, prepare
@@ -87,6 +87,8 @@ def failed(frame: stream_pb2.Frame, error: Exception) -> stream_pb2.Result:
 class SchedulerConfig:
     policy: stream_pb2.StreamPolicy.ValueType = stream_pb2.STREAM_POLICY_EVERY
     deadline_ms: int = 0
+    # What one frame may make the server do: pixels decoded, extra models run.
+    frame_limits: FrameLimits = DEFAULT_LIMITS
 
 
 class TaskSet:
@@ -361,11 +363,12 @@ class StreamRun:
                 late = True
             if frame.model:
                 self._model = frame.model
+            check_extra_models(frame, self._config.frame_limits)
             for name in (self._model, *frame.extra_models):
                 leases.append(self._models.lease(name))
             want_thumbnail = self._metrics.preview_due(frame.stream_id)
             prepared = await loop.run_in_executor(
-                self._executor, prepare, frame, leases, self._shared_memory, want_thumbnail
+                self._executor, prepare, frame, leases, self._shared_memory, self._config.frame_limits, want_thumbnail
             )
             await self._hand_over(held, 1)
             if self._over_budget(frame, time.perf_counter_ns() - work.received_ns) and not late:
@@ -416,6 +419,7 @@ async def infer_one(
     frame: stream_pb2.Frame,
     lane: str,
     shared_memory: SharedMemoryView | None = None,
+    limits: FrameLimits = DEFAULT_LIMITS,
 ) -> stream_pb2.Result:
     """One frame through every stage, for ``Infer``; raises ``EdgescopeError`` for bad input or a failing model.
 
@@ -425,10 +429,11 @@ async def infer_one(
     loop = asyncio.get_running_loop()
     leases: list[ServedModel] = []
     try:
+        check_extra_models(frame, limits)
         for name in (frame.model, *frame.extra_models):
             leases.append(models.lease(name))
         queued_ns = time.perf_counter_ns() - received_ns
-        prepared = await loop.run_in_executor(executor, prepare, frame, leases, shared_memory, False)
+        prepared = await loop.run_in_executor(executor, prepare, frame, leases, shared_memory, limits, False)
         state = StreamState()
         inferred = [
             await model_input.model.infer(job_for(model_input, lane, state, frame.reset_state))

@@ -6,7 +6,7 @@ import logging
 
 from edgescope.runtime.telemetry.device import DeviceSampler
 from edgescope.runtime.telemetry.metrics import RuntimeMetrics, TelemetryConfig
-from edgescope.runtime.web.server import WebServer
+from edgescope.runtime.web.server import WebSecurity, WebServer
 
 logger = logging.getLogger(__name__)
 
@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 class TelemetryHub:
     """Starts device sampling at once and the web page when ``config.http_port`` is set."""
 
-    def __init__(self, config: TelemetryConfig) -> None:
+    def __init__(self, config: TelemetryConfig, web_security: WebSecurity | None = None) -> None:
         self.metrics = RuntimeMetrics(config)
         self.sampler = DeviceSampler(config.interval_s, self.metrics.observe_device)
         logger.info("GPU telemetry: %s", self.sampler.gpu_status)
@@ -22,7 +22,7 @@ class TelemetryHub:
         self.web: WebServer | None = None
         if config.http_port is not None:
             try:
-                self.web = WebServer(self.metrics, config.http_host, config.http_port)
+                self.web = WebServer(self.metrics, config.http_host, config.http_port, web_security)
             except OSError as exc:
                 # Frames must keep flowing when a monitoring port is taken; the gRPC Telemetry call still works.
                 logger.error(
