@@ -10,7 +10,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +20,8 @@ from typing import TYPE_CHECKING
 from edgescope.errors import ConfigError, EdgescopeError
 
 if TYPE_CHECKING:
+    import grpc
+
     from edgescope.export.tensorrt import EngineOptions
     from edgescope.runtime.backends.base import Backend
 
@@ -213,8 +217,20 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = commands.add_parser("serve", help="serve bundles over gRPC")
-    p.add_argument("bundles", type=Path, nargs="+")
+    p = commands.add_parser(
+        "serve",
+        help="serve bundles over gRPC",
+        description="Serve bundles over gRPC. Every option is also a key of the --config file (TOML or YAML) "
+        "and an EDGESCOPE_<OPTION> environment variable; flags override the environment, which overrides the file.",
+    )
+    p.add_argument("bundles", type=Path, nargs="*", help="bundle directories (or `bundles` in the config file)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="options from a .toml, .yaml or .yml file (also EDGESCOPE_CONFIG)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8731, help="0 picks a free port (see --port-file)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once serving")
@@ -260,6 +276,12 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _run_serve(args: argparse.Namespace) -> int:
     from edgescope.runtime.server.app import ServerConfig, serve
+
+    if not args.bundles:
+        raise ConfigError(
+            "no bundle to serve: give bundle directories (edgescope serve BUNDLE...), "
+            "`bundles` in the --config file, or EDGESCOPE_BUNDLES"
+        )
     from edgescope.runtime.server.capture import CaptureConfig
     from edgescope.runtime.server.streams import SchedulerConfig
     from edgescope.runtime.telemetry.metrics import TelemetryConfig
@@ -448,12 +470,70 @@ def _run_engines(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _with_config(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, serve: argparse.ArgumentParser, argv: Sequence[str]
+) -> argparse.Namespace:
+    """serve's options from --config (or EDGESCOPE_CONFIG) and EDGESCOPE_* variables, under its flags."""
+    from edgescope.config import apply_config
+
+    config_file = args.config or (Path(os.environ["EDGESCOPE_CONFIG"]) if os.environ.get("EDGESCOPE_CONFIG") else None)
+    return apply_config(args, parser, serve, argv, config_file)
+
+
+def _rpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    import grpc
+
+    # What gRPC raises (sync and asyncio) carries the call's status.
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "details"):
+        return exc.code(), exc.details() or ""
+    return None
+
+
+def _error_line(command: str, exc: BaseException, args: argparse.Namespace) -> str:
+    """One line that says what went wrong and what to do about it."""
+    import grpc
+
+    if isinstance(exc, EdgescopeError):
+        return f"edgescope {command}: error: {exc}"
+    status = _rpc_status(exc)
+    if status is not None:
+        code, details = status
+        target = getattr(args, "target", "the server")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return (
+                f"edgescope {command}: error: no server answers at {target} ({details}); "
+                "start one with `edgescope serve`, or point --target at it"
+            )
+        return f"edgescope {command}: error: {target} answered {code.name}: {details}"
+    if isinstance(exc, OSError):
+        return f"edgescope {command}: error: {exc} (check the path, its permissions, or the address and port)"
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return (
+        f"edgescope {command}: error: unexpected {type(exc).__name__}: {first} "
+        "(rerun with --debug for the full traceback, and report it)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgescope", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (_add_export, _add_serve, _add_stream, _add_models, _add_top, _add_validate, _add_engines):
         add(commands)
+    return parser
+
+
+def command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand (``serve``), for the options it takes."""
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    found: argparse.ArgumentParser = commands.choices[command]
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     # Our own progress at INFO; libraries (the ONNX exporter is chatty) only warn.
     logging.basicConfig(
@@ -471,12 +551,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "engines": _run_engines,
     }
     try:
+        if args.command == "serve":
+            args = _with_config(args, parser, command_parser(parser, "serve"), argv)
         return runners[args.command](args)
-    except (EdgescopeError, ConfigError) as exc:
-        print(f"edgescope {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(_error_line(args.command, exc, args), file=sys.stderr)
+        # 2: the request or its inputs are wrong (edgescope's own errors); 1: something failed on the way.
+        return 2 if isinstance(exc, EdgescopeError) else 1
 
 
 if __name__ == "__main__":
