@@ -514,12 +514,30 @@ def _error_line(command: str, exc: BaseException, args: argparse.Namespace) -> s
     )
 
 
+def _add_doctor(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("doctor", help="what this device can run and what is missing")
+    p.add_argument("bundles", type=Path, nargs="*", help="also check which of these bundles' engines fit this device")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--host", default="127.0.0.1", help="address whose ports to check")
+    p.add_argument("--port", type=int, default=8731, help="gRPC port to check")
+    p.add_argument("--metrics-port", type=int, default=8732, help="telemetry port to check (-1: skip)")
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    from edgescope.runtime.doctor import as_json, format_report, run_checks
+
+    ports = [(args.port, "gRPC")] + ([(args.metrics_port, "page and /metrics")] if args.metrics_port >= 0 else [])
+    checks = run_checks(args.bundles, args.host, ports)
+    print(json.dumps(as_json(checks), indent=2) if args.json else format_report(checks))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgescope", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_export, _add_serve, _add_stream, _add_models, _add_top, _add_validate, _add_engines):
+    for add in (_add_export, _add_serve, _add_stream, _add_models, _add_top, _add_validate, _add_engines, _add_doctor):
         add(commands)
     return parser
 
@@ -549,6 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "top": _run_top,
         "validate": _run_validate,
         "engines": _run_engines,
+        "doctor": _run_doctor,
     }
     try:
         if args.command == "serve":
@@ -556,6 +575,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return runners[args.command](args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`edgescope doctor | head`): stop quietly, and keep the exit flush from failing too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as exc:
         if args.debug:
             traceback.print_exc()
