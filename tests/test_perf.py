@@ -34,7 +34,7 @@ MAX_WINDOWS = 3
 
 def _quick(server: ServerThread, **fields: Any) -> PerfOptions:
     """A step of about a second: short warm-up and windows, loose stability."""
-    settings: dict[str, Any] = {"target": server.target, "model": MODEL, "warmup_s": 0.2, "window_s": 0.3}
+    settings: dict[str, Any] = {"target": server.target, "model": MODEL, "warmup_s": 0.2, "window_s": 0.5}
     settings |= {"stable_windows": 2, "max_windows": MAX_WINDOWS, "stability": 0.5}
     return PerfOptions(**(settings | fields))
 
@@ -126,7 +126,7 @@ def test_unusable_options_are_refused(server: ServerThread, fields: dict[str, ob
 
 def test_the_perf_command_writes_its_report(server: ServerThread, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "edgescope.cli", "perf", "--target", server.target, "--model", MODEL,
-               "--concurrency", "1", "--warmup-s", "0.2", "--window-s", "0.3", "--max-windows", "3",
+               "--concurrency", "1", "--warmup-s", "0.2", "--window-s", "0.5", "--max-windows", "3",
                "--json", str(tmp_path / "perf.json"), "--csv", str(tmp_path / "perf.csv")]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
