@@ -10,7 +10,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +20,8 @@ from typing import TYPE_CHECKING
 from edgescope.errors import ConfigError, EdgescopeError
 
 if TYPE_CHECKING:
+    import grpc
+
     from edgescope.export.tensorrt import EngineOptions
     from edgescope.runtime.backends.base import Backend
     from edgescope.runtime.transport import ClientSecurity
@@ -237,8 +241,20 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = commands.add_parser("serve", help="serve bundles over gRPC")
-    p.add_argument("bundles", type=Path, nargs="+")
+    p = commands.add_parser(
+        "serve",
+        help="serve bundles over gRPC",
+        description="Serve bundles over gRPC. Every option is also a key of the --config file (TOML or YAML) "
+        "and an EDGESCOPE_<OPTION> environment variable; flags override the environment, which overrides the file.",
+    )
+    p.add_argument("bundles", type=Path, nargs="*", help="bundle directories (or `bundles` in the config file)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="options from a .toml, .yaml or .yml file (also EDGESCOPE_CONFIG)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8731, help="0 picks a free port (see --port-file)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once serving")
@@ -334,6 +350,12 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _run_serve(args: argparse.Namespace) -> int:
     from edgescope.runtime.pipeline.decode import FrameLimits
     from edgescope.runtime.server.app import ServerConfig, serve
+
+    if not args.bundles and args.model_repository is None:
+        raise ConfigError(
+            "no bundle to serve: give bundle directories (edgescope serve BUNDLE...), "
+            "`bundles` in the --config file, or EDGESCOPE_BUNDLES; or a --model-repository to load them from later"
+        )
     from edgescope.runtime.server.capture import CaptureConfig
     from edgescope.runtime.server.kserve import TensorLimits
     from edgescope.runtime.server.registry import WorkerOptions
@@ -482,21 +504,20 @@ def _add_models(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    import grpc
-
     from edgescope.runtime.transport import sync_channel
     from edgescope.v1 import manifest_pb2, stream_pb2, stream_pb2_grpc
 
-    try:
-        with sync_channel(args.target, _client_security(args)) as channel:
-            stub = stream_pb2_grpc.StreamServiceStub(channel)
-            response = stub.ListModels(stream_pb2.ListModelsRequest(), timeout=10)
-    except grpc.RpcError as exc:
-        raise EdgescopeError(f"{args.target}: {exc.code().name}: {exc.details()}") from exc
+    with sync_channel(args.target, _client_security(args)) as channel:
+        stub = stream_pb2_grpc.StreamServiceStub(channel)
+        response = stub.ListModels(stream_pb2.ListModelsRequest(), timeout=10)
     for model in response.models:
+        if not model.ready:
+            print(f"{model.name}\tNOT SERVED\t{model.not_ready_reason}")
+            continue
         gate = "passed" if model.manifest.validation.passed else "FAILED"
         task = manifest_pb2.Task.Name(model.manifest.task)
-        print(f"{model.name}\t{model.manifest.version}\t{task}\t{model.backend}\tgate {gate}")
+        state = f"DEGRADED ({model.provenance.degraded_reason})" if model.provenance.degraded else "serving"
+        print(f"{model.name}\t{model.manifest.version}\t{task}\t{model.backend}\tgate {gate}\t{state}")
     return 0
 
 
@@ -590,9 +611,150 @@ def _run_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _with_config(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, serve: argparse.ArgumentParser, argv: Sequence[str]
+) -> argparse.Namespace:
+    """serve's options from --config (or EDGESCOPE_CONFIG) and EDGESCOPE_* variables, under its flags."""
+    from edgescope.config import apply_config
+
+    config_file = args.config or (Path(os.environ["EDGESCOPE_CONFIG"]) if os.environ.get("EDGESCOPE_CONFIG") else None)
+    return apply_config(args, parser, serve, argv, config_file)
+
+
+def _rpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    import grpc
+
+    # What gRPC raises (sync and asyncio) carries the call's status.
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "details"):
+        return exc.code(), exc.details() or ""
+    return None
+
+
+def _error_line(command: str, exc: BaseException, args: argparse.Namespace) -> str:
+    """One line that says what went wrong and what to do about it."""
+    import grpc
+
+    if isinstance(exc, EdgescopeError):
+        return f"edgescope {command}: error: {exc}"
+    status = _rpc_status(exc)
+    if status is not None:
+        code, details = status
+        target = getattr(args, "target", "the server")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return (
+                f"edgescope {command}: error: no server answers at {target} ({details}); "
+                "start one with `edgescope serve`, or point --target at it"
+            )
+        return f"edgescope {command}: error: {target} answered {code.name}: {details}"
+    if isinstance(exc, OSError):
+        return f"edgescope {command}: error: {exc} (check the path, its permissions, or the address and port)"
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return (
+        f"edgescope {command}: error: unexpected {type(exc).__name__}: {first} "
+        "(rerun with --debug for the full traceback, and report it)"
+    )
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated whole numbers, e.g. 1,2,4") from exc
+
+
+def _shape(text: str) -> tuple[str, list[int]]:
+    name, sep, dims = text.rpartition(":")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be NAME:D1,D2,... (sizes without the batch), e.g. image:1,512,512"
+        )
+    return name, _ints(dims)
+
+
+def _add_perf(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "perf",
+        help="measure a running server's latency and throughput under load (like perf_analyzer)",
+        description="Sweep concurrency (or request rate) against a running server; per step, after a warm-up, "
+        "measure windows until they agree, then report throughput and latency percentiles.",
+    )
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--model", required=True)
+    p.add_argument("--protocol", choices=["kserve", "stream"], default="kserve", help="ModelInfer or edgescope Stream")
+    p.add_argument("--concurrency", type=_ints, default=[1], metavar="N,N,...", help="outstanding requests per step")
+    p.add_argument("--request-rate", type=_floats, default=[], metavar="R,R,...", help="requests/s per step instead")
+    p.add_argument("--distribution", choices=["constant", "poisson"], default="constant", help="request-rate spacing")
+    p.add_argument("--batch-size", type=int, default=1, help="kserve: rows per request")
+    p.add_argument("--shape", type=_shape, action="append", default=[], metavar="NAME:D1,D2",
+                   help="kserve: sizes of an input's dynamic dimensions (without the batch)")  # fmt: skip
+    p.add_argument("--source", default="synthetic:ultrasound", help="stream: the frames to send")
+    p.add_argument("--stream-lanes", type=int, default=4, help="stream: streams that carry request-rate steps")
+    p.add_argument("--warmup-s", type=float, default=2.0)
+    p.add_argument("--window-s", type=float, default=2.0, help="length of one measurement window")
+    p.add_argument("--stability", type=float, default=10.0, help="windows agree within this percentage")
+    p.add_argument("--max-windows", type=int, default=10, help="windows per step before giving up on stability")
+    p.add_argument("--max-message-mb", type=int, default=64)
+    p.add_argument("--json", type=Path, help="write every step as JSON")
+    p.add_argument("--csv", type=Path, help="write one row per step as CSV")
+    p.add_argument("--plot", type=Path, help="write latency against throughput as PNG (needs matplotlib)")
+
+
+def _run_perf(args: argparse.Namespace) -> int:
+    from edgescope.runtime.client.perf import PerfOptions, format_table, run_perf, write_csv, write_json, write_plot
+
+    options = PerfOptions(
+        target=args.target,
+        model=args.model,
+        protocol=args.protocol,
+        concurrency=args.concurrency,
+        request_rates=args.request_rate,
+        distribution=args.distribution,
+        batch_size=args.batch_size,
+        shapes=dict(args.shape),
+        source=args.source,
+        stream_lanes=args.stream_lanes,
+        warmup_s=args.warmup_s,
+        window_s=args.window_s,
+        stability=args.stability / 100.0,
+        max_windows=args.max_windows,
+        max_message_bytes=args.max_message_mb * 1024 * 1024,
+    )
+    print(f"perf: {args.model} over {args.protocol} at {args.target}")
+    results = asyncio.run(run_perf(options))
+    print(format_table(results))
+    if args.json is not None:
+        write_json(results, options, args.json)
+        print(f"json: {args.json}")
+    if args.csv is not None:
+        write_csv(results, args.csv)
+        print(f"csv: {args.csv}")
+    if args.plot is not None:
+        print(f"plot: {args.plot}" if write_plot(results, options, args.plot) else "plot: skipped (no matplotlib)")
+    return 1 if any(step.errors for step in results) else 0
+
+
+def _add_doctor(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("doctor", help="what this device can run and what is missing")
+    p.add_argument("bundles", type=Path, nargs="*", help="also check which of these bundles' engines fit this device")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--host", default="127.0.0.1", help="address whose ports to check")
+    p.add_argument("--port", type=int, default=8731, help="gRPC port to check")
+    p.add_argument("--metrics-port", type=int, default=8732, help="telemetry port to check (-1: skip)")
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    from edgescope.runtime.doctor import as_json, format_report, run_checks
+
+    ports = [(args.port, "gRPC")] + ([(args.metrics_port, "page and /metrics")] if args.metrics_port >= 0 else [])
+    checks = run_checks(args.bundles, args.host, ports)
+    print(json.dumps(as_json(checks), indent=2) if args.json else format_report(checks))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgescope", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (
         _add_export,
@@ -604,8 +766,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         _add_engines,
         _add_sign,
         _add_keygen,
+        _add_doctor,
+        _add_perf,
     ):
         add(commands)
+    return parser
+
+
+def command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand (``serve``), for the options it takes."""
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    found: argparse.ArgumentParser = commands.choices[command]
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     # Our own progress at INFO; libraries (the ONNX exporter is chatty) only warn.
     logging.basicConfig(
@@ -623,14 +800,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         "engines": _run_engines,
         "sign": _run_sign,
         "keygen": _run_keygen,
+        "doctor": _run_doctor,
+        "perf": _run_perf,
     }
     try:
+        if args.command == "serve":
+            args = _with_config(args, parser, command_parser(parser, "serve"), argv)
         return runners[args.command](args)
-    except (EdgescopeError, ConfigError) as exc:
-        print(f"edgescope {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`edgescope doctor | head`): stop quietly, and keep the exit flush from failing too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(_error_line(args.command, exc, args), file=sys.stderr)
+        # 2: the request or its inputs are wrong (edgescope's own errors); 1: something failed on the way.
+        return 2 if isinstance(exc, EdgescopeError) else 1
 
 
 if __name__ == "__main__":

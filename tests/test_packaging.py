@@ -44,15 +44,12 @@ def test_checked_in_protobuf_code_is_fresh(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gen_proto.py"), str(tmp_path)], check=True, env=env, timeout=120
     )
-    generated = sorted(p.name for p in (tmp_path / "edgescope" / "v1").iterdir())
-    checked_in = sorted(
-        p.name for p in (ROOT / "edgescope" / "v1").iterdir() if p.name != "__init__.py" and p.is_file()
-    )
-    assert generated == checked_in
-    _, mismatch, errors = filecmp.cmpfiles(
-        tmp_path / "edgescope" / "v1", ROOT / "edgescope" / "v1", generated, shallow=False
-    )
-    assert not mismatch and not errors, f"stale generated code (run `make proto`): {mismatch + errors}"
+    for package in (Path("edgescope/v1"), Path("edgescope/kserve/v2")):
+        generated = sorted(p.name for p in (tmp_path / package).iterdir())
+        checked_in = sorted(p.name for p in (ROOT / package).iterdir() if p.name != "__init__.py" and p.is_file())
+        assert generated == checked_in
+        _, mismatch, errors = filecmp.cmpfiles(tmp_path / package, ROOT / package, generated, shallow=False)
+        assert not mismatch and not errors, f"stale generated code (run `make proto`): {mismatch + errors}"
 
 
 def test_the_wheel_installs_everything_under_one_namespace(tmp_path: Path) -> None:
@@ -68,6 +65,12 @@ def test_the_wheel_installs_everything_under_one_namespace(tmp_path: Path) -> No
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/", 1)[0] for name in names if not name.startswith("edgescope-")}
     assert top_level == {"edgescope"}
-    for required in ("edgescope/export/api.py", "edgescope/runtime/server/app.py", "edgescope/runtime/web/index.html",
-                     "edgescope/v1/stream_pb2.pyi", "edgescope/py.typed"):  # fmt: skip
+    for required in (
+        "edgescope/export/api.py",
+        "edgescope/runtime/server/app.py",
+        "edgescope/runtime/web/index.html",
+        "edgescope/v1/stream_pb2.pyi",
+        "edgescope/kserve/v2/inference_pb2.pyi",
+        "edgescope/py.typed",
+    ):
         assert required in names

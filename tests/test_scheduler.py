@@ -149,13 +149,12 @@ def test_eight_streams_on_two_models_are_batched(batching_server: ServerThread, 
     for results in asyncio.run(run_all()):
         assert [r.seq for r in results] == list(range(12))
         assert all(r.status.code == OK for r in results)
-    stats = {model.name: model.worker.stats for model in batching_server.running.registry.all()}
+    stats = {model.name: model.statistics.snapshot() for model in batching_server.running.registry.all()}
     assert set(stats) == {"lesion-unet", "twin"}
-    for name, worker in stats.items():
-        assert worker.jobs == 48, name
-        assert worker.failures == 0, name
-        # Frames of concurrent streams share inferences: batches of more than one frame happened.
-        assert worker.batches > 0 and worker.batched_jobs > worker.batches, name
+    for name, figures in stats.items():
+        assert figures.inference_count == 48 and figures.fail.count == 0, name
+        # Frames of concurrent streams share inferences: fewer executions than frames, batches above one.
+        assert figures.execution_count < 48 and max(figures.batches) > 1, name
 
 
 def test_reload_mid_stream_loses_nothing(server: ServerThread, example_bundle: Bundle) -> None:

@@ -20,8 +20,8 @@ import numpy as np
 
 from edgescope.bundle import Bundle
 from edgescope.errors import BackendError, MissingDependencyError
+from edgescope.kserve.datatypes import tensor_datatype, tensor_shape
 from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
-from edgescope.runtime.backends.tensors import tensor_datatype, tensor_shape
 from edgescope.v1 import manifest_pb2
 
 _INSTALL_HINT = "install it with `pip install 'edgescope[remote]'` (or `pip install tritonclient`)"

@@ -25,28 +25,29 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from edgescope.errors import BundleError, ConfigError, EdgescopeError
 from edgescope.runtime.backends.base import Backend, cpu_cores
 from edgescope.runtime.server.auth import CallerExecutor
 from edgescope.runtime.server.capture import CaptureConfig, CaptureHub
-from edgescope.runtime.server.kserve import DEFAULT_TENSOR_LIMITS, TensorLimits, add_kserve_service
-from edgescope.runtime.server.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
+from edgescope.runtime.server.kserve import DEFAULT_TENSOR_LIMITS, KServeSettings, TensorLimits, add_kserve_service
+from edgescope.runtime.server.kserve import SERVICE as KSERVE_SERVICE
+from edgescope.runtime.server.reflection import enable_reflection
 from edgescope.runtime.server.registry import ModelRegistry, WorkerOptions
 from edgescope.runtime.server.security import SecurityConfig, open_security
 from edgescope.runtime.server.service import StreamService
 from edgescope.runtime.server.shm import REGIONS
 from edgescope.runtime.server.streams import SchedulerConfig
 from edgescope.runtime.server.telemetry import TelemetryHub
-from edgescope.runtime.server.telemetry_service import TELEMETRY_SERVICE_NAME, TelemetryServicer
+from edgescope.runtime.server.telemetry_service import TELEMETRY_SERVICE, TelemetryServicer
 from edgescope.runtime.telemetry.metrics import TelemetryConfig
 from edgescope.runtime.transport import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from edgescope.v1 import stream_pb2, stream_pb2_grpc, telemetry_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = stream_pb2.DESCRIPTOR.services_by_name["StreamService"].full_name
+SERVICE = stream_pb2.DESCRIPTOR.services_by_name["StreamService"]
+SERVICE_NAME = SERVICE.full_name
 
 
 @dataclass(slots=True)
@@ -203,20 +204,30 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
     captures = CaptureHub(list(config.captures), service.run_capture) if config.captures else None
     service.attach_captures(captures)
     stream_pb2_grpc.add_StreamServiceServicer_to_server(service, server)
-    add_kserve_service(registry, frames, service.streams, server, config.kserve_limits)
+    add_kserve_service(
+        registry,
+        (frames, loader),
+        service.streams,
+        server,
+        KServeSettings(
+            max_batch=config.models.max_batch,
+            batch_delay_us=round(config.models.batch_delay_s * 1e6),
+            repository=security.repository,
+        ),
+        config.kserve_limits,
+    )
     telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryServicer(telemetry.metrics), server)
     # grpc_health's type stubs predate its asyncio servicer.
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            KSERVE_SERVICE_NAME,
-            TELEMETRY_SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
+    enable_reflection(
         server,
+        (
+            SERVICE,
+            KSERVE_SERVICE,
+            TELEMETRY_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+        ),
     )
     port = security.bind(server, f"{config.host}:{config.port}")
     if port == 0:

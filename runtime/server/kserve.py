@@ -1,41 +1,46 @@
 """The Open Inference Protocol (KServe v2 gRPC) for every loaded model.
 
-Served on the same port as edgescope's own API, under the standard service
-name ``inference.GRPCInferenceService``, so tritonclient and other standard
-tooling call any loaded model at tensor level: no preprocessing, no
-postprocessing, the model's own input and output tensors.
+Served on the same port as edgescope's own API as the standard's
+``inference.GRPCInferenceService``, so tritonclient, grpcurl and other
+standard tooling call any loaded model at tensor level: no preprocessing,
+no postprocessing, the model's own input and output tensors. Besides the
+KServe v2 core (health, metadata, ``ModelInfer``, ``ModelStreamInfer``) it
+answers Triton's ``ModelConfig``, ``ModelStatistics``, ``RepositoryIndex``
+and the administrative ``RepositoryModelLoad``/``RepositoryModelUnload``.
 
 Inputs come as ``raw_input_contents`` (little-endian, row-major) or as typed
 ``contents``; outputs go back as ``raw_output_contents``. Decoding and
-encoding run on the frame threads and inference on the model's worker,
-never on the event loop. A unary call
+encoding run on the frame threads and inference on the model's worker (which
+records the statistics), never on the event loop. A unary call
 that fails is aborted with the mapped gRPC status; in ``ModelStreamInfer`` a
 failed request gets a response with ``error_message`` and the stream goes on.
-
-The handlers are registered with a generic handler because the messages'
-protobuf package is ``edgescope.kserve.v2`` (see the .proto for why); the
-method paths are the standard's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 
 from edgescope import __version__
-from edgescope.errors import EdgescopeError, FrameError, ModelNotFoundError
+from edgescope.errors import EdgescopeError, FrameError, MissingDependencyError, ModelNotFoundError
+from edgescope.kserve.datatypes import DATATYPE_OF, NUMPY_DTYPES, tensor_datatype, tensor_shape
 from edgescope.kserve.v2 import inference_pb2 as pb
+from edgescope.kserve.v2 import inference_pb2_grpc
 from edgescope.runtime.backends.base import Feed
-from edgescope.runtime.backends.tensors import tensor_datatype, tensor_shape
+from edgescope.runtime.server.model_config import batches, model_config
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel
+from edgescope.runtime.server.repository import ModelRepository
+from edgescope.runtime.server.statistics import Duration, StatisticsSnapshot
 from edgescope.runtime.server.status import echo, status_code_for
 from edgescope.runtime.server.streams import StreamRegistry
 from edgescope.runtime.server.workers import Job
@@ -43,25 +48,10 @@ from edgescope.v1 import manifest_pb2
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = "inference.GRPCInferenceService"
-
-# Open Inference Protocol datatypes with a fixed-size numpy equivalent (BYTES has none).
-NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
-_DATATYPE_OF = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
-
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+SERVICE_NAME = SERVICE.full_name
+# The protocol extensions this server implements (ServerMetadata lists them).
+EXTENSIONS = ("model_configuration", "model_repository", "statistics")
 
 # Where each datatype's values sit in InferTensorContents (FP16 has no typed field).
 _CONTENTS_FIELD = {
@@ -77,6 +67,7 @@ _CONTENTS_FIELD = {
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
 }
+
 
 # Typed contents cost a Python object per value while decoding; larger tensors go as raw bytes.
 MAX_TYPED_VALUES = 1 << 20
@@ -96,8 +87,14 @@ class TensorLimits:
 
 DEFAULT_TENSOR_LIMITS = TensorLimits()
 
-Request = TypeVar("Request")
-Response = TypeVar("Response")
+
+@dataclass(frozen=True, slots=True)
+class KServeSettings:
+    """What the protocol reports about the server's batching, and where load/unload take models from."""
+
+    max_batch: int = 8
+    batch_delay_us: int = 0
+    repository: ModelRepository | None = None
 
 
 def tensor_metadata(spec: manifest_pb2.TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
@@ -195,7 +192,7 @@ def check_feed(model: ServedModel, feed: Feed, limits: TensorLimits = DEFAULT_TE
         raise FrameError(f"model {model.name!r} takes inputs {sorted(specs)}, the request gives {given}")
     for name, array in feed.items():
         expected = tensor_metadata(specs[name])
-        datatype = _DATATYPE_OF.get(array.dtype)
+        datatype = DATATYPE_OF.get(array.dtype)
         if datatype != expected.datatype:
             raise FrameError(f"input {name!r} must be {expected.datatype}, the request gives {datatype}")
         fits = len(array.shape) == len(expected.shape) and all(
@@ -221,7 +218,7 @@ def infer_response(
     response = pb.ModelInferResponse(model_name=model.name, model_version=model.manifest.version, id=request.id)
     for name in requested:
         array = np.asarray(outputs[name])
-        datatype = _DATATYPE_OF.get(array.dtype)
+        datatype = DATATYPE_OF.get(array.dtype)
         if datatype is None:
             raise FrameError(f"output {name!r} has dtype {array.dtype}, which the protocol cannot carry")
         response.outputs.add(name=name, datatype=datatype, shape=array.shape)
@@ -233,19 +230,62 @@ def _version_matches(model: ServedModel, version: str) -> bool:
     return not version or version == model.manifest.version
 
 
-class KServeService:
+def _batch_size(model: ServedModel, feed: Feed) -> int:
+    # Triton counts inferences: a request of batch N makes N.
+    if not batches(model.manifest):
+        return 1
+    return int(feed[model.manifest.inputs[0].name].shape[0]) or 1
+
+
+def _duration(duration: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=duration.count, ns=duration.ns)
+
+
+def statistics_message(figures: StatisticsSnapshot) -> pb.ModelStatistics:
+    message = pb.ModelStatistics(
+        name=figures.name,
+        version=figures.version,
+        last_inference=figures.last_inference_ms,
+        inference_count=figures.inference_count,
+        execution_count=figures.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(figures.success),
+            fail=_duration(figures.fail),
+            queue=_duration(figures.queue),
+            compute_input=_duration(figures.compute_input),
+            compute_infer=_duration(figures.compute_infer),
+            compute_output=_duration(figures.compute_output),
+            cache_hit=pb.StatisticDuration(),
+            cache_miss=pb.StatisticDuration(),
+        ),
+    )
+    for size, batch in sorted(figures.batches.items()):
+        message.batch_stats.add(
+            batch_size=size,
+            compute_input=_duration(batch.compute_input),
+            compute_infer=_duration(batch.compute_infer),
+            compute_output=_duration(batch.compute_output),
+        )
+    return message
+
+
+class KServeService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     """The protocol's handlers over a model registry; tensors in, tensors out."""
 
     def __init__(
         self,
         registry: ModelRegistry,
         executor: Executor,
+        loader: Executor,
         streams: StreamRegistry,
+        settings: KServeSettings = KServeSettings(),
         limits: TensorLimits = DEFAULT_TENSOR_LIMITS,
     ) -> None:
         self._registry = registry
         self._executor = executor
+        self._loader = loader
         self._streams = streams
+        self._settings = settings
         self._limits = limits
 
     def _checked_feed(self, model: ServedModel, request: pb.ModelInferRequest) -> dict[str, npt.NDArray[np.generic]]:
@@ -264,11 +304,27 @@ class KServeService:
                 raise ModelNotFoundError(
                     f"model {model.name!r} has version {model.manifest.version!r}, not {echo(request.model_version)}"
                 )
-            feed = await loop.run_in_executor(self._executor, self._checked_feed, model, request)
-            inferred = await model.infer(Job(lane=lane, feed=feed))
+            started_ns = time.perf_counter_ns()
+            try:
+                feed = await loop.run_in_executor(self._executor, self._checked_feed, model, request)
+            except EdgescopeError:
+                # Refused before it reached the model: a failed request all the same, as Triton counts it.
+                elapsed_ns = time.perf_counter_ns() - started_ns
+                model.statistics.record(success=False, queue_ns=0, compute_input_ns=elapsed_ns, infer_ns=0, output_ns=0)
+                raise
+            job = Job(lane=lane, feed=feed, inferences=_batch_size(model, feed))
+            inferred = await model.infer(job)
             return await loop.run_in_executor(self._executor, infer_response, model, request, inferred.outputs)
         finally:
             self._registry.release(model)
+
+    def _model(self, name: str, version: str, call: str) -> ServedModel:
+        if not name:
+            raise FrameError(f"{call} needs a model name")
+        model = self._registry.get(name)
+        if not _version_matches(model, version):
+            raise ModelNotFoundError(f"model {model.name!r} has version {model.manifest.version!r}, not {version!r}")
+        return model
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -285,27 +341,23 @@ class KServeService:
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelReadyResponse:
         try:
-            model = self._registry.get(request.name) if request.name else None
-        except ModelNotFoundError:
-            model = None
-        return pb.ModelReadyResponse(ready=model is not None and _version_matches(model, request.version))
+            self._model(request.name, request.version, "ModelReady")
+        except EdgescopeError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="edgescope", version=__version__, extensions=[])
+        return pb.ServerMetadataResponse(name="edgescope", version=__version__, extensions=EXTENSIONS)
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelMetadataResponse:
-        if not request.name:
-            await _abort(context, FrameError("ModelMetadata needs a model name"))
         try:
-            model = self._registry.get(request.name)
-        except ModelNotFoundError as exc:
+            model = self._model(request.name, request.version, "ModelMetadata")
+        except EdgescopeError as exc:
             await _abort(context, exc)
-        if not _version_matches(model, request.version):
-            await _abort(context, ModelNotFoundError(f"model {model.name!r} has no version {echo(request.version)}"))
         manifest = model.manifest
         return pb.ModelMetadataResponse(
             name=model.name,
@@ -314,6 +366,80 @@ class KServeService:
             inputs=[tensor_metadata(spec) for spec in manifest.inputs],
             outputs=[tensor_metadata(spec) for spec in manifest.outputs],
         )
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelConfigResponse:
+        try:
+            model = self._model(request.name, request.version, "ModelConfig")
+        except EdgescopeError as exc:
+            await _abort(context, exc)
+        config = model_config(model, max_batch=self._settings.max_batch, batch_delay_us=self._settings.batch_delay_us)
+        return pb.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelStatisticsResponse:
+        # No name: every loaded model, as Triton answers.
+        try:
+            models = (
+                [self._model(request.name, request.version, "ModelStatistics")]
+                if request.name
+                else sorted(self._registry.all(), key=lambda m: m.name)
+            )
+        except EdgescopeError as exc:
+            await _abort(context, exc)
+        return pb.ModelStatisticsResponse(model_stats=[statistics_message(m.statistics.snapshot()) for m in models])
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RepositoryIndexResponse:
+        if request.repository_name:
+            await _abort(context, FrameError(_ONE_REPOSITORY))
+        loaded = {model.name: model for model in self._registry.all()}
+        available = self._settings.repository.names() if self._settings.repository is not None else []
+        response = pb.RepositoryIndexResponse()
+        for name in sorted({*loaded, *available}):
+            model = loaded.get(name)
+            if model is not None:
+                response.models.add(name=name, version=model.manifest.version, state="READY")
+            elif not request.ready:
+                response.models.add(name=name, state="UNAVAILABLE", reason="unloaded")
+        return response
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RepositoryModelLoadResponse:
+        repository = self._settings.repository
+        try:
+            _check_repository_request(request.repository_name, request.model_name, request.parameters)
+            if repository is None:
+                raise MissingDependencyError(
+                    "a model repository", "start the server with --model-repository DIR to load models by name"
+                )
+            path = repository.resolve(request.model_name)
+            # Loading reads, hashes, warms up and checks a bundle: seconds, on the loader thread.
+            model = await asyncio.get_running_loop().run_in_executor(
+                self._loader, functools.partial(self._registry.load, path, name=request.model_name, replace=True)
+            )
+        except EdgescopeError as exc:
+            await _abort(context, exc)
+        logger.info("loaded %s %s from the model repository", model.name, model.manifest.version)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RepositoryModelUnloadResponse:
+        try:
+            _check_repository_request(
+                request.repository_name, request.model_name, request.parameters, _UNLOAD_PARAMETERS
+            )
+            # Requests in flight finish on the model; it closes after the last one.
+            self._registry.unload(request.model_name)
+        except EdgescopeError as exc:
+            await _abort(context, exc)
+        logger.info("unloaded %s", request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -343,6 +469,27 @@ class KServeService:
                 )
 
 
+_ONE_REPOSITORY = "this server has one model repository; leave repository_name empty"
+
+
+def _check_repository_request(
+    repository_name: str, model_name: str, parameters: Any, accepted: frozenset[str] = frozenset()
+) -> None:
+    if repository_name:
+        raise FrameError(_ONE_REPOSITORY)
+    if not model_name:
+        raise FrameError("model_name is empty: name a model of the repository")
+    refused = sorted(set(parameters) - accepted)
+    if refused:
+        # Triton lets a load override the config or files; a bundle is what its manifest and hashes say.
+        raise FrameError(f"parameters {refused} are not supported: the bundle in the repository defines the model")
+
+
+# Nothing depends on an edgescope model (there are no ensembles), so unloading
+# "dependents" (tritonclient always sends the flag) unloads nothing more.
+_UNLOAD_PARAMETERS = frozenset({"unload_dependents"})
+
+
 def _echo(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
     # Stream clients match an error to its request by id.
     return pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
@@ -353,37 +500,16 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: EdgescopeEr
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
-def _unary(
-    behavior: Callable[[Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Response]],
-    request_type: type[Request],
-) -> grpc.RpcMethodHandler[Request, Response]:
-    return grpc.unary_unary_rpc_method_handler(
-        behavior,
-        request_deserializer=request_type.FromString,  # type: ignore[attr-defined]
-        response_serializer=lambda message: message.SerializeToString(),
-    )
-
-
 def add_kserve_service(
     registry: ModelRegistry,
-    executor: Executor,
+    executors: tuple[Executor, Executor],
     streams: StreamRegistry,
     server: grpc.aio.Server,
+    settings: KServeSettings = KServeSettings(),
     limits: TensorLimits = DEFAULT_TENSOR_LIMITS,
-) -> None:
-    """Serve the Open Inference Protocol for ``registry``'s models on ``server``."""
-    service = KServeService(registry, executor, streams, limits)
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-        "ServerLive": _unary(service.ServerLive, pb.ServerLiveRequest),
-        "ServerReady": _unary(service.ServerReady, pb.ServerReadyRequest),
-        "ModelReady": _unary(service.ModelReady, pb.ModelReadyRequest),
-        "ServerMetadata": _unary(service.ServerMetadata, pb.ServerMetadataRequest),
-        "ModelMetadata": _unary(service.ModelMetadata, pb.ModelMetadataRequest),
-        "ModelInfer": _unary(service.ModelInfer, pb.ModelInferRequest),
-        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
-            service.ModelStreamInfer,
-            request_deserializer=pb.ModelInferRequest.FromString,
-            response_serializer=pb.ModelStreamInferResponse.SerializeToString,
-        ),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+) -> KServeService:
+    """Serve the Open Inference Protocol for ``registry``'s models on ``server`` (frame threads, loader thread)."""
+    frames, loader = executors
+    service = KServeService(registry, frames, loader, streams, settings, limits)
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+    return service

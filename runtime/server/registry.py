@@ -32,6 +32,7 @@ from edgescope.runtime.backends.base import Backend, Session, SessionCapabilitie
 from edgescope.runtime.pipeline.state import ModelState, is_stateful
 from edgescope.runtime.server.failover import ModelRoute
 from edgescope.runtime.server.repository import BundlePolicy
+from edgescope.runtime.server.statistics import ModelStatistics
 from edgescope.runtime.server.status import echo
 from edgescope.runtime.server.workers import Job, JobResult, ModelWorker
 from edgescope.v1 import manifest_pb2, stream_pb2
@@ -59,6 +60,11 @@ class ServedModel:
     @property
     def manifest(self) -> manifest_pb2.ModelManifest:
         return self.bundle.manifest
+
+    @property
+    def statistics(self) -> ModelStatistics:
+        """Every execution of this model version, primary and fallback alike."""
+        return self.worker.statistics
 
     @property
     def worker(self) -> ModelWorker:
@@ -171,19 +177,22 @@ class ModelRegistry:
             with self._lock:
                 if model_name in self._models:
                     raise ConfigError(f"a model named {echo(model_name)} is already loaded")
-        primary = self._open(bundle, self.backend, model_name)
+        statistics = ModelStatistics(model_name, bundle.manifest.version)
+        primary = self._open(bundle, self.backend, model_name, statistics)
         fallback = None
         if self.fallback is not None:
             try:
-                fallback = self._open(bundle, self.fallback, model_name)
+                fallback = self._open(bundle, self.fallback, model_name, statistics)
             except BaseException:
                 primary.retire()
                 raise
-        route = ModelRoute(model_name, primary, fallback, lambda: self._open(bundle, self.backend, model_name))
+        route = ModelRoute(
+            model_name, primary, fallback, lambda: self._open(bundle, self.backend, model_name, statistics)
+        )
         route.on_change = self._degraded
         return ServedModel(model_name, bundle, route)
 
-    def _open(self, bundle: Bundle, backend: Backend, name: str) -> ModelWorker:
+    def _open(self, bundle: Bundle, backend: Backend, name: str, statistics: ModelStatistics) -> ModelWorker:
         """A started worker for ``bundle`` on ``backend``: sessions open, warmed up, checked."""
         manifest = bundle.manifest
         warm = self._warm
@@ -199,6 +208,7 @@ class ModelRegistry:
             max_batch=self.options.max_batch,
             batch_delay_s=self.options.batch_delay_s,
             check=check,
+            statistics=statistics,
         )
         worker.start()
         assert worker.capabilities is not None  # start() sets it or raises

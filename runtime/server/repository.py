@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgescope.bundle import Bundle, load_bundle
+from edgescope.bundle import MANIFEST_FILE, Bundle, load_bundle
 from edgescope.errors import BundleError, ConfigError, ModelNotFoundError
 from edgescope.runtime.server.status import echo
 from edgescope.signing import trusted_signature
@@ -58,6 +58,16 @@ class ModelRepository:
 
     root: Path | None
     policy: BundlePolicy = field(default_factory=BundlePolicy)
+
+    def names(self) -> list[str]:
+        """Every bundle the repository holds, loaded or not (entries that look like bundles)."""
+        if self.root is None:
+            return []
+        return sorted(
+            entry.name
+            for entry in self.root.iterdir()
+            if _BUNDLE_NAME.fullmatch(entry.name) and (entry / MANIFEST_FILE).is_file()
+        )
 
     def resolve(self, name: str) -> Path:
         if self.root is None:

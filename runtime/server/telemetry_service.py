@@ -12,7 +12,7 @@ from edgescope.v1 import telemetry_pb2, telemetry_pb2_grpc
 
 # A floor on the interval, so a careless caller cannot turn snapshots into a busy loop.
 MIN_INTERVAL_S = 0.05
-TELEMETRY_SERVICE_NAME = telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"].full_name
+TELEMETRY_SERVICE = telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"]
 
 
 class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):

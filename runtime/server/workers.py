@@ -40,6 +40,7 @@ import numpy.typing as npt
 from edgescope.errors import BackendError, EdgescopeError, OverloadError
 from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
 from edgescope.runtime.pipeline.state import ModelState
+from edgescope.runtime.server.statistics import ModelStatistics
 from edgescope.v1 import stream_pb2
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,9 @@ class Job:
     reset_state: bool = False
     feed: Feed | None = None
     batchable: bool = False
+    # Inferences this job makes (a KServe request of batch 4 makes 4), for the statistics.
+    inferences: int = 1
+    enqueued_ns: int = 0
     # Set by the worker: the outputs, the inference time and the batch size it ran in.
     future: asyncio.Future[JobResult] | None = None
     loop: asyncio.AbstractEventLoop | None = None
@@ -97,20 +101,6 @@ class JobResult:
 
 
 @dataclass(slots=True)
-class WorkerStats:
-    """What the worker has done, for telemetry and the protocol's statistics."""
-
-    jobs: int = 0
-    failures: int = 0
-    # Inferences run on a batch of more than one job (failed ones included), and the jobs in them.
-    batches: int = 0
-    batched_jobs: int = 0
-    infer_ns: int = 0
-    last_ns: int = 0
-    queue_depth_max: int = 0
-
-
-@dataclass(slots=True)
 class _Instance:
     index: int
     thread: threading.Thread | None = None
@@ -132,6 +122,7 @@ class ModelWorker:
         max_batch: int = 1,
         batch_delay_s: float = 0.0,
         check: SessionCheck | None = None,
+        statistics: ModelStatistics | None = None,
     ) -> None:
         if instances < 1:
             raise BackendError(f"model {name}: instances must be at least 1, not {instances}")
@@ -148,7 +139,8 @@ class ModelWorker:
         self.capabilities: SessionCapabilities | None = None
         # Set by whoever publishes the worker, once it has started (the device is known then).
         self.provenance = stream_pb2.Provenance(model=name)
-        self.stats = WorkerStats()
+        # Triton's statistics of every execution (shared with a fallback worker of the same model).
+        self.statistics = statistics or ModelStatistics(name, "")
 
     # -- lifecycle (blocking: call from a loader thread, never the event loop) ---------------------
 
@@ -217,9 +209,9 @@ class ModelWorker:
                 raise BackendError(f"model {self.name} is being unloaded; send the frame again")
             if self._queued >= MAX_QUEUED_JOBS:
                 raise OverloadError(f"model {self.name} has {self._queued} requests waiting; try again shortly")
+            job.enqueued_ns = time.perf_counter_ns()
             self._lanes.setdefault(job.lane, deque()).append(job)
             self._queued += 1
-            self.stats.queue_depth_max = max(self.stats.queue_depth_max, self._queued)
             self._cond.notify()
         try:
             return await job.future
@@ -342,30 +334,36 @@ class ModelWorker:
             try:
                 outputs = job.run_alone(session)
             except Exception as exc:
+                self._record([job], start, time.perf_counter_ns() - start, success=False)
                 self._settle(job, None, _as_backend_error(exc, self.name))
                 continue
-            self._settle(job, JobResult(outputs, time.perf_counter_ns() - start, 1, self.provenance), None)
+            elapsed = time.perf_counter_ns() - start
+            self._record([job], start, elapsed, success=True)
+            self._settle(job, JobResult(outputs, elapsed, 1, self.provenance), None)
 
     def _run_batch(self, session: Session, jobs: list[Job]) -> None:
-        with self._cond:
-            self.stats.batches += 1
-            self.stats.batched_jobs += len(jobs)
         start = time.perf_counter_ns()
         stacked = np.concatenate([job.tensor for job in jobs if job.tensor is not None])
         outputs = session.infer({jobs[0].frame_input: stacked})
         elapsed = time.perf_counter_ns() - start
+        self._record(jobs, start, elapsed, success=True)
         for index, job in enumerate(jobs):
             own = {name: value[index : index + 1] for name, value in outputs.items()}
             self._settle(job, JobResult(own, elapsed, len(jobs), self.provenance), None)
 
+    def _record(self, jobs: list[Job], start_ns: int, infer_ns: int, *, success: bool) -> None:
+        """One execution, in Triton's terms: its requests' queue time and its compute time."""
+        self.statistics.record(
+            success=success,
+            queue_ns=sum(max(0, start_ns - job.enqueued_ns) for job in jobs),
+            compute_input_ns=0,
+            infer_ns=infer_ns,
+            output_ns=0,
+            batch_size=sum(job.inferences for job in jobs),
+            requests=len(jobs),
+        )
+
     def _settle(self, job: Job, result: JobResult | None, error: BaseException | None) -> None:
-        with self._cond:
-            self.stats.jobs += 1
-            if error is not None:
-                self.stats.failures += 1
-            elif result is not None:
-                self.stats.infer_ns += result.infer_ns // result.batch_size
-                self.stats.last_ns = time.time_ns()
         if job.loop is None or job.future is None:
             return
         # RuntimeError: the loop is closed, so nobody waits for this answer any more.

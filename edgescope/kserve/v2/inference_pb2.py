@@ -17,14 +17,16 @@ _runtime_version.ValidateProtobufRuntimeVersion(
     '',
     'edgescope/kserve/v2/inference.proto'
 )
+from edgescope.kserve import POOL as _KSERVE_POOL
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
 
 
+from edgescope.kserve.v2 import model_config_pb2 as edgescope_dot_kserve_dot_v2_dot_model__config__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#edgescope/kserve/v2/inference.proto\x12\x13\x65\x64gescope.kserve.v2\"\x13\n\x11ServerLiveRequest\"\"\n\x12ServerLiveResponse\x12\x0c\n\x04live\x18\x01 \x01(\x08\"\x14\n\x12ServerReadyRequest\"$\n\x13ServerReadyResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\"2\n\x11ModelReadyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"#\n\x12ModelReadyResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\"\x17\n\x15ServerMetadataRequest\"K\n\x16ServerMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nextensions\x18\x03 \x03(\t\"5\n\x14ModelMetadataRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xa1\x02\n\x15ModelMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\x12I\n\x06inputs\x18\x04 \x03(\x0b\x32\x39.edgescope.kserve.v2.ModelMetadataResponse.TensorMetadata\x12J\n\x07outputs\x18\x05 \x03(\x0b\x32\x39.edgescope.kserve.v2.ModelMetadataResponse.TensorMetadata\x1a?\n\x0eTensorMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x99\x01\n\x0eInferParameter\x12\x14\n\nbool_param\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bint64_param\x18\x02 \x01(\x03H\x00\x12\x16\n\x0cstring_param\x18\x03 \x01(\tH\x00\x12\x16\n\x0c\x64ouble_param\x18\x04 \x01(\x01H\x00\x12\x16\n\x0cuint64_param\x18\x05 \x01(\x04H\x00\x42\x12\n\x10parameter_choice\"\xd0\x01\n\x13InferTensorContents\x12\x15\n\rbool_contents\x18\x01 \x03(\x08\x12\x14\n\x0cint_contents\x18\x02 \x03(\x05\x12\x16\n\x0eint64_contents\x18\x03 \x03(\x03\x12\x15\n\ruint_contents\x18\x04 \x03(\r\x12\x17\n\x0fuint64_contents\x18\x05 \x03(\x04\x12\x15\n\rfp32_contents\x18\x06 \x03(\x02\x12\x15\n\rfp64_contents\x18\x07 \x03(\x01\x12\x16\n\x0e\x62ytes_contents\x18\x08 \x03(\x0c\"\xc8\x07\n\x11ModelInferRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12J\n\nparameters\x18\x04 \x03(\x0b\x32\x36.edgescope.kserve.v2.ModelInferRequest.ParametersEntry\x12G\n\x06inputs\x18\x05 \x03(\x0b\x32\x37.edgescope.kserve.v2.ModelInferRequest.InferInputTensor\x12R\n\x07outputs\x18\x06 \x03(\x0b\x32\x41.edgescope.kserve.v2.ModelInferRequest.InferRequestedOutputTensor\x12\x1a\n\x12raw_input_contents\x18\x07 \x03(\x0c\x1a\xb2\x02\n\x10InferInputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12[\n\nparameters\x18\x04 \x03(\x0b\x32G.edgescope.kserve.v2.ModelInferRequest.InferInputTensor.ParametersEntry\x12:\n\x08\x63ontents\x18\x05 \x01(\x0b\x32(.edgescope.kserve.v2.InferTensorContents\x1aV\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x32\n\x05value\x18\x02 \x01(\x0b\x32#.edgescope.kserve.v2.InferParameter:\x02\x38\x01\x1a\xe9\x01\n\x1aInferRequestedOutputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x65\n\nparameters\x18\x02 \x03(\x0b\x32Q.edgescope.kserve.v2.ModelInferRequest.InferRequestedOutputTensor.ParametersEntry\x1aV\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x32\n\x05value\x18\x02 \x01(\x0b\x32#.edgescope.kserve.v2.InferParameter:\x02\x38\x01\x1aV\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x32\n\x05value\x18\x02 \x01(\x0b\x32#.edgescope.kserve.v2.InferParameter:\x02\x38\x01\"\x91\x05\n\x12ModelInferResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12K\n\nparameters\x18\x04 \x03(\x0b\x32\x37.edgescope.kserve.v2.ModelInferResponse.ParametersEntry\x12J\n\x07outputs\x18\x05 \x03(\x0b\x32\x39.edgescope.kserve.v2.ModelInferResponse.InferOutputTensor\x12\x1b\n\x13raw_output_contents\x18\x06 \x03(\x0c\x1a\xb5\x02\n\x11InferOutputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12]\n\nparameters\x18\x04 \x03(\x0b\x32I.edgescope.kserve.v2.ModelInferResponse.InferOutputTensor.ParametersEntry\x12:\n\x08\x63ontents\x18\x05 \x01(\x0b\x32(.edgescope.kserve.v2.InferTensorContents\x1aV\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x32\n\x05value\x18\x02 \x01(\x0b\x32#.edgescope.kserve.v2.InferParameter:\x02\x38\x01\x1aV\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x32\n\x05value\x18\x02 \x01(\x0b\x32#.edgescope.kserve.v2.InferParameter:\x02\x38\x01\"r\n\x18ModelStreamInferResponse\x12\x15\n\rerror_message\x18\x01 \x01(\t\x12?\n\x0einfer_response\x18\x02 \x01(\x0b\x32\'.edgescope.kserve.v2.ModelInferResponseb\x06proto3')
+DESCRIPTOR = _KSERVE_POOL.AddSerializedFile(b'\n#edgescope/kserve/v2/inference.proto\x12\tinference\x1a&edgescope/kserve/v2/model_config.proto\"\x13\n\x11ServerLiveRequest\"\"\n\x12ServerLiveResponse\x12\x0c\n\x04live\x18\x01 \x01(\x08\"\x14\n\x12ServerReadyRequest\"$\n\x13ServerReadyResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\"2\n\x11ModelReadyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"#\n\x12ModelReadyResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\"\x17\n\x15ServerMetadataRequest\"K\n\x16ServerMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nextensions\x18\x03 \x03(\t\"5\n\x14ModelMetadataRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x8d\x02\n\x15ModelMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x10\n\x08platform\x18\x03 \x01(\t\x12?\n\x06inputs\x18\x04 \x03(\x0b\x32/.inference.ModelMetadataResponse.TensorMetadata\x12@\n\x07outputs\x18\x05 \x03(\x0b\x32/.inference.ModelMetadataResponse.TensorMetadata\x1a?\n\x0eTensorMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x99\x01\n\x0eInferParameter\x12\x14\n\nbool_param\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bint64_param\x18\x02 \x01(\x03H\x00\x12\x16\n\x0cstring_param\x18\x03 \x01(\tH\x00\x12\x16\n\x0c\x64ouble_param\x18\x04 \x01(\x01H\x00\x12\x16\n\x0cuint64_param\x18\x05 \x01(\x04H\x00\x42\x12\n\x10parameter_choice\"\xd0\x01\n\x13InferTensorContents\x12\x15\n\rbool_contents\x18\x01 \x03(\x08\x12\x14\n\x0cint_contents\x18\x02 \x03(\x05\x12\x16\n\x0eint64_contents\x18\x03 \x03(\x03\x12\x15\n\ruint_contents\x18\x04 \x03(\r\x12\x17\n\x0fuint64_contents\x18\x05 \x03(\x04\x12\x15\n\rfp32_contents\x18\x06 \x03(\x02\x12\x15\n\rfp64_contents\x18\x07 \x03(\x01\x12\x16\n\x0e\x62ytes_contents\x18\x08 \x03(\x0c\"\xee\x06\n\x11ModelInferRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12@\n\nparameters\x18\x04 \x03(\x0b\x32,.inference.ModelInferRequest.ParametersEntry\x12=\n\x06inputs\x18\x05 \x03(\x0b\x32-.inference.ModelInferRequest.InferInputTensor\x12H\n\x07outputs\x18\x06 \x03(\x0b\x32\x37.inference.ModelInferRequest.InferRequestedOutputTensor\x12\x1a\n\x12raw_input_contents\x18\x07 \x03(\x0c\x1a\x94\x02\n\x10InferInputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12Q\n\nparameters\x18\x04 \x03(\x0b\x32=.inference.ModelInferRequest.InferInputTensor.ParametersEntry\x12\x30\n\x08\x63ontents\x18\x05 \x01(\x0b\x32\x1e.inference.InferTensorContents\x1aL\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.inference.InferParameter:\x02\x38\x01\x1a\xd5\x01\n\x1aInferRequestedOutputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12[\n\nparameters\x18\x02 \x03(\x0b\x32G.inference.ModelInferRequest.InferRequestedOutputTensor.ParametersEntry\x1aL\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.inference.InferParameter:\x02\x38\x01\x1aL\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.inference.InferParameter:\x02\x38\x01\"\xd5\x04\n\x12ModelInferResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x41\n\nparameters\x18\x04 \x03(\x0b\x32-.inference.ModelInferResponse.ParametersEntry\x12@\n\x07outputs\x18\x05 \x03(\x0b\x32/.inference.ModelInferResponse.InferOutputTensor\x12\x1b\n\x13raw_output_contents\x18\x06 \x03(\x0c\x1a\x97\x02\n\x11InferOutputTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12S\n\nparameters\x18\x04 \x03(\x0b\x32?.inference.ModelInferResponse.InferOutputTensor.ParametersEntry\x12\x30\n\x08\x63ontents\x18\x05 \x01(\x0b\x32\x1e.inference.InferTensorContents\x1aL\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.inference.InferParameter:\x02\x38\x01\x1aL\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.inference.InferParameter:\x02\x38\x01\"h\n\x18ModelStreamInferResponse\x12\x15\n\rerror_message\x18\x01 \x01(\t\x12\x35\n\x0einfer_response\x18\x02 \x01(\x0b\x32\x1d.inference.ModelInferResponse\"3\n\x12ModelConfigRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"=\n\x13ModelConfigResponse\x12&\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x16.inference.ModelConfig\"7\n\x16ModelStatisticsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\".\n\x11StatisticDuration\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\n\n\x02ns\x18\x02 \x01(\x04\"\x9c\x03\n\x0fInferStatistics\x12-\n\x07success\x18\x01 \x01(\x0b\x32\x1c.inference.StatisticDuration\x12*\n\x04\x66\x61il\x18\x02 \x01(\x0b\x32\x1c.inference.StatisticDuration\x12+\n\x05queue\x18\x03 \x01(\x0b\x32\x1c.inference.StatisticDuration\x12\x33\n\rcompute_input\x18\x04 \x01(\x0b\x32\x1c.inference.StatisticDuration\x12\x33\n\rcompute_infer\x18\x05 \x01(\x0b\x32\x1c.inference.StatisticDuration\x12\x34\n\x0e\x63ompute_output\x18\x06 \x01(\x0b\x32\x1c.inference.StatisticDuration\x12/\n\tcache_hit\x18\x07 \x01(\x0b\x32\x1c.inference.StatisticDuration\x12\x30\n\ncache_miss\x18\x08 \x01(\x0b\x32\x1c.inference.StatisticDuration\"\xca\x01\n\x14InferBatchStatistics\x12\x12\n\nbatch_size\x18\x01 \x01(\x04\x12\x33\n\rcompute_input\x18\x02 \x01(\x0b\x32\x1c.inference.StatisticDuration\x12\x33\n\rcompute_infer\x18\x03 \x01(\x0b\x32\x1c.inference.StatisticDuration\x12\x34\n\x0e\x63ompute_output\x18\x04 \x01(\x0b\x32\x1c.inference.StatisticDuration\"\xe5\x01\n\x0fModelStatistics\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0elast_inference\x18\x03 \x01(\x04\x12\x17\n\x0finference_count\x18\x04 \x01(\x04\x12\x17\n\x0f\x65xecution_count\x18\x05 \x01(\x04\x12\x33\n\x0finference_stats\x18\x06 \x01(\x0b\x32\x1a.inference.InferStatistics\x12\x34\n\x0b\x62\x61tch_stats\x18\x07 \x03(\x0b\x32\x1f.inference.InferBatchStatistics\"J\n\x17ModelStatisticsResponse\x12/\n\x0bmodel_stats\x18\x01 \x03(\x0b\x32\x1a.inference.ModelStatistics\"\x8a\x01\n\x18ModelRepositoryParameter\x12\x14\n\nbool_param\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bint64_param\x18\x02 \x01(\x03H\x00\x12\x16\n\x0cstring_param\x18\x03 \x01(\tH\x00\x12\x15\n\x0b\x62ytes_param\x18\x04 \x01(\x0cH\x00\x42\x12\n\x10parameter_choice\"@\n\x16RepositoryIndexRequest\x12\x17\n\x0frepository_name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\"\xa4\x01\n\x17RepositoryIndexResponse\x12=\n\x06models\x18\x01 \x03(\x0b\x32-.inference.RepositoryIndexResponse.ModelIndex\x1aJ\n\nModelIndex\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xec\x01\n\x1aRepositoryModelLoadRequest\x12\x17\n\x0frepository_name\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12I\n\nparameters\x18\x03 \x03(\x0b\x32\x35.inference.RepositoryModelLoadRequest.ParametersEntry\x1aV\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x32\n\x05value\x18\x02 \x01(\x0b\x32#.inference.ModelRepositoryParameter:\x02\x38\x01\"\x1d\n\x1bRepositoryModelLoadResponse\"\xf0\x01\n\x1cRepositoryModelUnloadRequest\x12\x17\n\x0frepository_name\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12K\n\nparameters\x18\x03 \x03(\x0b\x32\x37.inference.RepositoryModelUnloadRequest.ParametersEntry\x1aV\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x32\n\x05value\x18\x02 \x01(\x0b\x32#.inference.ModelRepositoryParameter:\x02\x38\x01\"\x1f\n\x1dRepositoryModelUnloadResponse2\x9f\x08\n\x14GRPCInferenceService\x12I\n\nServerLive\x12\x1c.inference.ServerLiveRequest\x1a\x1d.inference.ServerLiveResponse\x12L\n\x0bServerReady\x12\x1d.inference.ServerReadyRequest\x1a\x1e.inference.ServerReadyResponse\x12I\n\nModelReady\x12\x1c.inference.ModelReadyRequest\x1a\x1d.inference.ModelReadyResponse\x12U\n\x0eServerMetadata\x12 .inference.ServerMetadataRequest\x1a!.inference.ServerMetadataResponse\x12R\n\rModelMetadata\x12\x1f.inference.ModelMetadataRequest\x1a .inference.ModelMetadataResponse\x12I\n\nModelInfer\x12\x1c.inference.ModelInferRequest\x1a\x1d.inference.ModelInferResponse\x12Y\n\x10ModelStreamInfer\x12\x1c.inference.ModelInferRequest\x1a#.inference.ModelStreamInferResponse(\x01\x30\x01\x12L\n\x0bModelConfig\x12\x1d.inference.ModelConfigRequest\x1a\x1e.inference.ModelConfigResponse\x12X\n\x0fModelStatistics\x12!.inference.ModelStatisticsRequest\x1a\".inference.ModelStatisticsResponse\x12X\n\x0fRepositoryIndex\x12!.inference.RepositoryIndexRequest\x1a\".inference.RepositoryIndexResponse\x12\x64\n\x13RepositoryModelLoad\x12%.inference.RepositoryModelLoadRequest\x1a&.inference.RepositoryModelLoadResponse\x12j\n\x15RepositoryModelUnload\x12\'.inference.RepositoryModelUnloadRequest\x1a(.inference.RepositoryModelUnloadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,52 +43,94 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR_PARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._loaded_options = None
   _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_SERVERLIVEREQUEST']._serialized_start=60
-  _globals['_SERVERLIVEREQUEST']._serialized_end=79
-  _globals['_SERVERLIVERESPONSE']._serialized_start=81
-  _globals['_SERVERLIVERESPONSE']._serialized_end=115
-  _globals['_SERVERREADYREQUEST']._serialized_start=117
-  _globals['_SERVERREADYREQUEST']._serialized_end=137
-  _globals['_SERVERREADYRESPONSE']._serialized_start=139
-  _globals['_SERVERREADYRESPONSE']._serialized_end=175
-  _globals['_MODELREADYREQUEST']._serialized_start=177
-  _globals['_MODELREADYREQUEST']._serialized_end=227
-  _globals['_MODELREADYRESPONSE']._serialized_start=229
-  _globals['_MODELREADYRESPONSE']._serialized_end=264
-  _globals['_SERVERMETADATAREQUEST']._serialized_start=266
-  _globals['_SERVERMETADATAREQUEST']._serialized_end=289
-  _globals['_SERVERMETADATARESPONSE']._serialized_start=291
-  _globals['_SERVERMETADATARESPONSE']._serialized_end=366
-  _globals['_MODELMETADATAREQUEST']._serialized_start=368
-  _globals['_MODELMETADATAREQUEST']._serialized_end=421
-  _globals['_MODELMETADATARESPONSE']._serialized_start=424
-  _globals['_MODELMETADATARESPONSE']._serialized_end=713
-  _globals['_MODELMETADATARESPONSE_TENSORMETADATA']._serialized_start=650
-  _globals['_MODELMETADATARESPONSE_TENSORMETADATA']._serialized_end=713
-  _globals['_INFERPARAMETER']._serialized_start=716
-  _globals['_INFERPARAMETER']._serialized_end=869
-  _globals['_INFERTENSORCONTENTS']._serialized_start=872
-  _globals['_INFERTENSORCONTENTS']._serialized_end=1080
-  _globals['_MODELINFERREQUEST']._serialized_start=1083
-  _globals['_MODELINFERREQUEST']._serialized_end=2051
-  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR']._serialized_start=1421
-  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR']._serialized_end=1727
-  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR_PARAMETERSENTRY']._serialized_start=1641
-  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR_PARAMETERSENTRY']._serialized_end=1727
-  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR']._serialized_start=1730
-  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR']._serialized_end=1963
-  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR_PARAMETERSENTRY']._serialized_start=1641
-  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR_PARAMETERSENTRY']._serialized_end=1727
-  _globals['_MODELINFERREQUEST_PARAMETERSENTRY']._serialized_start=1641
-  _globals['_MODELINFERREQUEST_PARAMETERSENTRY']._serialized_end=1727
-  _globals['_MODELINFERRESPONSE']._serialized_start=2054
-  _globals['_MODELINFERRESPONSE']._serialized_end=2711
-  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR']._serialized_start=2314
-  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR']._serialized_end=2623
-  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR_PARAMETERSENTRY']._serialized_start=1641
-  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR_PARAMETERSENTRY']._serialized_end=1727
-  _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._serialized_start=1641
-  _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._serialized_end=1727
-  _globals['_MODELSTREAMINFERRESPONSE']._serialized_start=2713
-  _globals['_MODELSTREAMINFERRESPONSE']._serialized_end=2827
+  _globals['_REPOSITORYMODELLOADREQUEST_PARAMETERSENTRY']._loaded_options = None
+  _globals['_REPOSITORYMODELLOADREQUEST_PARAMETERSENTRY']._serialized_options = b'8\001'
+  _globals['_REPOSITORYMODELUNLOADREQUEST_PARAMETERSENTRY']._loaded_options = None
+  _globals['_REPOSITORYMODELUNLOADREQUEST_PARAMETERSENTRY']._serialized_options = b'8\001'
+  _globals['_SERVERLIVEREQUEST']._serialized_start=90
+  _globals['_SERVERLIVEREQUEST']._serialized_end=109
+  _globals['_SERVERLIVERESPONSE']._serialized_start=111
+  _globals['_SERVERLIVERESPONSE']._serialized_end=145
+  _globals['_SERVERREADYREQUEST']._serialized_start=147
+  _globals['_SERVERREADYREQUEST']._serialized_end=167
+  _globals['_SERVERREADYRESPONSE']._serialized_start=169
+  _globals['_SERVERREADYRESPONSE']._serialized_end=205
+  _globals['_MODELREADYREQUEST']._serialized_start=207
+  _globals['_MODELREADYREQUEST']._serialized_end=257
+  _globals['_MODELREADYRESPONSE']._serialized_start=259
+  _globals['_MODELREADYRESPONSE']._serialized_end=294
+  _globals['_SERVERMETADATAREQUEST']._serialized_start=296
+  _globals['_SERVERMETADATAREQUEST']._serialized_end=319
+  _globals['_SERVERMETADATARESPONSE']._serialized_start=321
+  _globals['_SERVERMETADATARESPONSE']._serialized_end=396
+  _globals['_MODELMETADATAREQUEST']._serialized_start=398
+  _globals['_MODELMETADATAREQUEST']._serialized_end=451
+  _globals['_MODELMETADATARESPONSE']._serialized_start=454
+  _globals['_MODELMETADATARESPONSE']._serialized_end=723
+  _globals['_MODELMETADATARESPONSE_TENSORMETADATA']._serialized_start=660
+  _globals['_MODELMETADATARESPONSE_TENSORMETADATA']._serialized_end=723
+  _globals['_INFERPARAMETER']._serialized_start=726
+  _globals['_INFERPARAMETER']._serialized_end=879
+  _globals['_INFERTENSORCONTENTS']._serialized_start=882
+  _globals['_INFERTENSORCONTENTS']._serialized_end=1090
+  _globals['_MODELINFERREQUEST']._serialized_start=1093
+  _globals['_MODELINFERREQUEST']._serialized_end=1971
+  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR']._serialized_start=1401
+  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR']._serialized_end=1677
+  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR_PARAMETERSENTRY']._serialized_start=1601
+  _globals['_MODELINFERREQUEST_INFERINPUTTENSOR_PARAMETERSENTRY']._serialized_end=1677
+  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR']._serialized_start=1680
+  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR']._serialized_end=1893
+  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR_PARAMETERSENTRY']._serialized_start=1601
+  _globals['_MODELINFERREQUEST_INFERREQUESTEDOUTPUTTENSOR_PARAMETERSENTRY']._serialized_end=1677
+  _globals['_MODELINFERREQUEST_PARAMETERSENTRY']._serialized_start=1601
+  _globals['_MODELINFERREQUEST_PARAMETERSENTRY']._serialized_end=1677
+  _globals['_MODELINFERRESPONSE']._serialized_start=1974
+  _globals['_MODELINFERRESPONSE']._serialized_end=2571
+  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR']._serialized_start=2214
+  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR']._serialized_end=2493
+  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR_PARAMETERSENTRY']._serialized_start=1601
+  _globals['_MODELINFERRESPONSE_INFEROUTPUTTENSOR_PARAMETERSENTRY']._serialized_end=1677
+  _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._serialized_start=1601
+  _globals['_MODELINFERRESPONSE_PARAMETERSENTRY']._serialized_end=1677
+  _globals['_MODELSTREAMINFERRESPONSE']._serialized_start=2573
+  _globals['_MODELSTREAMINFERRESPONSE']._serialized_end=2677
+  _globals['_MODELCONFIGREQUEST']._serialized_start=2679
+  _globals['_MODELCONFIGREQUEST']._serialized_end=2730
+  _globals['_MODELCONFIGRESPONSE']._serialized_start=2732
+  _globals['_MODELCONFIGRESPONSE']._serialized_end=2793
+  _globals['_MODELSTATISTICSREQUEST']._serialized_start=2795
+  _globals['_MODELSTATISTICSREQUEST']._serialized_end=2850
+  _globals['_STATISTICDURATION']._serialized_start=2852
+  _globals['_STATISTICDURATION']._serialized_end=2898
+  _globals['_INFERSTATISTICS']._serialized_start=2901
+  _globals['_INFERSTATISTICS']._serialized_end=3313
+  _globals['_INFERBATCHSTATISTICS']._serialized_start=3316
+  _globals['_INFERBATCHSTATISTICS']._serialized_end=3518
+  _globals['_MODELSTATISTICS']._serialized_start=3521
+  _globals['_MODELSTATISTICS']._serialized_end=3750
+  _globals['_MODELSTATISTICSRESPONSE']._serialized_start=3752
+  _globals['_MODELSTATISTICSRESPONSE']._serialized_end=3826
+  _globals['_MODELREPOSITORYPARAMETER']._serialized_start=3829
+  _globals['_MODELREPOSITORYPARAMETER']._serialized_end=3967
+  _globals['_REPOSITORYINDEXREQUEST']._serialized_start=3969
+  _globals['_REPOSITORYINDEXREQUEST']._serialized_end=4033
+  _globals['_REPOSITORYINDEXRESPONSE']._serialized_start=4036
+  _globals['_REPOSITORYINDEXRESPONSE']._serialized_end=4200
+  _globals['_REPOSITORYINDEXRESPONSE_MODELINDEX']._serialized_start=4126
+  _globals['_REPOSITORYINDEXRESPONSE_MODELINDEX']._serialized_end=4200
+  _globals['_REPOSITORYMODELLOADREQUEST']._serialized_start=4203
+  _globals['_REPOSITORYMODELLOADREQUEST']._serialized_end=4439
+  _globals['_REPOSITORYMODELLOADREQUEST_PARAMETERSENTRY']._serialized_start=4353
+  _globals['_REPOSITORYMODELLOADREQUEST_PARAMETERSENTRY']._serialized_end=4439
+  _globals['_REPOSITORYMODELLOADRESPONSE']._serialized_start=4441
+  _globals['_REPOSITORYMODELLOADRESPONSE']._serialized_end=4470
+  _globals['_REPOSITORYMODELUNLOADREQUEST']._serialized_start=4473
+  _globals['_REPOSITORYMODELUNLOADREQUEST']._serialized_end=4713
+  _globals['_REPOSITORYMODELUNLOADREQUEST_PARAMETERSENTRY']._serialized_start=4353
+  _globals['_REPOSITORYMODELUNLOADREQUEST_PARAMETERSENTRY']._serialized_end=4439
+  _globals['_REPOSITORYMODELUNLOADRESPONSE']._serialized_start=4715
+  _globals['_REPOSITORYMODELUNLOADRESPONSE']._serialized_end=4746
+  _globals['_GRPCINFERENCESERVICE']._serialized_start=4749
+  _globals['_GRPCINFERENCESERVICE']._serialized_end=5804
 # @@protoc_insertion_point(module_scope)
