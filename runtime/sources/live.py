@@ -25,7 +25,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from edgescope.errors import SourceError
+from edgescope.errors import EdgescopeError, SourceError
 from edgescope.runtime.sources.base import SourceFrame, SourceKind
 
 __all__ = ["DEFAULT_LIVE_FPS", "FrameReader", "LiveSource", "Reconnect"]
@@ -167,8 +167,8 @@ class LiveSource:
             if reader is None:
                 try:
                     reader = self._open_reader()
-                except SourceError as exc:
-                    self._fail(exc)
+                except EdgescopeError as exc:
+                    self._fail(SourceError(str(exc)))
                     self._closed.wait(backoff)
                     backoff = min(backoff * 2, self._reconnect.max_backoff_s)
                     continue

@@ -55,7 +55,7 @@ class NetworkReader:
                 "install PyAV built against an FFmpeg with it (pip install av --no-binary av)",
             ) from exc
         except (av.error.FFmpegError, OSError) as exc:
-            raise SourceError(f"cannot open {self._url}: {exc}") from exc
+            raise SourceError(f"cannot open {self._url}: {_reason(exc)}") from exc
         if not self._container.streams.video:
             self._container.close()
             raise SourceError(f"{self._url} has no video stream")
@@ -76,7 +76,7 @@ class NetworkReader:
         except StopIteration:
             return None
         except (av.error.FFmpegError, OSError) as exc:
-            raise SourceError(f"reading {self._url} failed: {exc}") from exc
+            raise SourceError(f"reading {self._url} failed: {_reason(exc)}") from exc
         return np.ascontiguousarray(frame.to_ndarray(format="rgb24"), dtype=np.uint8)
 
     def close(self) -> None:
@@ -103,6 +103,12 @@ def open_network_source(
         kind=kind,
         reconnect=reconnect,
     )
+
+
+def _reason(error: Exception) -> str:
+    """FFmpeg's words for what went wrong, without the URL (which may hold a password)."""
+    reason = getattr(error, "strerror", None)
+    return str(reason) if reason else type(error).__name__
 
 
 def redact(url: str) -> str:
