@@ -27,7 +27,7 @@ def frame(index: int) -> np.ndarray:
 
 
 class _Camera(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
         self.end_headers()
@@ -42,7 +42,7 @@ class _Camera(http.server.BaseHTTPRequestHandler):
             index += 1
             time.sleep(1 / FPS)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
