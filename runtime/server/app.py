@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edgescope.runtime.backends.base import Backend
-from edgescope.runtime.server.capture import CaptureConfig, CaptureHub
+from edgescope.runtime.server.capture import CaptureConfig, CaptureHub, grpc_health_setter
 from edgescope.runtime.server.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from edgescope.runtime.server.kserve import add_kserve_service
 from edgescope.runtime.server.registry import ModelRegistry
@@ -115,13 +115,19 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
     server = grpc.aio.server(options=channel_options(config.max_message_bytes))
     telemetry = TelemetryHub(config.telemetry)
     service = StreamService(registry, executor, backend, config.scheduling, telemetry.metrics)
-    captures = CaptureHub(list(config.captures), service.scheduler, telemetry.metrics) if config.captures else None
+    # grpc_health's type stubs predate its asyncio servicer.
+    health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    # Each capture reports on its own health service, edgescope.capture.<name>.
+    health_setter = grpc_health_setter(health_servicer)
+    captures = (
+        CaptureHub(list(config.captures), service.scheduler, telemetry.metrics, health_setter)
+        if config.captures
+        else None
+    )
     service.attach_captures(captures)
     stream_pb2_grpc.add_StreamServiceServicer_to_server(service, server)
     add_kserve_service(registry, executor, server)
     telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryServicer(telemetry.metrics), server)
-    # grpc_health's type stubs predate its asyncio servicer.
-    health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (

@@ -77,6 +77,8 @@ class RuntimeMetrics:
         self._device: DeviceSample | None = None
         self._device_alerts: list[Alert] = []
         self._late: dict[str, tuple[float, Alert]] = {}
+        # Captures the server runs (pull mode): up or not, and why not.
+        self._captures: dict[str, tuple[bool, str]] = {}
         r = self.registry
         self._success = Counter("edgescope_inference_success", "Frames answered with a result", ["model"], registry=r)
         self._failure = Counter("edgescope_inference_failure", "Frames answered with an error", ["model"], registry=r)
@@ -103,6 +105,9 @@ class RuntimeMetrics:
             ["model"],
             buckets=LATENCY_BUCKETS_S,
             registry=r,
+        )
+        self._capture_failures = Counter(
+            "edgescope_capture_failures", "Times a capture could not open or read its source", ["capture"], registry=r
         )
         r.register(_LiveCollector(self))
         # Label lookups cost more than the observation itself: children are kept per (model, stage).
@@ -199,6 +204,13 @@ class RuntimeMetrics:
             self._model(model).deadline_misses += 1
         self._deadline.labels(model).inc()
 
+    def observe_capture(self, name: str, *, up: bool, reason: str = "") -> None:
+        """A capture started delivering (up) or lost its source (down, with the reason)."""
+        with self._lock:
+            self._captures[name] = (up, reason)
+        if not up:
+            self._capture_failures.labels(name).inc()
+
     def observe_device(self, sample: DeviceSample) -> None:
         alerts = device_alerts(sample, self.config.memory_near_full)
         with self._lock:
@@ -240,7 +252,12 @@ class RuntimeMetrics:
         now = time.monotonic()
         with self._lock:
             late = [alert for at, alert in self._late.values() if now - at <= LATENCY_ALERT_HOLD_S]
-            return late + list(self._device_alerts)
+            captures = [
+                Alert(kind=Alert.KIND_CAPTURE_UNAVAILABLE, message=f"capture {name}: {reason}")
+                for name, (up, reason) in sorted(self._captures.items())
+                if not up
+            ]
+            return late + list(self._device_alerts) + captures
 
     def preview(self, stream_id: str = "") -> tuple[stream_pb2.Frame, stream_pb2.Result] | None:
         """The latest frame and result of ``stream_id`` (or of the most recently active stream)."""
@@ -293,7 +310,13 @@ class RuntimeMetrics:
                     jitter.add_metric([model, stage], stats.jitter_ms / 1000.0)
             device = self._device
             models = list(self._models)
-        yield from (quantiles, jitter, fps, budget)
+            captures = dict(self._captures)
+        capture_up = GaugeMetricFamily(
+            "edgescope_capture_up", "1 while a capture delivers results from its source", labels=["capture"]
+        )
+        for name, (up, _) in sorted(captures.items()):
+            capture_up.add_metric([name], 1.0 if up else 0.0)
+        yield from (quantiles, jitter, fps, budget, capture_up)
         yield from _alert_families(self.active_alerts(), models)
         if device is not None:
             yield from _device_families(device)
