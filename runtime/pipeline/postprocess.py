@@ -134,6 +134,10 @@ def _measured(
     if not quantities and total:
         # All of the mask lies where the frame has no physical size: say so, in pixels.
         quantities.append(measured(f"{label}_area", float(total), "px", "", total, left_out, total))
+    elif not total:
+        # Nothing found: zero in the frame's physical units, so every result has the label's area.
+        quantities.append(measured(f"{label}_area", 0.0, "mm2", "", 0, 0, 0))
+        quantities.append(measured(f"{label}_max_diameter", 0.0, "mm", "", 0, 0, 0))
     return quantities
 
 
