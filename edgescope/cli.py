@@ -101,6 +101,14 @@ def _add_export(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--scale", type=float, default=1.0 / 255.0)
     p.add_argument("--mean", type=_floats, default=[])
     p.add_argument("--std", type=_floats, default=[])
+    p.add_argument(
+        "--intensity",
+        default="presentation",
+        choices=["presentation", "modality", "stored"],
+        help="DICOM frames: grey levels as displayed (modality LUT, window, MONOCHROME1), modality values "
+        "(e.g. HU) or stored values",
+    )
+    p.add_argument("--voi", default="", help="DICOM window or VOI LUT the model expects: explanation or position")
     p.add_argument("--labels", default="background,lesion", help="comma-separated, background first")
     p.add_argument("--activation", default="sigmoid", choices=["sigmoid", "softmax", "none"])
     p.add_argument("--threshold", type=float, default=0.5)
@@ -205,6 +213,8 @@ def _run_export(args: argparse.Namespace) -> int:
             scale=args.scale,
             mean=args.mean,
             std=args.std,
+            intensity=args.intensity,
+            voi=args.voi,
             labels=[v for v in args.labels.split(",") if v],
             activation=args.activation,
             threshold=args.threshold,
@@ -440,13 +450,18 @@ def _backend(kind: str, args: argparse.Namespace) -> Backend:
 
 def _add_stream(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser("stream", help="stream a source to a server and summarise latency")
-    p.add_argument("--source", required=True, help="dicom:PATH | video:PATH | synthetic:ultrasound")
+    p.add_argument(
+        "--source",
+        required=True,
+        help="dicom:PATH[?voi=..] | video:PATH | images:GLOB[?fps=F] | v4l2:/dev/videoN[?width=&height=&fps=&fourcc=] "
+        "| rtsp:// rtsps:// http(s):// udp:// srt:// URL | gst:PIPELINE | synthetic:ultrasound | synthetic:endoscopy",
+    )
     p.add_argument("--model", default="", help="model name (optional when the server has one)")
     p.add_argument("--target", default=DEFAULT_TARGET)
     p.add_argument("--fast", action="store_true", help="send as fast as the server answers, not at the source's rate")
     p.add_argument("--frames", type=int, default=None, help="stop after this many frames")
     p.add_argument("--loop", action="store_true", help="repeat a finite source")
-    p.add_argument("--save", type=Path, help="write an overlay video (.mp4 or .avi)")
+    p.add_argument("--save", type=Path, help="write an overlay video: .mp4 (H.264), .webm (VP9) or .avi (MJPEG)")
     p.add_argument("--summary", type=Path, help="write the latency summary as JSON")
     p.add_argument("--mask-encoding", default="png", choices=["png", "rle"])
     p.add_argument("--policy", choices=["every", "live"], help="live: newest frame wins; every: all frames (default)")
@@ -490,6 +505,7 @@ def _run_stream(args: argparse.Namespace) -> int:
             "realtime": not args.fast,
             **report.latency.as_dict(),
             "clock": report.clock.as_dict(),
+            "rate_warnings": report.rate_warnings,
         }
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -84,6 +84,11 @@ SUPPORTED_TASKS: dict[str, manifest_pb2.Task.ValueType] = {
     "registration": manifest_pb2.TASK_REGISTRATION,
 }
 SUPPORTED_PRECISIONS: dict[str, manifest_pb2.Precision.ValueType] = dict(PRECISIONS)
+INTENSITY_TRANSFORMS: dict[str, manifest_pb2.IntensityTransform.ValueType] = {
+    "presentation": manifest_pb2.INTENSITY_TRANSFORM_PRESENTATION,
+    "modality": manifest_pb2.INTENSITY_TRANSFORM_MODALITY,
+    "stored": manifest_pb2.INTENSITY_TRANSFORM_STORED,
+}
 FORMATS = {
     "bundle": "manifest.json + model.onnx (+ engines/): what edgescope serve loads",
     "triton": "a Triton Inference Server model repository under the bundle's triton/",
@@ -112,6 +117,10 @@ class ExportRequest:
     scale: float = 1.0 / 255.0
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+    # DICOM frames: "presentation" (modality LUT, VOI, MONOCHROME1 inverted), "modality" or "stored" values.
+    intensity: str = "presentation"
+    # The window or VOI LUT the model was trained with: an explanation, or a position; "" the frame's own.
+    voi: str = ""
     labels: list[str] = field(default_factory=lambda: ["background", "lesion"])
     activation: str = "sigmoid"
     threshold: float = 0.5
@@ -191,6 +200,7 @@ def build_manifest(request: ExportRequest) -> manifest_pb2.ModelManifest:
             scale=request.scale,
             mean=request.mean,
             std=request.std,
+            intensity=_choice(request.intensity, INTENSITY_TRANSFORMS, "intensity transform"),
         ),
         postprocessing=tasks.postprocessing(request, task, _choice(request.activation, _ACTIVATIONS, "activation")),
     )
@@ -203,6 +213,10 @@ def build_manifest(request: ExportRequest) -> manifest_pb2.ModelManifest:
     manifest.inputs.append(
         manifest_pb2.TensorSpec(name=request.input_name, dtype=manifest_pb2.DATA_TYPE_FLOAT32, shape=shape)
     )
+    if request.voi.strip().isdigit():
+        manifest.preprocessing.voi_index = int(request.voi)
+    elif request.voi:
+        manifest.preprocessing.voi_explanation = request.voi
     tasks.add_inputs(manifest, request)
     return manifest
 
@@ -242,7 +256,7 @@ def representative_inputs(data: str, samples: int, spec: manifest_pb2.Preprocess
     inputs = []
     with open_source(data) as source:
         for frame in source:
-            inputs.append(preprocess(frame.pixels, spec)[0])
+            inputs.append(preprocess(frame.pixels, spec, frame.pixel_transform)[0])
             if len(inputs) == samples:
                 break
     if not inputs:

@@ -184,7 +184,7 @@ def calibration_inputs(spec: str, samples: int, preprocessing: manifest_pb2.Prep
     else:
         with open_source(spec) as source:
             for frame in source:
-                inputs.append(preprocess(frame.pixels, preprocessing)[0])
+                inputs.append(preprocess(frame.pixels, preprocessing, frame.pixel_transform)[0])
                 if len(inputs) == samples:
                     break
     if not inputs:

@@ -181,19 +181,24 @@ def test_unsigned_8bit_monochrome() -> None:
     np.testing.assert_array_equal(pixels, ds.pixel_array)
 
 
-def test_monochrome1_is_inverted() -> None:
+def test_monochrome1_keeps_stored_values_and_every_pixel_and_says_invert() -> None:
     path = _data("RG1_UNCR.dcm")
     ds = pydicom.dcmread(path)
     assert ds.PhotometricInterpretation == "MONOCHROME1"
-    # This file's Pixel Spacing is 0\0, which means "unknown", not 0 mm.
+    # This file's Pixel Spacing is 0\\0, which means "unknown", not 0 mm.
     assert [float(v) for v in ds.PixelSpacing] == [0.0, 0.0]
-    top = (1 << ds.BitsStored) - 1
     with DicomCineSource(path) as source:
         assert source.kind == "fluoroscopy"  # CR
         assert source.spacing_mm is None
+        assert source.regions == ()
         (frame,) = list(source)
     assert frame.pixels.dtype == np.uint16
-    np.testing.assert_array_equal(frame.pixels, top - ds.pixel_array)
+    # An odd-sized frame (1955 rows, 1841 columns) keeps every pixel.
+    assert frame.pixels.shape == (ds.Rows, ds.Columns) == (1955, 1841)
+    np.testing.assert_array_equal(frame.pixels, ds.pixel_array)
+    assert frame.pixel_transform is not None
+    assert frame.pixel_transform.invert
+    assert frame.pixel_transform.bits_stored == ds.BitsStored
 
 
 def test_rgb_16bit_is_reduced_to_8bit() -> None:
@@ -284,7 +289,6 @@ def _disagreeing_regions(ds: Dataset) -> None:
         ("emri_small.dcm", _shared_pixel_measures, (0.5, 0.25)),
         ("vlut_04.dcm", _set(ImagerPixelSpacing=[0.2, 0.3]), (0.2, 0.3)),
         ("vlut_04.dcm", _set(PixelSpacing=[0.1, 0.15], ImagerPixelSpacing=[0.2, 0.3]), (0.1, 0.15)),
-        ("OBXXXX1A.dcm", _set(PixelSpacing=[0.4, 0.4]), (0.4, 0.4)),
         ("OBXXXX1A.dcm", _disagreeing_regions, None),
     ],
 )

@@ -19,6 +19,7 @@ from edgescope.errors import ExportError, FrameError
 from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgescope.runtime.pipeline.decode import encode_raw
 from edgescope.runtime.pipeline.encode import decode_mask, decode_tensor
+from edgescope.runtime.pipeline.postprocess import postprocess
 from edgescope.runtime.pipeline.preprocess import Geometry, preprocess
 from edgescope.runtime.pipeline.state import StreamState, StreamStates, is_stateful
 from edgescope.runtime.pipeline.tasks.registration import frame_displacement, postprocess_registration
@@ -307,12 +308,26 @@ def test_displacement_in_mm_needs_spacing() -> None:
     field = np.ones((1, 2, 4, 4), np.float32)
     geometry = Geometry(8, 8, 0, 0, 4, 4)
     with pytest.raises(FrameError, match="pixel spacing"):
-        postprocess_registration({"d": field}, manifest, geometry, None)
+        postprocess_registration({"d": field}, manifest, geometry, [])
     spacing = stream_pb2.PixelSpacing(row_mm=0.5, column_mm=0.25)
-    result = postprocess_registration({"d": field}, manifest, geometry, spacing)
+    result = postprocess({"d": field}, manifest, geometry, spacing)
     # One model pixel is two frame pixels: 2 px * 0.5 mm along rows, 2 px * 0.25 mm along columns.
     np.testing.assert_allclose(result.tensors["displacement_mm"][0], 1.0)
     np.testing.assert_allclose(result.tensors["displacement_mm"][1], 0.5)
+    # Two calibrated regions with their own spacing; the rows between them have none (NaN, not measured).
+    regions = [
+        stream_pb2.CalibratedRegion(name="top", x_max=7, y_max=2, row_mm=0.5, column_mm=0.25),
+        stream_pb2.CalibratedRegion(name="bottom", y_min=5, x_max=7, y_max=7, row_mm=1.0, column_mm=1.0),
+    ]
+    result = postprocess({"d": field}, manifest, geometry, spacing, regions)
+    rows = result.tensors["displacement_mm"][0]
+    np.testing.assert_allclose(rows[:3], 1.0)
+    np.testing.assert_allclose(rows[5:], 2.0)
+    assert np.isnan(rows[3:5]).all()
+    by_region = {(q.region, q.name): q for q in result.quantities}
+    assert by_region[("bottom", "displacement_max")].value == pytest.approx(np.hypot(2.0, 2.0))
+    assert by_region[("top", "displacement_max")].pixels == 24
+    assert by_region[("top", "displacement_max")].pixels_outside == 16
 
 
 def test_a_torch_export_program_exports_and_passes_the_gate(tmp_path: Path) -> None:

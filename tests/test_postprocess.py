@@ -41,11 +41,13 @@ def test_area_in_square_millimetres_uses_the_frame_grid_and_spacing() -> None:
     assert q["lesion_count"] == (1.0, "1")
 
 
-def test_without_spacing_there_is_no_physical_area() -> None:
+def test_without_spacing_the_area_is_said_in_pixels() -> None:
     logits = np.full((1, 1, 8, 8), 5.0, dtype=np.float32)
     task = postprocess({"logits": logits}, _manifest(), Geometry(8, 8, 0, 0, 8, 8), None)
-    names = {q.name for q in task.quantities}
-    assert "lesion_area" not in names and "lesion_area_pixels" in names
+    q = {q.name: q for q in task.quantities}
+    assert (q["lesion_area"].value, q["lesion_area"].unit, q["lesion_area"].region) == (64, "px", "")
+    assert {u.unit for u in task.quantities} == {"1", "px"}
+    assert q["lesion_max_diameter"].value == pytest.approx(np.hypot(7, 7))
 
 
 def test_small_components_are_removed() -> None:

@@ -70,7 +70,7 @@ def test_synthetic_spec_is_endless_by_default() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("rtsp://camera/stream", "unknown source scheme 'rtsp'"),
+        ("rtmp://camera/stream", "unknown source scheme 'rtmp'"),
         ("movie.mp4", "invalid source"),
         ("dicom:", "invalid source"),
         ("synthetic:microscopy", "unknown synthetic source"),

@@ -149,6 +149,34 @@ LAYOUT_NCHW: Layout.ValueType  # 1
 LAYOUT_NHWC: Layout.ValueType  # 2
 Global___Layout: _TypeAlias = Layout  # noqa: Y015
 
+class _IntensityTransform:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _IntensityTransformEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IntensityTransform.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INTENSITY_TRANSFORM_UNSPECIFIED: _IntensityTransform.ValueType  # 0
+    """Same as PRESENTATION."""
+    INTENSITY_TRANSFORM_PRESENTATION: _IntensityTransform.ValueType  # 1
+    """Modality LUT, VOI and MONOCHROME1 inversion: grey levels 0..255 as displayed."""
+    INTENSITY_TRANSFORM_MODALITY: _IntensityTransform.ValueType  # 2
+    """Modality LUT only: the values in their own units (e.g. Hounsfield units)."""
+    INTENSITY_TRANSFORM_STORED: _IntensityTransform.ValueType  # 3
+    """The stored values (signed where the data is signed)."""
+
+class IntensityTransform(_IntensityTransform, metaclass=_IntensityTransformEnumTypeWrapper):
+    """PS3.3 C.11: stored values -> Modality LUT -> VOI LUT -> presentation."""
+
+INTENSITY_TRANSFORM_UNSPECIFIED: IntensityTransform.ValueType  # 0
+"""Same as PRESENTATION."""
+INTENSITY_TRANSFORM_PRESENTATION: IntensityTransform.ValueType  # 1
+"""Modality LUT, VOI and MONOCHROME1 inversion: grey levels 0..255 as displayed."""
+INTENSITY_TRANSFORM_MODALITY: IntensityTransform.ValueType  # 2
+"""Modality LUT only: the values in their own units (e.g. Hounsfield units)."""
+INTENSITY_TRANSFORM_STORED: IntensityTransform.ValueType  # 3
+"""The stored values (signed where the data is signed)."""
+Global___IntensityTransform: _TypeAlias = IntensityTransform  # noqa: Y015
+
 class _Activation:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -316,6 +344,9 @@ class Preprocessing(_message.Message):
     SCALE_FIELD_NUMBER: _builtins.int
     MEAN_FIELD_NUMBER: _builtins.int
     STD_FIELD_NUMBER: _builtins.int
+    INTENSITY_FIELD_NUMBER: _builtins.int
+    VOI_EXPLANATION_FIELD_NUMBER: _builtins.int
+    VOI_INDEX_FIELD_NUMBER: _builtins.int
     height: _builtins.int
     width: _builtins.int
     color: Global___ColorMode.ValueType
@@ -323,6 +354,15 @@ class Preprocessing(_message.Message):
     layout: Global___Layout.ValueType
     scale: _builtins.float
     """x = (pixel * scale - mean[c]) / std[c]; scale maps the integer range to [0, 1]."""
+    intensity: Global___IntensityTransform.ValueType
+    """Which values the model takes from frames that carry a PixelTransform (DICOM);
+    other frames are used as they are.
+    """
+    voi_explanation: _builtins.str
+    """The VOI (window or VOI LUT) to use, by its explanation (e.g. "LUNG") or by its
+    position among the frame's; neither: the one the frame's source chose.
+    """
+    voi_index: _builtins.int
     @_builtins.property
     def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
@@ -338,12 +378,17 @@ class Preprocessing(_message.Message):
         scale: _builtins.float = ...,
         mean: _abc.Iterable[_builtins.float] | None = ...,
         std: _abc.Iterable[_builtins.float] | None = ...,
+        intensity: Global___IntensityTransform.ValueType = ...,
+        voi_explanation: _builtins.str = ...,
+        voi_index: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_voi_index", b"_voi_index", "voi_index", b"voi_index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["color", b"color", "height", b"height", "layout", b"layout", "mean", b"mean", "resize", b"resize", "scale", b"scale", "std", b"std", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_voi_index", b"_voi_index", "color", b"color", "height", b"height", "intensity", b"intensity", "layout", b"layout", "mean", b"mean", "resize", b"resize", "scale", b"scale", "std", b"std", "voi_explanation", b"voi_explanation", "voi_index", b"voi_index", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__voi_index: _TypeAlias = _typing.Literal["voi_index"]  # noqa: Y015
+    _WhichOneofArgType__voi_index: _TypeAlias = _typing.Literal["_voi_index", b"_voi_index"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__voi_index) -> _WhichOneofReturnType__voi_index | None: ...
 
 Global___Preprocessing: _TypeAlias = Preprocessing  # noqa: Y015
 

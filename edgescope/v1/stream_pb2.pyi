@@ -79,6 +79,28 @@ ENCODING_PNG: Encoding.ValueType  # 1
 ENCODING_JPEG: Encoding.ValueType  # 2
 Global___Encoding: _TypeAlias = Encoding  # noqa: Y015
 
+class _VoiFunction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VoiFunctionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VoiFunction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VOI_FUNCTION_UNSPECIFIED: _VoiFunction.ValueType  # 0
+    """LINEAR, the default the standard gives."""
+    VOI_FUNCTION_LINEAR: _VoiFunction.ValueType  # 1
+    VOI_FUNCTION_LINEAR_EXACT: _VoiFunction.ValueType  # 2
+    VOI_FUNCTION_SIGMOID: _VoiFunction.ValueType  # 3
+
+class VoiFunction(_VoiFunction, metaclass=_VoiFunctionEnumTypeWrapper):
+    """VOI LUT Function (0028,1056), PS3.3 C.11.2.1.2-3."""
+
+VOI_FUNCTION_UNSPECIFIED: VoiFunction.ValueType  # 0
+"""LINEAR, the default the standard gives."""
+VOI_FUNCTION_LINEAR: VoiFunction.ValueType  # 1
+VOI_FUNCTION_LINEAR_EXACT: VoiFunction.ValueType  # 2
+VOI_FUNCTION_SIGMOID: VoiFunction.ValueType  # 3
+Global___VoiFunction: _TypeAlias = VoiFunction  # noqa: Y015
+
 class _MaskEncoding:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -255,6 +277,8 @@ class Frame(_message.Message):
     EXTRA_MODELS_FIELD_NUMBER: _builtins.int
     PROCESS_LATE_FIELD_NUMBER: _builtins.int
     RESET_STATE_FIELD_NUMBER: _builtins.int
+    REGIONS_FIELD_NUMBER: _builtins.int
+    PIXEL_TRANSFORM_FIELD_NUMBER: _builtins.int
     RAW_FIELD_NUMBER: _builtins.int
     ENCODED_FIELD_NUMBER: _builtins.int
     SHM_FIELD_NUMBER: _builtins.int
@@ -282,6 +306,14 @@ class Frame(_message.Message):
         """More models to run on this frame; their answers arrive in Result.model_results."""
 
     @_builtins.property
+    def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___CalibratedRegion]:
+        """The parts of the frame with a physical pixel size; empty: the frame-wide `spacing`, if any."""
+
+    @_builtins.property
+    def pixel_transform(self) -> Global___PixelTransform:
+        """How stored values become meaningful ones (DICOM frames); the model's manifest says which it takes."""
+
+    @_builtins.property
     def raw(self) -> Global___RawImage: ...
     @_builtins.property
     def encoded(self) -> Global___EncodedImage: ...
@@ -304,19 +336,214 @@ class Frame(_message.Message):
         extra_models: _abc.Iterable[_builtins.str] | None = ...,
         process_late: _builtins.bool = ...,
         reset_state: _builtins.bool = ...,
+        regions: _abc.Iterable[Global___CalibratedRegion] | None = ...,
+        pixel_transform: Global___PixelTransform | None = ...,
         raw: Global___RawImage | None = ...,
         encoded: Global___EncodedImage | None = ...,
         shm: Global___SharedMemoryFrame | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["encoded", b"encoded", "pixels", b"pixels", "raw", b"raw", "shm", b"shm", "spacing", b"spacing"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["encoded", b"encoded", "pixel_transform", b"pixel_transform", "pixels", b"pixels", "raw", b"raw", "shm", b"shm", "spacing", b"spacing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_time_ns", b"capture_time_ns", "deadline_ms", b"deadline_ms", "encoded", b"encoded", "extra_models", b"extra_models", "mask_encoding", b"mask_encoding", "model", b"model", "pixels", b"pixels", "policy", b"policy", "process_late", b"process_late", "raw", b"raw", "reset_state", b"reset_state", "seq", b"seq", "shm", b"shm", "source_kind", b"source_kind", "spacing", b"spacing", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_time_ns", b"capture_time_ns", "deadline_ms", b"deadline_ms", "encoded", b"encoded", "extra_models", b"extra_models", "mask_encoding", b"mask_encoding", "model", b"model", "pixel_transform", b"pixel_transform", "pixels", b"pixels", "policy", b"policy", "process_late", b"process_late", "raw", b"raw", "regions", b"regions", "reset_state", b"reset_state", "seq", b"seq", "shm", b"shm", "source_kind", b"source_kind", "spacing", b"spacing", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_pixels: _TypeAlias = _typing.Literal["raw", "encoded", "shm"]  # noqa: Y015
     _WhichOneofArgType_pixels: _TypeAlias = _typing.Literal["pixels", b"pixels"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_pixels) -> _WhichOneofReturnType_pixels | None: ...
 
 Global___Frame: _TypeAlias = Frame  # noqa: Y015
+
+@_typing.final
+class CalibratedRegion(_message.Message):
+    """A part of the frame with its own physical pixel size: a region of the DICOM
+    Sequence of Ultrasound Regions (PS3.3 C.8.5.5) calibrated in cm on both axes,
+    or the whole frame for Pixel Spacing / Imager Pixel Spacing. Bounds are frame
+    pixels, both ends included, as DICOM gives them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    X_MIN_FIELD_NUMBER: _builtins.int
+    Y_MIN_FIELD_NUMBER: _builtins.int
+    X_MAX_FIELD_NUMBER: _builtins.int
+    Y_MAX_FIELD_NUMBER: _builtins.int
+    ROW_MM_FIELD_NUMBER: _builtins.int
+    COLUMN_MM_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Says where the calibration came from, e.g. "ultrasound region 0", "PixelSpacing"."""
+    x_min: _builtins.int
+    y_min: _builtins.int
+    x_max: _builtins.int
+    y_max: _builtins.int
+    row_mm: _builtins.float
+    column_mm: _builtins.float
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        x_min: _builtins.int = ...,
+        y_min: _builtins.int = ...,
+        x_max: _builtins.int = ...,
+        y_max: _builtins.int = ...,
+        row_mm: _builtins.float = ...,
+        column_mm: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["column_mm", b"column_mm", "name", b"name", "row_mm", b"row_mm", "x_max", b"x_max", "x_min", b"x_min", "y_max", b"y_max", "y_min", b"y_min"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CalibratedRegion: _TypeAlias = CalibratedRegion  # noqa: Y015
+
+@_typing.final
+class LookupTable(_message.Message):
+    """A DICOM lookup table (LUT Descriptor + LUT Data): input `first_mapped` maps to
+    data[0]; inputs below or above the table take its first or last entry.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_MAPPED_FIELD_NUMBER: _builtins.int
+    BITS_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    EXPLANATION_FIELD_NUMBER: _builtins.int
+    first_mapped: _builtins.int
+    bits: _builtins.int
+    """Bits per entry (LUT Descriptor's third value): the output range is 0 .. 2^bits - 1."""
+    explanation: _builtins.str
+    @_builtins.property
+    def data(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        first_mapped: _builtins.int = ...,
+        bits: _builtins.int = ...,
+        data: _abc.Iterable[_builtins.int] | None = ...,
+        explanation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "data", b"data", "explanation", b"explanation", "first_mapped", b"first_mapped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupTable: _TypeAlias = LookupTable  # noqa: Y015
+
+@_typing.final
+class Voi(_message.Message):
+    """A VOI (values of interest) choice: a window, or a VOI LUT."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Window(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        CENTER_FIELD_NUMBER: _builtins.int
+        WIDTH_FIELD_NUMBER: _builtins.int
+        FUNCTION_FIELD_NUMBER: _builtins.int
+        center: _builtins.float
+        width: _builtins.float
+        function: Global___VoiFunction.ValueType
+        def __init__(
+            self,
+            *,
+            center: _builtins.float = ...,
+            width: _builtins.float = ...,
+            function: Global___VoiFunction.ValueType = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["center", b"center", "function", b"function", "width", b"width"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EXPLANATION_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    LUT_FIELD_NUMBER: _builtins.int
+    explanation: _builtins.str
+    @_builtins.property
+    def window(self) -> Global___Voi.Window: ...
+    @_builtins.property
+    def lut(self) -> Global___LookupTable: ...
+    def __init__(
+        self,
+        *,
+        explanation: _builtins.str = ...,
+        window: Global___Voi.Window | None = ...,
+        lut: Global___LookupTable | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "lut", b"lut", "window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["explanation", b"explanation", "kind", b"kind", "lut", b"lut", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["window", "lut"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___Voi: _TypeAlias = Voi  # noqa: Y015
+
+@_typing.final
+class PixelTransform(_message.Message):
+    """How a frame's stored pixel values become the values they stand for and the
+    grey levels they are displayed as: DICOM PS3.3 C.7.6.3 (pixel data), C.11.1
+    (Modality LUT), C.11.2 (VOI LUT), C.7.6.3.1.2 (MONOCHROME1). The frame's
+    pixels are the stored values, plus `stored_offset` for signed data sent unsigned.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BITS_STORED_FIELD_NUMBER: _builtins.int
+    SIGNED_FIELD_NUMBER: _builtins.int
+    STORED_OFFSET_FIELD_NUMBER: _builtins.int
+    RESCALE_SLOPE_FIELD_NUMBER: _builtins.int
+    RESCALE_INTERCEPT_FIELD_NUMBER: _builtins.int
+    MODALITY_LUT_FIELD_NUMBER: _builtins.int
+    MODALITY_UNITS_FIELD_NUMBER: _builtins.int
+    VOI_FIELD_NUMBER: _builtins.int
+    SELECTED_VOI_FIELD_NUMBER: _builtins.int
+    INVERT_FIELD_NUMBER: _builtins.int
+    bits_stored: _builtins.int
+    signed: _builtins.bool
+    stored_offset: _builtins.int
+    """Subtracted first: signed stored values travel shifted by 2^(bits_stored - 1)."""
+    rescale_slope: _builtins.float
+    """Modality LUT: the table when present, else value * slope + intercept (slope 0 reads as 1)."""
+    rescale_intercept: _builtins.float
+    modality_units: _builtins.str
+    """Rescale Type (0028,1054) or Modality LUT Type, e.g. "HU"; empty when not given."""
+    selected_voi: _builtins.int
+    """The VOI the source chose (its first, unless told otherwise)."""
+    invert: _builtins.bool
+    """MONOCHROME1: the lowest value is shown white; presentation inverts."""
+    @_builtins.property
+    def modality_lut(self) -> Global___LookupTable: ...
+    @_builtins.property
+    def voi(self) -> _containers.RepeatedCompositeFieldContainer[Global___Voi]:
+        """Every window and VOI LUT of the frame (windows first, in file order)."""
+
+    def __init__(
+        self,
+        *,
+        bits_stored: _builtins.int = ...,
+        signed: _builtins.bool = ...,
+        stored_offset: _builtins.int = ...,
+        rescale_slope: _builtins.float = ...,
+        rescale_intercept: _builtins.float = ...,
+        modality_lut: Global___LookupTable | None = ...,
+        modality_units: _builtins.str = ...,
+        voi: _abc.Iterable[Global___Voi] | None = ...,
+        selected_voi: _builtins.int = ...,
+        invert: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["modality_lut", b"modality_lut"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits_stored", b"bits_stored", "invert", b"invert", "modality_lut", b"modality_lut", "modality_units", b"modality_units", "rescale_intercept", b"rescale_intercept", "rescale_slope", b"rescale_slope", "selected_voi", b"selected_voi", "signed", b"signed", "stored_offset", b"stored_offset", "voi", b"voi"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PixelTransform: _TypeAlias = PixelTransform  # noqa: Y015
 
 @_typing.final
 class SharedMemoryFrame(_message.Message):
@@ -552,20 +779,36 @@ class Quantity(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     UNIT_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    PIXELS_FIELD_NUMBER: _builtins.int
+    PIXELS_OUTSIDE_FIELD_NUMBER: _builtins.int
+    FRACTION_OUTSIDE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     value: _builtins.float
     unit: _builtins.str
-    """UCUM-style unit: "mm2", "mm", "1" for counts."""
+    """UCUM-style unit: "mm2", "mm", "1" for counts, "px" where the frame has no calibration."""
+    region: _builtins.str
+    """The calibrated region (CalibratedRegion.name) the value was measured in; empty: the whole frame."""
+    pixels: _builtins.int
+    """Pixels the value was measured over."""
+    pixels_outside: _builtins.int
+    """Pixels of the same mask outside every calibrated region: not measured in any."""
+    fraction_outside: _builtins.float
+    """pixels_outside as a fraction of the mask."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         value: _builtins.float = ...,
         unit: _builtins.str = ...,
+        region: _builtins.str = ...,
+        pixels: _builtins.int = ...,
+        pixels_outside: _builtins.int = ...,
+        fraction_outside: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "unit", b"unit", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fraction_outside", b"fraction_outside", "name", b"name", "pixels", b"pixels", "pixels_outside", b"pixels_outside", "region", b"region", "unit", b"unit", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -812,6 +1055,8 @@ class Alert(_message.Message):
         KIND_HOST_MEMORY_NEAR_FULL: Alert._Kind.ValueType  # 5
         KIND_MODEL_DEGRADED: Alert._Kind.ValueType  # 6
         """The model's primary backend failed; its fallback serves (see Provenance.degraded_reason)."""
+        KIND_CAPTURE_UNAVAILABLE: Alert._Kind.ValueType  # 7
+        """A capture the server runs (pull mode) cannot open or read its source."""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: Alert.Kind.ValueType  # 0
@@ -823,6 +1068,8 @@ class Alert(_message.Message):
     KIND_HOST_MEMORY_NEAR_FULL: Alert.Kind.ValueType  # 5
     KIND_MODEL_DEGRADED: Alert.Kind.ValueType  # 6
     """The model's primary backend failed; its fallback serves (see Provenance.degraded_reason)."""
+    KIND_CAPTURE_UNAVAILABLE: Alert.Kind.ValueType  # 7
+    """A capture the server runs (pull mode) cannot open or read its source."""
 
     KIND_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int

@@ -19,11 +19,11 @@ import numpy.typing as npt
 
 from edgescope.errors import EdgescopeError
 from edgescope.runtime.client.clock import ClockEstimator, ClockSample
+from edgescope.runtime.client.rate import RateWatch
 from edgescope.runtime.client.shm import SharedMemorySender
 from edgescope.runtime.client.video import VideoRecorder
 from edgescope.runtime.pipeline.decode import encode_raw
-from edgescope.runtime.pipeline.encode import decode_mask
-from edgescope.runtime.render.overlay import draw_overlay
+from edgescope.runtime.render.overlay import render_result
 from edgescope.runtime.sources.base import FrameSource, SourceFrame
 from edgescope.runtime.sources.display import to_display_rgb8
 from edgescope.runtime.telemetry.latency import LatencyRecorder, drop_label, missed_deadline
@@ -39,6 +39,8 @@ SOURCE_KINDS = {
 }
 
 ResultCallback = Callable[[SourceFrame, stream_pb2.Result], None]
+# Text rows in an overlay video's band (model, timings, areas, or a status), the same on every frame.
+OVERLAY_TEXT_ROWS = 3
 
 
 class StreamError(EdgescopeError):
@@ -73,6 +75,8 @@ class StreamReport:
     latency: LatencyRecorder
     video: Path | None
     clock: ClockEstimator = field(default_factory=ClockEstimator)
+    # Said when the achieved rate stayed under 90% of the source's (paced streams only).
+    rate_warnings: list[str] = field(default_factory=list)
 
 
 def build_frame(
@@ -89,8 +93,7 @@ def build_frame(
         deadline_ms=options.deadline_ms,
         raw=encode_raw(source_frame.pixels) if with_pixels else None,
     )
-    if source_frame.spacing_mm is not None:
-        frame.spacing.row_mm, frame.spacing.column_mm = source_frame.spacing_mm
+    source_frame.describe(frame)
     return frame
 
 
@@ -100,21 +103,22 @@ def _overlay_lines(result: stream_pb2.Result, e2e_ms: float) -> list[str]:
     timings = {t.stage: t.duration_ns / 1e6 for t in result.timings}
     lines = [f"{result.provenance.model} {result.provenance.version} [{result.provenance.backend}] seq {result.seq}"]
     lines.append(f"end-to-end {e2e_ms:.1f} ms  infer {timings.get('infer', 0.0):.1f} ms")
-    for quantity in result.quantities:
-        if quantity.unit == "mm2":
-            lines.append(f"{quantity.name}: {quantity.value:.1f} mm^2")
+    areas = [_area_text(q) for q in result.quantities if q.name.endswith("_area")]
+    lines.append("  ".join(areas) if areas else "")
     return lines
 
 
+def _area_text(quantity: stream_pb2.Quantity) -> str:
+    if quantity.unit == "px":
+        return f"{quantity.name}: {quantity.value:.0f} px (no calibration)"
+    where = f" in {quantity.region}" if quantity.region else ""
+    outside = f", {quantity.fraction_outside:.0%} of mask outside" if quantity.pixels_outside else ""
+    return f"{quantity.name}: {quantity.value:.1f} mm^2{where}{outside}"
+
+
 def _overlay(source_frame: SourceFrame, result: stream_pb2.Result, e2e_ms: float) -> npt.NDArray[np.uint8]:
-    return draw_overlay(to_display_rgb8(source_frame.pixels), _mask_of(result), _overlay_lines(result, e2e_ms))
-
-
-def _mask_of(result: stream_pb2.Result) -> npt.NDArray[np.uint8] | None:
-    for output in result.outputs:
-        if output.WhichOneof("value") == "mask":
-            return decode_mask(output.mask)
-    return None
+    shown = to_display_rgb8(source_frame.pixels, source_frame.pixel_transform)
+    return render_result(shown, result, _overlay_lines(result, e2e_ms), rows=OVERLAY_TEXT_ROWS)
 
 
 async def stream_source(
@@ -152,6 +156,7 @@ async def stream_source(
             yield frame
             sent += 1
 
+    rate = RateWatch(source.fps) if options.realtime else None
     recorder = VideoRecorder(options.save, source.fps) if options.save is not None else None
     # Overlays are drawn and encoded on a worker thread, fed through a short
     # queue, so the receive loop timestamps each answer as soon as it arrives.
@@ -185,6 +190,8 @@ async def stream_source(
                     server_stopping.set()
                 e2e_ns = received_ns - result.capture_time_ns
                 _record(latency, clock, result, received_ns)
+                if rate is not None:
+                    rate.answered(time.monotonic())
                 if recorder is not None:
                     await to_render.put((source_frame, result, e2e_ns / 1e6))
                 if on_result is not None:
@@ -201,7 +208,8 @@ async def stream_source(
             sender.unlink()
     if expected != sent:
         raise StreamError(f"sent {sent} frames but received {expected} answers")
-    return StreamReport(sent=sent, latency=latency, video=options.save, clock=clock)
+    warnings = rate.warnings if rate is not None else []
+    return StreamReport(sent=sent, latency=latency, video=options.save, clock=clock, rate_warnings=warnings)
 
 
 def _record(latency: LatencyRecorder, clock: ClockEstimator, result: stream_pb2.Result, received_ns: int) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -10,6 +10,13 @@ import numpy.typing as npt
 
 from edgescope.errors import BackendError, BundleError
 from edgescope.runtime.backends.base import Outputs
+from edgescope.runtime.pipeline.calibration import (
+    RegionPixels,
+    assign_regions,
+    calibrated_regions,
+    max_diameter,
+    measured,
+)
 from edgescope.runtime.pipeline.preprocess import Geometry
 from edgescope.runtime.pipeline.tasks.anomaly import postprocess_anomaly
 from edgescope.runtime.pipeline.tasks.classification import postprocess_classification
@@ -22,7 +29,7 @@ from edgescope.v1 import manifest_pb2, stream_pb2
 __all__ = ["TaskResult", "postprocess", "segmentation_mask"]
 
 Postprocessor = Callable[
-    [Outputs, manifest_pb2.ModelManifest, Geometry, stream_pb2.PixelSpacing | None],
+    [Outputs, manifest_pb2.ModelManifest, Geometry, Sequence[stream_pb2.CalibratedRegion]],
     TaskResult,
 ]
 
@@ -75,7 +82,7 @@ def postprocess_segmentation(
     outputs: Outputs,
     manifest: manifest_pb2.ModelManifest,
     geometry: Geometry,
-    spacing: stream_pb2.PixelSpacing | None,
+    regions: Sequence[stream_pb2.CalibratedRegion],
 ) -> TaskResult:
     post = manifest.postprocessing
     name = post.output or manifest.outputs[0].name
@@ -85,17 +92,53 @@ def postprocess_segmentation(
     mask = remove_small_components(segmentation_mask(outputs[name], params), params.min_component_pixels)
     mask = to_frame_grid(mask, geometry)
     labels = list(manifest.labels) or ["background", "lesion"]
+    owned, outside = assign_regions(regions, geometry.frame_height, geometry.frame_width)
     quantities: list[stream_pb2.Quantity] = []
-    pixel_area = spacing.row_mm * spacing.column_mm if spacing is not None else 0.0
     for index, label in enumerate(labels[1:], start=1):
-        region = (mask == index).astype(np.uint8)
-        count, _ = cv2.connectedComponents(region, connectivity=8)
-        pixels = int(region.sum())
+        label_mask = mask == index
+        count, _ = cv2.connectedComponents(label_mask.astype(np.uint8), connectivity=8)
+        total = int(np.count_nonzero(label_mask))
         quantities.append(stream_pb2.Quantity(name=f"{label}_count", value=float(count - 1), unit="1"))
-        quantities.append(stream_pb2.Quantity(name=f"{label}_area_pixels", value=float(pixels), unit="px"))
-        if pixel_area > 0:
-            quantities.append(stream_pb2.Quantity(name=f"{label}_area", value=pixels * pixel_area, unit="mm2"))
+        quantities.append(stream_pb2.Quantity(name=f"{label}_area_pixels", value=float(total), unit="px"))
+        quantities.extend(_measured(label, label_mask, total, owned, outside, calibrated=bool(regions)))
     return TaskResult(mask=mask, labels=labels, quantities=quantities)
+
+
+def _measured(
+    label: str,
+    label_mask: npt.NDArray[np.bool_],
+    total: int,
+    owned: list[RegionPixels],
+    outside: npt.NDArray[np.bool_],
+    *,
+    calibrated: bool,
+) -> list[stream_pb2.Quantity]:
+    """Area and largest diameter in each calibrated region the mask reaches; in pixels when there is none."""
+    if not calibrated:
+        return [
+            stream_pb2.Quantity(name=f"{label}_area", value=float(total), unit="px", pixels=total),
+            stream_pb2.Quantity(name=f"{label}_max_diameter", value=max_diameter(label_mask), unit="px", pixels=total),
+        ]
+    left_out = int(np.count_nonzero(label_mask & outside))
+    quantities = []
+    for part in owned:
+        inside = label_mask & part.pixels
+        pixels = int(np.count_nonzero(inside))
+        if pixels == 0:
+            continue
+        region = part.region
+        area = pixels * region.row_mm * region.column_mm
+        diameter = max_diameter(inside, region.row_mm, region.column_mm)
+        quantities.append(measured(f"{label}_area", area, "mm2", region.name, pixels, left_out, total))
+        quantities.append(measured(f"{label}_max_diameter", diameter, "mm", region.name, pixels, left_out, total))
+    if not quantities and total:
+        # All of the mask lies where the frame has no physical size: say so, in pixels.
+        quantities.append(measured(f"{label}_area", float(total), "px", "", total, left_out, total))
+    elif not total:
+        # Nothing found: zero in the frame's physical units, so every result has the label's area.
+        quantities.append(measured(f"{label}_area", 0.0, "mm2", "", 0, 0, 0))
+        quantities.append(measured(f"{label}_max_diameter", 0.0, "mm", "", 0, 0, 0))
+    return quantities
 
 
 def postprocess(
@@ -103,11 +146,15 @@ def postprocess(
     manifest: manifest_pb2.ModelManifest,
     geometry: Geometry,
     spacing: stream_pb2.PixelSpacing | None,
+    regions: Sequence[stream_pb2.CalibratedRegion] = (),
 ) -> TaskResult:
+    """Outputs -> task results; quantities are measured in the frame's calibrated ``regions``
+    (``Frame.regions``), or over the whole frame with ``spacing`` when it has none, else in pixels."""
     handler = _POSTPROCESSORS.get(manifest.task)
     if handler is None:
         raise BundleError(f"task {manifest_pb2.Task.Name(manifest.task)} has no postprocessor in this runtime version")
-    return handler(outputs, manifest, geometry, spacing)
+    calibrated = calibrated_regions(regions, spacing, geometry.frame_height, geometry.frame_width)
+    return handler(outputs, manifest, geometry, calibrated)
 
 
 _POSTPROCESSORS: dict[int, Postprocessor] = {

@@ -15,7 +15,8 @@ import numpy.typing as npt
 
 from edgescope.errors import BundleError, FrameError
 from edgescope.runtime.pipeline.decode import Pixels
-from edgescope.v1 import manifest_pb2
+from edgescope.runtime.pipeline.intensity import apply_intensity
+from edgescope.v1 import manifest_pb2, stream_pb2
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,17 +44,31 @@ def _to_color(pixels: Pixels, color: int) -> Pixels:
 
 
 def _to_8bit_range(pixels: Pixels) -> Pixels:
-    # The manifest's scale is defined for 8-bit pixels; 16-bit frames are mapped
-    # onto the same range so one manifest serves both kinds of source.
+    # The manifest's scale is defined for 8-bit pixels; 16-bit frames without a
+    # pixel transform (16-bit PNG, TIFF) are mapped onto the same range by their
+    # full dtype range so one manifest serves both kinds of source.
     if pixels.dtype == np.uint16:
         return (pixels.astype(np.float32) * (255.0 / 65535.0)).astype(np.float32)
     return pixels
 
 
-def preprocess(pixels: Pixels, spec: manifest_pb2.Preprocessing) -> tuple[npt.NDArray[np.float32], Geometry]:
-    """Return a batch-of-one input tensor and the geometry of the resize."""
+def preprocess(
+    pixels: Pixels,
+    spec: manifest_pb2.Preprocessing,
+    pixel_transform: stream_pb2.PixelTransform | None = None,
+) -> tuple[npt.NDArray[np.float32], Geometry]:
+    """Return a batch-of-one input tensor and the geometry of the resize.
+
+    A frame with a ``pixel_transform`` (DICOM, see ``intensity``) first
+    becomes the values the manifest's ``intensity`` names: grey levels 0..255
+    by default, so ``scale`` and ``mean``/``std`` read the same as for 8-bit frames.
+    """
     if spec.height == 0 or spec.width == 0:
         raise BundleError("manifest preprocessing has no input height/width")
+    if pixel_transform is not None:
+        if pixels.dtype == np.float32:
+            raise FrameError("a pixel transform applies to stored integer values, not float32 pixels")
+        pixels = apply_intensity(cast(npt.NDArray[np.uint8] | npt.NDArray[np.uint16], pixels), pixel_transform, spec)
     image = _to_8bit_range(_to_color(pixels, spec.color))
     frame_h, frame_w = pixels.shape[:2]
     if spec.resize == manifest_pb2.RESIZE_MODE_LETTERBOX:

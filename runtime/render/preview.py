@@ -17,13 +17,16 @@ from edgescope.errors import FrameError
 from edgescope.runtime.pipeline.decode import Pixels
 from edgescope.runtime.render.overlay import draw_overlay
 from edgescope.runtime.sources.display import to_display_rgb8
+from edgescope.v1 import stream_pb2
 
 THUMBNAIL_WIDTH = 320
 _JPEG_QUALITY = 80
 
 
-def thumbnail(pixels: Pixels, width: int = THUMBNAIL_WIDTH) -> npt.NDArray[np.uint8]:
-    """8-bit RGB of the frame, at most ``width`` pixels wide."""
+def thumbnail(
+    pixels: Pixels, transform: stream_pb2.PixelTransform | None = None, width: int = THUMBNAIL_WIDTH
+) -> npt.NDArray[np.uint8]:
+    """8-bit RGB of the frame, at most ``width`` pixels wide (a DICOM frame shown through its ``transform``)."""
     display: npt.NDArray[np.uint8] | npt.NDArray[np.uint16]
     if pixels.dtype == np.float32:
         # Float frames have no fixed display range: stretch what is there.
@@ -37,7 +40,7 @@ def thumbnail(pixels: Pixels, width: int = THUMBNAIL_WIDTH) -> npt.NDArray[np.ui
         display = cast(
             "npt.NDArray[np.uint8] | npt.NDArray[np.uint16]", cv2.resize(display, size, interpolation=cv2.INTER_AREA)
         )
-    return to_display_rgb8(display)
+    return to_display_rgb8(display, transform if display.dtype != np.float32 else None)
 
 
 def preview_jpeg(thumb: npt.NDArray[np.uint8], mask: npt.NDArray[np.uint8] | None, caption: list[str]) -> bytes:

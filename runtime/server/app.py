@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from edgescope.errors import BundleError, ConfigError, EdgescopeError
 from edgescope.runtime.backends.base import Backend, cpu_cores
 from edgescope.runtime.server.auth import CallerExecutor
-from edgescope.runtime.server.capture import CaptureConfig, CaptureHub
+from edgescope.runtime.server.capture import CaptureConfig, CaptureHub, grpc_health_setter
 from edgescope.runtime.server.kserve import DEFAULT_TENSOR_LIMITS, KServeSettings, TensorLimits, add_kserve_service
 from edgescope.runtime.server.kserve import SERVICE as KSERVE_SERVICE
 from edgescope.runtime.server.reflection import enable_reflection
@@ -201,7 +201,14 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
     service = StreamService(
         registry, frames, loader, config.scheduling, telemetry.metrics, repository=security.repository
     )
-    captures = CaptureHub(list(config.captures), service.run_capture) if config.captures else None
+    # grpc_health's type stubs predate its asyncio servicer.
+    health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    # Each capture reports on its own health service, edgescope.capture.<name>.
+    captures = (
+        CaptureHub(list(config.captures), service.run_capture, telemetry.metrics, grpc_health_setter(health_servicer))
+        if config.captures
+        else None
+    )
     service.attach_captures(captures)
     stream_pb2_grpc.add_StreamServiceServicer_to_server(service, server)
     add_kserve_service(
@@ -217,8 +224,6 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
         config.kserve_limits,
     )
     telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryServicer(telemetry.metrics), server)
-    # grpc_health's type stubs predate its asyncio servicer.
-    health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(
         server,

@@ -192,5 +192,9 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
         except EdgescopeError as exc:
             await context.abort(status_code_for(exc), str(exc))
         async with subscription:
-            async for result in subscription:
-                yield result
+            try:
+                async for result in subscription:
+                    yield result
+            except EdgescopeError as exc:
+                # The capture went down: the subscriber hears why, as UNAVAILABLE.
+                await context.abort(status_code_for(exc), str(exc))

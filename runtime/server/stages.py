@@ -63,12 +63,14 @@ def prepare(
     start = time.perf_counter_ns()
     pixels = decode_frame(frame, shared_memory, limits)
     prepared = Prepared(decode_ns=time.perf_counter_ns() - start)
+    # DICOM frames carry how stored values become display values (modality LUT, window, MONOCHROME1).
+    transform = frame.pixel_transform if frame.HasField("pixel_transform") else None
     for model in models:
         begin = time.perf_counter_ns()
-        tensor, geometry = preprocess(pixels, model.manifest.preprocessing)
+        tensor, geometry = preprocess(pixels, model.manifest.preprocessing, transform)
         prepared.inputs.append(ModelInput(model, tensor, geometry, time.perf_counter_ns() - begin))
     if want_thumbnail:
-        prepared.thumbnail = thumbnail(pixels)
+        prepared.thumbnail = thumbnail(pixels, transform)
     return prepared
 
 
@@ -102,7 +104,7 @@ def finish(
     result.timings.add(stage="preprocess", duration_ns=model_input.preprocess_ns)
     result.timings.add(stage="infer", duration_ns=inferred.infer_ns)
     start = time.perf_counter_ns()
-    task = postprocess(inferred.outputs, model.manifest, model_input.geometry, _spacing(frame))
+    task = postprocess(inferred.outputs, model.manifest, model_input.geometry, _spacing(frame), frame.regions)
     encoded = time.perf_counter_ns()
     result.timings.add(stage="postprocess", duration_ns=encoded - start)
     fill_result(result, task, frame.mask_encoding)

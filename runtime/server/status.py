@@ -16,6 +16,7 @@ from edgescope.errors import (
     OverloadError,
     PermissionDeniedError,
     QuotaExceededError,
+    SourceError,
 )
 
 _CODES: tuple[tuple[type[EdgescopeError], grpc.StatusCode], ...] = (
@@ -29,6 +30,8 @@ _CODES: tuple[tuple[type[EdgescopeError], grpc.StatusCode], ...] = (
     (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (QuotaExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    # A source the server reads (a capture) is down: try again later.
+    (SourceError, grpc.StatusCode.UNAVAILABLE),
 )
 
 # Status details travel in an HTTP/2 trailer; a client-sized name echoed into

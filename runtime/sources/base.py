@@ -9,6 +9,8 @@ from typing import Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from edgescope.v1 import stream_pb2
+
 SourceKind = Literal["ultrasound", "endoscopy", "fluoroscopy", "microscope", "other"]
 
 PixelArray = npt.NDArray[np.uint8] | npt.NDArray[np.uint16]
@@ -21,13 +23,29 @@ class SourceFrame:
     ``pixels`` is ``(H, W)`` for monochrome or ``(H, W, 3)`` RGB, uint8 or
     uint16, C-contiguous. ``timestamp_s`` is the presentation time relative to
     the source's first frame; streaming at the native rate paces by it.
-    ``spacing_mm`` is (row, column) pixel spacing when the source knows it.
+    ``spacing_mm`` is (row, column) pixel spacing when the source knows it
+    and it holds for the whole frame. ``regions`` are the parts of the frame
+    with a physical pixel size (ultrasound regions, or the whole frame), which
+    quantities are measured in. ``pixel_transform`` is set for monochrome
+    DICOM frames, whose ``pixels`` are then the stored values: it says how
+    they become modality values and grey levels (see
+    ``edgescope.runtime.pipeline.intensity``).
     """
 
     index: int
     pixels: PixelArray
     timestamp_s: float
     spacing_mm: tuple[float, float] | None
+    regions: tuple[stream_pb2.CalibratedRegion, ...] = ()
+    pixel_transform: stream_pb2.PixelTransform | None = None
+
+    def describe(self, frame: stream_pb2.Frame) -> None:
+        """Put what the server needs to know about these pixels (spacing, regions, transform) into ``frame``."""
+        if self.spacing_mm is not None:
+            frame.spacing.row_mm, frame.spacing.column_mm = self.spacing_mm
+        frame.regions.extend(self.regions)
+        if self.pixel_transform is not None:
+            frame.pixel_transform.CopyFrom(self.pixel_transform)
 
 
 class FrameSource(Protocol):

@@ -4,11 +4,17 @@ Frames are decoded one at a time from the file with pydicom, so a long cine
 never has to be in memory at once. What a frame holds:
 
 * MONOCHROME1/2: ``(H, W)`` stored values, uint8 for 8-bit data, uint16 for
-  16-bit data. MONOCHROME1 is inverted (``2**BitsStored - 1 - value``) so that
-  bright always means high. Signed data is shifted by ``2**(BitsStored - 1)``
-  into the unsigned range; the order of values is kept, no value is lost, and
-  the shift is exposed as :attr:`DicomCineSource.stored_value_offset`.
-  Modality (rescale) and VOI LUTs are not applied.
+  16-bit data, every pixel as stored. Signed data is shifted by
+  ``2**(BitsStored - 1)`` into the unsigned range (the order of values is
+  kept, no value is lost). Each frame carries a ``PixelTransform`` with what
+  turns stored values into modality values and grey levels (the shift,
+  BitsStored, Rescale Slope/Intercept or the Modality LUT Sequence, every
+  window and VOI LUT, MONOCHROME1), taken from the per-frame and shared
+  functional groups of enhanced multi-frame objects where they give them.
+  The server applies the part the model's manifest asks for
+  (``edgescope.runtime.pipeline.intensity``); the overlay shows the
+  presentation. ``voi`` picks the window or VOI LUT by position or
+  explanation (default: the first).
 * RGB, YBR_FULL, YBR_FULL_422, YBR_ICT, YBR_RCT: ``(H, W, 3)`` RGB uint8.
   Samples of more than 8 bits are shifted down to 8 bits.
 * PALETTE COLOR: the palette is applied, giving ``(H, W, 3)`` RGB uint8;
@@ -25,9 +31,10 @@ endoscopy, so a file without timing still streams at a realistic pace).
 Per-frame timestamps accumulate the Frame Time Vector when there is one and
 are ``index / fps`` otherwise.
 
-Spacing (mm, row then column): Pixel Spacing, else the shared functional
-groups' Pixel Spacing (enhanced multi-frame), else Imager Pixel Spacing, else
-the ultrasound regions calibrated in cm when they all agree; else None.
+Calibration: the ultrasound regions calibrated in cm, each with its own
+spacing; else the whole frame with the functional groups' or the file's Pixel
+Spacing, else Imager Pixel Spacing (see ``dicom_attributes``). ``spacing_mm``
+is the frame-wide spacing when all regions agree on one, else None.
 """
 
 from __future__ import annotations
@@ -52,6 +59,14 @@ from pydicom.uid import UID
 
 from edgescope.errors import SourceError
 from edgescope.runtime.sources.base import PixelArray, SourceFrame, SourceKind
+from edgescope.runtime.sources.dicom_attributes import (
+    calibrated_regions,
+    frame_groups,
+    frame_spacing,
+    pixel_transform,
+    voi_choice,
+)
+from edgescope.v1 import stream_pb2
 
 __all__ = ["DEFAULT_FPS", "DicomCineSource", "kind_for_modality"]
 
@@ -66,9 +81,6 @@ _MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
 # Photometric interpretations that pydicom's decoders deliver as RGB.
 _COLOR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
 _PALETTE = "PALETTE COLOR"
-
-# Physical Units X/Y Direction (0018,6024/6026) code for centimetres.
-_UNITS_CM = 3
 
 _KIND_BY_MODALITY: dict[str, SourceKind] = {
     "US": "ultrasound",
@@ -107,6 +119,7 @@ class DicomCineSource:
         *,
         loop: bool = False,
         kind: SourceKind | None = None,
+        voi: str = "",
     ) -> None:
         self._path = Path(path)
         header = _read_header(self._path)
@@ -115,7 +128,20 @@ class DicomCineSource:
         self._format = _PixelFormat.from_dataset(header, self._path)
         self._n_frames = _frame_count(header, self._path)
         self._fps, self._timestamps = _timing(header, self._n_frames)
-        self._spacing_mm = _spacing_mm(header)
+        groups = frame_groups(header, self._n_frames)
+        # One entry for the whole file, or one per frame where functional groups give them.
+        per_frame: list[Dataset | None] = list(groups) if groups is not None else [None]
+        self._regions = [calibrated_regions(header, group) for group in per_frame]
+        self._transforms: list[stream_pb2.PixelTransform | None] = [
+            pixel_transform(header, group, self._path) if self._format.photometric in _MONOCHROME else None
+            for group in per_frame
+        ]
+        if voi:
+            for transform in self._transforms:
+                if transform is None:
+                    raise SourceError(f"{self._path}: a window or VOI LUT applies to monochrome images only")
+                transform.selected_voi = voi_choice(transform, voi, self._path)
+        self._spacing_mm = frame_spacing(self._regions[0])
         self._kind: SourceKind = kind if kind is not None else kind_for_modality(header.get("Modality"))
         self._loop = loop
         # pydicom reads frames straight from a path only when the file is not
@@ -153,6 +179,16 @@ class DicomCineSource:
         """What was added to every stored value of signed monochrome data (else 0)."""
         return self._format.offset
 
+    @property
+    def regions(self) -> tuple[stream_pb2.CalibratedRegion, ...]:
+        """The first frame's calibrated regions (see the module docstring)."""
+        return self._regions[0]
+
+    @property
+    def pixel_transform(self) -> stream_pb2.PixelTransform | None:
+        """The first frame's intensity chain; None for colour images."""
+        return self._transforms[0]
+
     def __iter__(self) -> Iterator[SourceFrame]:
         if self._closed:
             raise SourceError(f"DICOM source {self._path} is closed")
@@ -165,11 +201,14 @@ class DicomCineSource:
             first_of_pass = index
             try:
                 for position, raw in enumerate(frames):
+                    regions = self._regions[min(position, len(self._regions) - 1)]
                     yield SourceFrame(
                         index=index,
                         pixels=self._convert(raw, position),
                         timestamp_s=start + self._timestamps[position],
-                        spacing_mm=self._spacing_mm,
+                        spacing_mm=frame_spacing(regions),
+                        regions=regions,
+                        pixel_transform=self._transforms[min(position, len(self._transforms) - 1)],
                     )
                     index += 1
             finally:
@@ -310,14 +349,9 @@ class _PixelFormat:
             shift = max(self.bits_stored - 8, 0)
             return np.ascontiguousarray(np.minimum(raw, top) >> shift, dtype=np.uint8)
         if self.offset:
-            values = np.clip(raw.astype(np.int32) + self.offset, 0, top)
-        elif self.photometric == "MONOCHROME1":
-            values = np.minimum(raw, top)
-        else:
-            return np.ascontiguousarray(raw, dtype=self.dtype)
-        if self.photometric == "MONOCHROME1":
-            values = top - values
-        return np.ascontiguousarray(values, dtype=self.dtype)
+            # Stored values as the transform expects them; MONOCHROME1 is inverted for display, not here.
+            return np.ascontiguousarray(np.clip(raw.astype(np.int32) + self.offset, 0, top), dtype=self.dtype)
+        return np.ascontiguousarray(raw, dtype=self.dtype)
 
 
 def _palette_table(ds: Dataset, bits_allocated: int, path: Path) -> npt.NDArray[np.uint8]:
@@ -382,50 +416,3 @@ def _vector_fps(increments_ms: list[float] | None) -> float | None:
         return None
     total = sum(increments_ms[1:])
     return 1000.0 * (len(increments_ms) - 1) / total if total > 0 else None
-
-
-def _spacing_pair(value: Any) -> tuple[float, float] | None:
-    """A (row, column) pair of positive spacings, or None when absent or malformed."""
-    try:
-        row, col = (float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    if all(math.isfinite(v) and v > 0 for v in (row, col)):
-        return row, col
-    return None
-
-
-def _spacing_mm(ds: Dataset) -> tuple[float, float] | None:
-    """(row, column) spacing in mm from the first attribute that gives one."""
-    if spacing := _spacing_pair(ds.get("PixelSpacing")):
-        return spacing
-    # Enhanced multi-frame objects keep spacing in the shared functional groups.
-    for group in ds.get("SharedFunctionalGroupsSequence") or []:
-        for measures in group.get("PixelMeasuresSequence") or []:
-            if spacing := _spacing_pair(measures.get("PixelSpacing")):
-                return spacing
-    if spacing := _spacing_pair(ds.get("ImagerPixelSpacing")):
-        return spacing
-    return _ultrasound_spacing(ds)
-
-
-def _ultrasound_spacing(ds: Dataset) -> tuple[float, float] | None:
-    """Spacing of the ultrasound regions calibrated in cm, when they all agree.
-
-    A frame can hold several regions (duplex views, a reference image) with
-    different scales; one frame-wide spacing would then be wrong for some of
-    them, so none is given.
-    """
-    found: list[tuple[float, float]] = []
-    for region in ds.get("SequenceOfUltrasoundRegions") or []:
-        if region.get("PhysicalUnitsXDirection") != _UNITS_CM or region.get("PhysicalUnitsYDirection") != _UNITS_CM:
-            continue
-        dx = _positive(abs(region.get("PhysicalDeltaX") or 0))
-        dy = _positive(abs(region.get("PhysicalDeltaY") or 0))
-        if dx is not None and dy is not None:
-            found.append((dy * 10.0, dx * 10.0))
-    if not found:
-        return None
-    first = found[0]
-    agree = all(math.isclose(a, b, rel_tol=1e-6) for other in found for a, b in zip(first, other, strict=True))
-    return first if agree else None

@@ -6,14 +6,21 @@ import numpy as np
 import numpy.typing as npt
 
 from edgescope.errors import FrameError
+from edgescope.runtime.pipeline.intensity import display_values
+from edgescope.v1 import stream_pb2
 
 __all__ = ["to_display_rgb8"]
 
 
-def to_display_rgb8(pixels: npt.NDArray[np.uint8] | npt.NDArray[np.uint16]) -> npt.NDArray[np.uint8]:
+def to_display_rgb8(
+    pixels: npt.NDArray[np.uint8] | npt.NDArray[np.uint16],
+    pixel_transform: stream_pb2.PixelTransform | None = None,
+) -> npt.NDArray[np.uint8]:
     """``(H, W, 3)`` uint8 RGB for a ``(H, W)`` or ``(H, W, 3)`` uint8/uint16 frame.
 
-    Grey is repeated into the three channels. uint16 is windowed to the
+    A DICOM frame with its ``pixel_transform`` is shown as the standard says
+    (Modality LUT, the chosen window or VOI LUT, MONOCHROME1 inverted).
+    Otherwise grey is repeated into the three channels, and uint16 is windowed to the
     frame's own minimum and maximum (one window for all channels, so colours
     keep their balance); a constant frame becomes black. For display only:
     the window differs from frame to frame, so values are not comparable.
@@ -23,7 +30,9 @@ def to_display_rgb8(pixels: npt.NDArray[np.uint8] | npt.NDArray[np.uint16]) -> n
         raise FrameError(f"cannot display {pixels.dtype} pixels; expected uint8 or uint16")
     if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)):
         raise FrameError(f"cannot display pixels of shape {pixels.shape}; expected (H, W) or (H, W, 3)")
-    if pixels.dtype == np.uint16:
+    if pixel_transform is not None and pixels.ndim == 2:
+        rgb8 = display_values(pixels, pixel_transform)
+    elif pixels.dtype == np.uint16:
         low, high = (int(pixels.min()), int(pixels.max())) if pixels.size else (0, 0)
         if high > low:
             scaled = (pixels.astype(np.float32) - low) * (255.0 / (high - low))

@@ -94,6 +94,8 @@ class RuntimeMetrics:
         self._loaded: frozenset[str] = frozenset()
         # Models served by their fallback, and why.
         self._degraded: dict[str, str] = {}
+        # Captures the server runs (pull mode): up or not, and why not.
+        self._captures: dict[str, tuple[bool, str]] = {}
         r = self.registry
         self._success = Counter("edgescope_inference_success", "Frames answered with a result", ["model"], registry=r)
         self._failure = Counter("edgescope_inference_failure", "Frames answered with an error", ["model"], registry=r)
@@ -120,6 +122,9 @@ class RuntimeMetrics:
             ["model"],
             buckets=LATENCY_BUCKETS_S,
             registry=r,
+        )
+        self._capture_failures = Counter(
+            "edgescope_capture_failures", "Times a capture could not open or read its source", ["capture"], registry=r
         )
         r.register(_LiveCollector(self))
         # Label lookups cost more than the observation itself: children are kept per (model, stage).
@@ -235,6 +240,13 @@ class RuntimeMetrics:
             if state is not None:
                 state.preview = jpeg
 
+    def observe_capture(self, name: str, *, up: bool, reason: str = "") -> None:
+        """A capture started delivering (up) or lost its source (down, with the reason)."""
+        with self._lock:
+            self._captures[name] = (up, reason)
+        if not up:
+            self._capture_failures.labels(name).inc()
+
     def observe_device(self, sample: DeviceSample) -> None:
         alerts = device_alerts(sample, self.config.memory_near_full)
         with self._lock:
@@ -280,7 +292,12 @@ class RuntimeMetrics:
         with self._lock:
             late = [alert for at, alert in self._late.values() if now - at <= LATENCY_ALERT_HOLD_S]
             degraded = [degraded_alert(model, reason) for model, reason in sorted(self._degraded.items())]
-            return late + degraded + list(self._device_alerts)
+            captures = [
+                Alert(kind=Alert.KIND_CAPTURE_UNAVAILABLE, message=f"capture {name}: {reason}")
+                for name, (up, reason) in sorted(self._captures.items())
+                if not up
+            ]
+            return late + degraded + list(self._device_alerts) + captures
 
     def preview(self, stream_id: str = "") -> bytes | None:
         """The latest preview JPEG of ``stream_id`` (or of the most recently active stream that has one)."""
@@ -334,7 +351,13 @@ class RuntimeMetrics:
                     jitter.add_metric([model, stage], stats.jitter_ms / 1000.0)
             device = self._device
             models = list(self._models)
-        yield from (quantiles, jitter, fps, budget)
+            captures = dict(self._captures)
+        capture_up = GaugeMetricFamily(
+            "edgescope_capture_up", "1 while a capture delivers results from its source", labels=["capture"]
+        )
+        for name, (up, _) in sorted(captures.items()):
+            capture_up.add_metric([name], 1.0 if up else 0.0)
+        yield from (quantiles, jitter, fps, budget, capture_up)
         yield from _alert_families(self.active_alerts(), models)
         if device is not None:
             yield from _device_families(device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import numpy.typing as npt
 
@@ -36,7 +38,7 @@ def postprocess_anomaly(
     outputs: Outputs,
     manifest: manifest_pb2.ModelManifest,
     geometry: Geometry,
-    spacing: stream_pb2.PixelSpacing | None,
+    regions: Sequence[stream_pb2.CalibratedRegion],
 ) -> TaskResult:
     params = manifest.postprocessing.anomaly
     amap = anomaly_map(task_output(outputs, manifest), geometry, manifest.preprocessing.height)

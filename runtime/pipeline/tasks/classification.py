@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from edgescope.errors import BackendError, BundleError
 from edgescope.runtime.backends.base import Outputs
 from edgescope.runtime.pipeline.preprocess import Geometry
@@ -20,7 +22,7 @@ def postprocess_classification(
     outputs: Outputs,
     manifest: manifest_pb2.ModelManifest,
     geometry: Geometry,
-    spacing: stream_pb2.PixelSpacing | None,
+    regions: Sequence[stream_pb2.CalibratedRegion],
 ) -> TaskResult:
     scores = class_scores(task_output(outputs, manifest), manifest.postprocessing.classification)
     labels = list(manifest.labels) or [f"class_{i}" for i in range(scores.size)]

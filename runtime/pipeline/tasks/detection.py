@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,7 +92,7 @@ def postprocess_detection(
     outputs: Outputs,
     manifest: manifest_pb2.ModelManifest,
     geometry: Geometry,
-    spacing: stream_pb2.PixelSpacing | None,
+    regions: Sequence[stream_pb2.CalibratedRegion],
 ) -> TaskResult:
     params = manifest.postprocessing.detection
     found = detect(task_output(outputs, manifest), task_output(outputs, manifest, params.scores_output), params)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import numpy.typing as npt
 
@@ -31,7 +33,7 @@ def postprocess_image(
     outputs: Outputs,
     manifest: manifest_pb2.ModelManifest,
     geometry: Geometry,
-    spacing: stream_pb2.PixelSpacing | None,
+    regions: Sequence[stream_pb2.CalibratedRegion],
 ) -> TaskResult:
     output = task_output(outputs, manifest)
     image = to_uint8(output, manifest.postprocessing.image)
