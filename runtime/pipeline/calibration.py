@@ -81,17 +81,16 @@ def max_diameter(mask: npt.NDArray[np.bool_], row_mm: float = 1.0, column_mm: fl
     """The longest straight distance across any one connected part of ``mask``, in the spacing's units.
 
     Measured between pixel centres on each part's convex hull, with the
-    row and column spacing applied (pixels need not be square).
+    row and column spacing applied (pixels need not be square). A part's hull
+    is its outer boundary's hull; a part inside another's hole is shorter
+    than the part around it, so outer boundaries are all it takes.
     """
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     longest = 0.0
-    for label in range(1, count):
-        left, top, width, height = (int(v) for v in stats[label, :4])
-        ys, xs = np.nonzero(labels[top : top + height, left : left + width] == label)
-        points = np.stack([xs + left, ys + top], axis=1).astype(np.int32)
-        hull = cv2.convexHull(points).reshape(-1, 2).astype(np.float64)
-        scaled = hull * np.array([column_mm, row_mm])
-        differences = scaled[:, None, :] - scaled[None, :, :]
+    scale = np.array([column_mm, row_mm])
+    for contour in contours:
+        hull = cv2.convexHull(contour).reshape(-1, 2).astype(np.float64) * scale
+        differences = hull[:, None, :] - hull[None, :, :]
         longest = max(longest, float(np.sqrt((differences**2).sum(axis=-1)).max()))
     return longest
 
