@@ -68,6 +68,6 @@ def test_the_wheel_installs_everything_under_one_namespace(tmp_path: Path) -> No
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/", 1)[0] for name in names if not name.startswith("edgescope-")}
     assert top_level == {"edgescope"}
-    for required in ("edgescope/export/api.py", "edgescope/runtime/server.py", "edgescope/runtime/web/index.html",
+    for required in ("edgescope/export/api.py", "edgescope/runtime/server/app.py", "edgescope/runtime/web/index.html",
                      "edgescope/v1/stream_pb2.pyi", "edgescope/py.typed"):  # fmt: skip
         assert required in names
