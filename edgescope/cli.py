@@ -431,9 +431,9 @@ def _add_validate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--factory", help="the PyTorch model: 'package.module:build' or 'path/model.py:build'")
     p.add_argument("--weights", type=Path, help="its state_dict (default: the file the manifest records, if unchanged)")
     p.add_argument("--torchscript", type=Path)
-    p.add_argument("--data", help="gate frames (default: those the export used)")
-    p.add_argument("--samples", type=int, help="gate frames (default: 16 for fp32, 48 for fp16 and int8)")
-    p.add_argument("--golden-frames", type=int, default=8)
+    p.add_argument("--data", help="where the gate's frames come from (default: where the export's came from)")
+    p.add_argument("--samples", type=int, help="how many frames the gate runs (default: 16 for fp32, 48 below)")
+    p.add_argument("--golden-frames", type=int, default=8, help="of the gate's frames, how many the bundle keeps")
     _add_limits(p)
 
 
@@ -441,8 +441,13 @@ def _run_validate(args: argparse.Namespace) -> int:
     from edgescope.export.validate import ValidateRequest, self_test_bundle, validate_bundle
 
     if not (args.factory or args.torchscript):
-        if args.weights or args.data or args.samples:
-            raise ConfigError("--weights, --data and --samples re-run the gate, which needs --factory or --torchscript")
+        from edgescope.runtime.evaluation.limits import GateThresholds
+
+        if args.weights or args.data or args.samples or _limits(args) != GateThresholds():
+            # The golden frames are judged by the limits the bundle carries; these options belong to the gate.
+            raise ConfigError(
+                "--weights, --data, --samples and the limits re-run the gate, which needs --factory or --torchscript"
+            )
         reports = self_test_bundle(args.bundle)
         return 0 if reports[0].passed else 1
     bundle = validate_bundle(
