@@ -133,6 +133,8 @@ class ExportRequest:
     calibration_data: str | None = None
     calibration_samples: int = 32
     calibration_method: str = "minmax"
+    # INT8 weights in 7 bits, so ONNX Runtime's integer kernels on x86 without VNNI reproduce the graph.
+    reduce_range: bool = False
     # Artifacts besides the bundle: "triton" adds a Triton model repository under triton/.
     formats: tuple[str, ...] = ("bundle",)
     # TensorRT engines: None builds them when TensorRT and a GPU are here, True requires them, False skips.
@@ -146,6 +148,7 @@ class ExportRequest:
             calibration_data=self.calibration_data,
             calibration_samples=self.calibration_samples,
             calibration_method=self.calibration_method,
+            reduce_range=self.reduce_range,
         )
 
 

@@ -5,8 +5,10 @@ sensitive op types in FP32 (reductions, normalisations, exponentials and the
 ops ONNX Runtime has no FP16 kernel for); inputs and outputs stay FP32 so the
 runtime feeds the same tensors whatever the precision. INT8 is static
 quantization to Q/DQ nodes, calibrated on representative frames that go
-through the runtime's own preprocessing. TensorRT 11 builds its engines from
-these graphs (strong typing), so the precision the gate measured here is the
+through the runtime's own preprocessing, with weights in 7 bits when asked
+(``reduce_range``: ONNX Runtime's integer kernels on x86 CPUs without VNNI
+saturate on full-range weights). TensorRT 11 builds its engines from these
+graphs (strong typing), so the precision the gate measured here is the
 precision the engine runs.
 
 A precision is never changed behind the user's back: INT8 without calibration
@@ -77,6 +79,8 @@ class PrecisionOptions:
     calibration_samples: int = 32
     calibration_method: str = "minmax"
     per_channel: bool = True
+    # Weights in 7 bits, for x86 CPUs without VNNI (their integer kernels saturate on full-range INT8).
+    reduce_range: bool = False
 
 
 def check_options(options: PrecisionOptions, validation_data: str) -> None:
@@ -206,6 +210,7 @@ def quantize_int8(
                 _Frames(input_name, inputs),
                 quant_format=QuantFormat.QDQ,
                 per_channel=options.per_channel,
+                reduce_range=options.reduce_range,
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=methods[options.calibration_method],
@@ -244,6 +249,7 @@ def reduce_precision(
                 samples=len(inputs),
                 method=f"onnxruntime {options.calibration_method}",
                 per_channel=options.per_channel,
+                reduce_range=options.reduce_range,
             )
         )
     reduced = onnx.load(str(onnx_path))

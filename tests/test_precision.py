@@ -74,6 +74,18 @@ def int8_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     return export_model(request, log=lambda _: None)
 
 
+@pytest.fixture(scope="module")
+def int8_reduced_range_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    request = _request(
+        tmp_path_factory.mktemp("int8rr") / "b",
+        precision="int8",
+        samples=8,
+        calibration_data="synthetic:ultrasound?seed=11",
+        reduce_range=True,
+    )
+    return export_model(request, log=lambda _: None)
+
+
 def _metrics(report: manifest_pb2.ValidationReport) -> dict[str, float]:
     return {m.name: m.value for m in report.metrics}
 
@@ -157,7 +169,23 @@ def test_int8_on_frames_with_small_lesions_is_refused_per_frame(tmp_path: Path) 
     assert not (tmp_path / "b").exists()
 
 
-def test_integer_kernels_pass_their_self_test_exactly_when_they_reproduce_the_gate(int8_bundle: Bundle) -> None:
+def test_reduced_range_keeps_weights_in_7_bits_and_says_so(int8_reduced_range_bundle: Bundle) -> None:
+    assert int8_reduced_range_bundle.manifest.precision_settings.calibration.reduce_range
+    model = onnx.load(str(int8_reduced_range_bundle.onnx_path))
+    weights = [
+        onnx.numpy_helper.to_array(t)
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and t.dims
+    ]
+    assert weights and all(int(np.abs(w.astype(np.int16)).max()) <= 64 for w in weights)
+    assert onnxruntime_self_test(int8_reduced_range_bundle).passed
+
+
+@pytest.mark.parametrize("which", ["int8_bundle", "int8_reduced_range_bundle"])
+def test_integer_kernels_pass_their_self_test_exactly_when_they_reproduce_the_gate(
+    which: str, request: pytest.FixtureRequest
+) -> None:
+    int8_bundle: Bundle = request.getfixturevalue(which)
     report = onnxruntime_self_test(int8_bundle, quant=INTEGER)
     assert report.runner.quant_execution == INTEGER
     # The same verdict, computed here by hand from the golden frames and this CPU's integer kernels.

@@ -1226,11 +1226,16 @@ class CalibrationInfo(_message.Message):
     SAMPLES_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
     PER_CHANNEL_FIELD_NUMBER: _builtins.int
+    REDUCE_RANGE_FIELD_NUMBER: _builtins.int
     data_source: _builtins.str
     samples: _builtins.int
     method: _builtins.str
     """onnxruntime's calibration method (minmax, entropy, percentile) or the TensorRT calibrator."""
     per_channel: _builtins.bool
+    reduce_range: _builtins.bool
+    """Weights in 7 bits: ONNX Runtime's integer kernels on x86 CPUs without VNNI then
+    cannot saturate, at some cost in precision everywhere (TensorRT included).
+    """
     def __init__(
         self,
         *,
@@ -1238,10 +1243,11 @@ class CalibrationInfo(_message.Message):
         samples: _builtins.int = ...,
         method: _builtins.str = ...,
         per_channel: _builtins.bool = ...,
+        reduce_range: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_source", b"data_source", "method", b"method", "per_channel", b"per_channel", "samples", b"samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_source", b"data_source", "method", b"method", "per_channel", b"per_channel", "reduce_range", b"reduce_range", "samples", b"samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
