@@ -1,14 +1,16 @@
 """FP32, FP16 and INT8 of the example U-Net on the CPU: accuracy as gated and as served, in one run.
 
-Exports the three bundles through the public API (INT8 calibrated on one
-synthetic-ultrasound seed), then runs them and PyTorch on the same held-out
-frames (another seed, whose lesions are often a few pixels). INT8 runs twice:
-as fake-quant (float arithmetic, how the gate and TensorRT see the graph, the
-same on every CPU) and through ONNX Runtime's integer kernels on this CPU (how
-a default ONNX Runtime session serves it). For each: Dice against PyTorch's
-masks (mean, worst frame, frames below 0.9) and against FP32's, the median
-single-frame latency (FP32 is the baseline; the machine may be shared, so
-latency is rough), and the verdict of the golden-frame self-test here.
+Exports the bundles through the public API (INT8 calibrated on one
+synthetic-ultrasound seed, with full-range and with 7-bit weights), then runs
+them and PyTorch on the same held-out frames (another seed, whose lesions are
+often a few pixels). Each INT8 graph runs twice: as fake-quant (float
+arithmetic, how the gate and TensorRT see it, the same on every CPU) and
+through ONNX Runtime's integer kernels on this CPU (how a default ONNX Runtime
+session serves it; 7-bit weights, ``--reduce-range``, are for CPUs without
+VNNI). For each run: Dice against PyTorch's masks (mean, worst frame, frames
+below 0.9) and against FP32's, the median single-frame latency (FP32 is the
+baseline; the machine may be shared, so latency is rough), and the verdict of
+the golden-frame self-test here.
 
 Prints a table, writes ``benchmarks/results/precision.json`` and a PNG.
 Run: ``.venv/bin/python benchmarks/precision.py [--frames N] [--runs N]``.
@@ -40,7 +42,8 @@ from edgescope.v1 import manifest_pb2
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "ultrasound_unet"
 RESULTS = ROOT / "benchmarks" / "results"
-PRECISIONS = ("fp32", "fp16", "int8")
+# Bundle -> export precision; int8-rr is INT8 with 7-bit weights (--reduce-range) for CPUs without VNNI.
+BUNDLES = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int8-rr": "int8"}
 CALIBRATION = "synthetic:ultrasound?seed=101"
 TEST = "synthetic:ultrasound?seed=202"
 FLOOR = 0.9
@@ -50,6 +53,8 @@ RUNS = (
     ("fp16", "fp16", manifest_pb2.QUANT_EXECUTION_NONE),
     ("int8 fake-quant", "int8", FAKE_QUANT),
     ("int8 integer kernels", "int8", INTEGER),
+    ("int8-rr fake-quant", "int8-rr", FAKE_QUANT),
+    ("int8-rr integer kernels", "int8-rr", INTEGER),
 )
 
 
@@ -71,24 +76,25 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="edgescope-precision-"))
     bundles = {}
-    for precision in PRECISIONS:
+    for name, precision in BUNDLES.items():
         start = time.perf_counter()
-        bundles[precision] = export_model(
+        bundles[name] = export_model(
             ExportRequest(
-                name=f"lesion-unet-{precision}",
-                output=work / precision,
+                name=f"lesion-unet-{name}",
+                output=work / name,
                 factory=str(EXAMPLE / "model.py") + ":build",
                 weights=EXAMPLE / "weights.pt",
                 precision=precision,
                 calibration_data=CALIBRATION if precision == "int8" else None,
                 calibration_samples=32,
+                reduce_range=name == "int8-rr",
                 engines=False,
                 force=True,  # measured either way; the gate's verdict is reported below
             ),
             log=lambda _line: None,
         )
-        verdict = "passed" if bundles[precision].manifest.validation.passed else "FAILED"
-        print(f"exported {precision} in {time.perf_counter() - start:.1f} s (gate {verdict})")
+        verdict = "passed" if bundles[name].manifest.validation.passed else "FAILED"
+        print(f"exported {name} in {time.perf_counter() - start:.1f} s (gate {verdict})")
 
     spec = bundles["fp32"].manifest.preprocessing
     params = bundles["fp32"].manifest.postprocessing.segmentation
@@ -100,8 +106,8 @@ def main() -> None:
 
     results: dict[str, dict[str, Any]] = {}
     masks: dict[str, list[np.ndarray]] = {}
-    for name, precision, quant in RUNS:
-        bundle = bundles[precision]
+    for name, bundle_name, quant in RUNS:
+        bundle = bundles[bundle_name]
         runner = onnxruntime_runner(bundle.onnx_path, bundle.manifest.precision, quant=quant, threads=args.threads)
         masks[name] = [segmentation_mask(runner.infer({"image": x})["logits"], params) for x in frames]
         for _ in range(10):
@@ -132,12 +138,12 @@ def main() -> None:
     machine = describe_machine()
     print(f"\nmachine: {machine_summary(machine)}; onnxruntime {ort.__version__}, {args.threads} threads")
     print(f"{args.frames} held-out frames ({TEST}); Dice of masks against PyTorch's")
-    print(f"{'run':<22}{'mean':>8}{'min':>8}{'<0.9':>6}{'vs FP32 mean':>14}{'p50 ms':>9}{'vs FP32':>9}  self-test")
+    print(f"{'run':<25}{'mean':>8}{'min':>8}{'<0.9':>6}{'vs FP32 mean':>14}{'p50 ms':>9}{'vs FP32':>9}  self-test")
     for name, r in results.items():
         d, f = r["dice_vs_pytorch"], r["dice_vs_fp32"]
         verdict = "passed" if r["self_test_passed"] else "FAILED"
         print(
-            f"{name:<22}{d['mean']:>8.4f}{d['min']:>8.4f}{d['frames_below_0.9']:>6}{f['mean']:>14.4f}"
+            f"{name:<25}{d['mean']:>8.4f}{d['min']:>8.4f}{d['frames_below_0.9']:>6}{f['mean']:>14.4f}"
             f"{r['latency_ms_p50']:>9.2f}{r['latency_vs_fp32']:>8.2f}x  {verdict}"
         )
     summary = {
@@ -164,23 +170,21 @@ def main() -> None:
     except ImportError:
         return
     names = list(results)
-    colors = ["#4c72b0", "#55a868", "#c44e52", "#8172b2"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = ["#4c72b0", "#55a868", "#c44e52", "#8172b2", "#dd8452", "#937860"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     left.bar(names, [results[n]["latency_ms_p50"] for n in names], color=colors)
     left.set_ylabel("median latency per frame (ms)")
     left.set_title(f"ONNX Runtime CPU, {args.threads} threads (rough: shared machine)")
     positions = np.arange(len(names))
-    right.bar(positions - 0.2, [results[n]["dice_vs_pytorch"]["mean"] for n in names], 0.4, label="mean", color=colors)
-    right.bar(positions + 0.2, [results[n]["dice_vs_pytorch"]["min"] for n in names], 0.4, label="worst frame",
-              color=colors, alpha=0.45)  # fmt: skip
+    right.bar(positions - 0.2, [results[n]["dice_vs_pytorch"]["mean"] for n in names], 0.4, color=colors)
+    right.bar(positions + 0.2, [results[n]["dice_vs_pytorch"]["min"] for n in names], 0.4, color=colors, alpha=0.45)
     right.axhline(FLOOR, color="black", linewidth=0.8, linestyle="--")
     right.set_xticks(positions, names)
     right.set_ylim(0.0, 1.02)
-    right.set_ylabel("Dice vs PyTorch masks")
+    right.set_ylabel("Dice vs PyTorch: mean (solid), worst frame (pale)")
     right.set_title(f"{args.frames} held-out frames; dashed: per-frame floor {FLOOR}")
-    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8)
     for axis in (left, right):
-        axis.tick_params(axis="x", labelsize=8)
+        axis.tick_params(axis="x", labelsize=7, labelrotation=20)
     figure.suptitle(machine_summary(machine), fontsize=9)
     figure.tight_layout()
     figure.savefig(RESULTS / "precision.png", dpi=120)
