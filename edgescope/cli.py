@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from edgescope.export.tensorrt import EngineOptions
     from edgescope.runtime.backends.base import Backend
+    from edgescope.runtime.evaluation.limits import GateThresholds
     from edgescope.runtime.transport import ClientSecurity
 
 DEFAULT_TARGET = "127.0.0.1:8731"
@@ -131,9 +132,11 @@ def _add_export(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument(
         "--data", default="synthetic:ultrasound", help="validation frames: dicom:PATH, video:PATH, synthetic:ultrasound"
     )
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--max-abs-error", type=float, default=1e-3)
-    p.add_argument("--min-dice", type=float, default=0.99)
+    p.add_argument("--samples", type=int, help="frames the gate runs (default: 16 for fp32, 48 for fp16 and int8)")
+    _add_limits(p)
+    p.add_argument(
+        "--golden-frames", type=int, default=8, help="of the gate's frames, how many every device self-tests on"
+    )
     p.add_argument("--force", action="store_true", help="write the bundle even if the gate fails (marked failed)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--sign-key", type=Path, help="sign the bundle's manifest with this Ed25519 private key (PEM)")
@@ -141,6 +144,11 @@ def _add_export(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--calibration-data", help="int8: dicom:PATH, video:PATH, synthetic:..., or a folder of images")
     p.add_argument("--calibration-samples", type=int, default=32)
     p.add_argument("--calibration-method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    p.add_argument(
+        "--reduce-range",
+        action="store_true",
+        help="int8: weights in 7 bits, so onnxruntime's integer kernels on x86 CPUs without VNNI do not saturate",
+    )
     p.add_argument(
         "--format", action="append", default=[], choices=["triton"], help="also write a Triton model repository"
     )
@@ -151,6 +159,19 @@ def _add_export(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="build TensorRT engines (default: when TensorRT and a GPU are present)",
     )
     _add_engine_options(p)
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    # Left at the FP32 defaults, each limit takes the precision's own (see the README's Precision section).
+    p.add_argument("--max-abs-error", type=float, default=1e-3, help="largest raw output difference, every frame")
+    p.add_argument("--min-dice", type=float, default=0.99, help="segmentation: mean Dice over the frames")
+    p.add_argument("--min-frame-dice", type=float, default=0.99, help="segmentation: Dice every frame must reach")
+
+
+def _limits(args: argparse.Namespace) -> GateThresholds:
+    from edgescope.runtime.evaluation.limits import GateThresholds
+
+    return GateThresholds(max_abs_error=args.max_abs_error, min_dice=args.min_dice, min_frame_dice=args.min_frame_dice)
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -166,6 +187,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
         "--hardware-compatibility", default="none", choices=["none", "ampere_plus", "same_compute_capability"]
     )
     p.add_argument("--version-compatible", action="store_true", help="engine runs on later TensorRT of its major")
+    p.add_argument("--force-engine", action="store_true", help="keep an engine that fails its golden frames (marked)")
 
 
 def _engine_options(args: argparse.Namespace, precision: str | None) -> EngineOptions:
@@ -185,6 +207,7 @@ def _engine_options(args: argparse.Namespace, precision: str | None) -> EngineOp
         version_compatible=args.version_compatible,
         calibration_data=args.calibration_data,
         calibration_samples=args.calibration_samples,
+        force=args.force_engine,
     )
 
 
@@ -192,7 +215,6 @@ def _run_export(args: argparse.Namespace) -> int:
     from edgescope.export import ExportRequest, export_model
     from edgescope.export.precision import FP16_FP32_OPS
     from edgescope.export.tasks import StateSpec
-    from edgescope.export.validation import GateThresholds
 
     export_model(
         ExportRequest(
@@ -234,13 +256,15 @@ def _run_export(args: argparse.Namespace) -> int:
             displacement_units=args.displacement_units,
             data=args.data,
             samples=args.samples,
-            thresholds=GateThresholds(max_abs_error=args.max_abs_error, min_dice=args.min_dice),
+            thresholds=_limits(args),
+            golden_frames=args.golden_frames,
             force=args.force,
             overwrite=args.overwrite,
             fp32_ops=tuple(v for v in args.fp32_ops.split(",") if v) if args.fp32_ops is not None else FP16_FP32_OPS,
             calibration_data=args.calibration_data,
             calibration_samples=args.calibration_samples,
             calibration_method=args.calibration_method,
+            reduce_range=args.reduce_range,
             formats=("bundle", *args.format),
             engines=args.engines,
             engine_options=_engine_options(args, None),
@@ -553,21 +577,37 @@ def _run_top(args: argparse.Namespace) -> int:
 
 
 def _add_validate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = commands.add_parser("validate", help="re-run the accuracy gate on a bundle and save the report")
+    p = commands.add_parser(
+        "validate",
+        help="check a bundle: its golden frames here, or (given the model) re-run the gate and save it",
+        description="Without a model: run the bundle's golden frames through ONNX Runtime here against their "
+        "stored outputs (no torch, nothing saved). With --factory or --torchscript: re-run the accuracy gate "
+        "against that PyTorch model and save the report and fresh golden frames. Code named in a manifest is "
+        "never run.",
+    )
     p.add_argument("bundle", type=Path)
-    p.add_argument("--factory", help="the model source, when the manifest's is not at hand")
-    p.add_argument("--weights", type=Path)
+    p.add_argument("--factory", help="the PyTorch model: 'package.module:build' or 'path/model.py:build'")
+    p.add_argument("--weights", type=Path, help="its state_dict (default: the file the manifest records, if unchanged)")
     p.add_argument("--torchscript", type=Path)
-    p.add_argument("--data", help="validation frames (default: those the export used)")
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--max-abs-error", type=float, default=1e-3)
-    p.add_argument("--min-dice", type=float, default=0.99)
+    p.add_argument("--data", help="where the gate's frames come from (default: where the export's came from)")
+    p.add_argument("--samples", type=int, help="how many frames the gate runs (default: 16 for fp32, 48 below)")
+    p.add_argument("--golden-frames", type=int, default=8, help="of the gate's frames, how many the bundle keeps")
+    _add_limits(p)
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    from edgescope.export.validate import ValidateRequest, validate_bundle
-    from edgescope.export.validation import GateThresholds
+    from edgescope.export.validate import ValidateRequest, self_test_bundle, validate_bundle
 
+    if not (args.factory or args.torchscript):
+        from edgescope.runtime.evaluation.limits import GateThresholds
+
+        if args.weights or args.data or args.samples or _limits(args) != GateThresholds():
+            # The golden frames are judged by the limits the bundle carries; these options belong to the gate.
+            raise ConfigError(
+                "--weights, --data, --samples and the limits re-run the gate, which needs --factory or --torchscript"
+            )
+        reports = self_test_bundle(args.bundle)
+        return 0 if reports[0].passed else 1
     bundle = validate_bundle(
         ValidateRequest(
             bundle=args.bundle,
@@ -576,7 +616,8 @@ def _run_validate(args: argparse.Namespace) -> int:
             torchscript=args.torchscript,
             data=args.data,
             samples=args.samples,
-            thresholds=GateThresholds(max_abs_error=args.max_abs_error, min_dice=args.min_dice),
+            thresholds=_limits(args),
+            golden_frames=args.golden_frames,
         )
     )
     return 0 if bundle.manifest.validation.passed else 1

@@ -1,4 +1,4 @@
-"""One-call export: model -> ONNX -> accuracy gate -> bundle.
+"""One-call export: model -> ONNX -> accuracy gate -> bundle with golden frames.
 
 ::
 
@@ -17,12 +17,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -38,23 +37,20 @@ from edgescope.bundle import (
 )
 from edgescope.errors import ConfigError, ExportError, MissingDependencyError, ValidationFailedError
 from edgescope.export import tasks
+from edgescope.export.gate import judge, keep_golden, representative_inputs
 from edgescope.export.loading import load_model
 from edgescope.export.onnx_export import DEFAULT_OPSET, export_onnx
-from edgescope.export.precision import (
-    FP16_FP32_OPS,
-    PRECISIONS,
-    PrecisionOptions,
-    check_options,
-    gate_thresholds,
-    reduce_precision,
-)
-from edgescope.export.runs import check_batch, example_inputs, onnx_runner, run_stream, torch_runner
+from edgescope.export.precision import FP16_FP32_OPS, PrecisionOptions, check_options, reduce_precision
+from edgescope.export.runs import check_batch, example_inputs, torch_runner
 from edgescope.export.tasks import StateSpec
 from edgescope.export.tensorrt import EngineOptions, build_engine
 from edgescope.export.triton import write_repository
-from edgescope.export.validation import GateThresholds, compare, format_report
-from edgescope.runtime.pipeline.preprocess import preprocess
-from edgescope.runtime.sources import open_source
+from edgescope.runtime.evaluation.golden import DEFAULT_GOLDEN_FRAMES
+from edgescope.runtime.evaluation.limits import PRECISION_SAMPLES, PRECISIONS, GateThresholds, gate_thresholds
+from edgescope.runtime.evaluation.machine import describe_machine, machine_summary
+from edgescope.runtime.evaluation.report import evaluate, format_report
+from edgescope.runtime.evaluation.runners import INTEGER, Run, onnxruntime_runner, run, run_stream
+from edgescope.runtime.evaluation.selftest import onnxruntime_self_test
 from edgescope.signing import load_private_key, sign_bundle
 from edgescope.v1 import manifest_pb2
 
@@ -126,8 +122,11 @@ class ExportRequest:
     threshold: float = 0.5
     min_component_pixels: int = 0
     data: str = "synthetic:ultrasound"
-    samples: int = 16
+    # Frames the gate runs; None: the precision's default (16 for FP32, 48 below).
+    samples: int | None = None
     thresholds: GateThresholds = field(default_factory=GateThresholds)
+    # Of the gate's frames, how many the bundle keeps to self-test on every device.
+    golden_frames: int = DEFAULT_GOLDEN_FRAMES
     force: bool = False
     overwrite: bool = False
     opset: int = DEFAULT_OPSET
@@ -152,6 +151,8 @@ class ExportRequest:
     calibration_data: str | None = None
     calibration_samples: int = 32
     calibration_method: str = "minmax"
+    # INT8 weights in 7 bits, so ONNX Runtime's integer kernels on x86 without VNNI reproduce the graph.
+    reduce_range: bool = False
     # Artifacts besides the bundle: "triton" adds a Triton model repository under triton/.
     formats: tuple[str, ...] = ("bundle",)
     # TensorRT engines: None builds them when TensorRT and a GPU are here, True requires them, False skips.
@@ -167,6 +168,7 @@ class ExportRequest:
             calibration_data=self.calibration_data,
             calibration_samples=self.calibration_samples,
             calibration_method=self.calibration_method,
+            reduce_range=self.reduce_range,
         )
 
 
@@ -249,21 +251,6 @@ def _output_spec(proto: onnx.ModelProto, name: str) -> manifest_pb2.TensorSpec:
     raise ExportError(f"the ONNX graph has no output named {name!r}")
 
 
-def representative_inputs(data: str, samples: int, spec: manifest_pb2.Preprocessing) -> list[np.ndarray]:
-    """Preprocessed frames from a source, exactly as the runtime would feed them."""
-    if samples <= 0:
-        raise ConfigError("validation needs at least one sample")
-    inputs = []
-    with open_source(data) as source:
-        for frame in source:
-            inputs.append(preprocess(frame.pixels, spec, frame.pixel_transform)[0])
-            if len(inputs) == samples:
-                break
-    if not inputs:
-        raise ExportError(f"validation source {data} yielded no frames")
-    return inputs
-
-
 @contextmanager
 def _step(log: Log, what: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -285,13 +272,17 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
     thresholds = gate_thresholds(request.precision, request.thresholds)
     # Read the key before minutes of export, so a wrong path fails first.
     signing_key = load_private_key(request.sign_key) if request.sign_key is not None else None
+    samples = request.samples or PRECISION_SAMPLES[request.precision]
+    machine = describe_machine()
     log(f"edgescope export {request.name} -> {request.output}")
+    source_file = request.weights or request.torchscript or request.exported_program
+    source_sha256 = sha256_file(source_file) if source_file is not None else ""
     with _step(log, "load PyTorch model"):
         model = tasks.for_task(
             load_model(request.factory, request.weights, request.torchscript, request.exported_program), request.task
         )
-    with _step(log, f"read {request.samples} frames from {request.data}"):
-        inputs = representative_inputs(request.data, request.samples, manifest.preprocessing)
+    with _step(log, f"read {samples} frames from {request.data}"):
+        inputs = representative_inputs(request.data, samples, manifest.preprocessing)
     with staged_bundle(request.output, overwrite=request.overwrite) as staging:
         onnx_path = staging / ONNX_FILE
         with _step(log, f"export ONNX (opset {request.opset})"):
@@ -313,45 +304,38 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
             manifest.outputs.extend(_output_spec(proto, name) for name in tasks.output_names(request))
         with _step(log, "run PyTorch and ONNX Runtime"):
             # Frames run as one stream: recurrent state and the previous frame carry over.
-            _, reference = run_stream(torch_runner(model, manifest), manifest, inputs)
-            session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-            feeds, candidate = run_stream(onnx_runner(session), manifest, inputs)
-            check_batch(session, feeds, candidate, request.thresholds.max_abs_error)
-        if request.precision != "fp32":
+            reference = run(torch_runner(model, manifest, source_sha256), manifest, inputs)
+            fp32 = onnxruntime_runner(onnx_path, manifest_pb2.PRECISION_FP32)
+            feeds, fp32_outputs = run_stream(fp32.infer, manifest, inputs)
+            check_batch(fp32.infer, feeds, fp32_outputs, request.thresholds.max_abs_error)
+        fp32_run = Run(fp32.info, fp32_outputs)
+        if request.precision == "fp32":
+            gate = judge(reference, fp32_run, manifest, thresholds, request.data, machine)
+        else:
             with _step(log, f"convert to {request.precision}"):
                 settings = reduce_precision(
                     onnx_path, request.precision_options(), manifest.preprocessing, request.input_name
                 )
                 manifest.precision_settings.CopyFrom(settings)
-            fp32_candidate = candidate
             with _step(log, f"run ONNX Runtime {request.precision}"):
-                session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-                _, candidate = run_stream(onnx_runner(session), manifest, inputs)
-            versus_fp32 = manifest_pb2.ValidationReport(
-                reference=f"onnxruntime {ort.__version__} CPU fp32",
-                candidate=f"onnxruntime {ort.__version__} CPU {request.precision}",
-                samples=len(inputs),
-                data_source=request.data,
-                metrics=compare(fp32_candidate, candidate, manifest, thresholds),
+                reduced = run(onnxruntime_runner(onnx_path, manifest.precision), manifest, inputs)
+            versus_fp32, _ = evaluate(
+                fp32_run, reduced, manifest, thresholds, data_source=request.data, machine=machine
             )
-            versus_fp32.passed = all(m.passed for m in versus_fp32.metrics)
-            log(format_report(versus_fp32))
+            log(format_report(versus_fp32, title="versus the FP32 graph"))
             manifest.extra_validation.append(versus_fp32)
-        report = manifest.validation
-        report.reference = f"pytorch {torch.__version__}"
-        report.candidate = f"onnxruntime {ort.__version__} CPU {request.precision}"
-        report.samples = len(inputs)
-        report.data_source = request.data
-        report.metrics.extend(compare(reference, candidate, manifest, thresholds))
-        report.passed = all(m.passed for m in report.metrics)
+            gate = judge(reference, reduced, manifest, thresholds, request.data, machine)
+        report = gate.report
         report.forced = request.force and not report.passed
         log(format_report(report))
         if not report.passed and not request.force:
             raise ValidationFailedError(
-                f"{request.name}: the ONNX model does not reproduce PyTorch within the thresholds; "
-                "nothing was written (fix the model, relax the thresholds, "
+                f"{request.name}: the {request.precision} graph does not reproduce PyTorch within the limits "
+                f"({'; '.join(report.reasons)}); nothing was written (fix the model or its calibration, "
                 "or pass force to keep a bundle marked failed)"
             )
+        manifest.validation.CopyFrom(report)
+        keep_golden(staging, manifest, inputs, reference, gate, request.golden_frames, thresholds, request.data)
         manifest.versions.CopyFrom(
             manifest_pb2.Versions(
                 edgescope=edgescope.__version__,
@@ -362,9 +346,7 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
             )
         )
         manifest.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        source_file = request.weights or request.torchscript or request.exported_program
-        if source_file is not None:
-            manifest.source_sha256 = sha256_file(source_file)
+        manifest.source_sha256 = source_sha256
         manifest.model_source.CopyFrom(
             manifest_pb2.ModelSource(
                 factory=request.factory or "",
@@ -374,6 +356,8 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
         )
         write_manifest(staging, manifest)
     bundle = load_bundle(request.output)
+    if request.precision == "int8":
+        _log_integer_kernels(bundle, machine, log)
     bundle = _artifacts(bundle, request, log)
     if signing_key is not None:
         log(f"signed the manifest with key {sign_bundle(bundle.path, signing_key)[:16]} ({SIGNATURE_FILE})")
@@ -382,13 +366,21 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
     return bundle
 
 
+def _log_integer_kernels(bundle: Bundle, machine: manifest_pb2.Machine, log: Log) -> None:
+    """Say whether ONNX Runtime's INT8 kernels on this CPU reproduce the gated graph (the load self-test decides)."""
+    report = onnxruntime_self_test(bundle, quant=INTEGER)
+    verdict = "reproduce the gated graph" if report.passed else f"do not reproduce it ({report.reasons[0]})"
+    log(f"  onnxruntime's integer kernels on this CPU, {machine_summary(machine)}: {verdict}")
+
+
 def _artifacts(bundle: Bundle, request: ExportRequest, log: Log) -> Bundle:
     """TensorRT engines and the Triton repository, built from the written bundle."""
     if request.engines is not False:
+        options = replace(request.engine_options, force=request.engine_options.force or request.force)
         try:
             with _step(log, "TensorRT engine"):
-                build_engine(bundle, request.engine_options, log=log)
-        except MissingDependencyError as exc:
+                build_engine(bundle, options, log=log)
+        except (MissingDependencyError, ValidationFailedError) as exc:
             if request.engines:
                 raise
             log(f"  no TensorRT engine: {exc}")

@@ -1,12 +1,13 @@
-"""Run a model over representative frames exactly as the runtime feeds a stream.
+"""The PyTorch side of the gate: the original model as a runner, and the traced example.
 
-Recurrent state and the previous frame are carried from frame to frame by
-the runtime's own ``ModelState``, so the gate measures what a stream sees.
+Frames run as one stream (``edgescope.runtime.evaluation.run_stream``):
+recurrent state and the previous frame carry over exactly as the runtime
+carries them, so the gate measures what a stream sees.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,30 +15,12 @@ import numpy.typing as npt
 
 from edgescope.errors import ExportError
 from edgescope.runtime.backends.base import Feed, Outputs
+from edgescope.runtime.evaluation.runners import Infer, Runner
 from edgescope.runtime.pipeline.state import ModelState
 from edgescope.v1 import manifest_pb2
 
 if TYPE_CHECKING:
-    import onnxruntime as ort
     import torch
-
-Frames = Sequence[npt.NDArray[np.float32]]
-
-
-def run_stream(
-    run: Callable[[Feed], Outputs], manifest: manifest_pb2.ModelManifest, frames: Frames
-) -> tuple[list[Feed], list[Outputs]]:
-    """Feeds and outputs of every frame, in order, as one stream."""
-    state = ModelState(manifest)
-    feeds: list[Feed] = []
-    outputs: list[Outputs] = []
-    for frame in frames:
-        feed = state.feed(frame)
-        result = run(feed)
-        state.update(frame, result)
-        feeds.append(feed)
-        outputs.append(result)
-    return feeds, outputs
 
 
 def example_inputs(manifest: manifest_pb2.ModelManifest, frame: npt.NDArray[np.float32]) -> tuple[torch.Tensor, ...]:
@@ -48,12 +31,13 @@ def example_inputs(manifest: manifest_pb2.ModelManifest, frame: npt.NDArray[np.f
     return tuple(torch.from_numpy(np.asarray(feed[spec.name])) for spec in manifest.inputs)
 
 
-def torch_runner(model: torch.nn.Module, manifest: manifest_pb2.ModelManifest) -> Callable[[Feed], Outputs]:
+def torch_runner(model: torch.nn.Module, manifest: manifest_pb2.ModelManifest, source_sha256: str = "") -> Runner:
+    """The PyTorch model on the CPU, in FP32: the reference every export is held to."""
     import torch
 
     names = [spec.name for spec in manifest.outputs]
 
-    def run(feed: Feed) -> Outputs:
+    def infer(feed: Feed) -> Outputs:
         with torch.inference_mode():
             result = model(*(torch.from_numpy(np.asarray(feed[spec.name])) for spec in manifest.inputs))
         values = result if isinstance(result, tuple | list) else (result,)
@@ -61,25 +45,23 @@ def torch_runner(model: torch.nn.Module, manifest: manifest_pb2.ModelManifest) -
             raise ExportError(f"the model returned {len(values)} tensors; the manifest expects {', '.join(names)}")
         return {name: value.numpy() for name, value in zip(names, values, strict=True)}
 
-    return run
+    info = manifest_pb2.RunnerInfo(
+        kind="pytorch",
+        version=torch.__version__,
+        device="cpu",
+        precision=manifest_pb2.PRECISION_FP32,
+        detail=type(model).__name__,
+        artifact_sha256=source_sha256,
+    )
+    return Runner(infer, info)
 
 
-def onnx_runner(session: ort.InferenceSession) -> Callable[[Feed], Outputs]:
-    names = [o.name for o in session.get_outputs()]
-
-    def run(feed: Feed) -> Outputs:
-        return dict(zip(names, session.run(names, dict(feed)), strict=True))
-
-    return run
-
-
-def check_batch(session: ort.InferenceSession, feeds: Sequence[Feed], outputs: Sequence[Outputs], atol: float) -> None:
+def check_batch(infer: Infer, feeds: Sequence[Feed], outputs: Sequence[Outputs], atol: float) -> None:
     """The batch axis is dynamic: two frames in one batch must answer as they do one by one."""
     if len(feeds) < 2:
         return
     batch = {name: np.concatenate([feeds[0][name], feeds[1][name]]) for name in feeds[0]}
-    batched = onnx_runner(session)(batch)
-    for name, value in batched.items():
+    for name, value in infer(batch).items():
         single = np.concatenate([outputs[0][name], outputs[1][name]])
         if value.shape != single.shape or not np.allclose(value, single, atol=atol):
             raise ExportError(f"the ONNX model gives different {name!r} in a batch than frame by frame")

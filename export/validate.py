@@ -1,9 +1,17 @@
-"""``edgescope validate BUNDLE``: re-run the accuracy gate on a bundle that exists.
+"""``edgescope validate BUNDLE``: check a bundle that exists.
 
-PyTorch (from the model source the manifest records, or one given again) and
-ONNX Runtime run on the same representative frames; the report replaces the
-manifest's and the manifest is re-written with fresh file hashes, so a bundle
-that no longer passes is refused by the server like any failed export.
+Two ways, by what the user gives:
+
+- nothing but the bundle: its golden frames run through ONNX Runtime on this
+  machine, as the gate ran the graph (a Q/DQ graph as fake-quant) and, for
+  INT8, through this CPU's integer kernels as the server would; the stored
+  reference outputs judge. Needs no torch and runs no code from the bundle.
+- the model (``--factory`` with ``--weights``, or ``--torchscript``): the
+  accuracy gate re-runs against PyTorch on representative frames, as export
+  runs it; the report and fresh golden frames replace the bundle's and the
+  manifest is re-hashed, so a bundle that no longer passes is refused by the
+  server like any failed export. The model source is only ever what the
+  command line names: a factory recorded in a manifest is never imported.
 """
 
 from __future__ import annotations
@@ -13,17 +21,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnxruntime as ort
-
 from edgescope.bundle import Bundle, load_bundle, sha256_file, write_manifest
 from edgescope.engines import PRECISION_NAMES
 from edgescope.errors import ConfigError, ExportError
 from edgescope.export import tasks
-from edgescope.export.api import representative_inputs
+from edgescope.export.gate import judge, keep_golden, representative_inputs
 from edgescope.export.loading import load_model
-from edgescope.export.precision import gate_thresholds
-from edgescope.export.runs import onnx_runner, run_stream, torch_runner
-from edgescope.export.validation import GateThresholds, compare, format_report
+from edgescope.export.runs import torch_runner
+from edgescope.runtime.evaluation.golden import DEFAULT_GOLDEN_FRAMES
+from edgescope.runtime.evaluation.limits import PRECISION_SAMPLES, GateThresholds, gate_thresholds
+from edgescope.runtime.evaluation.machine import describe_machine
+from edgescope.runtime.evaluation.report import format_report
+from edgescope.runtime.evaluation.runners import FAKE_QUANT, INTEGER, onnxruntime_runner, run
+from edgescope.runtime.evaluation.selftest import format_self_test, onnxruntime_self_test
 from edgescope.v1 import manifest_pb2
 
 Log = Callable[[str], None]
@@ -33,68 +43,75 @@ Log = Callable[[str], None]
 class ValidateRequest:
     bundle: Path
     factory: str | None = None
+    # Without one, the weights the manifest records (their sha256 must still match).
     weights: Path | None = None
     torchscript: Path | None = None
     data: str | None = None
-    samples: int = 16
+    samples: int | None = None
     thresholds: GateThresholds = field(default_factory=GateThresholds)
+    golden_frames: int = DEFAULT_GOLDEN_FRAMES
 
 
-Source = tuple[str | None, Path | None, Path | None]
-
-
-def _source(request: ValidateRequest, manifest: manifest_pb2.ModelManifest) -> Source:
-    if request.factory or request.weights or request.torchscript:
-        return request.factory, request.weights, request.torchscript
-    recorded = manifest.model_source
-    if not (recorded.factory or recorded.torchscript):
-        raise ConfigError(
-            f"{request.bundle}: the manifest records no model source; give it again with --factory and --weights "
-            "or --torchscript"
-        )
-    return (
-        recorded.factory or None,
-        Path(recorded.weights) if recorded.weights else None,
-        Path(recorded.torchscript) if recorded.torchscript else None,
-    )
+def _weights(request: ValidateRequest, manifest: manifest_pb2.ModelManifest) -> Path | None:
+    if request.weights is not None or request.torchscript is not None:
+        return request.weights
+    return Path(manifest.model_source.weights) if manifest.model_source.weights else None
 
 
 def validate_bundle(request: ValidateRequest, log: Log = print) -> Bundle:
-    """Run the gate, print its table, save the report into the manifest; returns the re-read bundle."""
-    import torch
+    """Re-run the gate against the PyTorch model the request names; save the report and golden frames."""
 
+    if not (request.factory or request.torchscript):
+        raise ConfigError(
+            "re-running the gate needs the PyTorch model: pass --factory (with --weights, or the weights the "
+            "manifest records) or --torchscript; edgescope never imports code a manifest names"
+        )
     bundle = load_bundle(request.bundle)
     manifest = bundle.manifest
     precision = PRECISION_NAMES.get(manifest.precision, "fp32")
     thresholds = gate_thresholds(precision, request.thresholds)
-    factory, weights, torchscript = _source(request, manifest)
-    source_file = weights or torchscript
-    if source_file is not None and manifest.source_sha256 and sha256_file(source_file) != manifest.source_sha256:
+    weights = _weights(request, manifest)
+    source_file = weights or request.torchscript
+    source_sha256 = sha256_file(source_file) if source_file is not None else ""
+    if source_file is not None and manifest.source_sha256 and source_sha256 != manifest.source_sha256:
         raise ExportError(f"{source_file} is not the file this bundle was exported from (its sha256 differs)")
     data = request.data or manifest.validation.data_source or "synthetic:ultrasound"
+    samples = request.samples or PRECISION_SAMPLES[precision]
     log(f"edgescope validate {request.bundle} ({precision})")
     start = time.perf_counter()
     task = manifest_pb2.Task.Name(manifest.task).removeprefix("TASK_").lower()
     # The same module and runners as export: task wrappers, state and every input and output.
-    model = tasks.for_task(load_model(factory, weights, torchscript), task)
-    inputs = representative_inputs(data, request.samples, manifest.preprocessing)
-    _, reference = run_stream(torch_runner(model, manifest), manifest, inputs)
-    session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
-    _, candidate = run_stream(onnx_runner(session), manifest, inputs)
+    model = tasks.for_task(load_model(request.factory, weights, request.torchscript), task)
+    inputs = representative_inputs(data, samples, manifest.preprocessing)
+    reference = run(torch_runner(model, manifest, source_sha256), manifest, inputs)
+    candidate = run(onnxruntime_runner(bundle.onnx_path, manifest.precision), manifest, inputs)
     log(f"  {'run PyTorch and ONNX Runtime':<34} {time.perf_counter() - start:7.2f} s")
-    report = manifest_pb2.ValidationReport(
-        reference=f"pytorch {torch.__version__}",
-        candidate=f"onnxruntime {ort.__version__} CPU {precision}",
-        samples=len(inputs),
-        data_source=data,
-        metrics=compare(reference, candidate, manifest, thresholds),
-    )
-    report.passed = all(m.passed for m in report.metrics)
-    log(format_report(report))
+    gate = judge(reference, candidate, manifest, thresholds, data, describe_machine())
+    log(format_report(gate.report))
     for entry in manifest.engines:
-        # Running plans needs a GPU and the TensorRT backend; the gate here covers the graph they came from.
-        log(f"  {entry.plan}: TensorRT {entry.tensorrt_version} on {entry.gpu_name}, not run by this gate")
-    manifest.validation.CopyFrom(report)
+        verdict = "passed" if entry.self_test.passed else "FAILED"
+        log(f"  {entry.plan}: TensorRT {entry.tensorrt_version} on {entry.gpu_name}, self-test at build {verdict}")
+    manifest.validation.CopyFrom(gate.report)
+    keep_golden(bundle.path, manifest, inputs, reference, gate, request.golden_frames, thresholds, data)
     write_manifest(bundle.path, manifest)
-    log(f"saved the report in {bundle.path / 'manifest.json'}")
+    log(f"saved the report and {request.golden_frames} golden frames in {bundle.path}")
     return load_bundle(bundle.path)
+
+
+def self_test_bundle(path: Path, log: Log = print) -> list[manifest_pb2.SelfTestReport]:
+    """Golden frames through ONNX Runtime here: as the gate ran the graph, then (INT8) this CPU's integer kernels.
+
+    The first report is the verdict on the bundle; the second says whether a
+    server on this CPU could run the INT8 graph with its integer kernels.
+    """
+    bundle = load_bundle(path)
+    log(f"edgescope validate {path}: golden frames against their stored outputs")
+    reports = [onnxruntime_self_test(bundle, quant=FAKE_QUANT)]
+    if bundle.manifest.precision == manifest_pb2.PRECISION_INT8:
+        reports.append(onnxruntime_self_test(bundle, quant=INTEGER))
+    for report in reports:
+        log(format_self_test(report))
+    for entry in bundle.manifest.engines:
+        verdict = "passed" if entry.self_test.passed else "FAILED"
+        log(f"  {entry.plan}: TensorRT {entry.tensorrt_version} on {entry.gpu_name}, self-test at build {verdict}")
+    return reports

@@ -7,12 +7,14 @@ import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from edgescope.bundle import Bundle
+from edgescope.v1 import manifest_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "ultrasound_unet"
@@ -35,6 +37,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip)
+
+
+@contextmanager
+def onnxruntime_engine(bundle: Bundle, entry: manifest_pb2.EngineEntry, *, device: int = 0) -> Iterator[Any]:
+    """Stands in for a built TensorRT engine: the bundle's graph in ONNX Runtime, described as the engine."""
+    from edgescope.runtime.evaluation import Runner, onnxruntime_runner, tensorrt_info
+
+    runner = onnxruntime_runner(bundle.onnx_path, bundle.manifest.precision)
+    yield Runner(runner.infer, tensorrt_info(entry, "", device))
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import pytest
 
 from edgescope.bundle import Bundle
 from edgescope.errors import BundleError, ConfigError, ExportError, ValidationFailedError
-from edgescope.export.validation import GateThresholds
+from edgescope.runtime.evaluation.limits import GateThresholds
 
 from .conftest import EXAMPLE
 
@@ -47,7 +47,7 @@ def test_example_bundle_passes_the_gate_and_records_it(example_bundle: Bundle) -
     assert metrics["dice_min"].value >= 0.99
     assert manifest.versions.torch == torch.__version__
     assert manifest.source_sha256  # the weights it came from
-    assert {e.path for e in manifest.files} == {"model.onnx"}
+    assert {e.path for e in manifest.files} == {"golden.npz", "model.onnx"}
     graph_input = onnx.load(str(example_bundle.onnx_path)).graph.input[0]
     assert graph_input.type.tensor_type.shape.dim[0].dim_param == "batch"
 

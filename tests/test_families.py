@@ -16,6 +16,7 @@ import pytest
 
 from edgescope.bundle import Bundle
 from edgescope.errors import ExportError, FrameError
+from edgescope.runtime.backends.base import Feed, Outputs
 from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgescope.runtime.pipeline.decode import encode_raw
 from edgescope.runtime.pipeline.encode import decode_mask, decode_tensor
@@ -371,8 +372,25 @@ def test_validate_reruns_the_gate_for_stateful_multi_output_and_wrapped_models(
 
     copy = tmp_path / name
     shutil.copytree(bundles[name].path, copy)
-    validated = validate_bundle(ValidateRequest(bundle=copy, samples=3), log=lambda _line: None)
+    factory = FACTORIES + FAMILIES[name]["factory"]
+    validated = validate_bundle(ValidateRequest(bundle=copy, factory=factory, samples=3), log=lambda _line: None)
     assert validated.manifest.validation.passed
     assert {m.name for m in validated.manifest.validation.metrics} == {
         m.name for m in bundles[name].manifest.validation.metrics
     }
+
+
+def test_a_stateful_model_self_tests_its_golden_frames_as_a_sequence(bundles: dict[str, Bundle]) -> None:
+    from edgescope.runtime.evaluation import onnxruntime_runner, self_test
+
+    bundle = bundles["tracker"]
+    golden = bundle.manifest.golden
+    assert golden.sequence and list(golden.gate_frames) == list(range(golden.frames))
+    runner = onnxruntime_runner(bundle.onnx_path, bundle.manifest.precision)
+    assert self_test(bundle, runner.infer, runner.info).passed
+
+    def forgets_its_state(feed: Feed) -> Outputs:
+        return runner.infer({**feed, "hidden": np.zeros_like(feed["hidden"])})
+
+    forgetful = self_test(bundle, forgets_its_state, runner.info)
+    assert not forgetful.passed and "max_abs_error" in forgetful.reasons[0]

@@ -90,6 +90,8 @@ def test_packages_import_each_other_without_cycles() -> None:
         ("edgescope.runtime.telemetry", "edgescope.runtime.web"),
         ("edgescope.runtime.render", "edgescope.runtime.server"),
         ("edgescope.runtime.backends", "edgescope.runtime.server"),
+        ("edgescope.runtime.evaluation", "edgescope.runtime.server"),
+        ("edgescope.runtime.backends", "edgescope.runtime.evaluation"),
         ("edgescope.runtime", "edgescope.export"),
     ],
 )

@@ -12,8 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from edgescope.bundle import Bundle
-from edgescope.export.validation import dice
 from edgescope.runtime.client.stream import StreamOptions, build_frame, stream_source
+from edgescope.runtime.evaluation.metrics import dice
 from edgescope.runtime.pipeline.decode import encode_raw
 from edgescope.runtime.pipeline.encode import decode_mask
 from edgescope.runtime.sources.base import SourceFrame

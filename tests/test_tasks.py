@@ -6,7 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edgescope.export.validation import GateThresholds, compare, psnr, ssim
+from edgescope.runtime.evaluation.limits import GateThresholds
+from edgescope.runtime.evaluation.metrics import compare, psnr, ssim
 from edgescope.runtime.pipeline.postprocess import postprocess
 from edgescope.runtime.pipeline.preprocess import preprocess
 from edgescope.runtime.pipeline.tasks.detection import box_iou, detect, nms, to_xyxy

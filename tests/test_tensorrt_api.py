@@ -29,7 +29,7 @@ from edgescope.export.tensorrt import builder as builder_module
 from edgescope.export.tensorrt import calibrator as calibrator_module
 from edgescope.v1 import manifest_pb2
 
-from .conftest import ROOT
+from .conftest import ROOT, onnxruntime_engine
 
 TRT_SOURCES = sorted((ROOT / "export" / "tensorrt").glob("*.py"))
 # Variables that hold TensorRT objects in export/tensorrt (see _trt.py).
@@ -217,7 +217,9 @@ def test_each_generation_touches_only_its_own_names(
         hardware_compatibility="ampere_plus",
         version_compatible=True,
     )
-    entry = builder_module.build_engine(bundle, options, device=device, log=lambda _line: None)
+    entry = builder_module.build_engine(
+        bundle, options, device=device, log=lambda _line: None, engine_runner=onnxruntime_engine
+    )
     missing = sorted(n for n in touched if not n.startswith("__") and not _has(blob, n))
     assert not missing, f"TensorRT {major} bindings lack {missing}"
     if major == 11:
@@ -225,5 +227,6 @@ def test_each_generation_touches_only_its_own_names(
     weak = engine_precision != bundle_precision
     assert entry.strongly_typed is not weak
     assert ("INT8" in touched) is (weak and engine_precision == "int8")
+    assert entry.self_test.passed  # gated on the golden frames (by a stand-in engine here)
     assert read_sidecar(bundle.path / entry.plan.replace(".plan", ".json")) == entry
     assert load_bundle(bundle.path).manifest.engines[0] == entry  # re-hashed, so it still verifies

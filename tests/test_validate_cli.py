@@ -1,4 +1,5 @@
-"""`edgescope validate` and the export command's precision, engine and Triton options."""
+"""`edgescope validate` (golden frames here, or the gate against a model named on the command line)
+and the export command's precision, engine and Triton options."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from .conftest import EXAMPLE
 
 pytest.importorskip("torch")
 
+FACTORY = str(EXAMPLE / "model.py") + ":build"
+
 
 @pytest.fixture
 def bundle_copy(example_bundle: Bundle, tmp_path: Path) -> Bundle:
@@ -22,12 +25,27 @@ def bundle_copy(example_bundle: Bundle, tmp_path: Path) -> Bundle:
     return load_bundle(tmp_path / "b")
 
 
-def test_validate_reruns_the_gate_and_saves_it(bundle_copy: Bundle, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["validate", str(bundle_copy.path), "--samples", "3", "--data", "synthetic:ultrasound?seed=8"]) == 0
+def test_validate_without_a_model_runs_the_golden_frames_and_changes_nothing(
+    bundle_copy: Bundle, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = (bundle_copy.path / "manifest.json").read_bytes()
+    assert main(["validate", str(bundle_copy.path)]) == 0
     out = capsys.readouterr().out
-    assert "accuracy gate: onnxruntime" in out and "dice_min" in out and "gate PASSED" in out
-    report = load_bundle(bundle_copy.path).manifest.validation  # hashes re-written: it verifies
+    assert "self-test PASSED: onnxruntime" in out and "golden frames" in out and "machine:" in out
+    assert (bundle_copy.path / "manifest.json").read_bytes() == before
+
+
+def test_validate_with_the_model_reruns_the_gate_and_saves_it(
+    bundle_copy: Bundle, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["validate", str(bundle_copy.path), "--factory", FACTORY, "--samples", "3"]
+    assert main([*args, "--data", "synthetic:ultrasound?seed=8", "--golden-frames", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy gate: onnxruntime" in out and "dice_min" in out and "accuracy gate PASSED" in out
+    manifest = load_bundle(bundle_copy.path).manifest  # hashes re-written: it verifies
+    report = manifest.validation
     assert report.passed and report.samples == 3 and report.data_source == "synthetic:ultrasound?seed=8"
+    assert manifest.golden.frames == 2 and manifest.golden.data_source == "synthetic:ultrasound?seed=8"
 
 
 def test_validate_that_fails_marks_the_bundle_failed(bundle_copy: Bundle) -> None:
@@ -35,7 +53,8 @@ def test_validate_that_fails_marks_the_bundle_failed(bundle_copy: Bundle) -> Non
     from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from edgescope.runtime.server.registry import ModelRegistry
 
-    assert main(["validate", str(bundle_copy.path), "--samples", "2", "--min-dice", "1.5"]) == 1
+    args = ["validate", str(bundle_copy.path), "--factory", FACTORY, "--samples", "2", "--min-dice", "1.5"]
+    assert main(args) == 1
     assert not load_bundle(bundle_copy.path).manifest.validation.passed
     with pytest.raises(BundleError, match="accuracy gate"):
         ModelRegistry(OnnxRuntimeBackend()).load(bundle_copy.path)
@@ -46,23 +65,42 @@ def test_validate_refuses_other_weights(
 ) -> None:
     other = tmp_path / "other.pt"
     other.write_bytes((EXAMPLE / "weights.pt").read_bytes() + b"\0")
-    args = ["validate", str(bundle_copy.path), "--factory", str(EXAMPLE / "model.py") + ":build"]
+    args = ["validate", str(bundle_copy.path), "--factory", FACTORY]
     assert main([*args, "--weights", str(other)]) == 2
     assert "not the file this bundle was exported from" in capsys.readouterr().err
 
 
-def test_validate_without_a_model_source_says_what_to_give(
-    bundle_copy: Bundle, capsys: pytest.CaptureFixture[str]
+def test_validate_never_runs_the_factory_a_manifest_names(
+    bundle_copy: Bundle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    marker = tmp_path / "ran"
+    planted = tmp_path / "planted.py"
+    planted.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\ndef build(): ...\n")
     manifest = bundle_copy.manifest
-    manifest.model_source.CopyFrom(manifest_pb2.ModelSource())
+    manifest.model_source.factory = f"{planted}:build"
     write_manifest(bundle_copy.path, manifest)
-    assert main(["validate", str(bundle_copy.path)]) == 2
-    assert "--factory and --weights" in capsys.readouterr().err
+    assert main(["validate", str(bundle_copy.path)]) == 0  # the golden frames, nothing imported
+    assert main(["validate", str(bundle_copy.path), "--samples", "2"]) == 2
+    assert "needs --factory or --torchscript" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_validate_int8_reports_fake_quant_and_this_cpus_integer_kernels(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "int8"
+    args = ["export", "--name", "m", "--out", str(out), "--factory", FACTORY, "--weights", str(EXAMPLE / "weights.pt")]
+    args += ["--precision", "int8", "--calibration-data", "synthetic:ultrasound?seed=11", "--samples", "4"]
+    assert main([*args, "--no-engines", "--golden-frames", "2"]) == 0
+    assert "onnxruntime's integer kernels on this CPU" in capsys.readouterr().out
+    code = main(["validate", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0  # the verdict on the bundle is its fake-quant run, the same on every CPU
+    assert "int8 fake-quant on 2 golden frames" in printed and "int8 integer kernels on 2 golden frames" in printed
 
 
 def test_export_int8_without_calibration_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["export", "--name", "m", "--out", str(tmp_path / "b"), "--factory", str(EXAMPLE / "model.py") + ":build"]
+    args = ["export", "--name", "m", "--out", str(tmp_path / "b"), "--factory", FACTORY]
     assert main([*args, "--weights", str(EXAMPLE / "weights.pt"), "--precision", "int8"]) == 2
     assert "INT8 needs calibration frames" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
@@ -70,7 +108,7 @@ def test_export_int8_without_calibration_is_refused(tmp_path: Path, capsys: pyte
 
 def test_export_fp16_with_triton_and_no_engines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "b"
-    args = ["export", "--name", "m", "--out", str(out), "--factory", str(EXAMPLE / "model.py") + ":build"]
+    args = ["export", "--name", "m", "--out", str(out), "--factory", FACTORY]
     args += ["--weights", str(EXAMPLE / "weights.pt"), "--samples", "2", "--precision", "fp16"]
     assert main([*args, "--format", "triton", "--no-engines", "--fp32-ops", "Softmax,Resize"]) == 0
     printed = capsys.readouterr().out

@@ -278,6 +278,40 @@ INPUT_ROLE_STATE: InputRole.ValueType  # 3
 """A recurrent state tensor (see ModelManifest.state)."""
 Global___InputRole: _TypeAlias = InputRole  # noqa: Y015
 
+class _QuantExecution:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _QuantExecutionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_QuantExecution.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    QUANT_EXECUTION_UNSPECIFIED: _QuantExecution.ValueType  # 0
+    QUANT_EXECUTION_NONE: _QuantExecution.ValueType  # 1
+    """The graph has no Q/DQ nodes: floating point throughout."""
+    QUANT_EXECUTION_FAKE_QUANT: _QuantExecution.ValueType  # 2
+    """Q/DQ nodes run as written, in floating point (round and clamp at each Q): the
+    arithmetic TensorRT's INT8 engines reproduce, and the same on every CPU.
+    """
+    QUANT_EXECUTION_INTEGER: _QuantExecution.ValueType  # 3
+    """Fused into integer kernels (ONNX Runtime's QLinear ops on the CPU, TensorRT INT8
+    tactics): the result depends on those kernels (x86 without VNNI saturates).
+    """
+
+class QuantExecution(_QuantExecution, metaclass=_QuantExecutionEnumTypeWrapper):
+    """How a graph's Q/DQ (INT8) nodes were executed."""
+
+QUANT_EXECUTION_UNSPECIFIED: QuantExecution.ValueType  # 0
+QUANT_EXECUTION_NONE: QuantExecution.ValueType  # 1
+"""The graph has no Q/DQ nodes: floating point throughout."""
+QUANT_EXECUTION_FAKE_QUANT: QuantExecution.ValueType  # 2
+"""Q/DQ nodes run as written, in floating point (round and clamp at each Q): the
+arithmetic TensorRT's INT8 engines reproduce, and the same on every CPU.
+"""
+QUANT_EXECUTION_INTEGER: QuantExecution.ValueType  # 3
+"""Fused into integer kernels (ONNX Runtime's QLinear ops on the CPU, TensorRT INT8
+tactics): the result depends on those kernels (x86 without VNNI saturates).
+"""
+Global___QuantExecution: _TypeAlias = QuantExecution  # noqa: Y015
+
 @_typing.final
 class Dim(_message.Message):
     """One dimension of a tensor shape: a fixed size or a named dynamic axis."""
@@ -724,12 +758,21 @@ class MetricValue(_message.Message):
     THRESHOLD_FIELD_NUMBER: _builtins.int
     HIGHER_IS_BETTER_FIELD_NUMBER: _builtins.int
     PASSED_FIELD_NUMBER: _builtins.int
+    PER_FRAME_FIELD_NUMBER: _builtins.int
+    FRAMES_FAILED_FIELD_NUMBER: _builtins.int
+    WORST_FRAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     value: _builtins.float
     threshold: _builtins.float
+    """Infinity (or -Infinity): reported, no limit."""
     higher_is_better: _builtins.bool
     """True when larger is better (Dice); false for errors (max abs error)."""
     passed: _builtins.bool
+    per_frame: _builtins.bool
+    """True when the limit holds for every frame (a floor): value is then the worst frame's."""
+    frames_failed: _builtins.int
+    """Per-frame limits: how many frames miss it, and which frame is the worst (0-based)."""
+    worst_frame: _builtins.int
     def __init__(
         self,
         *,
@@ -738,14 +781,112 @@ class MetricValue(_message.Message):
         threshold: _builtins.float = ...,
         higher_is_better: _builtins.bool = ...,
         passed: _builtins.bool = ...,
+        per_frame: _builtins.bool = ...,
+        frames_failed: _builtins.int = ...,
+        worst_frame: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["higher_is_better", b"higher_is_better", "name", b"name", "passed", b"passed", "threshold", b"threshold", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frames_failed", b"frames_failed", "higher_is_better", b"higher_is_better", "name", b"name", "passed", b"passed", "per_frame", b"per_frame", "threshold", b"threshold", "value", b"value", "worst_frame", b"worst_frame"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MetricValue: _TypeAlias = MetricValue  # noqa: Y015
+
+@_typing.final
+class RunnerInfo(_message.Message):
+    """What produced a set of outputs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    QUANT_EXECUTION_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    ARTIFACT_SHA256_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"pytorch", "onnxruntime", "tensorrt", "remote", or "stored" (outputs saved in the bundle)."""
+    version: _builtins.str
+    device: _builtins.str
+    """"cpu", "cuda:0", "remote:HOST:PORT"."""
+    precision: Global___Precision.ValueType
+    quant_execution: Global___QuantExecution.ValueType
+    detail: _builtins.str
+    """What else decides its numbers: execution providers and graph optimisation, the engine
+    plan, the remote model and version.
+    """
+    artifact_sha256: _builtins.str
+    """sha256 of the graph or plan it ran."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        version: _builtins.str = ...,
+        device: _builtins.str = ...,
+        precision: Global___Precision.ValueType = ...,
+        quant_execution: Global___QuantExecution.ValueType = ...,
+        detail: _builtins.str = ...,
+        artifact_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_sha256", b"artifact_sha256", "detail", b"detail", "device", b"device", "kind", b"kind", "precision", b"precision", "quant_execution", b"quant_execution", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunnerInfo: _TypeAlias = RunnerInfo  # noqa: Y015
+
+@_typing.final
+class Machine(_message.Message):
+    """The machine an evaluation ran on, as far as it decides the numbers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CPU_FIELD_NUMBER: _builtins.int
+    ARCHITECTURE_FIELD_NUMBER: _builtins.int
+    ISA_LEVEL_FIELD_NUMBER: _builtins.int
+    ISA_FEATURES_FIELD_NUMBER: _builtins.int
+    GPU_FIELD_NUMBER: _builtins.int
+    COMPUTE_CAPABILITY_FIELD_NUMBER: _builtins.int
+    TENSORRT_VERSION_FIELD_NUMBER: _builtins.int
+    OS_FIELD_NUMBER: _builtins.int
+    cpu: _builtins.str
+    architecture: _builtins.str
+    """"x86_64", "aarch64"."""
+    isa_level: _builtins.str
+    """x86-64 micro-architecture level ("x86-64-v3"), or "aarch64"."""
+    gpu: _builtins.str
+    compute_capability: _builtins.str
+    """"major.minor", e.g. "9.0"."""
+    tensorrt_version: _builtins.str
+    os: _builtins.str
+    @_builtins.property
+    def isa_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Instruction-set features that change numeric results: avx512f, avx512_vnni, avx_vnni,
+        amx_int8 (x86); asimddp, i8mm, asimdhp, sve, bf16 (aarch64).
+        """
+
+    def __init__(
+        self,
+        *,
+        cpu: _builtins.str = ...,
+        architecture: _builtins.str = ...,
+        isa_level: _builtins.str = ...,
+        isa_features: _abc.Iterable[_builtins.str] | None = ...,
+        gpu: _builtins.str = ...,
+        compute_capability: _builtins.str = ...,
+        tensorrt_version: _builtins.str = ...,
+        os: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "compute_capability", b"compute_capability", "cpu", b"cpu", "gpu", b"gpu", "isa_features", b"isa_features", "isa_level", b"isa_level", "os", b"os", "tensorrt_version", b"tensorrt_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Machine: _TypeAlias = Machine  # noqa: Y015
 
 @_typing.final
 class ValidationReport(_message.Message):
@@ -758,14 +899,33 @@ class ValidationReport(_message.Message):
     SAMPLES_FIELD_NUMBER: _builtins.int
     DATA_SOURCE_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    REFERENCE_RUNNER_FIELD_NUMBER: _builtins.int
+    CANDIDATE_RUNNER_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    MACHINE_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
     passed: _builtins.bool
     forced: _builtins.bool
     reference: _builtins.str
+    """reference_runner and candidate_runner in words."""
     candidate: _builtins.str
     samples: _builtins.int
     data_source: _builtins.str
+    precision: Global___Precision.ValueType
+    created_at: _builtins.str
     @_builtins.property
     def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricValue]: ...
+    @_builtins.property
+    def reference_runner(self) -> Global___RunnerInfo: ...
+    @_builtins.property
+    def candidate_runner(self) -> Global___RunnerInfo: ...
+    @_builtins.property
+    def machine(self) -> Global___Machine: ...
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why it failed, one line per limit missed; empty when it passed."""
+
     def __init__(
         self,
         *,
@@ -776,14 +936,188 @@ class ValidationReport(_message.Message):
         samples: _builtins.int = ...,
         data_source: _builtins.str = ...,
         metrics: _abc.Iterable[Global___MetricValue] | None = ...,
+        reference_runner: Global___RunnerInfo | None = ...,
+        candidate_runner: Global___RunnerInfo | None = ...,
+        precision: Global___Precision.ValueType = ...,
+        machine: Global___Machine | None = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        created_at: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["candidate_runner", b"candidate_runner", "machine", b"machine", "reference_runner", b"reference_runner"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate", b"candidate", "data_source", b"data_source", "forced", b"forced", "metrics", b"metrics", "passed", b"passed", "reference", b"reference", "samples", b"samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate", b"candidate", "candidate_runner", b"candidate_runner", "created_at", b"created_at", "data_source", b"data_source", "forced", b"forced", "machine", b"machine", "metrics", b"metrics", "passed", b"passed", "precision", b"precision", "reasons", b"reasons", "reference", b"reference", "reference_runner", b"reference_runner", "samples", b"samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ValidationReport: _TypeAlias = ValidationReport  # noqa: Y015
+
+@_typing.final
+class GateLimits(_message.Message):
+    """The gate's limits (export.GateThresholds); see the README's Precision section."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_ABS_ERROR_FIELD_NUMBER: _builtins.int
+    MIN_DICE_FIELD_NUMBER: _builtins.int
+    MIN_FRAME_DICE_FIELD_NUMBER: _builtins.int
+    MIN_TOP1_AGREEMENT_FIELD_NUMBER: _builtins.int
+    MAX_PROBABILITY_DIFFERENCE_FIELD_NUMBER: _builtins.int
+    MIN_BOX_MATCH_FIELD_NUMBER: _builtins.int
+    MIN_BOX_IOU_FIELD_NUMBER: _builtins.int
+    MIN_PSNR_DB_FIELD_NUMBER: _builtins.int
+    MIN_SSIM_FIELD_NUMBER: _builtins.int
+    MAX_SCORE_DIFFERENCE_FIELD_NUMBER: _builtins.int
+    max_abs_error: _builtins.float
+    min_dice: _builtins.float
+    """Segmentation: the mean Dice over the frames, and the floor every frame must reach."""
+    min_frame_dice: _builtins.float
+    min_top1_agreement: _builtins.float
+    max_probability_difference: _builtins.float
+    min_box_match: _builtins.float
+    min_box_iou: _builtins.float
+    min_psnr_db: _builtins.float
+    min_ssim: _builtins.float
+    max_score_difference: _builtins.float
+    def __init__(
+        self,
+        *,
+        max_abs_error: _builtins.float = ...,
+        min_dice: _builtins.float = ...,
+        min_frame_dice: _builtins.float = ...,
+        min_top1_agreement: _builtins.float = ...,
+        max_probability_difference: _builtins.float = ...,
+        min_box_match: _builtins.float = ...,
+        min_box_iou: _builtins.float = ...,
+        min_psnr_db: _builtins.float = ...,
+        min_ssim: _builtins.float = ...,
+        max_score_difference: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_abs_error", b"max_abs_error", "max_probability_difference", b"max_probability_difference", "max_score_difference", b"max_score_difference", "min_box_iou", b"min_box_iou", "min_box_match", b"min_box_match", "min_dice", b"min_dice", "min_frame_dice", b"min_frame_dice", "min_psnr_db", b"min_psnr_db", "min_ssim", b"min_ssim", "min_top1_agreement", b"min_top1_agreement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GateLimits: _TypeAlias = GateLimits  # noqa: Y015
+
+@_typing.final
+class GoldenFrames(_message.Message):
+    """Golden frames: preprocessed inputs with the outputs they must give, so any device can
+    check before serving that it runs the model as it was gated (SelfTestReport).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    FRAMES_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    DATA_SOURCE_FIELD_NUMBER: _builtins.int
+    GATE_FRAMES_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    REFERENCE_RUNNER_FIELD_NUMBER: _builtins.int
+    GATED_RUNNER_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """The compressed numpy archive in the bundle, listed and hashed in `files` like every file."""
+    frames: _builtins.int
+    sequence: _builtins.bool
+    """Stateful models: the frames are a sequence, replayed in order from the initial state."""
+    data_source: _builtins.str
+    """Where the frames came from, and their indices among the gate's frames."""
+    @_builtins.property
+    def gate_frames(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The outputs stored per frame, in this order."""
+
+    @_builtins.property
+    def reference_runner(self) -> Global___RunnerInfo:
+        """Whose outputs are stored: the reference (PyTorch) and, for reduced precision, the
+        graph as the gate ran it (fake-quant for INT8); unset when only the reference is.
+        """
+
+    @_builtins.property
+    def gated_runner(self) -> Global___RunnerInfo: ...
+    @_builtins.property
+    def limits(self) -> Global___GateLimits:
+        """The limits the gate applied, which the self-test applies too."""
+
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        frames: _builtins.int = ...,
+        sequence: _builtins.bool = ...,
+        data_source: _builtins.str = ...,
+        gate_frames: _abc.Iterable[_builtins.int] | None = ...,
+        outputs: _abc.Iterable[_builtins.str] | None = ...,
+        reference_runner: Global___RunnerInfo | None = ...,
+        gated_runner: Global___RunnerInfo | None = ...,
+        limits: Global___GateLimits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gated_runner", b"gated_runner", "limits", b"limits", "reference_runner", b"reference_runner"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_source", b"data_source", "frames", b"frames", "gate_frames", b"gate_frames", "gated_runner", b"gated_runner", "limits", b"limits", "outputs", b"outputs", "path", b"path", "reference_runner", b"reference_runner", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GoldenFrames: _TypeAlias = GoldenFrames  # noqa: Y015
+
+@_typing.final
+class SelfTestReport(_message.Message):
+    """Golden frames run on one device through one runner: the verdict at model load and at
+    engine build. `versus_reference` holds every frame to the gate's per-frame limits
+    against the stored reference; `versus_gated` holds the run to all the gate's limits
+    against the outputs the gate accepted (reduced precision; absent otherwise).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PASSED_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    RUNNER_FIELD_NUMBER: _builtins.int
+    MACHINE_FIELD_NUMBER: _builtins.int
+    FRAMES_FIELD_NUMBER: _builtins.int
+    VERSUS_REFERENCE_FIELD_NUMBER: _builtins.int
+    VERSUS_GATED_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    passed: _builtins.bool
+    frames: _builtins.int
+    created_at: _builtins.str
+    seconds: _builtins.float
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why it failed, one line each; empty when it passed."""
+
+    @_builtins.property
+    def runner(self) -> Global___RunnerInfo: ...
+    @_builtins.property
+    def machine(self) -> Global___Machine: ...
+    @_builtins.property
+    def versus_reference(self) -> Global___ValidationReport: ...
+    @_builtins.property
+    def versus_gated(self) -> Global___ValidationReport: ...
+    def __init__(
+        self,
+        *,
+        passed: _builtins.bool = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        runner: Global___RunnerInfo | None = ...,
+        machine: Global___Machine | None = ...,
+        frames: _builtins.int = ...,
+        versus_reference: Global___ValidationReport | None = ...,
+        versus_gated: Global___ValidationReport | None = ...,
+        created_at: _builtins.str = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["machine", b"machine", "runner", b"runner", "versus_gated", b"versus_gated", "versus_reference", b"versus_reference"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "frames", b"frames", "machine", b"machine", "passed", b"passed", "reasons", b"reasons", "runner", b"runner", "seconds", b"seconds", "versus_gated", b"versus_gated", "versus_reference", b"versus_reference"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SelfTestReport: _TypeAlias = SelfTestReport  # noqa: Y015
 
 @_typing.final
 class ModelManifest(_message.Message):
@@ -811,6 +1145,7 @@ class ModelManifest(_message.Message):
     ENGINES_FIELD_NUMBER: _builtins.int
     EXTRA_VALIDATION_FIELD_NUMBER: _builtins.int
     MODEL_SOURCE_FIELD_NUMBER: _builtins.int
+    GOLDEN_FIELD_NUMBER: _builtins.int
     schema_version: _builtins.int
     name: _builtins.str
     version: _builtins.str
@@ -858,7 +1193,11 @@ class ModelManifest(_message.Message):
 
     @_builtins.property
     def model_source(self) -> Global___ModelSource:
-        """Where the PyTorch original came from, so `edgescope validate` can re-run it."""
+        """Where the PyTorch original came from (`edgescope validate --factory` can re-run it)."""
+
+    @_builtins.property
+    def golden(self) -> Global___GoldenFrames:
+        """Frames every device runs before serving the model (see GoldenFrames)."""
 
     def __init__(
         self,
@@ -885,10 +1224,11 @@ class ModelManifest(_message.Message):
         engines: _abc.Iterable[Global___EngineEntry] | None = ...,
         extra_validation: _abc.Iterable[Global___ValidationReport] | None = ...,
         model_source: Global___ModelSource | None = ...,
+        golden: Global___GoldenFrames | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model_source", b"model_source", "postprocessing", b"postprocessing", "precision_settings", b"precision_settings", "preprocessing", b"preprocessing", "validation", b"validation", "versions", b"versions"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["golden", b"golden", "model_source", b"model_source", "postprocessing", b"postprocessing", "precision_settings", b"precision_settings", "preprocessing", b"preprocessing", "validation", b"validation", "versions", b"versions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "engines", b"engines", "extra_validation", b"extra_validation", "files", b"files", "input_bindings", b"input_bindings", "inputs", b"inputs", "labels", b"labels", "model_source", b"model_source", "name", b"name", "outputs", b"outputs", "postprocessing", b"postprocessing", "precision", b"precision", "precision_settings", b"precision_settings", "preprocessing", b"preprocessing", "schema_version", b"schema_version", "source_sha256", b"source_sha256", "state", b"state", "task", b"task", "validation", b"validation", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "engines", b"engines", "extra_validation", b"extra_validation", "files", b"files", "golden", b"golden", "input_bindings", b"input_bindings", "inputs", b"inputs", "labels", b"labels", "model_source", b"model_source", "name", b"name", "outputs", b"outputs", "postprocessing", b"postprocessing", "precision", b"precision", "precision_settings", b"precision_settings", "preprocessing", b"preprocessing", "schema_version", b"schema_version", "source_sha256", b"source_sha256", "state", b"state", "task", b"task", "validation", b"validation", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -931,11 +1271,16 @@ class CalibrationInfo(_message.Message):
     SAMPLES_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
     PER_CHANNEL_FIELD_NUMBER: _builtins.int
+    REDUCE_RANGE_FIELD_NUMBER: _builtins.int
     data_source: _builtins.str
     samples: _builtins.int
     method: _builtins.str
     """onnxruntime's calibration method (minmax, entropy, percentile) or the TensorRT calibrator."""
     per_channel: _builtins.bool
+    reduce_range: _builtins.bool
+    """Weights in 7 bits: ONNX Runtime's integer kernels on x86 CPUs without VNNI then
+    cannot saturate, at some cost in precision everywhere (TensorRT included).
+    """
     def __init__(
         self,
         *,
@@ -943,10 +1288,11 @@ class CalibrationInfo(_message.Message):
         samples: _builtins.int = ...,
         method: _builtins.str = ...,
         per_channel: _builtins.bool = ...,
+        reduce_range: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_source", b"data_source", "method", b"method", "per_channel", b"per_channel", "samples", b"samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_source", b"data_source", "method", b"method", "per_channel", b"per_channel", "reduce_range", b"reduce_range", "samples", b"samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1011,6 +1357,7 @@ class EngineEntry(_message.Message):
     ONNX_SHA256_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     CALIBRATION_FIELD_NUMBER: _builtins.int
+    SELF_TEST_FIELD_NUMBER: _builtins.int
     plan: _builtins.str
     gpu_name: _builtins.str
     compute_capability: _builtins.str
@@ -1035,6 +1382,10 @@ class EngineEntry(_message.Message):
     created_at: _builtins.str
     @_builtins.property
     def calibration(self) -> Global___CalibrationInfo: ...
+    @_builtins.property
+    def self_test(self) -> Global___SelfTestReport:
+        """The engine run on the bundle's golden frames right after it was built."""
+
     def __init__(
         self,
         *,
@@ -1056,10 +1407,11 @@ class EngineEntry(_message.Message):
         onnx_sha256: _builtins.str = ...,
         created_at: _builtins.str = ...,
         calibration: Global___CalibrationInfo | None = ...,
+        self_test: Global___SelfTestReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "self_test", b"self_test"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["builder_optimization_level", b"builder_optimization_level", "calibration", b"calibration", "compute_capability", b"compute_capability", "created_at", b"created_at", "dla_core", b"dla_core", "gpu_name", b"gpu_name", "hardware_compatibility", b"hardware_compatibility", "max_batch", b"max_batch", "min_batch", b"min_batch", "onnx_sha256", b"onnx_sha256", "opt_batch", b"opt_batch", "plan", b"plan", "precision", b"precision", "sm_count", b"sm_count", "strongly_typed", b"strongly_typed", "tensorrt_version", b"tensorrt_version", "version_compatible", b"version_compatible", "workspace_bytes", b"workspace_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["builder_optimization_level", b"builder_optimization_level", "calibration", b"calibration", "compute_capability", b"compute_capability", "created_at", b"created_at", "dla_core", b"dla_core", "gpu_name", b"gpu_name", "hardware_compatibility", b"hardware_compatibility", "max_batch", b"max_batch", "min_batch", b"min_batch", "onnx_sha256", b"onnx_sha256", "opt_batch", b"opt_batch", "plan", b"plan", "precision", b"precision", "self_test", b"self_test", "sm_count", b"sm_count", "strongly_typed", b"strongly_typed", "tensorrt_version", b"tensorrt_version", "version_compatible", b"version_compatible", "workspace_bytes", b"workspace_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

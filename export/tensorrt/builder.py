@@ -12,12 +12,18 @@ Precision follows the TensorRT generation:
 
 FP32 engines clear the TF32 flag: TensorRT would otherwise run FP32
 convolutions in TF32 on Ampere and later, a precision nobody asked for.
+
+Every engine is gated right after it is built: the bundle's golden frames run
+through it on this GPU with the evaluator the load self-test uses, and its
+sidecar keeps the report. An engine that fails is deleted with the reason
+(``force`` keeps it, marked failed; the server's self-test refuses it too).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,11 +31,17 @@ from typing import Any
 
 from edgescope.bundle import ENGINES_DIR, Bundle, write_manifest
 from edgescope.engines import GPU, PRECISION_NAMES, DeviceFacts, EngineKey, device_facts, write_sidecar
-from edgescope.errors import ConfigError, ExportError
+from edgescope.errors import ConfigError, EdgescopeError, ExportError, ValidationFailedError
 from edgescope.export.tensorrt import _trt
+from edgescope.runtime.evaluation.machine import describe_machine
+from edgescope.runtime.evaluation.report import now
+from edgescope.runtime.evaluation.runners import Runner, describe, tensorrt_info, tensorrt_runner
+from edgescope.runtime.evaluation.selftest import format_self_test, self_test
 from edgescope.v1 import manifest_pb2
 
 Log = Callable[[str], None]
+# Opens the built engine as a runner (the runtime's TensorRT session; a stand-in in tests).
+EngineRunner = Callable[..., AbstractContextManager[Runner]]
 
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
 TRT10_ONLY = frozenset({"FP16", "INT8", "int8_calibrator", "set_calibration_profile"})
@@ -54,6 +66,8 @@ class EngineOptions:
     calibration_data: str | None = None
     calibration_samples: int = 32
     device: int = 0
+    # Keep an engine that fails its golden-frame gate, marked failed in its sidecar.
+    force: bool = False
 
 
 def _plan(bundle: Bundle, options: EngineOptions, generation: int) -> tuple[str, bool]:
@@ -150,8 +164,13 @@ def build_engine(
     *,
     device: DeviceFacts | None = None,
     log: Log = print,
+    engine_runner: EngineRunner = tensorrt_runner,
 ) -> manifest_pb2.EngineEntry:
-    """Build, write ``engines/<key>.plan`` and its sidecar, and re-hash the manifest."""
+    """Build, gate on the golden frames, write ``engines/<key>.plan`` and its sidecar, and re-hash the manifest.
+
+    Raises ValidationFailedError (and keeps nothing) when the engine fails its
+    gate, unless ``options.force``.
+    """
     _check_options(options)
     trt = _trt.load()
     generation = _trt.major(trt)
@@ -205,10 +224,40 @@ def build_engine(
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         calibration=calibration,
     )
+    log(f"  {'build TensorRT ' + precision + ' engine':<34} {time.perf_counter() - start:7.2f} s  {entry.plan}")
+    entry.self_test.CopyFrom(gate_engine(bundle, entry, options.device, describe_machine(device), engine_runner))
+    log(format_self_test(entry.self_test))
+    if not entry.self_test.passed and not options.force:
+        plan_path.unlink()
+        raise ValidationFailedError(
+            f"{entry.plan} failed its golden-frame gate on {device.gpu_name} ({'; '.join(entry.self_test.reasons)}); "
+            "it was not kept (pass force to keep it, marked failed)"
+        )
     write_sidecar(sidecar_path, entry)
     record_engine(bundle, entry)
-    log(f"  {'build TensorRT ' + precision + ' engine':<34} {time.perf_counter() - start:7.2f} s  {entry.plan}")
     return entry
+
+
+def gate_engine(
+    bundle: Bundle,
+    entry: manifest_pb2.EngineEntry,
+    device: int,
+    machine: manifest_pb2.Machine,
+    engine_runner: EngineRunner = tensorrt_runner,
+) -> manifest_pb2.SelfTestReport:
+    """The engine ``entry`` names, run on the bundle's golden frames; an engine that cannot even load fails."""
+    try:
+        with engine_runner(bundle, entry, device=device) as runner:
+            return self_test(bundle, runner.infer, runner.info, machine=machine)
+    except EdgescopeError as exc:
+        info = tensorrt_info(entry, "", device)
+        return manifest_pb2.SelfTestReport(
+            passed=False,
+            reasons=[f"{describe(info)} could not run: {exc}"],
+            runner=info,
+            machine=machine,
+            created_at=now(),
+        )
 
 
 def record_engine(bundle: Bundle, entry: manifest_pb2.EngineEntry) -> None:
