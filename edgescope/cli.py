@@ -333,6 +333,18 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="a second, self-tested backend that serves a model, flagged degraded, while its primary fails",
     )
     p.add_argument("--remote-url", default="", help="host:port of the Triton/KServe v2 server for --backend remote")
+    p.add_argument(
+        "--skip-self-test",
+        action="store_true",
+        help="serve without running each bundle's golden frames here first (experiments; every result says so)",
+    )
+    p.add_argument(
+        "--int8-execution",
+        default="integer",
+        choices=["integer", "fake-quant"],
+        help="onnxruntime, INT8 graphs: this CPU's integer kernels (served only if the self-test passes) "
+        "or fake-quant in float (slower, the same on every CPU)",
+    )
     p.add_argument("--policy", choices=["every", "live"], default="every", help="default for streams that set none")
     p.add_argument("--deadline-ms", type=int, default=0, help="default per-frame budget from receipt (0: none)")
     p.add_argument("--max-batch", type=int, default=8, help="cross-stream batch size for dynamic-batch models")
@@ -405,6 +417,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         allow_failed_validation=args.allow_failed_validation,
         grace_s=args.grace,
+        self_test=not args.skip_self_test,
         scheduling=SchedulerConfig(
             policy=stream_pb2.STREAM_POLICY_LIVE if args.policy == "live" else stream_pb2.STREAM_POLICY_EVERY,
             deadline_ms=args.deadline_ms,
@@ -461,7 +474,7 @@ def _backend(kind: str, args: argparse.Namespace) -> Backend:
         from edgescope.runtime.backends.remote import RemoteBackend
 
         return RemoteBackend(args.remote_url)
-    from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from edgescope.runtime.backends.onnxruntime import FAKE_QUANT, INTEGER, OnnxRuntimeBackend
 
     # ONNX Runtime as the fallback keeps to the CPU: the primary is the accelerator that failed.
     providers = args.providers if kind == args.backend else "CPUExecutionProvider"
@@ -469,6 +482,7 @@ def _backend(kind: str, args: argparse.Namespace) -> Backend:
         providers=[p for p in providers.split(",") if p],
         intra_op_threads=args.intra_op_threads or None,
         instances=args.instances or OnnxRuntimeBackend.default_instances,
+        int8_execution=FAKE_QUANT if args.int8_execution == "fake-quant" else INTEGER,
     )
 
 

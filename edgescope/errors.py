@@ -11,6 +11,7 @@
     ├── SourceError              a frame source cannot be opened or read
     ├── FrameError               one frame is malformed (the stream goes on)
     ├── ModelNotFoundError       a request names a model that is not loaded
+    ├── SelfTestFailedError      a model did not reproduce its golden frames on this device
     ├── OverloadError            the server has no room for the request now
     ├── BackendError             an inference backend failed
     ├── AuthenticationError      a caller's credentials are missing or wrong
@@ -63,6 +64,10 @@ class FrameError(EdgescopeError):
 
 class ModelNotFoundError(EdgescopeError):
     """A request names a model the server has not loaded."""
+
+
+class SelfTestFailedError(EdgescopeError):
+    """A model did not reproduce its golden frames on this device, so it is not served."""
 
 
 class OverloadError(EdgescopeError):

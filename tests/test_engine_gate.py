@@ -7,6 +7,7 @@ and gates a real engine.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -108,17 +109,25 @@ def test_a_precision_other_than_the_bundles_is_held_to_that_precisions_limits(bu
 
 
 class FakeTensorRTSession:
-    """Shaped like the runtime's TensorRTSession (built from manifest and plan, infer, a context manager)."""
+    """Shaped like the runtime's TensorRTSession (built from manifest, plan bytes and sidecar; infer; describe;
+    a context manager); runs the bundle's graph, which it finds beside the plan's test bundle."""
 
-    opened: ClassVar[list[Path]] = []
+    opened: ClassVar[list[tuple[bytes, str]]] = []
+    bundle: ClassVar[Path]
 
-    def __init__(self, manifest: manifest_pb2.ModelManifest, plan: Path, *, device: int = 0) -> None:
-        self.opened.append(plan)
-        self._graph = onnxruntime_runner(plan.parent.parent / "model.onnx", manifest.precision)
+    def __init__(
+        self, manifest: manifest_pb2.ModelManifest, plan: bytes, entry: manifest_pb2.EngineEntry, *, device: int = 0
+    ) -> None:
+        self.opened.append((plan, entry.plan))
+        self._graph = onnxruntime_runner(self.bundle / "model.onnx", manifest.precision)
+        self._info = tensorrt_info(entry, hashlib.sha256(plan).hexdigest(), device)
         self.closed = False
 
     def infer(self, feed: Feed) -> Outputs:
         return self._graph.infer(feed)
+
+    def describe(self) -> manifest_pb2.RunnerInfo:
+        return self._info
 
     def __enter__(self) -> FakeTensorRTSession:
         return self
@@ -133,6 +142,7 @@ def test_the_tensorrt_runner_opens_the_engine_through_the_runtime_session(
     import edgescope.runtime.backends.tensorrt as tensorrt_backend
 
     monkeypatch.setattr(tensorrt_backend, "TensorRTSession", FakeTensorRTSession)
+    monkeypatch.setattr(FakeTensorRTSession, "bundle", bundle_copy.path, raising=False)
     plan = bundle_copy.path / "engines" / "nvidia-h200_sm90_132sm_trt10.16.1_fp32.plan"
     plan.parent.mkdir()
     plan.write_bytes(b"plan")
@@ -142,7 +152,7 @@ def test_the_tensorrt_runner_opens_the_engine_through_the_runtime_session(
     with tensorrt_runner(bundle_copy, entry, device=1) as runner:
         assert runner.info == tensorrt_info(entry, sha256_file(plan), 1)
         report = self_test(bundle_copy, runner.infer, runner.info)
-    assert FakeTensorRTSession.opened[-1] == plan
+    assert FakeTensorRTSession.opened[-1] == (b"plan", entry.plan)
     assert report.passed and report.runner.device == "cuda:1"
 
 

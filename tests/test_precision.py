@@ -223,6 +223,39 @@ def test_reduced_precision_runs_batches_in_onnxruntime_cpu(which: str, request: 
     assert np.allclose(batched, single, atol=0.05)
 
 
+@pytest.mark.parametrize("which", ["int8_bundle", "int8_reduced_range_bundle"])
+def test_the_server_serves_integer_kernels_only_when_they_pass_the_self_test(
+    which: str, request: pytest.FixtureRequest
+) -> None:
+    from edgescope.errors import SelfTestFailedError
+    from edgescope.runtime.backends.onnxruntime import FAKE_QUANT, OnnxRuntimeBackend
+    from edgescope.runtime.server.registry import ModelRegistry
+
+    int8_bundle: Bundle = request.getfixturevalue(which)
+    # The verdict the test above checks against a hand-computed one.
+    expected = onnxruntime_self_test(int8_bundle, quant=INTEGER)
+    integer = ModelRegistry(OnnxRuntimeBackend(intra_op_threads=1))
+    try:
+        if expected.passed:
+            served = integer.load(int8_bundle.path)
+            assert served.self_test is not None and served.self_test.passed
+            assert served.provenance.self_test.startswith("passed") and "integer kernels" in served.provenance.self_test
+        else:
+            with pytest.raises(SelfTestFailedError, match="did not reproduce its golden frames") as refused:
+                integer.load(int8_bundle.path)
+            assert all(reason in str(refused.value) for reason in expected.reasons)
+            assert "x86" in str(refused.value) or "aarch64" in str(refused.value)  # the machine is named
+            assert integer.names() == [] and int8_bundle.manifest.name in integer.failed()
+    finally:
+        integer.close()
+    # As fake-quant, what the gate accepted, it is served on any CPU.
+    fake = ModelRegistry(OnnxRuntimeBackend(intra_op_threads=1, int8_execution=FAKE_QUANT))
+    try:
+        assert "fake-quant" in fake.load(int8_bundle.path).provenance.self_test
+    finally:
+        fake.close()
+
+
 def test_reduced_precision_bundles_are_served(fp16_bundle: Bundle) -> None:
     from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from edgescope.runtime.server.registry import ModelRegistry

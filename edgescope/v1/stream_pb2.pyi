@@ -1125,6 +1125,7 @@ class ModelInfo(_message.Message):
     PROVENANCE_FIELD_NUMBER: _builtins.int
     NOT_READY_REASON_FIELD_NUMBER: _builtins.int
     INSTANCES_FIELD_NUMBER: _builtins.int
+    SELF_TEST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     backend: _builtins.str
     ready: _builtins.bool
@@ -1138,6 +1139,10 @@ class ModelInfo(_message.Message):
     def provenance(self) -> Global___Provenance:
         """What results of this model carry as provenance now (degraded or not)."""
 
+    @_builtins.property
+    def self_test(self) -> _manifest_pb2.SelfTestReport:
+        """The golden frames on this device before serving: the verdict, the runner, the machine."""
+
     def __init__(
         self,
         *,
@@ -1148,10 +1153,11 @@ class ModelInfo(_message.Message):
         provenance: Global___Provenance | None = ...,
         not_ready_reason: _builtins.str = ...,
         instances: _builtins.int = ...,
+        self_test: _manifest_pb2.SelfTestReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "provenance", b"provenance"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "provenance", b"provenance", "self_test", b"self_test"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "instances", b"instances", "manifest", b"manifest", "name", b"name", "not_ready_reason", b"not_ready_reason", "provenance", b"provenance", "ready", b"ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "instances", b"instances", "manifest", b"manifest", "name", b"name", "not_ready_reason", b"not_ready_reason", "provenance", b"provenance", "ready", b"ready", "self_test", b"self_test"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -77,6 +77,12 @@ class Session(ABC):
     @abstractmethod
     def _infer_impl(self, feed: Feed) -> Outputs: ...
 
+    def describe(self) -> manifest_pb2.RunnerInfo:
+        """What computes this session's numbers (backend, device, precision, artifact), for reports and provenance."""
+        return manifest_pb2.RunnerInfo(
+            kind=self.backend_name, device=self.capabilities.device, precision=self.manifest.precision
+        )
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -13,6 +13,7 @@ gRPC need between frames.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +26,49 @@ from edgescope.v1 import manifest_pb2
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
+FAKE_QUANT = manifest_pb2.QUANT_EXECUTION_FAKE_QUANT
+INTEGER = manifest_pb2.QUANT_EXECUTION_INTEGER
+NO_QUANT = manifest_pb2.QUANT_EXECUTION_NONE
+
+
+def session_options(quant: manifest_pb2.QuantExecution.ValueType, threads: int | None = None) -> ort.SessionOptions:
+    """ONNX Runtime options that run a graph's Q/DQ nodes as ``quant`` says.
+
+    Fake-quant keeps every QuantizeLinear/DequantizeLinear as its own node
+    (``session.disable_quant_qdq``) and stops at the basic optimisations
+    (constant folding, no layout or kernel fusions), so convolutions and
+    matrix products run in float and no integer kernel is ever chosen.
+    Otherwise every optimisation is on: Q/DQ groups become QLinearConv and
+    the like, whose results depend on the CPU's integer instructions.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    if quant == FAKE_QUANT:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    else:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+def onnxruntime_info(
+    precision: manifest_pb2.Precision.ValueType,
+    quant: manifest_pb2.QuantExecution.ValueType,
+    providers: Sequence[str],
+    artifact_sha256: str,
+) -> manifest_pb2.RunnerInfo:
+    cpu_only = list(providers) == ["CPUExecutionProvider"]
+    return manifest_pb2.RunnerInfo(
+        kind="onnxruntime",
+        version=ort.__version__,
+        device="cpu" if cpu_only else providers[0].removesuffix("ExecutionProvider").lower(),
+        precision=precision,
+        quant_execution=quant,
+        detail="" if cpu_only else ",".join(providers),
+        artifact_sha256=artifact_sha256,
+    )
+
 
 class OnnxRuntimeSession(Session):
     backend_name = "onnxruntime"
@@ -33,9 +77,11 @@ class OnnxRuntimeSession(Session):
         self,
         manifest: manifest_pb2.ModelManifest,
         inference: ort.InferenceSession,
+        info: manifest_pb2.RunnerInfo,
     ) -> None:
         super().__init__(manifest)
         self._session = inference
+        self._info = info
         self._output_names = [o.name for o in inference.get_outputs()]
         self._provider = inference.get_providers()[0]
 
@@ -54,6 +100,9 @@ class OnnxRuntimeSession(Session):
             raise BackendError(f"onnxruntime failed on {self.manifest.name}: {exc}") from exc
         return {name: np.asarray(v) for name, v in zip(self._output_names, values, strict=True)}
 
+    def describe(self) -> manifest_pb2.RunnerInfo:
+        return self._info
+
     def _close_impl(self) -> None:
         # onnxruntime frees the session with the last reference.
         del self._session
@@ -69,6 +118,7 @@ class OnnxRuntimeBackend:
         intra_op_threads: int | None = None,
         *,
         instances: int = 1,
+        int8_execution: manifest_pb2.QuantExecution.ValueType = INTEGER,
     ) -> None:
         available = ort.get_available_providers()
         missing = [p for p in providers if p not in available]
@@ -80,18 +130,21 @@ class OnnxRuntimeBackend:
             )
         self.providers = list(providers)
         self.intra_op_threads = intra_op_threads or max(1, cpu_cores() // max(1, instances))
+        # How an INT8 (Q/DQ) graph runs: this CPU's integer kernels (fast, and trusted only once the
+        # load self-test shows they reproduce the gated numbers), or fake-quant (float, the same everywhere).
+        self.int8_execution = int8_execution
 
     def load(self, bundle: Bundle) -> OnnxRuntimeSession:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.intra_op_threads
-        options.inter_op_num_threads = 1
+        precision = bundle.manifest.precision
+        mode = self.int8_execution if precision == manifest_pb2.PRECISION_INT8 else NO_QUANT
+        options = session_options(mode, self.intra_op_threads)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # From the bytes that were just checked against the manifest, not the path again.
         model = bundle.onnx_bytes()
         try:
             inference = ort.InferenceSession(model, sess_options=options, providers=self.providers)
         except Exception as exc:
             raise BackendError(f"onnxruntime cannot load {bundle.onnx_path}: {exc}") from exc
-        return OnnxRuntimeSession(bundle.manifest, inference)
+        info = onnxruntime_info(precision, mode, inference.get_providers(), bundle.onnx_sha256)
+        return OnnxRuntimeSession(bundle.manifest, inference, info)

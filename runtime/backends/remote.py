@@ -90,6 +90,9 @@ class RemoteSession(Session):
             raise BackendError(f"remote inference on {self._url} ({self._remote_model}) failed: {exc}") from exc
         return {name: np.asarray(result.as_numpy(name)) for name in self._output_names}
 
+    def describe(self) -> manifest_pb2.RunnerInfo:
+        return remote_info(self._url, self._remote_model, self._remote_version, self.manifest.precision)
+
     def _close_impl(self) -> None:
         self._client.close()
 
@@ -155,3 +158,15 @@ class RemoteBackend:
 
 def _describe(tensors: dict[str, tuple[str, list[int]]]) -> str:
     return ", ".join(f"{name} {datatype} {shape}" for name, (datatype, shape) in sorted(tensors.items())) or "none"
+
+
+def remote_info(
+    url: str, model: str, version: str, precision: manifest_pb2.Precision.ValueType
+) -> manifest_pb2.RunnerInfo:
+    """A Triton/KServe v2 server's model: what its ``infer`` is, for reports and provenance."""
+    return manifest_pb2.RunnerInfo(
+        kind="remote",
+        device=f"remote:{url}",
+        precision=precision,
+        detail=f"model {model} version {version or 'latest'}",
+    )

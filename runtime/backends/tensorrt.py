@@ -14,6 +14,7 @@ never with this module.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgescope.bundle import Bundle
-from edgescope.engines import PRECISION_NAMES, TENSORRT_HINT, device_facts, select_engine
+from edgescope.engines import PRECISION_NAMES, TENSORRT_HINT, device_facts, read_sidecar, select_engine
 from edgescope.errors import BackendError, FrameError, MissingDependencyError
 from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
 from edgescope.runtime.backends.cuda import CudaAdapter
@@ -54,24 +55,31 @@ class TensorRTSession(Session):
     backend_name = "tensorrt"
 
     def __init__(
-        self, manifest: manifest_pb2.ModelManifest, plan: Path, *, device: int = 0, cuda_graph: bool = False
+        self,
+        manifest: manifest_pb2.ModelManifest,
+        plan: bytes,
+        entry: manifest_pb2.EngineEntry,
+        *,
+        device: int = 0,
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__(manifest)
+        self._info = tensorrt_info(entry, hashlib.sha256(plan).hexdigest(), device)
         trt = _tensorrt()
         self._cuda = CudaAdapter(device)
         try:
             self._logger = trt.Logger(trt.Logger.WARNING)
             self._runtime = trt.Runtime(self._logger)
-            self._engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
+            self._engine = self._runtime.deserialize_cuda_engine(plan)
             if self._engine is None:
-                raise BackendError(f"TensorRT could not deserialize {plan} (built for another GPU or TensorRT?)")
+                raise BackendError(f"TensorRT could not deserialize {entry.plan} (built for another GPU or TensorRT?)")
             self._context = self._engine.create_execution_context()
             if self._context is None:
-                raise BackendError(f"TensorRT could not create an execution context for {plan}")
+                raise BackendError(f"TensorRT could not create an execution context for {entry.plan}")
         except BaseException:
             self._cuda.close()
             raise
-        self._plan = plan
+        self._plan = Path(entry.plan)
         self._device = device
         self._tensors: dict[str, _Tensor] = {}
         for index in range(self._engine.num_io_tensors):
@@ -146,6 +154,10 @@ class TensorRTSession(Session):
         self._cuda.synchronize()
         return {t.name: self._host_view(t).copy() for t in self._tensors.values() if not t.is_input}
 
+    def describe(self) -> manifest_pb2.RunnerInfo:
+        """The engine that runs, with its own precision and the plan's sha256 (never the ONNX graph's)."""
+        return self._info
+
     def _close_impl(self) -> None:
         # The context and engine go before the memory they point into.
         del self._context
@@ -172,4 +184,20 @@ class TensorRTBackend:
         plan = select_engine(bundle.path, device_facts(self.device), precision)
         if plan is None:
             raise BackendError(f"{bundle.path}: no {precision} engine for this device")
-        return TensorRTSession(bundle.manifest, plan, device=self.device, cuda_graph=self.cuda_graph)
+        entry = read_sidecar(plan.with_suffix(".json"))
+        # The plan's bytes as checked against the manifest's sha256, not the file read again later.
+        data = bundle.read_file(plan.relative_to(bundle.path).as_posix())
+        return TensorRTSession(bundle.manifest, data, entry, device=self.device, cuda_graph=self.cuda_graph)
+
+
+def tensorrt_info(entry: manifest_pb2.EngineEntry, plan_sha256: str, device: int) -> manifest_pb2.RunnerInfo:
+    int8 = entry.precision == manifest_pb2.PRECISION_INT8
+    return manifest_pb2.RunnerInfo(
+        kind="tensorrt",
+        version=entry.tensorrt_version,
+        device=f"cuda:{device}",
+        precision=entry.precision,
+        quant_execution=manifest_pb2.QUANT_EXECUTION_INTEGER if int8 else manifest_pb2.QUANT_EXECUTION_NONE,
+        detail=entry.plan,
+        artifact_sha256=plan_sha256,
+    )

@@ -18,7 +18,6 @@ frame carry over exactly as the runtime carries them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,15 +31,15 @@ from edgescope.bundle import Bundle, sha256_file
 from edgescope.engines import PRECISION_NAMES
 from edgescope.errors import BackendError
 from edgescope.runtime.backends.base import Feed, Outputs
+from edgescope.runtime.backends.onnxruntime import FAKE_QUANT, INTEGER, NO_QUANT, onnxruntime_info, session_options
+from edgescope.runtime.backends.remote import remote_info
+from edgescope.runtime.backends.tensorrt import tensorrt_info
 from edgescope.runtime.pipeline.state import ModelState, frame_input
 from edgescope.v1 import manifest_pb2
 
 Infer = Callable[[Feed], Outputs]
 Frames = Sequence[npt.NDArray[np.float32]]
 
-FAKE_QUANT = manifest_pb2.QUANT_EXECUTION_FAKE_QUANT
-INTEGER = manifest_pb2.QUANT_EXECUTION_INTEGER
-NO_QUANT = manifest_pb2.QUANT_EXECUTION_NONE
 _QUANT_WORDS = {FAKE_QUANT: "fake-quant", INTEGER: "integer kernels"}
 
 
@@ -85,45 +84,6 @@ def run_stream(infer: Infer, manifest: manifest_pb2.ModelManifest, frames: Frame
     return feeds, outputs
 
 
-def session_options(quant: manifest_pb2.QuantExecution.ValueType, threads: int | None = None) -> ort.SessionOptions:
-    """ONNX Runtime options that run a graph's Q/DQ nodes as ``quant`` says.
-
-    Fake-quant keeps every QuantizeLinear/DequantizeLinear as its own node
-    (``session.disable_quant_qdq``) and stops at the basic optimisations
-    (constant folding, no layout or kernel fusions), so convolutions and
-    matrix products run in float and no integer kernel is ever chosen.
-    Otherwise every optimisation is on: Q/DQ groups become QLinearConv and
-    the like, whose results depend on the CPU's integer instructions.
-    """
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
-    options.inter_op_num_threads = 1
-    if quant == FAKE_QUANT:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
-    else:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return options
-
-
-def onnxruntime_info(
-    precision: manifest_pb2.Precision.ValueType,
-    quant: manifest_pb2.QuantExecution.ValueType,
-    providers: Sequence[str],
-    artifact_sha256: str,
-) -> manifest_pb2.RunnerInfo:
-    cpu_only = list(providers) == ["CPUExecutionProvider"]
-    return manifest_pb2.RunnerInfo(
-        kind="onnxruntime",
-        version=ort.__version__,
-        device="cpu" if cpu_only else providers[0].removesuffix("ExecutionProvider").lower(),
-        precision=precision,
-        quant_execution=quant,
-        detail="" if cpu_only else ",".join(providers),
-        artifact_sha256=artifact_sha256,
-    )
-
-
 def onnxruntime_runner(
     path: Path,
     precision: manifest_pb2.Precision.ValueType,
@@ -165,36 +125,30 @@ def stored_runner(
     return Runner(infer, info)
 
 
-def tensorrt_info(entry: manifest_pb2.EngineEntry, plan_sha256: str, device: int) -> manifest_pb2.RunnerInfo:
-    int8 = entry.precision == manifest_pb2.PRECISION_INT8
-    return manifest_pb2.RunnerInfo(
-        kind="tensorrt",
-        version=entry.tensorrt_version,
-        device=f"cuda:{device}",
-        precision=entry.precision,
-        quant_execution=INTEGER if int8 else NO_QUANT,
-        detail=entry.plan,
-        artifact_sha256=plan_sha256,
-    )
-
-
 @contextmanager
 def tensorrt_runner(bundle: Bundle, entry: manifest_pb2.EngineEntry, *, device: int = 0) -> Iterator[Runner]:
     """The engine ``entry`` names, run by the runtime's TensorRT session (needs a GPU and TensorRT)."""
     from edgescope.runtime.backends.tensorrt import TensorRTSession
 
     plan = bundle.path / entry.plan
-    with TensorRTSession(bundle.manifest, plan, device=device) as session:
-        yield Runner(session.infer, tensorrt_info(entry, sha256_file(plan), device))
+    with TensorRTSession(bundle.manifest, plan.read_bytes(), entry, device=device) as session:
+        yield Runner(session.infer, session.describe())
 
 
-def remote_info(
-    url: str, model: str, version: str, precision: manifest_pb2.Precision.ValueType
-) -> manifest_pb2.RunnerInfo:
-    """A Triton/KServe v2 server's model: what its ``infer`` is, for reports and provenance."""
-    return manifest_pb2.RunnerInfo(
-        kind="remote",
-        device=f"remote:{url}",
-        precision=precision,
-        detail=f"model {model} version {version or 'latest'}",
-    )
+__all__ = [
+    "FAKE_QUANT",
+    "INTEGER",
+    "NO_QUANT",
+    "Run",
+    "Runner",
+    "describe",
+    "onnxruntime_info",
+    "onnxruntime_runner",
+    "remote_info",
+    "run",
+    "run_stream",
+    "session_options",
+    "stored_runner",
+    "tensorrt_info",
+    "tensorrt_runner",
+]

@@ -62,6 +62,8 @@ class ServerConfig:
     allow_failed_validation: bool = False
     # A second backend that takes a model over when its primary fails (degraded mode).
     fallback: Backend | None = None
+    # Run each bundle's golden frames on this device before serving it (off only for experiments).
+    self_test: bool = True
     # Written with the bound port once serving, so callers can use port 0.
     port_file: Path | None = None
     scheduling: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -160,12 +162,15 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
     security = open_security(
         config.security, host=config.host, web_host=web_host, allow_failed_validation=config.allow_failed_validation
     )
-    registry = ModelRegistry(backend, config.models, fallback=config.fallback, policy=security.policy)
+    registry = ModelRegistry(
+        backend, config.models, fallback=config.fallback, policy=security.policy, run_self_test=config.self_test
+    )
     # Carries the caller of each call into the frame threads (shared memory belongs to its registrant).
     frames = CallerExecutor(max_workers=config.frame_threads, thread_name_prefix="edgescope-frame")
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgescope-loader")
     telemetry = TelemetryHub(config.telemetry, security.web)
     registry.on_change(lambda: telemetry.metrics.set_models(registry.names()))
+    registry.on_change(lambda: telemetry.metrics.set_self_tests({m.name: m.self_test for m in registry.all()}))
     registry.on_degraded = telemetry.metrics.set_degraded
     loop = asyncio.get_running_loop()
     for bundle in config.bundles:

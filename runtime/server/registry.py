@@ -9,8 +9,14 @@ Models are keyed by identity, never by ``id()``.
 
 A model runs on the server's backend; with a fallback backend it also has a
 second worker that takes over when the first fails (``failover``). Every
-worker checks its sessions before it serves (``SessionCheck``: warm-up, then
-the bundle's golden-frame self-test on this device).
+session is checked on its own thread before it serves: a warm-up, then the
+bundle's golden frames through that very session on this device (the
+self-test of ``edgescope.runtime.evaluation``). A session that does not
+reproduce them is not served (``SelfTestFailedError``, with the reasons),
+unless the bundle already failed its gate at export and the server serves
+such bundles (``--allow-failed-validation``): then the verdict is only
+recorded, and every result says so. ``--skip-self-test`` skips it for
+experiments, and every result says that too.
 
 Loading (reading, checking, warming up) is blocking: call ``load`` from the
 server's loader thread, never the event loop or the frame threads.
@@ -27,8 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from edgescope.bundle import Bundle
-from edgescope.errors import BundleError, ConfigError, EdgescopeError, ModelNotFoundError
+from edgescope.errors import BundleError, ConfigError, EdgescopeError, ModelNotFoundError, SelfTestFailedError
 from edgescope.runtime.backends.base import Backend, Session, SessionCapabilities
+from edgescope.runtime.evaluation.machine import machine_summary
+from edgescope.runtime.evaluation.runners import describe
+from edgescope.runtime.evaluation.selftest import self_test
 from edgescope.runtime.pipeline.state import ModelState, is_stateful
 from edgescope.runtime.server.failover import ModelRoute
 from edgescope.runtime.server.repository import BundlePolicy
@@ -60,6 +69,11 @@ class ServedModel:
     @property
     def manifest(self) -> manifest_pb2.ModelManifest:
         return self.bundle.manifest
+
+    @property
+    def self_test(self) -> manifest_pb2.SelfTestReport | None:
+        """The primary's golden-frame verdict on this device (None when skipped)."""
+        return self.worker.self_test
 
     @property
     def statistics(self) -> ModelStatistics:
@@ -98,6 +112,14 @@ class ServedModel:
         return await self.route.infer(job)
 
 
+def _verdict(report: manifest_pb2.SelfTestReport | None) -> str:
+    """One line for provenance: which runner reproduced how many golden frames, on what."""
+    if report is None:
+        return "skipped (--skip-self-test): nothing checked this device's numbers"
+    word = "passed" if report.passed else "FAILED"
+    return f"{word}: {report.frames} golden frames on {describe(report.runner)}, {machine_summary(report.machine)}"
+
+
 def warm_up(session: Session, manifest: manifest_pb2.ModelManifest) -> None:
     """Run one zero frame: the first run allocates and picks kernels; pay that before serving."""
     pre = manifest.preprocessing
@@ -122,6 +144,7 @@ class ModelRegistry:
         fallback: Backend | None = None,
         policy: BundlePolicy | None = None,
         warm: bool = True,
+        run_self_test: bool = True,
     ) -> None:
         self.backend = backend
         self.fallback = fallback
@@ -129,6 +152,7 @@ class ModelRegistry:
         # The server's own rule for every bundle (integrity, signatures, failed gate); no request relaxes it.
         self.policy = policy or BundlePolicy()
         self._warm = warm
+        self._run_self_test = run_self_test
         self._models: dict[str, ServedModel] = {}
         # Models that could not be served, and why (a failed load or self-test).
         self._failed: dict[str, str] = {}
@@ -193,13 +217,26 @@ class ModelRegistry:
         return ServedModel(model_name, bundle, route)
 
     def _open(self, bundle: Bundle, backend: Backend, name: str, statistics: ModelStatistics) -> ModelWorker:
-        """A started worker for ``bundle`` on ``backend``: sessions open, warmed up, checked."""
+        """A started worker for ``bundle`` on ``backend``: sessions open, warmed up, self-tested."""
         manifest = bundle.manifest
-        warm = self._warm
+        warm, testing = self._warm, self._run_self_test
+        reports: list[manifest_pb2.SelfTestReport] = []
+        runners: list[manifest_pb2.RunnerInfo] = []
 
         def check(session: Session) -> None:
+            runners.append(session.describe())
             if warm:
                 warm_up(session, manifest)
+            if not testing:
+                return
+            report = self_test(bundle, session.infer, runners[-1])
+            reports.append(report)
+            # A bundle served despite a failed gate would fail here too: its verdict is recorded, not enforced.
+            if not report.passed and manifest.validation.passed:
+                raise SelfTestFailedError(
+                    f"{name} did not reproduce its golden frames on this device ({describe(report.runner)}, "
+                    f"{machine_summary(report.machine)}): {'; '.join(report.reasons)}"
+                )
 
         worker = ModelWorker(
             name,
@@ -212,13 +249,18 @@ class ModelRegistry:
         )
         worker.start()
         assert worker.capabilities is not None  # start() sets it or raises
+        runner = runners[0]
+        worker.self_test = reports[0] if reports else None
         worker.provenance = stream_pb2.Provenance(
             model=name,
             version=manifest.version,
-            sha256=bundle.onnx_sha256,
+            # What ran: the graph, or the engine built from it, in its own precision.
+            sha256=runner.artifact_sha256 or bundle.onnx_sha256,
             backend=backend.name,
-            precision=manifest.precision,
+            precision=runner.precision or manifest.precision,
             device=worker.capabilities.device,
+            self_test=_verdict(worker.self_test),
+            self_test_skipped=not testing,
             failed_validation=not manifest.validation.passed,
             signer=bundle.signer,
         )

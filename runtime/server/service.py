@@ -40,6 +40,7 @@ def _model_info(model: ServedModel) -> stream_pb2.ModelInfo:
         ready=True,
         provenance=provenance,
         instances=model.worker.instances,
+        self_test=model.self_test,
     )
 
 

@@ -16,6 +16,7 @@ from edgescope.errors import (
     OverloadError,
     PermissionDeniedError,
     QuotaExceededError,
+    SelfTestFailedError,
     SourceError,
 )
 
@@ -24,6 +25,7 @@ _CODES: tuple[tuple[type[EdgescopeError], grpc.StatusCode], ...] = (
     (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
     (OverloadError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (SelfTestFailedError, grpc.StatusCode.FAILED_PRECONDITION),
     (MissingDependencyError, grpc.StatusCode.FAILED_PRECONDITION),
     (BundleError, grpc.StatusCode.FAILED_PRECONDITION),
     (BackendError, grpc.StatusCode.INTERNAL),

@@ -41,7 +41,7 @@ from edgescope.errors import BackendError, EdgescopeError, OverloadError
 from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
 from edgescope.runtime.pipeline.state import ModelState
 from edgescope.runtime.server.statistics import ModelStatistics
-from edgescope.v1 import stream_pb2
+from edgescope.v1 import manifest_pb2, stream_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +139,8 @@ class ModelWorker:
         self.capabilities: SessionCapabilities | None = None
         # Set by whoever publishes the worker, once it has started (the device is known then).
         self.provenance = stream_pb2.Provenance(model=name)
+        # The verdict of the golden frames on this worker's sessions (None: not run).
+        self.self_test: manifest_pb2.SelfTestReport | None = None
         # Triton's statistics of every execution (shared with a fallback worker of the same model).
         self.statistics = statistics or ModelStatistics(name, "")
 

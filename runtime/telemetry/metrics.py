@@ -39,7 +39,7 @@ from edgescope.runtime.telemetry.alerts import (
 from edgescope.runtime.telemetry.device import DeviceSample
 from edgescope.runtime.telemetry.gpu import THROTTLE_REASONS
 from edgescope.runtime.telemetry.latency import PERCENTILES, LatencyRecorder, drop_label, missed_deadline
-from edgescope.v1 import stream_pb2, telemetry_pb2
+from edgescope.v1 import manifest_pb2, stream_pb2, telemetry_pb2
 
 # Seconds; dense from 1 ms to 100 ms where real-time imaging lives.
 LATENCY_BUCKETS_S = (
@@ -94,6 +94,8 @@ class RuntimeMetrics:
         self._loaded: frozenset[str] = frozenset()
         # Models served by their fallback, and why.
         self._degraded: dict[str, str] = {}
+        # Each served model's golden-frame verdict on this device (None: skipped).
+        self._self_tests: dict[str, manifest_pb2.SelfTestReport | None] = {}
         # Captures the server runs (pull mode): up or not, and why not.
         self._captures: dict[str, tuple[bool, str]] = {}
         r = self.registry
@@ -153,6 +155,11 @@ class RuntimeMetrics:
         for reason in stream_pb2.DropReason.values():
             if reason != stream_pb2.DROP_REASON_UNSPECIFIED:
                 self._drops.labels(model, drop_label(stream_pb2.FrameStatus(drop_reason=reason)))
+
+    def set_self_tests(self, verdicts: dict[str, manifest_pb2.SelfTestReport | None]) -> None:
+        """The served models' self-test verdicts (None: run with --skip-self-test)."""
+        with self._lock:
+            self._self_tests = dict(verdicts)
 
     def set_degraded(self, model: str, reason: str) -> None:
         """``model`` is served by its fallback for ``reason`` (empty: its primary serves again)."""
@@ -352,12 +359,22 @@ class RuntimeMetrics:
             device = self._device
             models = list(self._models)
             captures = dict(self._captures)
+            self_tests = dict(self._self_tests)
         capture_up = GaugeMetricFamily(
             "edgescope_capture_up", "1 while a capture delivers results from its source", labels=["capture"]
         )
         for name, (up, _) in sorted(captures.items()):
             capture_up.add_metric([name], 1.0 if up else 0.0)
-        yield from (quantiles, jitter, fps, budget, capture_up)
+        checked = GaugeMetricFamily(
+            "edgescope_model_self_test_passed",
+            "1 when the served model reproduced its golden frames on this device at load; 0 when it did not "
+            "(served only with --allow-failed-validation); absent with --skip-self-test",
+            labels=["model", "runner"],
+        )
+        for name, report in sorted(self_tests.items()):
+            if report is not None:
+                checked.add_metric([name, report.runner.kind], 1.0 if report.passed else 0.0)
+        yield from (quantiles, jitter, fps, budget, capture_up, checked)
         yield from _alert_families(self.active_alerts(), models)
         if device is not None:
             yield from _device_families(device)
