@@ -91,7 +91,9 @@ def test_echo_cine_jpeg_baseline_ybr() -> None:
     assert [f.timestamp_s for f in frames] == pytest.approx([i * frame_time_ms / 1000.0 for i in range(120)])
     assert all(f.pixels.shape == (ds.Rows, ds.Columns, 3) and f.pixels.dtype == np.uint8 for f in frames)
     for i in (0, 60, 119):
-        np.testing.assert_array_equal(frames[i].pixels, pixel_array(ds, index=i))
+        # OpenCV's YCbCr -> RGB rounds once where pydicom's rounds twice: at most one grey level apart.
+        expected = pixel_array(ds, index=i).astype(np.int16)
+        assert np.abs(frames[i].pixels.astype(np.int16) - expected).max() <= 1
     # Decoded to RGB, not left as YCbCr: grey B-mode tissue has R = G = B,
     # whereas its chroma channels would sit near 128.
     pixels = frames[60].pixels.astype(np.int16)

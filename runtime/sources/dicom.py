@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 import pydicom
@@ -234,7 +235,9 @@ class DicomCineSource:
 
     def _decode(self) -> Generator[FrameArray, None, None]:
         try:
-            yield from iter_pixels(self._pixel_source)
+            # 8-bit YBR_FULL(_422) stays YCbCr here: OpenCV converts it to RGB in a fraction of
+            # pydicom's time (the same formula; results within 1 grey level).
+            yield from iter_pixels(self._pixel_source, as_rgb=not self._format.ycbcr)
         # pydicom's decoding plugins raise many exception types; all mean the
         # same thing here: the file's pixel data cannot be read.
         except Exception as exc:
@@ -313,6 +316,11 @@ class _PixelFormat:
     offset: int
     palette: npt.NDArray[np.uint8] | None
 
+    @property
+    def ycbcr(self) -> bool:
+        """Full-range YCbCr (JPEG's) in 8 bits, converted to RGB here rather than by pydicom."""
+        return self.photometric in ("YBR_FULL", "YBR_FULL_422") and self.bits_stored == 8
+
     @classmethod
     def from_dataset(cls, ds: Dataset, path: Path) -> _PixelFormat:
         photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
@@ -343,6 +351,9 @@ class _PixelFormat:
     def convert(self, raw: FrameArray) -> PixelArray:
         if self.palette is not None:
             return self.palette[raw]
+        if self.ycbcr:
+            ycrcb = np.ascontiguousarray(raw[..., [0, 2, 1]], dtype=np.uint8)
+            return np.asarray(cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2RGB), dtype=np.uint8)
         top = (1 << self.bits_stored) - 1
         if self.photometric in _COLOR:
             # Clip first: bits above Bits Stored may hold anything (overlays).
