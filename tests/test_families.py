@@ -24,7 +24,7 @@ from edgescope.runtime.pipeline.postprocess import postprocess
 from edgescope.runtime.pipeline.preprocess import Geometry, preprocess
 from edgescope.runtime.pipeline.state import StreamState, StreamStates, is_stateful
 from edgescope.runtime.pipeline.tasks.registration import frame_displacement, postprocess_registration
-from edgescope.runtime.server.registry import ModelRegistry, ServedModel
+from edgescope.runtime.server.registry import ModelRegistry, ServedModel, WorkerOptions
 from edgescope.runtime.server.stages import finish, job_for, prepare
 from edgescope.runtime.sources.synthetic import SyntheticUltrasoundSource
 from edgescope.runtime.transport import channel_options
@@ -93,7 +93,9 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Bundle]:
 
 @pytest.fixture(scope="module")
 def family_server(bundles: dict[str, Bundle]) -> Iterator[ServerThread]:
-    running = ServerThread([b.path for b in bundles.values()])
+    # Two instances per model: a stream's frames may be inferred two at a time, except where state
+    # carries over from frame to frame (the stateful tests below check the order held).
+    running = ServerThread([b.path for b in bundles.values()], models=WorkerOptions(instances=2))
     try:
         yield running
     finally:

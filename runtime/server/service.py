@@ -69,7 +69,13 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
 
     def _new_run(self, kind: str) -> StreamRun:
         return StreamRun(
-            self._models, self._executor, self._config, self._metrics, self.streams.next_lane(kind), REGIONS.view
+            self._models,
+            self._executor,
+            self._config,
+            self._metrics,
+            self.streams.next_lane(kind),
+            REGIONS.view,
+            parallel=self._models.options.instances,
         )
 
     async def run_capture(self, frames: AsyncIterable[stream_pb2.Frame]) -> AsyncIterator[stream_pb2.Result]:

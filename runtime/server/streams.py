@@ -10,16 +10,17 @@ Policies (``Frame.policy`` on the first frame, else the server default):
 A ``StreamRun`` owns its reader, its dispatcher and one task per frame in
 flight; when the run ends, for whatever reason, every one of them is
 cancelled and awaited, so nothing outlives the stream. Frames move through
-three stages (prepare, infer on the model's worker, finish), each held by one
-frame at a time and handed over in arrival order, so the next frame decodes
-while this one is inferred. Every frame read gets exactly one answer, in
+three stages (prepare, infer on the model's worker, finish), handed over in
+arrival order, so the next frame decodes while this one is inferred; with
+several instances of a model, as many of a stream's frames are inferred at
+once (never for a model with recurrent state, whose frames go one by one). Every frame read gets exactly one answer, in
 arrival order, set by whoever owns the frame at that moment: the reader (a
 stale or shutdown drop), the frame's task (its result, error or deadline
 drop), or the shutdown cut (frames still in flight when the drain time is up).
 
-Memory per stream is bounded: at most ``WINDOW`` frames are held between
-being read and their answer being sent, whatever the client or the consumer
-of the answers does.
+Memory per stream is bounded: at most ``window_frames`` frames are held
+between being read and their answer being sent, whatever the client or the
+consumer of the answers does.
 
 Deadlines hold end to end: a frame over its budget before it starts, before
 inference, or when its answer is about to be sent is dropped (``deadline``),
@@ -30,6 +31,7 @@ or processed and flagged ``late`` when the frame asked for that
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Coroutine
@@ -41,7 +43,7 @@ import grpc
 
 from edgescope.errors import EdgescopeError
 from edgescope.runtime.pipeline.decode import DEFAULT_LIMITS, FrameLimits, SharedMemoryView, check_extra_models
-from edgescope.runtime.pipeline.state import StreamState
+from edgescope.runtime.pipeline.state import StreamState, is_stateful
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel
 from edgescope.runtime.server.stages import finish_all, job_for, prepare
 from edgescope.runtime.server.workers import JobResult
@@ -50,8 +52,13 @@ from edgescope.v1 import stream_pb2
 
 logger = logging.getLogger(__name__)
 
-# Frames read but not yet answered, per stream: three stages, one waiting, two answers on their way out.
-WINDOW = 6
+
+# Frames read but not yet answered, per stream: one being prepared, ``parallel`` in inference and as
+# many being finished, one waiting, two answers on their way out.
+def window_frames(parallel: int) -> int:
+    return 4 + 2 * parallel
+
+
 EVERY_QUEUE_FRAMES = 1
 
 _DROP_TEXT = {
@@ -184,6 +191,7 @@ class StreamRun:
         metrics: RuntimeMetrics,
         lane: str,
         shared_memory: SharedMemoryView | None = None,
+        parallel: int = 1,
     ) -> None:
         self._models = models
         self._executor = executor
@@ -192,8 +200,12 @@ class StreamRun:
         self._shared_memory = shared_memory
         self.lane = lane
         self._answers: asyncio.Queue[Work | None] = asyncio.Queue()
-        self._window = asyncio.Semaphore(WINDOW)
-        self._stages = (asyncio.Lock(), asyncio.Lock(), asyncio.Lock())
+        self._window = asyncio.Semaphore(window_frames(parallel))
+        # Frames enter inference one by one, in order; up to ``parallel`` of them (one per model instance)
+        # may be inferred and finished at once. Their answers still leave in order.
+        self._stages = (asyncio.Semaphore(1), asyncio.Semaphore(parallel), asyncio.Semaphore(parallel))
+        # A model that carries state from frame to frame takes a stream's frames strictly one at a time.
+        self._sequential = asyncio.Lock()
         self._policy: stream_pb2.StreamPolicy.ValueType = config.policy
         self._policy_known = asyncio.Event()
         self._live = _LiveSlot()
@@ -377,9 +389,11 @@ class StreamRun:
                     return
                 late = True
             inferred: list[JobResult] = []
-            for model_input in prepared.inputs:
-                job = job_for(model_input, self.lane, self._state, frame.reset_state)
-                inferred.append(await model_input.model.infer(job))
+            stateful = any(is_stateful(model_input.model.manifest) for model_input in prepared.inputs)
+            async with self._sequential if stateful else contextlib.nullcontext():
+                for model_input in prepared.inputs:
+                    job = job_for(model_input, self.lane, self._state, frame.reset_state)
+                    inferred.append(await model_input.model.infer(job))
             await self._hand_over(held, 2)
             finished = await loop.run_in_executor(
                 self._executor, finish_all, prepared.inputs, inferred, frame, prepared, queued_ns

@@ -11,9 +11,10 @@ a remote server) is shared by the instances instead of opened once per thread.
 
 Everything submits a ``Job`` through ``infer``; jobs wait in one bounded queue
 made of one lane per requester (a stream, a unary call), served round-robin so
-a busy stream cannot starve another. A requester has at most one job queued
-at a time (a stream's frames reach inference one by one); when the queue is
-full, a new job is refused at once (``OverloadError``) rather than held. Batching is the worker's policy: jobs
+a busy stream cannot starve another. A requester has at most as many jobs
+queued as the model has instances (a stream's frames reach inference in
+order, that many at once); when the queue is full, a new job is refused at
+once (``OverloadError``) rather than held. Batching is the worker's policy: jobs
 that carry one preprocessed frame of a stateless, dynamic-batch model are
 stacked across lanes (up to ``max_batch``, waiting at most ``batch_delay_s``
 for company); if a batch fails, its jobs are run one by one so a bad frame
