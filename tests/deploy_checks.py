@@ -15,20 +15,6 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "edgescope-dashboard.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
-# The security work's agreed serve flags, not yet in `edgescope serve --help`. Delete this set
-# once they are: every deploy file must then use only flags that serve really has.
-AGREED_SERVE_FLAGS = frozenset(
-    {
-        "--tls-cert",
-        "--tls-key",
-        "--tls-client-ca",
-        "--token-file",
-        "--insecure",
-        "--model-repository",
-        "--trusted-keys",
-        "--allowed-hosts",
-    }
-)
 # Labels Prometheus adds at scrape time; the runtime never exports them.
 TARGET_LABELS = frozenset({"job", "instance"})
 _SELECTOR = re.compile(r"\b(edgescope_[a-z0-9_]+)(?:\{([^}]*)\})?")
@@ -45,7 +31,7 @@ def serve_flags() -> frozenset[str]:
         check=True,
         timeout=60,
     ).stdout
-    return frozenset(re.findall(r"--[a-z][a-z-]+", help_text)) | AGREED_SERVE_FLAGS
+    return frozenset(re.findall(r"--[a-z][a-z-]+", help_text))
 
 
 def dashboard() -> dict[str, Any]:
