@@ -146,9 +146,18 @@ def test_display_of_a_real_16bit_frame() -> None:
     assert (rgb[raw == raw.min()] == 0).all()
 
 
+def test_display_of_many_channels_shows_the_first() -> None:
+    pixels = np.zeros((4, 6, 5), dtype=np.uint16)
+    pixels[1, 2, 0] = 1000  # only the first channel has structure; the others would wash it out
+    pixels[:, :, 1:] = 7
+    rgb = to_display_rgb8(pixels)
+    assert rgb.shape == (4, 6, 3)
+    assert (rgb[1, 2] == 255).all() and rgb.sum() == 255 * 3
+
+
 @pytest.mark.parametrize(
     "pixels",
-    [np.zeros((4, 4), dtype=np.float32), np.zeros((4, 4, 4), dtype=np.uint8), np.zeros(4, dtype=np.uint8)],
+    [np.zeros((4, 4), dtype=np.float32), np.zeros((4, 4, 0), dtype=np.uint8), np.zeros(4, dtype=np.uint8)],
 )
 def test_display_rejects_other_layouts(pixels: np.ndarray) -> None:
     with pytest.raises(FrameError):

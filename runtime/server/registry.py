@@ -29,6 +29,7 @@ import numpy as np
 from edgescope.bundle import Bundle
 from edgescope.errors import BundleError, ConfigError, EdgescopeError, ModelNotFoundError
 from edgescope.runtime.backends.base import Backend, Session, SessionCapabilities
+from edgescope.runtime.pipeline.preprocess import input_channels
 from edgescope.runtime.pipeline.state import ModelState, is_stateful
 from edgescope.runtime.server.failover import ModelRoute
 from edgescope.runtime.server.repository import BundlePolicy
@@ -101,7 +102,7 @@ class ServedModel:
 def warm_up(session: Session, manifest: manifest_pb2.ModelManifest) -> None:
     """Run one zero frame: the first run allocates and picks kernels; pay that before serving."""
     pre = manifest.preprocessing
-    channels = 1 if pre.color == manifest_pb2.COLOR_MODE_GRAY else 3
+    channels = input_channels(pre)
     shape = (
         (1, pre.height, pre.width, channels)
         if pre.layout == manifest_pb2.LAYOUT_NHWC
