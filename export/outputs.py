@@ -52,11 +52,11 @@ def _entries(result: object) -> list[tuple[str, object]]:
 
 
 def describe_result(result: object) -> str:
-    """``tuple of 4: 0 tensor (1, 1, 64, 64), 1 tensor (1, 8), ...`` for an error message."""
+    """``tuple of 4 (0: tensor (1, 1, 64, 64), 1: tensor (1, 8), ...)`` for an error message."""
     entries = _entries(result)
-    listed = ", ".join(f"{name} {_describe(value)}" for name, value in entries[:8])
-    more = f", ... ({len(entries) - 8} more)" if len(entries) > 8 else ""
-    return f"{_describe(result)}: {listed}{more}"
+    listed = ", ".join(f"{name}: {_describe(value)}" for name, value in entries[:8])
+    more = f", ... {len(entries) - 8} more" if len(entries) > 8 else ""
+    return f"{_describe(result)} ({listed}{more})"
 
 
 def _position(result: object, key: str) -> int | str:
