@@ -105,7 +105,6 @@ def export_onnx(
             if scripted
             else {"dynamic_shapes": tuple({0: batch} for _ in examples)}
         )
-    if not static_batch:
         _check_batch_of_two(model, examples)
     # The exporter narrates its steps on stdout, prints partial graphs on stderr when it
     # fails, and trips deprecations inside torch itself; none is the user's to act on
@@ -146,7 +145,15 @@ def export_onnx(
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
         raise ExportError(f"the exported ONNX model does not pass onnx.checker: {exc}") from exc
-    if not static_batch:
+    if static_batch:
+        other = {name: dim for name, dim in _batch_dims(proto).items() if dim != 1}
+        if other:
+            name, dim = next(iter(other.items()))
+            raise ExportError(
+                f"with --static-batch the graph takes one frame, but {name!r} leads with {dim}: "
+                "export the model (or its torch.export program) with a batch of one"
+            )
+    else:
         fixed = {name: dim for name, dim in _batch_dims(proto).items() if isinstance(dim, int)}
         if fixed:
             name, size = next(iter(fixed.items()))

@@ -286,14 +286,8 @@ BATCH_BOUND_MODELS = {
 }
 
 
-@pytest.mark.parametrize(
-    ("kind", "message"),
-    [
-        ("flattens", r"fails on a batch of 2 \(RuntimeError: mat1 and mat2"),
-        ("averages", "fixed the batch axis of 'logits' at 1"),
-    ],
-)
-def test_a_model_bound_to_one_frame_is_told_to_use_static_batch(tmp_path: Path, kind: str, message: str) -> None:
+def _flat_model(tmp_path: Path, returns: str) -> dict[str, Any]:
+    """ExportRequest fields for a tiny classifier whose forward returns ``returns``."""
     factory = tmp_path / "flat.py"
     factory.write_text(
         "import torch\n"
@@ -302,12 +296,12 @@ def test_a_model_bound_to_one_frame_is_told_to_use_static_batch(tmp_path: Path, 
         "        super().__init__()\n"
         "        self.head = torch.nn.Linear(16 * 16, 3)\n"
         "    def forward(self, x):\n"
-        f"        return {BATCH_BOUND_MODELS[kind]}\n"
+        f"        return {returns}\n"
         "def build():\n"
         "    torch.manual_seed(0)\n"
         "    return Flat()\n"
     )
-    fields: dict[str, Any] = {
+    return {
         "factory": f"{factory}:build",
         "task": "classification",
         "activation": "softmax",
@@ -316,12 +310,58 @@ def test_a_model_bound_to_one_frame_is_told_to_use_static_batch(tmp_path: Path, 
         "input_width": 64,
         "samples": 2,
     }
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("flattens", r"fails on a batch of 2 \(RuntimeError: mat1 and mat2"),
+        ("averages", "fixed the batch axis of 'logits' at 1"),
+    ],
+)
+def test_a_model_bound_to_one_frame_is_told_to_use_static_batch(tmp_path: Path, kind: str, message: str) -> None:
+    fields = _flat_model(tmp_path, BATCH_BOUND_MODELS[kind])
     with pytest.raises(ExportError, match=f"{message}.*--static-batch"):
         export_model(ExportRequest(name="flat", output=tmp_path / "dynamic", **fields), log=lambda _line: None)
     bundle = export_model(
         ExportRequest(name="flat", output=tmp_path / "static", static_batch=True, **fields), log=lambda _line: None
     )
     assert bundle.manifest.validation.passed
+
+
+def test_a_static_graph_must_lead_with_one_frame(tmp_path: Path) -> None:
+    # Written for one frame, it drops the batch axis from its output: nothing could read it as a batch.
+    fields = _flat_model(tmp_path, "self.head(torch.nn.functional.avg_pool2d(x, 4).flatten(1))[0]")
+    with pytest.raises(ExportError, match="with --static-batch the graph takes one frame, but 'logits' leads with 3"):
+        export_model(
+            ExportRequest(name="flat", output=tmp_path / "b", static_batch=True, **fields), log=lambda _line: None
+        )
+
+
+def test_a_program_exported_for_one_frame_takes_static_batch(tmp_path: Path) -> None:
+    model = load_model(FACTORIES + "build_super_resolution", None, None)
+    fields: dict[str, Any] = {
+        "task": "image",
+        "output_name": "enhanced",
+        "labels": [],
+        "input_height": 64,
+        "input_width": 64,
+        "samples": 2,
+        "static_batch": True,
+    }
+    for batch in (1, 2):
+        torch.export.save(torch.export.export(model, (torch.rand(batch, 1, 64, 64),)), tmp_path / f"{batch}.pt2")
+    bundle = export_model(
+        ExportRequest(name="sr", output=tmp_path / "one", exported_program=tmp_path / "1.pt2", **fields),
+        log=lambda _line: None,
+    )
+    assert bundle.manifest.validation.passed and bundle.manifest.inputs[0].shape[0].size == 1
+    # A program for two frames cannot run the first frame alone; export says so before exporting.
+    with pytest.raises(ExportError, match=r"fails on the first frame, input \(1, 1, 64, 64\).*== 2"):
+        export_model(
+            ExportRequest(name="sr", output=tmp_path / "two", exported_program=tmp_path / "2.pt2", **fields),
+            log=lambda _line: None,
+        )
 
 
 # --- A traced model and torch.inference_mode ---------------------------------------------------
