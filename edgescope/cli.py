@@ -97,11 +97,23 @@ def _add_export(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="fp32, fp16 (graph converted, sensitive ops kept FP32) or int8 (Q/DQ, needs --calibration-data)",
     )
     p.add_argument("--input-size", type=_size, default=(256, 256), metavar="HxW")
-    p.add_argument("--color", default="gray", choices=["gray", "rgb", "bgr"])
+    p.add_argument(
+        "--color",
+        choices=["gray", "rgb", "bgr"],
+        help="how frames become the input: gray (default), rgb or bgr; leave out with --channels",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the input's channel count; frames of N channels are taken as sent, without colour conversion "
+        "(multi-channel MR or ultrasound, feature maps; --mean/--std give one value per channel)",
+    )
     p.add_argument("--resize", default="stretch", choices=["stretch", "letterbox"])
     p.add_argument("--scale", type=float, default=1.0 / 255.0)
-    p.add_argument("--mean", type=_floats, default=[])
-    p.add_argument("--std", type=_floats, default=[])
+    p.add_argument("--mean", type=_floats, default=[], help="subtracted after --scale: one value, or one per channel")
+    p.add_argument("--std", type=_floats, default=[], help="divides after --mean: one value, or one per channel")
     p.add_argument(
         "--intensity",
         default="presentation",
@@ -115,6 +127,19 @@ def _add_export(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--min-component-pixels", type=int, default=0)
     p.add_argument("--output-name", default="logits", help="the task output (boxes, for detection)")
+    p.add_argument(
+        "--output",
+        default="",
+        metavar="NAME|INDEX[,...]",
+        help="a model returning a tuple or dict: which returned value is the task output (then detection "
+        "scores and next states), by position or name; the others are dropped from the graph",
+    )
+    p.add_argument(
+        "--static-batch",
+        action="store_true",
+        help="fix the batch axis at one frame, for models that cannot export with a dynamic batch "
+        "(no batching across streams)",
+    )
     p.add_argument("--previous-frame-input", default="", help="registration: input fed with the previous frame")
     p.add_argument(
         "--state", action="append", default=[], metavar="IN:OUT:D1,D2,..", help="a recurrent state tensor (repeatable)"
@@ -230,7 +255,10 @@ def _run_export(args: argparse.Namespace) -> int:
             precision=args.precision,
             input_height=args.input_size[0],
             input_width=args.input_size[1],
-            color=args.color,
+            color=args.color or ("channels" if args.channels else "gray"),
+            channels=args.channels,
+            model_outputs=tuple(v.strip() for v in args.output.split(",") if v.strip()),
+            static_batch=args.static_batch,
             resize=args.resize,
             scale=args.scale,
             mean=args.mean,

@@ -40,6 +40,7 @@ from edgescope.export import tasks
 from edgescope.export.gate import judge, keep_golden, representative_inputs
 from edgescope.export.loading import load_model
 from edgescope.export.onnx_export import DEFAULT_OPSET, export_onnx
+from edgescope.export.outputs import task_model
 from edgescope.export.precision import FP16_FP32_OPS, PrecisionOptions, check_options, reduce_precision
 from edgescope.export.runs import check_batch, example_inputs, torch_runner
 from edgescope.export.tasks import StateSpec
@@ -51,6 +52,7 @@ from edgescope.runtime.evaluation.machine import describe_machine, machine_summa
 from edgescope.runtime.evaluation.report import evaluate, format_report
 from edgescope.runtime.evaluation.runners import INTEGER, Run, onnxruntime_runner, run, run_stream
 from edgescope.runtime.evaluation.selftest import onnxruntime_self_test
+from edgescope.runtime.pipeline.layout import MAX_CHANNELS
 from edgescope.signing import load_private_key, sign_bundle
 from edgescope.v1 import manifest_pb2
 
@@ -61,7 +63,9 @@ _COLORS: dict[str, manifest_pb2.ColorMode.ValueType] = {
     "gray": manifest_pb2.COLOR_MODE_GRAY,
     "rgb": manifest_pb2.COLOR_MODE_RGB,
     "bgr": manifest_pb2.COLOR_MODE_BGR,
+    "channels": manifest_pb2.COLOR_MODE_CHANNELS,
 }
+_IMPLIED_CHANNELS = {"gray": 1, "rgb": 3, "bgr": 3}
 _RESIZE: dict[str, manifest_pb2.ResizeMode.ValueType] = {
     "stretch": manifest_pb2.RESIZE_MODE_STRETCH,
     "letterbox": manifest_pb2.RESIZE_MODE_LETTERBOX,
@@ -108,7 +112,10 @@ class ExportRequest:
     precision: str = "fp32"
     input_height: int = 256
     input_width: int = 256
+    # gray, rgb, bgr, or "channels": frames of `channels` channels taken as sent (multi-channel MR, features).
     color: str = "gray"
+    # The input's channel count; 0: as the colour implies. Needed for color "channels".
+    channels: int = 0
     resize: str = "stretch"
     scale: float = 1.0 / 255.0
     mean: list[float] = field(default_factory=list)
@@ -132,6 +139,11 @@ class ExportRequest:
     opset: int = DEFAULT_OPSET
     input_name: str = "image"
     output_name: str = "logits"
+    # Which of the model's returned values are the graph's outputs (position or name, in graph
+    # output order); empty: the model returns exactly those (see export/outputs.py).
+    model_outputs: tuple[str, ...] = ()
+    # The batch axis fixed at one frame, for models whose code cannot take a dynamic batch.
+    static_batch: bool = False
     # Tasks beyond segmentation (export/tasks.py says which inputs and outputs each has).
     previous_frame_input: str = ""
     state: list[StateSpec] = field(default_factory=list)
@@ -178,13 +190,37 @@ def _choice(value: str, options: Mapping[str, T], what: str) -> T:
     return options[value]
 
 
+def _channels(request: ExportRequest) -> int:
+    """The input's channel count, with the per-channel normalisation checked against it."""
+    color = _choice(request.color, _COLORS, "color")
+    if color == manifest_pb2.COLOR_MODE_CHANNELS:
+        if not 1 <= request.channels <= MAX_CHANNELS:
+            raise ConfigError(f"frames taken as sent need a channel count from 1 to {MAX_CHANNELS} (--channels N)")
+        channels = request.channels
+    else:
+        channels = _IMPLIED_CHANNELS[request.color]
+        if request.channels and request.channels != channels:
+            raise ConfigError(
+                f"--color {request.color} gives {channels} channel(s), --channels says {request.channels}; "
+                "for frames whose channels are taken as sent, leave --color out"
+            )
+    for name, values in (("mean", request.mean), ("std", request.std)):
+        if len(values) not in (0, 1, channels):
+            raise ConfigError(
+                f"--{name} has {len(values)} values for a {channels}-channel input; give one, or one per channel"
+            )
+    if any(v <= 0 for v in request.std):
+        raise ConfigError(f"--std values must be positive, got {request.std}")
+    return channels
+
+
 def build_manifest(request: ExportRequest) -> manifest_pb2.ModelManifest:
     """The manifest's model description (files and validation are added later)."""
     task = _choice(request.task, SUPPORTED_TASKS, "task")
     precision = _choice(request.precision, SUPPORTED_PRECISIONS, "precision")
     if request.input_height <= 0 or request.input_width <= 0:
         raise ConfigError(f"input size {request.input_height}x{request.input_width} must be positive")
-    channels = 1 if request.color == "gray" else 3
+    channels = _channels(request)
     manifest = manifest_pb2.ModelManifest(
         schema_version=1,
         name=request.name,
@@ -197,6 +233,7 @@ def build_manifest(request: ExportRequest) -> manifest_pb2.ModelManifest:
             height=request.input_height,
             width=request.input_width,
             color=_choice(request.color, _COLORS, "color"),
+            channels=channels,
             resize=_choice(request.resize, _RESIZE, "resize"),
             layout=manifest_pb2.LAYOUT_NCHW,
             scale=request.scale,
@@ -207,7 +244,7 @@ def build_manifest(request: ExportRequest) -> manifest_pb2.ModelManifest:
         postprocessing=tasks.postprocessing(request, task, _choice(request.activation, _ACTIVATIONS, "activation")),
     )
     shape = [
-        manifest_pb2.Dim(symbol="batch"),
+        tasks.batch_dim(request),
         manifest_pb2.Dim(size=channels),
         manifest_pb2.Dim(size=request.input_height),
         manifest_pb2.Dim(size=request.input_width),
@@ -277,12 +314,18 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
     log(f"edgescope export {request.name} -> {request.output}")
     source_file = request.weights or request.torchscript or request.exported_program
     source_sha256 = sha256_file(source_file) if source_file is not None else ""
-    with _step(log, "load PyTorch model"):
-        model = tasks.for_task(
-            load_model(request.factory, request.weights, request.torchscript, request.exported_program), request.task
-        )
     with _step(log, f"read {samples} frames from {request.data}"):
         inputs = representative_inputs(request.data, samples, manifest.preprocessing)
+    with _step(log, "load PyTorch model"):
+        loaded = load_model(
+            request.factory, request.weights, request.torchscript, request.exported_program, request.static_batch
+        )
+        # Run once on the first frame: a model returning more than the graph takes is refused here,
+        # with what it returns, rather than deep inside torch's exporter.
+        first = example_inputs(manifest, inputs[0], batch=1)
+        model = tasks.for_task(
+            task_model(loaded, first, request.model_outputs, tasks.output_names(request)), request.task
+        )
     with staged_bundle(request.output, overwrite=request.overwrite) as staging:
         onnx_path = staging / ONNX_FILE
         with _step(log, f"export ONNX (opset {request.opset})"):
@@ -293,6 +336,7 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
                 input_name=tasks.input_names(request),
                 output_name=tasks.output_names(request),
                 opset=request.opset,
+                static_batch=request.static_batch,
             )
             for key, value in (
                 ("edgescope.name", request.name),
@@ -304,10 +348,11 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
             manifest.outputs.extend(_output_spec(proto, name) for name in tasks.output_names(request))
         with _step(log, "run PyTorch and ONNX Runtime"):
             # Frames run as one stream: recurrent state and the previous frame carry over.
-            reference = run(torch_runner(model, manifest, source_sha256), manifest, inputs)
+            reference = run(torch_runner(model, manifest, source_sha256, log), manifest, inputs)
             fp32 = onnxruntime_runner(onnx_path, manifest_pb2.PRECISION_FP32)
             feeds, fp32_outputs = run_stream(fp32.infer, manifest, inputs)
-            check_batch(fp32.infer, feeds, fp32_outputs, request.thresholds.max_abs_error)
+            if not request.static_batch:
+                check_batch(fp32.infer, feeds, fp32_outputs, request.thresholds.max_abs_error)
         fp32_run = Run(fp32.info, fp32_outputs)
         if request.precision == "fp32":
             gate = judge(reference, fp32_run, manifest, thresholds, request.data, machine)
@@ -352,6 +397,7 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
                 factory=request.factory or "",
                 weights=str(request.weights.resolve()) if request.weights else "",
                 torchscript=str(request.torchscript.resolve()) if request.torchscript else "",
+                outputs=request.model_outputs,
             )
         )
         write_manifest(staging, manifest)

@@ -50,8 +50,9 @@ def _resolve_factory(spec: str) -> object:
         raise ExportError(f"{module_part} has no attribute {attr!r}") from exc
 
 
-def _load_exported_program(path: Path) -> torch.nn.Module:
-    """A ``.pt2`` saved by ``torch.export.save``; its batch axis must have been exported dynamic."""
+def _load_exported_program(path: Path, static_batch: bool) -> torch.nn.Module:
+    """A ``.pt2`` saved by ``torch.export.save``; its batch axis must have been exported dynamic,
+    unless the bundle's batch is fixed too."""
     import torch
 
     try:
@@ -63,11 +64,11 @@ def _load_exported_program(path: Path) -> torch.nn.Module:
     for node in placeholders:
         value = node.meta.get("val")
         fixed = isinstance(value, torch.Tensor) and value.ndim > 0 and not isinstance(value.shape[0], torch.SymInt)
-        if node.name in user_inputs and fixed:
+        if node.name in user_inputs and fixed and not static_batch:
             raise ExportError(
-                f"{path} was exported with a fixed batch size for input {node.name!r}; "
-                "re-export it with dynamic_shapes giving dim 0 a torch.export.Dim('batch'), "
-                "and an example batch of 2 or more"
+                f"{path} was exported with a fixed batch size for input {node.name!r}: "
+                "re-export it with dynamic_shapes giving dim 0 a torch.export.Dim('batch') "
+                "and an example batch of 2 or more, or pass --static-batch"
             )
     module = program.module()
     # The program's graph was fixed (eval or not) when the user exported it, and its module
@@ -82,6 +83,7 @@ def load_model(
     weights: Path | None,
     torchscript: Path | None,
     exported_program: Path | None = None,
+    static_batch: bool = False,
 ) -> torch.nn.Module:
     """Return the model in eval mode; weights are loaded with ``weights_only=True``."""
     import_torch()
@@ -95,7 +97,7 @@ def load_model(
     if exported_program is not None:
         if weights is not None:
             raise ExportError("a torch.export program carries its weights; drop --weights")
-        return _load_exported_program(exported_program)
+        return _load_exported_program(exported_program, static_batch)
     if torchscript is not None:
         if weights is not None:
             raise ExportError("give either a TorchScript file or a factory with weights, not both")

@@ -7,7 +7,7 @@ carries them, so the gate measures what a stream sees.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,29 +22,53 @@ from edgescope.v1 import manifest_pb2
 if TYPE_CHECKING:
     import torch
 
+Log = Callable[[str], None]
 
-def example_inputs(manifest: manifest_pb2.ModelManifest, frame: npt.NDArray[np.float32]) -> tuple[torch.Tensor, ...]:
-    """The first frame's feed as torch tensors in the graph's input order (for tracing)."""
+# torch.inference_mode() refuses some models that run under no_grad(): a TorchScript module
+# after the TorchScript-based ONNX exporter has run its passes on it (a traced SwinUNETR)
+# raises "Inference tensors cannot be saved for backward"; in-place updates of inference
+# tensors fail alike. Every such message names inference tensors.
+_INFERENCE_MODE_FAILURE = "inference tensor"
+
+
+def dynamic_batch(manifest: manifest_pb2.ModelManifest) -> bool:
+    """Whether the graph's batch axis is dynamic (the frame input leads with a symbol)."""
+    shape = manifest.inputs[0].shape
+    return bool(shape) and shape[0].WhichOneof("kind") == "symbol"
+
+
+def example_inputs(
+    manifest: manifest_pb2.ModelManifest, frame: npt.NDArray[np.float32], batch: int | None = None
+) -> tuple[torch.Tensor, ...]:
+    """The first frame's feed as torch tensors in the graph's input order, ``batch`` copies of it.
+
+    For tracing (``batch`` None) a dynamic batch axis gets two copies: torch.export
+    specialises a dimension of size 1, and a model traced on one frame can come
+    out with its batch fixed (or not export at all, as MONAI's SwinUNETR does).
+    """
     import torch
 
     feed = ModelState(manifest).feed(frame)
-    return tuple(torch.from_numpy(np.asarray(feed[spec.name])) for spec in manifest.inputs)
+    copies = batch or (2 if dynamic_batch(manifest) else 1)
+    return tuple(torch.from_numpy(np.concatenate([feed[spec.name]] * copies)) for spec in manifest.inputs)
 
 
-def torch_runner(model: torch.nn.Module, manifest: manifest_pb2.ModelManifest, source_sha256: str = "") -> Runner:
-    """The PyTorch model on the CPU, in FP32: the reference every export is held to."""
+def torch_runner(
+    model: torch.nn.Module,
+    manifest: manifest_pb2.ModelManifest,
+    source_sha256: str = "",
+    log: Log = print,
+) -> Runner:
+    """The PyTorch model on the CPU, in FP32: the reference every export is held to.
+
+    It runs under ``torch.inference_mode()``; where that fails on inference
+    tensors (see ``_INFERENCE_MODE_FAILURE``) the frame is run again under
+    ``torch.no_grad()``, which computes the same values, and every later frame
+    too. The log and the runner's description say so.
+    """
     import torch
 
     names = [spec.name for spec in manifest.outputs]
-
-    def infer(feed: Feed) -> Outputs:
-        with torch.inference_mode():
-            result = model(*(torch.from_numpy(np.asarray(feed[spec.name])) for spec in manifest.inputs))
-        values = result if isinstance(result, tuple | list) else (result,)
-        if len(values) != len(names):
-            raise ExportError(f"the model returned {len(values)} tensors; the manifest expects {', '.join(names)}")
-        return {name: value.numpy() for name, value in zip(names, values, strict=True)}
-
     info = manifest_pb2.RunnerInfo(
         kind="pytorch",
         version=torch.__version__,
@@ -53,6 +77,36 @@ def torch_runner(model: torch.nn.Module, manifest: manifest_pb2.ModelManifest, s
         detail=type(model).__name__,
         artifact_sha256=source_sha256,
     )
+    grad_modes = [torch.inference_mode, torch.no_grad]
+
+    def forward(inputs: list[torch.Tensor]) -> object:
+        try:
+            with grad_modes[0]():
+                return model(*inputs)
+        except RuntimeError as exc:
+            if len(grad_modes) == 1 or _INFERENCE_MODE_FAILURE not in str(exc).lower():
+                raise
+            grad_modes.pop(0)
+            reason = next((line.strip() for line in str(exc).splitlines() if "nference" in line), str(exc))
+            log(f"  PyTorch runs under torch.no_grad(): torch.inference_mode() failed on this model ({reason[:120]})")
+            info.detail = f"{type(model).__name__}, under torch.no_grad"
+        with grad_modes[0]():
+            return model(*inputs)
+
+    def infer(feed: Feed) -> Outputs:
+        inputs = [torch.from_numpy(np.asarray(feed[spec.name])) for spec in manifest.inputs]
+        try:
+            result = forward(inputs)
+        except Exception as exc:  # the user's model may raise anything; the first line must say so
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ExportError(
+                f"the PyTorch model failed on a gate frame ({type(exc).__name__}: {first}); --debug shows the traceback"
+            ) from exc
+        values = result if isinstance(result, tuple | list) else (result,)
+        if len(values) != len(names) or not all(isinstance(v, torch.Tensor) for v in values):
+            raise ExportError(f"the model returned {len(values)} values; the manifest expects {', '.join(names)}")
+        return {name: value.numpy() for name, value in zip(names, values, strict=True)}
+
     return Runner(infer, info)
 
 
@@ -60,8 +114,17 @@ def check_batch(infer: Infer, feeds: Sequence[Feed], outputs: Sequence[Outputs],
     """The batch axis is dynamic: two frames in one batch must answer as they do one by one."""
     if len(feeds) < 2:
         return
+    hint = (
+        "its batch axis is not truly dynamic (a traced model, or code that fixes the batch size): "
+        "make the model batch-agnostic, or export with --static-batch"
+    )
     batch = {name: np.concatenate([feeds[0][name], feeds[1][name]]) for name in feeds[0]}
-    for name, value in infer(batch).items():
+    try:
+        answers = infer(batch)
+    except Exception as exc:  # onnxruntime raises its own untyped exceptions
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise ExportError(f"the ONNX model fails on a batch of two frames, {hint} ({first})") from exc
+    for name, value in answers.items():
         single = np.concatenate([outputs[0][name], outputs[1][name]])
         if value.shape != single.shape or not np.allclose(value, single, atol=atol):
-            raise ExportError(f"the ONNX model gives different {name!r} in a batch than frame by frame")
+            raise ExportError(f"the ONNX model gives different {name!r} in a batch than frame by frame: {hint}")

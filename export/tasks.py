@@ -108,6 +108,11 @@ def postprocessing(
     return post
 
 
+def batch_dim(request: ExportRequest) -> manifest_pb2.Dim:
+    """Every tensor's leading axis: the symbol ``batch``, or one frame when the batch is fixed."""
+    return manifest_pb2.Dim(size=1) if request.static_batch else manifest_pb2.Dim(symbol="batch")
+
+
 def input_names(request: ExportRequest) -> list[str]:
     names = [request.input_name]
     if request.previous_frame_input:
@@ -147,7 +152,7 @@ def add_inputs(manifest: manifest_pb2.ModelManifest, request: ExportRequest) -> 
             dtype=manifest_pb2.DATA_TYPE_FLOAT32,
             initial_value=spec.initial_value,
         )
-        shape = [manifest_pb2.Dim(symbol="batch"), *(manifest_pb2.Dim(size=d) for d in spec.shape)]
+        shape = [batch_dim(request), *(manifest_pb2.Dim(size=d) for d in spec.shape)]
         manifest.inputs.add(name=spec.input, dtype=manifest_pb2.DATA_TYPE_FLOAT32, shape=shape)
         manifest.input_bindings.add(input=spec.input, role=manifest_pb2.INPUT_ROLE_STATE)
 

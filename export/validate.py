@@ -27,7 +27,8 @@ from edgescope.errors import ConfigError, ExportError
 from edgescope.export import tasks
 from edgescope.export.gate import judge, keep_golden, representative_inputs
 from edgescope.export.loading import load_model
-from edgescope.export.runs import torch_runner
+from edgescope.export.outputs import task_model
+from edgescope.export.runs import example_inputs, torch_runner
 from edgescope.runtime.evaluation.golden import DEFAULT_GOLDEN_FRAMES
 from edgescope.runtime.evaluation.limits import PRECISION_SAMPLES, GateThresholds, gate_thresholds
 from edgescope.runtime.evaluation.machine import describe_machine
@@ -81,9 +82,13 @@ def validate_bundle(request: ValidateRequest, log: Log = print) -> Bundle:
     start = time.perf_counter()
     task = manifest_pb2.Task.Name(manifest.task).removeprefix("TASK_").lower()
     # The same module and runners as export: task wrappers, state and every input and output.
-    model = tasks.for_task(load_model(request.factory, weights, request.torchscript), task)
     inputs = representative_inputs(data, samples, manifest.preprocessing)
-    reference = run(torch_runner(model, manifest, source_sha256), manifest, inputs)
+    loaded = load_model(request.factory, weights, request.torchscript)
+    # The model's returned values the export kept (its --output), in the graph's output order.
+    outputs = [spec.name for spec in manifest.outputs]
+    first = example_inputs(manifest, inputs[0], batch=1)
+    model = tasks.for_task(task_model(loaded, first, manifest.model_source.outputs, outputs), task)
+    reference = run(torch_runner(model, manifest, source_sha256, log), manifest, inputs)
     candidate = run(onnxruntime_runner(bundle.onnx_path, manifest.precision), manifest, inputs)
     log(f"  {'run PyTorch and ONNX Runtime':<34} {time.perf_counter() - start:7.2f} s")
     gate = judge(reference, candidate, manifest, thresholds, data, describe_machine())

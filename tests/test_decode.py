@@ -19,12 +19,34 @@ def _raw_frame(**fields: object) -> stream_pb2.Frame:
         np.arange(12, dtype=np.uint8).reshape(3, 4),
         np.arange(36, dtype=np.uint8).reshape(3, 4, 3),
         (np.arange(12, dtype=np.uint16) * 5000).reshape(3, 4),
+        (np.arange(60, dtype=np.uint16) * 1000).reshape(3, 4, 5),
+        np.linspace(-1, 1, 24, dtype=np.float32).reshape(3, 4, 2),
+        np.arange(12, dtype=np.uint8).reshape(3, 4, 1),
     ],
 )
 def test_raw_round_trip(pixels: np.ndarray) -> None:
-    decoded = decode_frame(stream_pb2.Frame(raw=encode_raw(pixels)))
+    message = encode_raw(pixels)
+    decoded = decode_frame(stream_pb2.Frame(raw=message))
     assert decoded.dtype == pixels.dtype
-    np.testing.assert_array_equal(decoded, pixels)
+    np.testing.assert_array_equal(decoded.reshape(pixels.shape), pixels)
+    if pixels.ndim == 3 and pixels.shape[2] != 3:
+        assert message.format == stream_pb2.PIXEL_FORMAT_CHANNELS and message.channels == pixels.shape[2]
+
+
+def test_raw_channels_are_bounded() -> None:
+    for channels in (0, 257):
+        frame = _raw_frame(
+            width=2,
+            height=2,
+            channels=channels,
+            dtype=manifest_pb2.DATA_TYPE_UINT8,
+            format=stream_pb2.PIXEL_FORMAT_CHANNELS,
+            data=bytes(4 * channels),
+        )
+        with pytest.raises(FrameError, match="CHANNELS needs 1 to 256 channels"):
+            decode_frame(frame)
+    with pytest.raises(FrameError, match="cannot send pixels"):
+        encode_raw(np.zeros((2, 2, 257), np.uint8))
 
 
 def test_bgr_is_returned_as_rgb() -> None:

@@ -66,3 +66,45 @@ def test_letterbox_geometry_maps_masks_back_to_the_frame() -> None:
 def test_missing_input_size_is_a_bundle_error() -> None:
     with pytest.raises(Exception, match="height/width"):
         preprocess(np.zeros((4, 4), np.uint8), _spec(height=0))
+
+
+def _channels_spec(channels: int, **fields: object) -> manifest_pb2.Preprocessing:
+    return _spec(color=manifest_pb2.COLOR_MODE_CHANNELS, channels=channels, **fields)
+
+
+def test_channels_are_taken_as_sent_with_per_channel_normalisation() -> None:
+    # Six channels, each a constant: resizing (in groups of four) keeps each channel's value and order.
+    values = np.array([0, 50, 100, 150, 200, 250], dtype=np.uint16) * 257
+    pixels = np.broadcast_to(values, (120, 160, 6)).copy()
+    mean, std = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.5, 0.5, 0.25, 0.25, 1.0, 2.0]
+    tensor, _ = preprocess(pixels, _channels_spec(6, mean=mean, std=std))
+    assert tensor.shape == (1, 6, 64, 64)
+    expected = (values / 65535.0 - np.array(mean)) / np.array(std)
+    np.testing.assert_allclose(tensor[0, :, 10, 20], expected, rtol=1e-5)
+    nhwc, _ = preprocess(pixels, _channels_spec(6, mean=mean, std=std, layout=manifest_pb2.LAYOUT_NHWC))
+    np.testing.assert_allclose(nhwc[0].transpose(2, 0, 1), tensor[0], rtol=1e-6)
+
+
+def test_many_channels_resize_like_each_channel_alone() -> None:
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 255, (90, 70, 5), dtype=np.uint8)
+    tensor, _ = preprocess(pixels, _channels_spec(5, resize=manifest_pb2.RESIZE_MODE_LETTERBOX))
+    for channel in range(5):
+        alone, _ = preprocess(
+            np.ascontiguousarray(pixels[:, :, channel]), _spec(resize=manifest_pb2.RESIZE_MODE_LETTERBOX)
+        )
+        np.testing.assert_array_equal(tensor[0, channel], alone[0, 0])
+
+
+def test_a_frame_with_other_channels_is_refused() -> None:
+    from edgescope.errors import FrameError
+
+    with pytest.raises(FrameError, match="takes frames of 5 channel"):
+        preprocess(np.zeros((8, 8, 3), np.uint8), _channels_spec(5))
+    with pytest.raises(FrameError, match="gray or RGB frames; this frame has 5 channels"):
+        preprocess(np.zeros((8, 8, 5), np.uint8), _spec())
+    # Three channels taken as sent are not converted: a BGR-ordered model would swap them.
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    pixels[..., 0] = 255
+    tensor, _ = preprocess(pixels, _channels_spec(3, height=8, width=8))
+    assert tensor[0, 0].min() == 1.0 and tensor[0, 1:].max() == 0.0

@@ -89,6 +89,35 @@ def test_bad_specs(spec: str, message: str) -> None:
             assert form in str(info.value)
 
 
+def test_array_file_frames_keep_their_channels(tmp_path: Path) -> None:
+    frames = np.arange(3 * 4 * 5 * 6, dtype=np.uint16).reshape(3, 4, 5, 6)
+    np.save(tmp_path / "features.npy", frames)
+    with open_source(f"npy:{tmp_path / 'features.npy'}?fps=10") as source:
+        read = list(source)
+    assert [f.pixels.shape for f in read] == [(4, 5, 6)] * 3
+    np.testing.assert_array_equal(read[2].pixels, frames[2])
+    assert [f.timestamp_s for f in read] == pytest.approx([0.0, 0.1, 0.2])
+    np.save(tmp_path / "gray.npy", frames[..., :1].astype(np.uint8))
+    with open_source(f"npy:{tmp_path / 'gray.npy'}", loop=True) as source:
+        looped = list(itertools.islice(source, 5))
+    assert [f.pixels.shape for f in looped] == [(4, 5)] * 5 and looped[3].index == 3
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.zeros((2, 4, 4), np.float32), "float32 frames are not supported"),
+        (np.zeros((4, 4), np.uint8), "frames are \\(T, H, W\\) or \\(T, H, W, C\\)"),
+        (np.zeros((1, 2, 2, 300), np.uint8), "at most 256"),
+        (np.array([{"a": 1}], dtype=object), "cannot read"),
+    ],
+)
+def test_array_files_that_are_not_frames_are_refused(tmp_path: Path, array: np.ndarray, message: str) -> None:
+    np.save(tmp_path / "bad.npy", array, allow_pickle=True)
+    with pytest.raises(SourceError, match=message):
+        open_source(f"npy:{tmp_path / 'bad.npy'}")
+
+
 def test_synthetic_with_fixed_length_cannot_loop() -> None:
     with pytest.raises(ConfigError, match="cannot loop"):
         open_source("synthetic:ultrasound?frames=3", loop=True)
@@ -146,9 +175,18 @@ def test_display_of_a_real_16bit_frame() -> None:
     assert (rgb[raw == raw.min()] == 0).all()
 
 
+def test_display_of_many_channels_shows_the_first() -> None:
+    pixels = np.zeros((4, 6, 5), dtype=np.uint16)
+    pixels[1, 2, 0] = 1000  # only the first channel has structure; the others would wash it out
+    pixels[:, :, 1:] = 7
+    rgb = to_display_rgb8(pixels)
+    assert rgb.shape == (4, 6, 3)
+    assert (rgb[1, 2] == 255).all() and rgb.sum() == 255 * 3
+
+
 @pytest.mark.parametrize(
     "pixels",
-    [np.zeros((4, 4), dtype=np.float32), np.zeros((4, 4, 4), dtype=np.uint8), np.zeros(4, dtype=np.uint8)],
+    [np.zeros((4, 4), dtype=np.float32), np.zeros((4, 4, 0), dtype=np.uint8), np.zeros(4, dtype=np.uint8)],
 )
 def test_display_rejects_other_layouts(pixels: np.ndarray) -> None:
     with pytest.raises(FrameError):

@@ -106,6 +106,10 @@ class _ColorModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ColorMode.V
     COLOR_MODE_GRAY: _ColorMode.ValueType  # 1
     COLOR_MODE_RGB: _ColorMode.ValueType  # 2
     COLOR_MODE_BGR: _ColorMode.ValueType  # 3
+    COLOR_MODE_CHANNELS: _ColorMode.ValueType  # 4
+    """The frame's channels in the order they are sent, Preprocessing.channels of them
+    (multi-channel MR or ultrasound, feature maps): no colour conversion.
+    """
 
 class ColorMode(_ColorMode, metaclass=_ColorModeEnumTypeWrapper): ...
 
@@ -113,6 +117,10 @@ COLOR_MODE_UNSPECIFIED: ColorMode.ValueType  # 0
 COLOR_MODE_GRAY: ColorMode.ValueType  # 1
 COLOR_MODE_RGB: ColorMode.ValueType  # 2
 COLOR_MODE_BGR: ColorMode.ValueType  # 3
+COLOR_MODE_CHANNELS: ColorMode.ValueType  # 4
+"""The frame's channels in the order they are sent, Preprocessing.channels of them
+(multi-channel MR or ultrasound, feature maps): no colour conversion.
+"""
 Global___ColorMode: _TypeAlias = ColorMode  # noqa: Y015
 
 class _ResizeMode:
@@ -381,6 +389,7 @@ class Preprocessing(_message.Message):
     INTENSITY_FIELD_NUMBER: _builtins.int
     VOI_EXPLANATION_FIELD_NUMBER: _builtins.int
     VOI_INDEX_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
     height: _builtins.int
     width: _builtins.int
     color: Global___ColorMode.ValueType
@@ -397,6 +406,10 @@ class Preprocessing(_message.Message):
     position among the frame's; neither: the one the frame's source chose.
     """
     voi_index: _builtins.int
+    channels: _builtins.int
+    """Channels of the input tensor: 1 for GRAY, 3 for RGB and BGR, any count for CHANNELS.
+    0 (bundles written before it existed): as the colour mode implies.
+    """
     @_builtins.property
     def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
@@ -415,10 +428,11 @@ class Preprocessing(_message.Message):
         intensity: Global___IntensityTransform.ValueType = ...,
         voi_explanation: _builtins.str = ...,
         voi_index: _builtins.int | None = ...,
+        channels: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_voi_index", b"_voi_index", "voi_index", b"voi_index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_voi_index", b"_voi_index", "color", b"color", "height", b"height", "intensity", b"intensity", "layout", b"layout", "mean", b"mean", "resize", b"resize", "scale", b"scale", "std", b"std", "voi_explanation", b"voi_explanation", "voi_index", b"voi_index", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_voi_index", b"_voi_index", "channels", b"channels", "color", b"color", "height", b"height", "intensity", b"intensity", "layout", b"layout", "mean", b"mean", "resize", b"resize", "scale", b"scale", "std", b"std", "voi_explanation", b"voi_explanation", "voi_index", b"voi_index", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__voi_index: _TypeAlias = _typing.Literal["voi_index"]  # noqa: Y015
     _WhichOneofArgType__voi_index: _TypeAlias = _typing.Literal["_voi_index", b"_voi_index"]  # noqa: Y015
@@ -1243,19 +1257,27 @@ class ModelSource(_message.Message):
     FACTORY_FIELD_NUMBER: _builtins.int
     WEIGHTS_FIELD_NUMBER: _builtins.int
     TORCHSCRIPT_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
     factory: _builtins.str
     weights: _builtins.str
     torchscript: _builtins.str
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Which of the model's returned values the graph keeps (`--output`), by name or
+        position, in graph output order; empty: the model returns exactly those.
+        """
+
     def __init__(
         self,
         *,
         factory: _builtins.str = ...,
         weights: _builtins.str = ...,
         torchscript: _builtins.str = ...,
+        outputs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["factory", b"factory", "torchscript", b"torchscript", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["factory", b"factory", "outputs", b"outputs", "torchscript", b"torchscript", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -53,6 +53,10 @@ class _PixelFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PixelForm
     PIXEL_FORMAT_GRAY: _PixelFormat.ValueType  # 1
     PIXEL_FORMAT_RGB: _PixelFormat.ValueType  # 2
     PIXEL_FORMAT_BGR: _PixelFormat.ValueType  # 3
+    PIXEL_FORMAT_CHANNELS: _PixelFormat.ValueType  # 4
+    """Any number of channels (RawImage.channels), taken in order as sent: multi-channel
+    MR or ultrasound, feature maps. No colour conversion applies.
+    """
 
 class PixelFormat(_PixelFormat, metaclass=_PixelFormatEnumTypeWrapper): ...
 
@@ -60,6 +64,10 @@ PIXEL_FORMAT_UNSPECIFIED: PixelFormat.ValueType  # 0
 PIXEL_FORMAT_GRAY: PixelFormat.ValueType  # 1
 PIXEL_FORMAT_RGB: PixelFormat.ValueType  # 2
 PIXEL_FORMAT_BGR: PixelFormat.ValueType  # 3
+PIXEL_FORMAT_CHANNELS: PixelFormat.ValueType  # 4
+"""Any number of channels (RawImage.channels), taken in order as sent: multi-channel
+MR or ultrasound, feature maps. No colour conversion applies.
+"""
 Global___PixelFormat: _TypeAlias = PixelFormat  # noqa: Y015
 
 class _Encoding:

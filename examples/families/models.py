@@ -244,3 +244,49 @@ class MotionNet(nn.Module):
 
 def build_registration() -> nn.Module:
     return _seeded(MotionNet)
+
+
+# --- Real models with other shapes of input and output ----------------------------------
+
+
+def build_var_autoencoder() -> nn.Module:
+    """MONAI VarAutoEncoder: returns (reconstruction, mu, logvar, z); export keeps the reconstruction
+    (``--output 0``) and appends the error map (task ``anomaly``)."""
+    return _seeded(
+        lambda: nets.VarAutoEncoder(
+            spatial_dims=2, in_shape=(1, 64, 64), out_channels=1, latent_size=8, channels=(8, 16, 32), strides=(2, 2, 2)
+        )
+    )
+
+
+def build_swin_unetr() -> nn.Module:
+    """MONAI SwinUNETR, 2D, a thin Swin encoder (one block per stage) -> (B, 2, 64, 64)."""
+    return _seeded(
+        lambda: nets.SwinUNETR(
+            in_channels=1,
+            out_channels=2,
+            feature_size=12,
+            spatial_dims=2,
+            depths=(1, 1, 1, 1),
+            num_heads=(3, 3, 3, 3),
+            window_size=4,
+        )
+    )
+
+
+FEATURE_CHANNELS = 5
+
+
+def build_multichannel_unet() -> nn.Module:
+    """MONAI UNet on a 5-channel input (co-registered MR channels, or image plus feature maps)
+    -> (B, 2, 64, 64)."""
+    return _seeded(
+        lambda: nets.UNet(
+            spatial_dims=2,
+            in_channels=FEATURE_CHANNELS,
+            out_channels=2,
+            channels=(8, 16, 32),
+            strides=(2, 2),
+            num_res_units=1,
+        )
+    )

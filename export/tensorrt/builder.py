@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -133,11 +133,14 @@ def _configure(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
     config.builder_optimization_level = options.optimization_level
-    profile = builder.create_optimization_profile()
-    for index in range(network.num_inputs):
-        tensor = network.get_input(index)
-        profile.set_shape(tensor.name, *_shapes(tensor.shape, options))
-    config.add_optimization_profile(profile)
+    inputs = [network.get_input(index) for index in range(network.num_inputs)]
+    # A graph whose batch is fixed (--static-batch) has no dynamic axis to profile.
+    profile = None
+    if any(d < 0 for tensor in inputs for d in tensor.shape):
+        profile = builder.create_optimization_profile()
+        for tensor in inputs:
+            profile.set_shape(tensor.name, *_shapes(tensor.shape, options))
+        config.add_optimization_profile(profile)
     if precision == "fp32":
         config.clear_flag(trt.BuilderFlag.TF32)
     elif not strongly_typed:
@@ -172,6 +175,10 @@ def build_engine(
     gate, unless ``options.force``.
     """
     _check_options(options)
+    fixed = bundle.manifest.inputs[0].shape[0] if bundle.manifest.inputs else None
+    if fixed is not None and fixed.WhichOneof("kind") == "size":
+        # The graph takes exactly this batch; the engine's (and its calibrator's) batch is that one.
+        options = replace(options, min_batch=fixed.size, opt_batch=fixed.size, max_batch=fixed.size)
     trt = _trt.load()
     generation = _trt.major(trt)
     precision, strongly_typed = _plan(bundle, options, generation)
@@ -193,7 +200,8 @@ def build_engine(
         frames = calibration_inputs(source, options.calibration_samples, bundle.manifest.preprocessing)
         cache = plan_path.with_suffix(".calibration")
         config.int8_calibrator = entropy_calibrator(trt, frames, options.opt_batch, cache)
-        config.set_calibration_profile(profile)
+        if profile is not None:
+            config.set_calibration_profile(profile)
         calibration = manifest_pb2.CalibrationInfo(data_source=source, samples=len(frames), method="tensorrt entropy2")
     if options.timing_cache is not None:
         existing = options.timing_cache.read_bytes() if options.timing_cache.is_file() else b""

@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from edgescope.errors import FrameError
 from edgescope.runtime.pipeline.image_header import ImageHeader, jpeg_header, png_header, sniff
-from edgescope.runtime.pipeline.layout import raw_layout
+from edgescope.runtime.pipeline.layout import MAX_CHANNELS, raw_layout
 from edgescope.v1 import manifest_pb2, stream_pb2
 
 # Larger than any imaging sensor in use (16K x 16K); stops absurd allocations.
@@ -56,7 +56,7 @@ SharedMemoryView = Callable[[stream_pb2.SharedMemoryFrame], memoryview]
 def decode_frame(
     frame: stream_pb2.Frame, shared_memory: SharedMemoryView | None = None, limits: FrameLimits = DEFAULT_LIMITS
 ) -> Pixels:
-    """Return ``(H, W)`` gray or ``(H, W, 3)`` RGB pixels for a frame."""
+    """Return ``(H, W)`` gray, ``(H, W, 3)`` RGB or ``(H, W, N)`` pixels of N channels for a frame."""
     check_extra_models(frame, limits)
     kind = frame.WhichOneof("pixels")
     if kind == "raw":
@@ -105,9 +105,12 @@ def _decode_raw(raw: stream_pb2.RawImage, limits: FrameLimits, data: bytes | mem
         stream_pb2.PIXEL_FORMAT_RGB: 3,
         stream_pb2.PIXEL_FORMAT_BGR: 3,
     }
-    if fmt not in expected_channels:
-        raise FrameError("raw pixel format must be GRAY, RGB or BGR")
-    if channels != expected_channels[fmt]:
+    if fmt == stream_pb2.PIXEL_FORMAT_CHANNELS:
+        if not 1 <= channels <= MAX_CHANNELS:
+            raise FrameError(f"raw format CHANNELS needs 1 to {MAX_CHANNELS} channels, the frame says {channels}")
+    elif fmt not in expected_channels:
+        raise FrameError("raw pixel format must be GRAY, RGB, BGR or CHANNELS")
+    elif channels != expected_channels[fmt]:
         raise FrameError(
             f"raw format {stream_pb2.PixelFormat.Name(fmt)} needs {expected_channels[fmt]} channel(s), "
             f"the frame says {channels}"
@@ -124,7 +127,7 @@ def _decode_raw(raw: stream_pb2.RawImage, limits: FrameLimits, data: bytes | mem
         raise FrameError("float frame holds NaN or infinite pixels")
     if channels == 1:
         return pixels.reshape(raw.height, raw.width)
-    image = pixels.reshape(raw.height, raw.width, 3)
+    image = pixels.reshape(raw.height, raw.width, channels)
     if fmt == stream_pb2.PIXEL_FORMAT_BGR:
         image = image[:, :, ::-1]
     return image
@@ -168,8 +171,8 @@ def _decode_encoded(encoded: stream_pb2.EncodedImage, limits: FrameLimits) -> Pi
     return cast(Pixels, cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
 
 
-def encode_raw(pixels: npt.NDArray[np.uint8] | npt.NDArray[np.uint16]) -> stream_pb2.RawImage:
-    """Pack a ``(H, W)`` gray or ``(H, W, 3)`` RGB array as a RawImage."""
+def encode_raw(pixels: Pixels) -> stream_pb2.RawImage:
+    """Pack a ``(H, W)`` gray, ``(H, W, 3)`` RGB or ``(H, W, N)`` array as a RawImage (see ``raw_layout``)."""
     raw = raw_layout(pixels)
     raw.data = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<")).tobytes()
     return raw

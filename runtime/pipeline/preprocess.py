@@ -32,15 +32,50 @@ class Geometry:
     width: int
 
 
-def _to_color(pixels: Pixels, color: int) -> Pixels:
-    if color == manifest_pb2.COLOR_MODE_GRAY:
+def input_channels(spec: manifest_pb2.Preprocessing) -> int:
+    """Channels of the model's input tensor: as declared, or as the colour mode implies (older bundles)."""
+    if spec.channels:
+        return spec.channels
+    return 1 if spec.color == manifest_pb2.COLOR_MODE_GRAY else 3
+
+
+def _channels_of(pixels: Pixels) -> int:
+    return 1 if pixels.ndim == 2 else int(pixels.shape[2])
+
+
+def _to_color(pixels: Pixels, spec: manifest_pb2.Preprocessing) -> Pixels:
+    got = _channels_of(pixels)
+    if spec.color == manifest_pb2.COLOR_MODE_CHANNELS:
+        # Taken as sent: which channel is which is the sender's and the model's agreement.
+        wanted = input_channels(spec)
+        if got != wanted:
+            raise FrameError(f"the model takes frames of {wanted} channel(s); this frame has {got}")
+        return pixels
+    if got not in (1, 3):
+        raise FrameError(f"the model takes gray or RGB frames; this frame has {got} channels")
+    if spec.color == manifest_pb2.COLOR_MODE_GRAY:
         if pixels.ndim == 2:
             return pixels
         return cast(Pixels, cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY))
     rgb = cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB) if pixels.ndim == 2 else pixels
-    if color == manifest_pb2.COLOR_MODE_BGR:
+    if spec.color == manifest_pb2.COLOR_MODE_BGR:
         rgb = np.ascontiguousarray(rgb[:, :, ::-1])
     return cast(Pixels, rgb)
+
+
+# OpenCV resizes images of at most 4 channels; more are resized in groups of 4.
+_RESIZE_GROUP = 4
+
+
+def _resize(image: Pixels, size: tuple[int, int], interpolation: int) -> Pixels:
+    if _channels_of(image) <= _RESIZE_GROUP:
+        return cast(Pixels, cv2.resize(image, size, interpolation=interpolation))
+    groups = []
+    for start in range(0, image.shape[2], _RESIZE_GROUP):
+        group = cast(Pixels, np.ascontiguousarray(image[:, :, start : start + _RESIZE_GROUP]))
+        part = cv2.resize(group, size, interpolation=interpolation)
+        groups.append(part if part.ndim == 3 else part[:, :, None])
+    return cast(Pixels, np.concatenate(groups, axis=2))
 
 
 def _to_8bit_range(pixels: Pixels) -> Pixels:
@@ -69,7 +104,7 @@ def preprocess(
         if pixels.dtype == np.float32:
             raise FrameError("a pixel transform applies to stored integer values, not float32 pixels")
         pixels = apply_intensity(cast(npt.NDArray[np.uint8] | npt.NDArray[np.uint16], pixels), pixel_transform, spec)
-    image = _to_8bit_range(_to_color(pixels, spec.color))
+    image = _to_8bit_range(_to_color(pixels, spec))
     frame_h, frame_w = pixels.shape[:2]
     if spec.resize == manifest_pb2.RESIZE_MODE_LETTERBOX:
         ratio = min(spec.width / frame_w, spec.height / frame_h)
@@ -78,7 +113,7 @@ def preprocess(
     else:
         new_w, new_h, top, left = spec.width, spec.height, 0, 0
     shrinking = new_w < frame_w and new_h < frame_h
-    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    resized = _resize(image, (new_w, new_h), cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
     if (new_w, new_h) != (spec.width, spec.height):
         canvas = np.zeros((spec.height, spec.width, *resized.shape[2:]), dtype=resized.dtype)
         canvas[top : top + new_h, left : left + new_w] = resized

@@ -28,6 +28,9 @@ def thumbnail(
 ) -> npt.NDArray[np.uint8]:
     """8-bit RGB of the frame, at most ``width`` pixels wide (a DICOM frame shown through its ``transform``)."""
     display: npt.NDArray[np.uint8] | npt.NDArray[np.uint16]
+    if pixels.ndim == 3 and pixels.shape[2] != 3:
+        # Multi-channel frames (MR channels, feature maps) show their first channel, as overlays do.
+        pixels = pixels[:, :, 0]
     if pixels.dtype == np.float32:
         # Float frames have no fixed display range: stretch what is there.
         low, span = float(pixels.min()), float(pixels.max() - pixels.min()) or 1.0

@@ -38,6 +38,7 @@ from edgescope.runtime.backends.base import Backend, Session, SessionCapabilitie
 from edgescope.runtime.evaluation.machine import machine_summary
 from edgescope.runtime.evaluation.runners import describe
 from edgescope.runtime.evaluation.selftest import self_test
+from edgescope.runtime.pipeline.preprocess import input_channels
 from edgescope.runtime.pipeline.state import ModelState, is_stateful
 from edgescope.runtime.server.failover import ModelRoute
 from edgescope.runtime.server.repository import BundlePolicy
@@ -123,7 +124,7 @@ def _verdict(report: manifest_pb2.SelfTestReport | None) -> str:
 def warm_up(session: Session, manifest: manifest_pb2.ModelManifest) -> None:
     """Run one zero frame: the first run allocates and picks kernels; pay that before serving."""
     pre = manifest.preprocessing
-    channels = 1 if pre.color == manifest_pb2.COLOR_MODE_GRAY else 3
+    channels = input_channels(pre)
     shape = (
         (1, pre.height, pre.width, channels)
         if pre.layout == manifest_pb2.LAYOUT_NHWC

@@ -21,6 +21,7 @@ SPEC_FORMS = (
     "dicom:PATH[?voi=N|EXPLANATION]",
     "video:PATH",
     "images:GLOB|FOLDER[?fps=F]",
+    "npy:PATH.npy[?fps=F]",
     "v4l2:/dev/videoN[?width=W&height=H&fps=F&fourcc=MJPG]",
     "rtsp://... | rtsps://... | http(s)://... | udp://... | srt://...",
     "gst:PIPELINE ! appsink",
@@ -68,6 +69,11 @@ def open_source(spec: str, *, loop: bool = False) -> FrameSource:
 
         pattern, options = _split_options(spec, rest, {"fps": float})
         return ImageFolderSource(pattern, loop=loop, **options)
+    if scheme == "npy":
+        from edgescope.runtime.sources.arrays import ArrayFileSource
+
+        path, options = _split_options(spec, rest, {"fps": float})
+        return ArrayFileSource(Path(path).expanduser(), loop=loop, **options)
     if scheme == "v4l2":
         from edgescope.runtime.sources.camera import open_v4l2_source, parse_v4l2
 

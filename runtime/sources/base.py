@@ -20,8 +20,9 @@ PixelArray = npt.NDArray[np.uint8] | npt.NDArray[np.uint16]
 class SourceFrame:
     """One frame as read from a source.
 
-    ``pixels`` is ``(H, W)`` for monochrome or ``(H, W, 3)`` RGB, uint8 or
-    uint16, C-contiguous. ``timestamp_s`` is the presentation time relative to
+    ``pixels`` is ``(H, W)`` for monochrome, ``(H, W, 3)`` RGB, or ``(H, W, C)``
+    of C channels (an array file), uint8 or uint16, C-contiguous.
+    ``timestamp_s`` is the presentation time relative to
     the source's first frame; streaming at the native rate paces by it.
     ``spacing_mm`` is (row, column) pixel spacing when the source knows it
     and it holds for the whole frame. ``regions`` are the parts of the frame
