@@ -59,7 +59,7 @@ def example_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     if exported:
         from edgescope.bundle import load_bundle
 
-        return load_bundle(Path(exported))
+        return load_bundle(Path(exported).resolve())
     pytest.importorskip("torch")
     from edgescope.export import ExportRequest, export_model
 

@@ -153,6 +153,19 @@ def _token(request: Request) -> str | None:
     return None
 
 
+class _LowercaseHost:
+    """Host names are case-insensitive (RFC 9110); older Starlette compares them case by case."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            headers = [(name, value.lower() if name == b"host" else value) for name, value in scope["headers"]]
+            scope = {**scope, "headers": headers}
+        await self._app(scope, receive, send)
+
+
 def build_app(metrics: RuntimeMetrics, allowed_hosts: Sequence[str], security: WebSecurity) -> Starlette:
     async def page(request: Request) -> Response:
         return Response(_PAGE.read_bytes(), media_type="text/html; charset=utf-8")
@@ -184,7 +197,8 @@ def build_app(metrics: RuntimeMetrics, allowed_hosts: Sequence[str], security: W
     # Outermost first: headers on every answer, then the Host check, then the token.
     middleware = [
         Middleware(_SecurityHeaders, tls=security.tls_cert is not None),
-        Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False),
+        Middleware(_LowercaseHost),
+        Middleware(TrustedHostMiddleware, allowed_hosts=[h.lower() for h in allowed_hosts], www_redirect=False),
     ]
     if security.token_role is not None:
         middleware.append(Middleware(_TokenRequired, token_role=security.token_role))
