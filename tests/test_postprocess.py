@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
+from edgescope.runtime.pipeline.calibration import max_diameter
 from edgescope.runtime.pipeline.postprocess import postprocess, remove_small_components
 from edgescope.runtime.pipeline.preprocess import Geometry
 from edgescope.v1 import manifest_pb2, stream_pb2
@@ -67,3 +69,24 @@ def test_logit_threshold_equals_sigmoid_threshold(threshold: float) -> None:
     params = manifest_pb2.SegmentationParams(activation=manifest_pb2.ACTIVATION_SIGMOID, threshold=threshold)
     expected = (1.0 / (1.0 + np.exp(-logits[0, 0].astype(np.float64))) > threshold).astype(np.uint8)
     np.testing.assert_array_equal(segmentation_mask(logits, params), expected)
+
+
+def _diameter_by_brute_force(mask: np.ndarray, row_mm: float, column_mm: float) -> float:
+    count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    longest = 0.0
+    for label in range(1, count):
+        rows, columns = np.nonzero(labels == label)
+        points = np.stack([columns * column_mm, rows * row_mm], axis=-1)
+        longest = max(longest, float(np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1)).max()))
+    return longest
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_max_diameter_of_a_speckled_mask_matches_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    mask = rng.random((48, 64)) > 0.93  # many specks, as an untrained or noisy model gives
+    mask[5 + seed : 20 + seed, 10 : 30 + 2 * seed] = True  # and one part that is longest
+    row_mm, column_mm = 0.3 + 0.1 * seed, 0.25
+    expected = _diameter_by_brute_force(mask, row_mm, column_mm)
+    assert max_diameter(mask, row_mm, column_mm) == pytest.approx(expected)
+    assert max_diameter(np.zeros((8, 8), dtype=bool)) == 0.0

@@ -86,10 +86,20 @@ def max_diameter(mask: npt.NDArray[np.bool_], row_mm: float = 1.0, column_mm: fl
     than the part around it, so outer boundaries are all it takes.
     """
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    longest = 0.0
+    if not contours:
+        return 0.0
     scale = np.array([column_mm, row_mm])
-    for contour in contours:
-        hull = cv2.convexHull(contour).reshape(-1, 2).astype(np.float64) * scale
+    # A noisy mask has hundreds of specks: a part's bounding-box diagonal bounds its diameter,
+    # so parts are measured largest bound first and the rest skipped once none can be longer.
+    points = np.concatenate(contours).reshape(-1, 2)
+    starts = np.cumsum([0] + [len(contour) for contour in contours[:-1]])
+    extents = (np.maximum.reduceat(points, starts) - np.minimum.reduceat(points, starts)) * scale
+    bounds = np.sqrt((extents**2).sum(axis=-1))
+    longest = 0.0
+    for index in np.argsort(-bounds):
+        if bounds[index] <= longest:
+            break
+        hull = cv2.convexHull(contours[index]).reshape(-1, 2).astype(np.float64) * scale
         differences = hull[:, None, :] - hull[None, :, :]
         longest = max(longest, float(np.sqrt((differences**2).sum(axis=-1)).max()))
     return longest
