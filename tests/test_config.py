@@ -214,3 +214,16 @@ def test_serve_without_a_bundle_says_where_to_give_one() -> None:
     run = subprocess.run([sys.executable, "-m", "edgescope.cli", "serve"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert "no bundle to serve" in run.stderr and "EDGESCOPE_BUNDLES" in run.stderr
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], "0"), (["--intra-op-spinning"], "1")])
+def test_onnxruntime_threads_spin_only_when_asked(example_bundle: Bundle, flags: list[str], expected: str) -> None:
+    from edgescope.cli import _backend
+
+    args = build_parser().parse_args(["serve", str(example_bundle.path), *flags])
+    session = _backend("onnxruntime", args).load(example_bundle)
+    try:
+        options = session._session.get_session_options()  # type: ignore[attr-defined]
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == expected
+    finally:
+        session.close()
