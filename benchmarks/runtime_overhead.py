@@ -19,6 +19,10 @@ looped) throughout, on two workloads:
    where inference dominates: raw, plain-ort and edgescope, each one frame
    at a time (send, wait for the answer, send the next).
 
+This VM's speed drifts by 10-20 % over minutes, so the modes compared for
+throughput run in alternating rounds (raw, baselines, edgescope, repeated)
+and each mode's figures pool its rounds: drift lands on all of them alike.
+
 Prints a table, writes ``benchmarks/results/runtime_overhead.json`` and a PNG.
 Run: ``.venv/bin/python benchmarks/runtime_overhead.py [--quick]``.
 """
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,21 +71,44 @@ def percentiles(values_ms: list[float]) -> dict[str, float]:
     }
 
 
-def bench_raw(bundle_path: Path, frames: list[SourceFrame], count: int) -> dict[str, Any]:
-    bundle = load_bundle(bundle_path)
-    session = OnnxRuntimeBackend().load(bundle)
-    tensors = [preprocess(f.pixels, bundle.manifest.preprocessing)[0] for f in frames]
-    name = bundle.manifest.inputs[0].name
-    session.infer({name: tensors[0]})
-    times = []
-    start = time.perf_counter()
-    for index in range(count):
-        begin = time.perf_counter()
-        session.infer({name: tensors[index % len(tensors)]})
-        times.append((time.perf_counter() - begin) * 1e3)
-    elapsed = time.perf_counter() - start
-    session.close()
-    return {"frames": count, "fps": round(count / elapsed, 2), **percentiles(times)}
+@dataclass
+class Timed:
+    """One mode's per-frame times (ms) and wall time, pooled over rounds."""
+
+    times: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"frames": len(self.times), "fps": round(len(self.times) / self.elapsed, 2), **percentiles(self.times)}
+
+
+def rotated(items: list[Any], offset: int) -> list[Any]:
+    """The same frames starting at ``offset``, so successive rounds cover the whole clip."""
+    offset %= len(items)
+    return items[offset:] + items[:offset]
+
+
+class RawLoop:
+    """The bundle's ONNX Runtime session in a tight loop on preprocessed tensors."""
+
+    def __init__(self, bundle_path: Path, frames: list[SourceFrame]) -> None:
+        bundle = load_bundle(bundle_path)
+        self._session = OnnxRuntimeBackend().load(bundle)
+        self._tensors = [preprocess(f.pixels, bundle.manifest.preprocessing)[0] for f in frames]
+        self._name = bundle.manifest.inputs[0].name
+        self._session.infer({self._name: self._tensors[0]})
+        self.timed = Timed()
+
+    def run(self, count: int, offset: int) -> None:
+        start = time.perf_counter()
+        for index in range(offset, offset + count):
+            begin = time.perf_counter()
+            self._session.infer({self._name: self._tensors[index % len(self._tensors)]})
+            self.timed.times.append((time.perf_counter() - begin) * 1e3)
+        self.timed.elapsed += time.perf_counter() - start
+
+    def close(self) -> None:
+        self._session.close()
 
 
 _TORCH_SERVER = r"""
@@ -143,48 +171,49 @@ def _payload(pixels: np.ndarray[Any, Any]) -> bytes:
     return header + np.ascontiguousarray(pixels).tobytes()
 
 
-def _bench_unary_server(argv: list[str], payloads: list[bytes], count: int) -> dict[str, Any]:
-    """Start a plain unary gRPC server script, send ``count`` requests one at a time, time them."""
-    server = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)])
-        call = channel.unary_unary("/plain.Seg/Infer")
-        call(payloads[0], timeout=60)
-        times = []
+class UnaryServer:
+    """A plain unary gRPC server script in its own process; requests sent one at a time and timed."""
+
+    def __init__(self, script: str, args: list[str], payloads: list[bytes], workdir: Path) -> None:
+        path = workdir / f"server_{len(list(workdir.iterdir()))}.py"
+        path.write_text(script)
+        self._process = subprocess.Popen([sys.executable, str(path), *args], stdout=subprocess.PIPE, text=True)
+        assert self._process.stdout is not None
+        port = int(self._process.stdout.readline())
+        self._channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)])
+        self._call = self._channel.unary_unary("/plain.Seg/Infer")
+        self._payloads = payloads
+        self._call(payloads[0], timeout=60)
+        self.timed = Timed()
+
+    def run(self, count: int, offset: int) -> None:
         start = time.perf_counter()
-        for index in range(count):
+        for index in range(offset, offset + count):
             begin = time.perf_counter()
-            call(payloads[index % len(payloads)], timeout=60)
-            times.append((time.perf_counter() - begin) * 1e3)
-        elapsed = time.perf_counter() - start
-        channel.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    return {"frames": count, "fps": round(count / elapsed, 2), **percentiles(times)}
+            self._call(self._payloads[index % len(self._payloads)], timeout=60)
+            self.timed.times.append((time.perf_counter() - begin) * 1e3)
+        self.timed.elapsed += time.perf_counter() - start
+
+    def close(self) -> None:
+        self._channel.close()
+        if self._process.poll() is None:
+            self._process.terminate()
+            self._process.wait(timeout=30)
 
 
-def bench_plain_ort(bundle_path: Path, frames: list[SourceFrame], count: int) -> dict[str, Any]:
+def plain_ort_server(bundle_path: Path, frames: list[SourceFrame], workdir: Path) -> UnaryServer:
     spec = load_bundle(bundle_path).manifest.preprocessing
-    with tempfile.TemporaryDirectory() as tmp:
-        script = Path(tmp) / "plain_ort_server.py"
-        script.write_text(_PLAIN_ORT_SERVER)
-        argv = [str(script), str(bundle_path / "model.onnx"), str(spec.height), str(spec.width)]
-        return _bench_unary_server(argv, [_payload(f.pixels) for f in frames], count)
+    args = [str(bundle_path / "model.onnx"), str(spec.height), str(spec.width)]
+    return UnaryServer(_PLAIN_ORT_SERVER, args, [_payload(f.pixels) for f in frames], workdir)
 
 
-def bench_torch_unary(frames: list[SourceFrame], count: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        script = Path(tmp) / "plain_server.py"
-        script.write_text(_TORCH_SERVER)
-        payloads = []
-        for frame in frames:
-            rgb = frame.pixels if frame.pixels.ndim == 3 else np.stack([frame.pixels] * 3, axis=-1)
-            h, w = rgb.shape[:2]
-            payloads.append(h.to_bytes(4, "little") + w.to_bytes(4, "little") + rgb.tobytes())
-        return _bench_unary_server([str(script), "", str(EXAMPLE), str(EXAMPLE / "weights.pt")], payloads, count)
+def torch_unary_server(frames: list[SourceFrame], workdir: Path) -> UnaryServer:
+    payloads = []
+    for frame in frames:
+        rgb = frame.pixels if frame.pixels.ndim == 3 else np.stack([frame.pixels] * 3, axis=-1)
+        h, w = rgb.shape[:2]
+        payloads.append(h.to_bytes(4, "little") + w.to_bytes(4, "little") + rgb.tobytes())
+    return UnaryServer(_TORCH_SERVER, ["", str(EXAMPLE), str(EXAMPLE / "weights.pt")], payloads, workdir)
 
 
 def _rss_mb(pid: int) -> float:
@@ -194,75 +223,112 @@ def _rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def measure_stream(source: ReplaySource, options: StreamOptions) -> dict[str, Any]:
-    """Stream ``source``; latency of the answered frames, and the throughput."""
-    e2e: list[float] = []
-    infer: list[float] = []
+@dataclass
+class Streamed:
+    """Streams of one mode: latency of the answered frames and throughput, pooled over rounds."""
 
-    def per_frame(_frame: SourceFrame, result: stream_pb2.Result) -> None:
-        if result.status.code == stream_pb2.FRAME_STATUS_CODE_OK:
-            e2e.append((time.time_ns() - result.capture_time_ns) / 1e6)
-            infer.append(next(t.duration_ns for t in result.timings if t.stage == "infer") / 1e6)
+    e2e: list[float] = field(default_factory=list)
+    infer: list[float] = field(default_factory=list)
+    sent: int = 0
+    elapsed: float = 0.0
+    dropped: int = 0
+    errors: int = 0
 
-    start = time.perf_counter()
-    report = asyncio.run(stream_source(source, options, per_frame))
-    elapsed = time.perf_counter() - start
-    return {
-        "frames": report.sent,
-        "fps": round(report.sent / elapsed, 2),
-        "end_to_end": percentiles(e2e),
-        "infer": percentiles(infer),
-        "overhead": percentiles([total - model for total, model in zip(e2e, infer, strict=True)]),
-        "dropped": report.latency.dropped,
-        "errors": report.latency.errors,
-    }
+    def stream(self, source: ReplaySource, options: StreamOptions) -> None:
+        def per_frame(_frame: SourceFrame, result: stream_pb2.Result) -> None:
+            if result.status.code == stream_pb2.FRAME_STATUS_CODE_OK:
+                self.e2e.append((time.time_ns() - result.capture_time_ns) / 1e6)
+                self.infer.append(next(t.duration_ns for t in result.timings if t.stage == "infer") / 1e6)
+
+        start = time.perf_counter()
+        report = asyncio.run(stream_source(source, options, per_frame))
+        self.elapsed += time.perf_counter() - start
+        self.sent += report.sent
+        self.dropped += report.latency.dropped
+        self.errors += report.latency.errors
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "frames": self.sent,
+            "fps": round(self.sent / self.elapsed, 2),
+            "end_to_end": percentiles(self.e2e),
+            "infer": percentiles(self.infer),
+            "overhead": percentiles([total - model for total, model in zip(self.e2e, self.infer, strict=True)]),
+            "dropped": self.dropped,
+            "errors": self.errors,
+        }
 
 
-def bench_edgescope(
-    bundle_path: Path, frames: list[SourceFrame], fps: float, fast_count: int, live_count: int, soak_count: int
+def bench_lesion(
+    bundle_path: Path, frames: list[SourceFrame], fps: float, counts: dict[str, int], rounds: int, workdir: Path
 ) -> dict[str, Any]:
+    """Throughput against the baselines in alternating rounds, then live latency and the RSS soak."""
+    pixels = [f.pixels for f in frames]
+
+    def replay(count: int, offset: int = 0) -> ReplaySource:
+        return ReplaySource(rotated(pixels, offset), fps, count, "ultrasound", frames[0].spacing_mm)
+
+    raw = RawLoop(bundle_path, frames)
+    torch_unary = torch_unary_server(frames, workdir)
+    plain = plain_ort_server(bundle_path, frames, workdir)
+    server = None
     results: dict[str, Any] = {}
+    try:
+        server, target = start_server([bundle_path], workdir / "port")
+        # A window of 3 frames keeps every stage busy without queueing frames in transport buffers.
+        options = StreamOptions(target=target, model="", realtime=False, max_in_flight=3)
+        fast = Streamed()
+        for index in range(rounds):
+            raw.run(counts["raw"] // rounds, index * 37)
+            torch_unary.run(counts["unary"] // rounds, index * 37)
+            plain.run(counts["unary"] // rounds, index * 37)
+            fast.stream(replay(counts["fast"] // rounds, index * 37), options)
+        results["raw"], results["fast"] = raw.timed.summary(), fast.summary()
+        results["torch_unary"], results["plain_ort"] = torch_unary.timed.summary(), plain.timed.summary()
+        torch_unary.close()
+        plain.close()
 
-    def replay(count: int) -> ReplaySource:
-        return ReplaySource([f.pixels for f in frames], fps, count, "ultrasound", frames[0].spacing_mm)
+        live = StreamOptions(target=target, model="", realtime=True, policy=stream_pb2.STREAM_POLICY_LIVE)
+        live_run = Streamed()
+        live_run.stream(replay(counts["live"]), live)
+        results["live_30fps"] = live_run.summary()
+        # The same live stream with frames handed over in shared memory instead of protobuf bytes.
+        live.shared_memory = True
+        shm_run = Streamed()
+        shm_run.stream(replay(counts["live"]), live)
+        results["live_30fps_shared_memory"] = shm_run.summary()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        server, target = start_server([bundle_path], Path(tmp) / "port")
-        try:
-            # A window of 3 frames keeps every stage busy without queueing frames in transport buffers.
-            options = StreamOptions(target=target, model="", realtime=False, max_in_flight=3)
-            results["fast"] = measure_stream(replay(fast_count), options)
-            live = StreamOptions(target=target, model="", realtime=True, policy=stream_pb2.STREAM_POLICY_LIVE)
-            results["live_30fps"] = measure_stream(replay(live_count), live)
-            # The same live stream with frames handed over in shared memory instead of protobuf bytes.
-            live.shared_memory = True
-            results["live_30fps_shared_memory"] = measure_stream(replay(live_count), live)
+        soak = counts["soak"]
+        rss: list[tuple[int, float]] = [(0, _rss_mb(server.pid))]
+        step = max(1, soak // 20)
 
-            rss: list[tuple[int, float]] = [(0, _rss_mb(server.pid))]
-            step = max(1, soak_count // 20)
+        def sample_rss(source_frame: SourceFrame, result: stream_pb2.Result) -> None:
+            if (source_frame.index + 1) % step == 0:
+                rss.append((source_frame.index + 1, _rss_mb(server.pid)))
 
-            def sample_rss(source_frame: SourceFrame, result: stream_pb2.Result) -> None:
-                if (source_frame.index + 1) % step == 0:
-                    rss.append((source_frame.index + 1, _rss_mb(server.pid)))
-
-            asyncio.run(stream_source(replay(soak_count), options, sample_rss))
-            # The first samples include allocator warm-up; flatness is judged after it.
-            settled = [mb for index, mb in rss if index >= soak_count // 10]
-            results["soak"] = {
-                "frames": soak_count,
-                "rss_mb": [(index, round(mb, 1)) for index, mb in rss],
-                "rss_growth_after_warmup_mb": round(max(settled) - min(settled), 2) if settled else None,
-            }
-        finally:
+        asyncio.run(stream_source(replay(soak), options, sample_rss))
+        # The first samples include allocator warm-up; flatness is judged after it.
+        settled = [mb for index, mb in rss if index >= soak // 10]
+        results["soak"] = {
+            "frames": soak,
+            "rss_mb": [(index, round(mb, 1)) for index, mb in rss],
+            "rss_growth_after_warmup_mb": round(max(settled) - min(settled), 2) if settled else None,
+        }
+    finally:
+        if server is not None:
             stop_server(server)
+        raw.close()
+        # Closing twice is harmless: the processes may already have been ended above.
+        for baseline in (torch_unary, plain):
+            baseline.close()
     return results
 
 
-def bench_heavy(frames: list[SourceFrame], fps: float, count: int, tmp: Path) -> dict[str, Any]:
+def bench_heavy(frames: list[SourceFrame], fps: float, count: int, rounds: int, workdir: Path) -> dict[str, Any]:
     """The 1.6M-parameter U-Net on gray 480x640 frames, one frame at a time: raw, plain-ort, edgescope."""
     gray = [cv2.cvtColor(f.pixels, cv2.COLOR_RGB2GRAY) if f.pixels.ndim == 3 else f.pixels for f in frames]
     gray_frames = [SourceFrame(f.index, g, f.timestamp_s, f.spacing_mm) for f, g in zip(frames, gray, strict=True)]
-    bundle = tmp / "unet-1m6"
+    bundle = workdir / "unet-1m6"
     export_model(
         ExportRequest(
             name="unet-1m6",
@@ -276,22 +342,32 @@ def bench_heavy(frames: list[SourceFrame], fps: float, count: int, tmp: Path) ->
         ),
         log=lambda _line: None,
     )
-    raw = bench_raw(bundle, gray_frames, count)
-    plain = bench_plain_ort(bundle, gray_frames, count)
-    with tempfile.TemporaryDirectory() as run_dir:
-        server, target = start_server([bundle], Path(run_dir) / "port")
-        try:
-            options = StreamOptions(target=target, model="", realtime=False, max_in_flight=1)
-            edgescope = measure_stream(ReplaySource(gray, fps, count, "ultrasound"), options)
-        finally:
+    raw = RawLoop(bundle, gray_frames)
+    plain = plain_ort_server(bundle, gray_frames, workdir)
+    server = None
+    edgescope = Streamed()
+    try:
+        server, target = start_server([bundle], workdir / "heavy-port")
+        options = StreamOptions(target=target, model="", realtime=False, max_in_flight=1)
+        per_round = count // rounds
+        for index in range(rounds):
+            raw.run(per_round, index * per_round)
+            plain.run(per_round, index * per_round)
+            edgescope.stream(ReplaySource(rotated(gray, index * per_round), fps, per_round, "ultrasound"), options)
+    finally:
+        if server is not None:
             stop_server(server)
+        raw.close()
+        plain.close()
+    summary = edgescope.summary()
+    raw_fps, plain_fps = raw.timed.summary()["fps"], plain.timed.summary()["fps"]
     return {
         "model": "MONAI UNet (16, 32, 64, 128, 256), 2 residual units, 1.62M parameters, 480x640 gray input",
-        "raw": raw,
-        "plain_ort": plain,
-        "edgescope_send_answer": edgescope,
-        "edgescope_vs_raw": round(edgescope["fps"] / raw["fps"], 3),
-        "edgescope_vs_plain_ort": round(edgescope["fps"] / plain["fps"], 3),
+        "raw": raw.timed.summary(),
+        "plain_ort": plain.timed.summary(),
+        "edgescope_send_answer": summary,
+        "edgescope_vs_raw": round(summary["fps"] / raw_fps, 3),
+        "edgescope_vs_plain_ort": round(summary["fps"] / plain_fps, 3),
     }
 
 
@@ -329,9 +405,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     args = parser.parse_args()
-    counts = (200, 100, 150, 2000, 30) if args.quick else (1000, 300, 300, 20000, 120)
-    raw_n, torch_n, live_n, soak_n, heavy_n = counts
-    fast_n = raw_n
+    if args.quick:
+        counts, rounds = {"raw": 200, "unary": 100, "fast": 200, "live": 150, "soak": 2000, "heavy": 30}, 2
+    else:
+        counts, rounds = {"raw": 1000, "unary": 300, "fast": 1000, "live": 300, "soak": 20000, "heavy": 120}, 5
 
     from pydicom.data import get_testdata_file
 
@@ -339,7 +416,8 @@ def main() -> int:
     with open_source(f"dicom:{cine}") as source:
         frames, fps = list(source), source.fps
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = Path(tmp) / "lesion-unet"
+        workdir = Path(tmp)
+        bundle = workdir / "lesion-unet"
         export_model(
             ExportRequest(
                 name="lesion-unet",
@@ -350,11 +428,9 @@ def main() -> int:
             ),
             log=lambda _line: None,
         )
-        heavy = bench_heavy(frames, fps, heavy_n, Path(tmp))
-        raw = bench_raw(bundle, frames, raw_n)
-        torch_unary = bench_torch_unary(frames, torch_n)
-        plain_ort = bench_plain_ort(bundle, frames, torch_n)
-        edgescope = bench_edgescope(bundle, frames, fps, fast_n, live_n, soak_n)
+        heavy = bench_heavy(frames, fps, counts["heavy"], 4 if rounds > 2 else rounds, workdir)
+        edgescope = bench_lesion(bundle, frames, fps, counts, rounds, workdir)
+    raw, torch_unary, plain_ort = edgescope.pop("raw"), edgescope.pop("torch_unary"), edgescope.pop("plain_ort")
 
     fast = edgescope["fast"]
     report = {
