@@ -30,6 +30,11 @@ _BAND = (24, 24, 24)
 _PALETTE = [(40, 220, 90), (250, 80, 80), (80, 150, 255), (250, 200, 40), (200, 90, 250), (60, 220, 220)]
 
 
+def load_fonts() -> None:
+    """OpenCV builds its Hershey font tables on first use, some 25 ms: pay that before frames arrive."""
+    cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, 1.0, 1)
+
+
 def _colour(index: int) -> tuple[int, int, int]:
     return _PALETTE[(index - 1) % len(_PALETTE)]
 

@@ -15,6 +15,7 @@ happened; only then do the workers finish and close their sessions.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edgescope.errors import BundleError, ConfigError, EdgescopeError
 from edgescope.runtime.backends.base import Backend, cpu_cores
+from edgescope.runtime.render.overlay import load_fonts
 from edgescope.runtime.server.auth import CallerExecutor
 from edgescope.runtime.server.capture import CaptureConfig, CaptureHub, grpc_health_setter
 from edgescope.runtime.server.kserve import DEFAULT_TENSOR_LIMITS, KServeSettings, TensorLimits, add_kserve_service
@@ -202,6 +204,12 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
             model.worker.instances,
             model.provenance.sha256[:12],
         )
+    # Telemetry previews caption frames: without this the first stream's first frames pay for the fonts.
+    load_fonts()
+    # What startup made (modules, descriptors, sessions) lives as long as the server: kept out of the
+    # collector's full passes, which otherwise stall frames for tens of milliseconds. Garbage first.
+    gc.collect()
+    gc.freeze()
     server = grpc.aio.server(options=channel_options(config.max_message_bytes), interceptors=[security.interceptor])
     service = StreamService(
         registry, frames, loader, config.scheduling, telemetry.metrics, repository=security.repository
