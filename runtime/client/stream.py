@@ -22,7 +22,7 @@ from edgescope.runtime.client.clock import ClockEstimator, ClockSample
 from edgescope.runtime.client.rate import RateWatch
 from edgescope.runtime.client.shm import SharedMemorySender
 from edgescope.runtime.client.video import VideoRecorder
-from edgescope.runtime.pipeline.decode import encode_raw
+from edgescope.runtime.pipeline.decode import encode_raw_into
 from edgescope.runtime.render.overlay import render_result
 from edgescope.runtime.sources.base import FrameSource, SourceFrame
 from edgescope.runtime.sources.display import to_display_rgb8
@@ -91,8 +91,9 @@ def build_frame(
         mask_encoding=options.mask_encoding,
         policy=options.policy,
         deadline_ms=options.deadline_ms,
-        raw=encode_raw(source_frame.pixels) if with_pixels else None,
     )
+    if with_pixels:
+        encode_raw_into(frame.raw, source_frame.pixels)
     source_frame.describe(frame)
     return frame
 

@@ -173,6 +173,13 @@ def _decode_encoded(encoded: stream_pb2.EncodedImage, limits: FrameLimits) -> Pi
 
 def encode_raw(pixels: Pixels) -> stream_pb2.RawImage:
     """Pack a ``(H, W)`` gray, ``(H, W, 3)`` RGB or ``(H, W, N)`` array as a RawImage (see ``raw_layout``)."""
-    raw = raw_layout(pixels)
-    raw.data = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<")).tobytes()
+    raw = stream_pb2.RawImage()
+    encode_raw_into(raw, pixels)
     return raw
+
+
+def encode_raw_into(raw: stream_pb2.RawImage, pixels: Pixels) -> None:
+    """``encode_raw`` straight into a message's field (``frame.raw``): protobuf copies a megabyte of
+    pixels into a parent message ten times slower than it takes them as bytes."""
+    raw.CopyFrom(raw_layout(pixels))
+    raw.data = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<")).tobytes()

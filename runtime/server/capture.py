@@ -31,7 +31,7 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 
 from edgescope.errors import ConfigError, EdgescopeError, ModelNotFoundError, SourceError
-from edgescope.runtime.pipeline.decode import encode_raw
+from edgescope.runtime.pipeline.decode import encode_raw_into
 from edgescope.runtime.sources import FrameSource, SourceFrame, open_source
 from edgescope.runtime.telemetry.metrics import RuntimeMetrics
 from edgescope.v1 import stream_pb2
@@ -330,7 +330,7 @@ def _frame(
         model=config.model,
         source_kind=source_kind,
         policy=stream_pb2.STREAM_POLICY_LIVE,
-        raw=encode_raw(source_frame.pixels),
     )
+    encode_raw_into(frame.raw, source_frame.pixels)
     source_frame.describe(frame)
     return frame
