@@ -23,7 +23,7 @@ from edgescope.runtime.client.rate import RateWatch
 from edgescope.runtime.client.shm import SharedMemorySender
 from edgescope.runtime.client.video import VideoRecorder
 from edgescope.runtime.pipeline.decode import encode_raw_into
-from edgescope.runtime.render.overlay import render_result
+from edgescope.runtime.render.overlay import load_fonts, render_result
 from edgescope.runtime.sources.base import FrameSource, SourceFrame
 from edgescope.runtime.sources.display import to_display_rgb8
 from edgescope.runtime.telemetry.latency import LatencyRecorder, drop_label, missed_deadline
@@ -159,6 +159,8 @@ async def stream_source(
 
     rate = RateWatch(source.fps) if options.realtime else None
     recorder = VideoRecorder(options.save, source.fps) if options.save is not None else None
+    if recorder is not None:
+        load_fonts()  # before the first overlay, which would otherwise pay for them mid-stream
     # Overlays are drawn and encoded on a worker thread, fed through a short
     # queue, so the receive loop timestamps each answer as soon as it arrives.
     to_render: asyncio.Queue[tuple[SourceFrame, stream_pb2.Result, float] | None] = asyncio.Queue(maxsize=32)

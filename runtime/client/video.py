@@ -48,6 +48,9 @@ class VideoRecorder:
         self._writer: cv2.VideoWriter | None = None
         self._size: tuple[int, int] | None = None
         self.frames = 0
+        if self._codec is not None:
+            # Checked (and PyAV's 100 ms import paid) now, before frames are streaming, not at the first one.
+            _require_encoder(self._codec[0])
 
     def write(self, frame_rgb: npt.NDArray[np.uint8]) -> None:
         if self._size is None:
@@ -90,10 +93,6 @@ class VideoRecorder:
         import av
 
         encoder, options = self._codec
-        if encoder not in av.codecs_available:
-            raise MissingDependencyError(
-                f"the {encoder} encoder", "install PyAV's wheels (pip install av), which carry it"
-            )
         rate = Fraction(self._fps).limit_denominator(1001)
         container_options = {"movflags": "+faststart"} if self.path.suffix.lower() == ".mp4" else {}
         self._container = av.open(str(self.path), "w", options=container_options)
@@ -120,3 +119,10 @@ def _even(frame_rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     padded = np.zeros((height + height % 2, width + width % 2, 3), dtype=np.uint8)
     padded[:height, :width] = frame_rgb
     return padded
+
+
+def _require_encoder(encoder: str) -> None:
+    import av
+
+    if encoder not in av.codecs_available:
+        raise MissingDependencyError(f"the {encoder} encoder", "install PyAV's wheels (pip install av), which carry it")
