@@ -105,3 +105,18 @@ def test_tensorrt_runner_matches_onnxruntime(engine_bundle: Bundle) -> None:
             for name, value in expected.items():
                 np.testing.assert_allclose(got[name], value, rtol=1e-3, atol=1e-3)
             assert session.inference_time > 0
+
+
+def test_a_bundle_without_an_engine_for_this_gpu_is_a_device_failure_not_a_bundle_error(
+    example_bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Startup stops on a bundle error but only marks the model NOT_SERVING on a backend error.
+    from edgescope.engines import DeviceFacts
+    from edgescope.errors import BackendError, BundleError
+    from edgescope.runtime.backends import tensorrt
+
+    monkeypatch.setattr(tensorrt, "_tensorrt", lambda: None)
+    monkeypatch.setattr(tensorrt, "device_facts", lambda _device: DeviceFacts("NVIDIA RTX A4000", (8, 6), 48, "10.16"))
+    with pytest.raises(BackendError, match="no fp32 TensorRT engine for NVIDIA RTX A4000") as caught:
+        tensorrt.TensorRTBackend().load(example_bundle)
+    assert not isinstance(caught.value, BundleError)

@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from edgescope.bundle import Bundle
 from edgescope.engines import PRECISION_NAMES, TENSORRT_HINT, device_facts, read_sidecar, select_engine
-from edgescope.errors import BackendError, FrameError, MissingDependencyError
+from edgescope.errors import BackendError, BundleError, FrameError, MissingDependencyError
 from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
 from edgescope.runtime.backends.cuda import CudaAdapter
 from edgescope.v1 import manifest_pb2
@@ -181,7 +181,11 @@ class TensorRTBackend:
     def load(self, bundle: Bundle) -> TensorRTSession:
         # The bundle's own precision unless asked otherwise: never a silent change.
         precision = self.precision or PRECISION_NAMES.get(bundle.manifest.precision, "fp32")
-        plan = select_engine(bundle.path, device_facts(self.device), precision)
+        try:
+            plan = select_engine(bundle.path, device_facts(self.device), precision)
+        except BundleError as exc:
+            # No engine fits this GPU: the device cannot run the bundle, the bundle itself is sound.
+            raise BackendError(str(exc)) from exc
         if plan is None:
             raise BackendError(f"{bundle.path}: no {precision} engine for this device")
         entry = read_sidecar(plan.with_suffix(".json"))

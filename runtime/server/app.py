@@ -152,6 +152,16 @@ class HealthBoard:
             await self._servicer.set(health_name, overall)
 
 
+def _abandon(
+    frames: ThreadPoolExecutor, loader: ThreadPoolExecutor, registry: ModelRegistry, telemetry: TelemetryHub
+) -> None:
+    """Undo a start that failed before serving."""
+    for executor in (frames, loader):
+        executor.shutdown(wait=False)
+    registry.close()
+    telemetry.close()
+
+
 async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
     """Load, warm up and check every bundle, then start serving; health turns SERVING last.
 
@@ -181,20 +191,14 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
         except (BundleError, ConfigError):
             # The bundle named is not one this server may serve (missing, altered, unsigned, failed gate):
             # a configuration error, reported by refusing to start.
-            for executor in (frames, loader):
-                executor.shutdown(wait=False)
-            registry.close()
-            telemetry.close()
+            _abandon(frames, loader, registry, telemetry)
             raise
         except EdgescopeError as exc:
             # This device cannot run it (a backend, an engine, a self-test): serve the rest, say why.
             logger.error("NOT serving %s: %s", bundle, exc)
             continue
         except BaseException:
-            for executor in (frames, loader):
-                executor.shutdown(wait=False)
-            registry.close()
-            telemetry.close()
+            _abandon(frames, loader, registry, telemetry)
             raise
         logger.info(
             "loaded %s %s (%s, %d instance(s), sha256 %s)",
