@@ -803,6 +803,7 @@ def _add_perf(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--json", type=Path, help="write every step as JSON")
     p.add_argument("--csv", type=Path, help="write one row per step as CSV")
     p.add_argument("--plot", type=Path, help="write latency against throughput as PNG (needs matplotlib)")
+    _add_client_security(p)
 
 
 def _run_perf(args: argparse.Namespace) -> int:
@@ -824,6 +825,7 @@ def _run_perf(args: argparse.Namespace) -> int:
         stability=args.stability / 100.0,
         max_windows=args.max_windows,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
+        security=_client_security(args),
     )
     print(f"perf: {args.model} over {args.protocol} at {args.target}")
     results = asyncio.run(run_perf(options))

@@ -332,3 +332,18 @@ def test_cli_models_lists_over_tls_with_a_token(
     assert capsys.readouterr().out.startswith("lesion-unet\t")
     assert main(["models", "--target", mtls_server.target, *tls]) == 1
     assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_perf_measures_a_server_over_mutual_tls_with_a_token(mtls_server: ServerThread, pki: dict[str, Path]) -> None:
+    from edgescope.runtime.client.perf import PerfOptions, run_perf
+
+    options = PerfOptions(
+        target=mtls_server.target,
+        model="lesion-unet",
+        warmup_s=0.2,
+        window_s=0.5,
+        max_windows=3,
+        security=_client(pki),
+    )
+    (step,) = asyncio.run(run_perf(options))
+    assert step.requests > 0 and step.errors == 0

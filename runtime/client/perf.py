@@ -38,7 +38,7 @@ from edgescope.kserve.datatypes import NUMPY_DTYPES
 from edgescope.kserve.v2 import inference_pb2 as kserve
 from edgescope.kserve.v2 import inference_pb2_grpc as kserve_grpc
 from edgescope.runtime.pipeline.decode import encode_raw
-from edgescope.runtime.transport import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from edgescope.runtime.transport import DEFAULT_MAX_MESSAGE_BYTES, ClientSecurity, aio_channel, channel_options
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 PERCENTILES = (50, 90, 95, 99)
@@ -76,6 +76,8 @@ class PerfOptions:
     request_timeout_s: float = 30.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     seed: int = 0
+    # TLS and the bearer token, as for every other client command (plain text only to loopback).
+    security: ClientSecurity = field(default_factory=ClientSecurity)
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,7 +421,7 @@ async def run_perf(options: PerfOptions) -> list[StepResult]:
     )
     frames = _source_frames(options.source) if options.protocol == "stream" else []
     results = []
-    async with grpc.aio.insecure_channel(options.target, options=channel_options(options.max_message_bytes)) as channel:
+    async with aio_channel(options.target, options.security, channel_options(options.max_message_bytes)) as channel:
         target: _KServeTarget | _StreamTarget
         if options.protocol == "kserve":
             target = _KServeTarget(channel, options)
