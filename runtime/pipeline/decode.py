@@ -57,7 +57,6 @@ def decode_frame(
     frame: stream_pb2.Frame, shared_memory: SharedMemoryView | None = None, limits: FrameLimits = DEFAULT_LIMITS
 ) -> Pixels:
     """Return ``(H, W)`` gray, ``(H, W, 3)`` RGB or ``(H, W, N)`` pixels of N channels for a frame."""
-    check_extra_models(frame, limits)
     kind = frame.WhichOneof("pixels")
     if kind == "raw":
         return _decode_raw(frame.raw, limits)
