@@ -92,7 +92,8 @@ def postprocess_segmentation(
     mask = remove_small_components(segmentation_mask(outputs[name], params), params.min_component_pixels)
     mask = to_frame_grid(mask, geometry)
     labels = list(manifest.labels) or ["background", "lesion"]
-    owned, outside = assign_regions(regions, geometry.frame_height, geometry.frame_width)
+    # Per-region pixel masks cost a full-frame pass each: made only when the frame has regions.
+    assigned = assign_regions(regions, geometry.frame_height, geometry.frame_width) if regions else None
     quantities: list[stream_pb2.Quantity] = []
     for index, label in enumerate(labels[1:], start=1):
         label_mask = mask == index
@@ -100,7 +101,7 @@ def postprocess_segmentation(
         total = int(np.count_nonzero(label_mask))
         quantities.append(stream_pb2.Quantity(name=f"{label}_count", value=float(count - 1), unit="1"))
         quantities.append(stream_pb2.Quantity(name=f"{label}_area_pixels", value=float(total), unit="px"))
-        quantities.extend(_measured(label, label_mask, total, owned, outside, calibrated=bool(regions)))
+        quantities.extend(_measured(label, label_mask, total, assigned))
     return TaskResult(mask=mask, labels=labels, quantities=quantities)
 
 
@@ -108,17 +109,16 @@ def _measured(
     label: str,
     label_mask: npt.NDArray[np.bool_],
     total: int,
-    owned: list[RegionPixels],
-    outside: npt.NDArray[np.bool_],
-    *,
-    calibrated: bool,
+    assigned: tuple[list[RegionPixels], npt.NDArray[np.bool_]] | None,
 ) -> list[stream_pb2.Quantity]:
-    """Area and largest diameter in each calibrated region the mask reaches; in pixels when there is none."""
-    if not calibrated:
+    """Area and largest diameter in each calibrated region the mask reaches (``assigned``: the regions'
+    pixels and those of none, see ``assign_regions``); in pixels when there is none."""
+    if assigned is None:
         return [
             stream_pb2.Quantity(name=f"{label}_area", value=float(total), unit="px", pixels=total),
             stream_pb2.Quantity(name=f"{label}_max_diameter", value=max_diameter(label_mask), unit="px", pixels=total),
         ]
+    owned, outside = assigned
     left_out = int(np.count_nonzero(label_mask & outside))
     quantities = []
     for part in owned:
