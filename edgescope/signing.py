@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edgescope.bundle import SIGNATURE_FILE, SignatureCheck, load_bundle, read_manifest_bytes
+from edgescope.bundle import SIGNATURE_FILE, SignatureCheck, load_bundle
 from edgescope.errors import BundleError, ConfigError
 
 ALGORITHM = "Ed25519"
@@ -92,8 +92,16 @@ def load_public_keys(path: Path) -> list[Ed25519PublicKey]:
 
 def sign_bundle(bundle_dir: Path, key: Ed25519PrivateKey) -> str:
     """Verify the bundle's files, then sign its manifest; returns the key's fingerprint."""
-    load_bundle(bundle_dir)  # never vouch for a bundle whose files do not match its manifest
-    raw = read_manifest_bytes(bundle_dir)
+    # Never vouch for a bundle whose files do not match its manifest; the manifest bytes signed are the
+    # ones verified (kept as load_bundle reads them), not the file read again.
+    verified: list[bytes] = []
+
+    def keep(_path: Path, raw: bytes) -> str:
+        verified.append(raw)
+        return ""
+
+    load_bundle(bundle_dir, check_signature=keep)
+    raw = verified[0]
     document = {
         "algorithm": ALGORITHM,
         "key": fingerprint(key.public_key()),
