@@ -133,21 +133,20 @@ class HealthBoard:
         self._servicer = servicer
         self._registry = registry
         self._loop = loop
-        self.started = False
 
     def refresh(self) -> None:
         """Thread-safe: recompute and publish every status."""
-        if self.started:
-            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._publish()))
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._publish()))
 
     async def _publish(self) -> None:
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-        failed = self._registry.failed()
-        for name in self._registry.names():
+        # One snapshot of the registry, so the overall status agrees with the per-model ones.
+        names, failed = self._registry.names(), self._registry.failed()
+        for name in names:
             await self._servicer.set(MODEL_HEALTH_PREFIX + name, serving)
         for name in failed:
             await self._servicer.set(MODEL_HEALTH_PREFIX + name, not_serving)
-        overall = serving if self._registry.names() and not failed else not_serving
+        overall = serving if names and not failed else not_serving
         for health_name in ("", SERVICE_NAME):
             await self._servicer.set(health_name, overall)
 
@@ -256,7 +255,6 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     await server.start()
     board = HealthBoard(health_servicer, registry, loop)
-    board.started = True
     registry.on_change(board.refresh)
     if captures is not None:
         captures.start()

@@ -167,13 +167,6 @@ class CaptureHub:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
 
-    @property
-    def names(self) -> list[str]:
-        return list(self._configs)
-
-    def is_up(self, name: str) -> bool:
-        return self._states[name].up
-
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._run(c), name=f"capture-{c.name}") for c in self._configs.values()]
 
