@@ -16,7 +16,7 @@ import grpc
 
 from edgescope.runtime.server.auth import Authenticator, AuthInterceptor, TokenTable
 from edgescope.runtime.server.repository import BundlePolicy, ModelRepository, check_repository
-from edgescope.runtime.transport import ServerTls, check_exposure, server_credentials, server_tls
+from edgescope.runtime.transport import check_exposure, server_credentials, server_tls
 from edgescope.runtime.web.server import WebSecurity
 
 
@@ -39,8 +39,8 @@ class SecurityConfig:
 
 @dataclass(frozen=True, slots=True)
 class Security:
-    tls: ServerTls | None
-    tokens: TokenTable
+    # Built once at start (a bad certificate path fails the start, not the first call); None: plain text.
+    credentials: grpc.ServerCredentials | None
     interceptor: AuthInterceptor
     repository: ModelRepository
     web: WebSecurity
@@ -51,17 +51,16 @@ class Security:
 
     def bind(self, server: grpc.aio.Server, address: str) -> int:
         """Add the listening port, with TLS when configured; returns the bound port (0: failed)."""
-        if self.tls is None:
+        if self.credentials is None:
             return server.add_insecure_port(address)
-        return server.add_secure_port(address, server_credentials(self.tls))
+        return server.add_secure_port(address, self.credentials)
 
 
 def open_security(
     config: SecurityConfig, *, host: str, web_host: str | None, allow_failed_validation: bool
 ) -> Security:
     tls = server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
-    if tls is not None:
-        server_credentials(tls)  # read the files now: a bad path fails the start, not the first call
+    credentials = server_credentials(tls) if tls is not None else None
     tokens = TokenTable.load(config.token_file)
     mutual = tls is not None and tls.client_ca is not None
     authenticated = len(tokens) > 0 or mutual
@@ -85,8 +84,7 @@ def open_security(
         tls_client_ca=tls.client_ca if tls else None,
     )
     return Security(
-        tls=tls,
-        tokens=tokens,
+        credentials=credentials,
         interceptor=AuthInterceptor(Authenticator(tokens, mutual_tls=mutual)),
         repository=ModelRepository(root, policy),
         web=web,
