@@ -26,16 +26,12 @@ from typing import Any
 
 from edgescope import __version__
 from edgescope.engines import PRECISION_NAMES, TENSORRT_HINT, device_facts, engines_in, incompatibility
+from edgescope.runtime.evaluation.machine import X86_LEVELS, cpu_fields
 
 OK, MISSING, WARNING, ERROR = "ok", "missing", "warning", "error"
 
-# The x86-64 micro-architecture levels (the psABI's), by the /proc/cpuinfo flags each adds.
+# Below these flags a CPU is not even x86-64-v1; the levels above it are the evaluation reports' own.
 X86_BASELINE = frozenset({"cmov", "cx8", "fpu", "fxsr", "mmx", "sse", "sse2"})
-X86_LEVELS = (
-    ("x86-64-v2", frozenset({"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"})),
-    ("x86-64-v3", frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"})),
-    ("x86-64-v4", frozenset({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"})),
-)
 # Features that change what inference code can use, with the names people know them by.
 X86_FEATURES = {
     "avx2": "AVX2",
@@ -83,20 +79,6 @@ def x86_level(flags: set[str] | frozenset[str]) -> str | None:
     return level
 
 
-def read_cpuinfo(text: str) -> dict[str, str]:
-    """The first processor's fields (x86: ``flags``; aarch64: ``Features``)."""
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            if fields:
-                break
-            continue
-        key, sep, value = line.partition(":")
-        if sep:
-            fields.setdefault(key.strip(), value.strip())
-    return fields
-
-
 def cpu_check(cpuinfo: str | None = None, machine: str | None = None) -> Check:
     machine = machine or platform.machine()
     if cpuinfo is None:
@@ -104,7 +86,7 @@ def cpu_check(cpuinfo: str | None = None, machine: str | None = None) -> Check:
             cpuinfo = CPUINFO.read_text(encoding="utf-8", errors="replace")
         except OSError:
             cpuinfo = ""
-    fields = read_cpuinfo(cpuinfo)
+    fields = cpu_fields(cpuinfo)
     cores = os.cpu_count() or 0
     details: dict[str, Any] = {"machine": machine, "logical_cores": cores}
     if machine in ("x86_64", "AMD64"):

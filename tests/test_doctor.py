@@ -18,7 +18,7 @@ from edgescope.runtime import doctor
 from edgescope.v1 import manifest_pb2
 
 V1 = {"cmov", "cx8", "fpu", "fxsr", "mmx", "sse", "sse2"}
-V2 = V1 | {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"}
+V2 = V1 | {"cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3"}
 V3 = V2 | {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
 V4 = V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 

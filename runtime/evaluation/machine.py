@@ -15,8 +15,8 @@ from pathlib import Path
 from edgescope.engines import DeviceFacts
 from edgescope.v1 import manifest_pb2
 
-# x86-64 micro-architecture levels (the psABI's), by the /proc/cpuinfo flags each adds.
-_X86_LEVELS = (
+# x86-64 micro-architecture levels (the psABI's), by the /proc/cpuinfo flags each adds ("pni" is SSE3).
+X86_LEVELS = (
     ("x86-64-v2", {"cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3"}),
     ("x86-64-v3", {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}),
     ("x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
@@ -28,7 +28,7 @@ _CPUINFO = Path("/proc/cpuinfo")
 _DEVICE_MODEL = Path("/proc/device-tree/model")  # Jetson and other boards name themselves here
 
 
-def _fields(cpuinfo: str) -> dict[str, str]:
+def cpu_fields(cpuinfo: str) -> dict[str, str]:
     """The first processor's ``key: value`` lines."""
     found: dict[str, str] = {}
     for line in cpuinfo.splitlines():
@@ -40,13 +40,13 @@ def _fields(cpuinfo: str) -> dict[str, str]:
 
 def cpu_description(cpuinfo: str, architecture: str, board: str = "") -> manifest_pb2.Machine:
     """CPU model, instruction-set level and numeric features, from ``/proc/cpuinfo`` text."""
-    fields = _fields(cpuinfo)
+    fields = cpu_fields(cpuinfo)
     machine = manifest_pb2.Machine(architecture=architecture)
     if architecture in ("x86_64", "AMD64", "i686"):
         flags = set(fields.get("flags", "").split())
         machine.cpu = fields.get("model name", "") or platform.processor()
         level = "x86-64" if flags else ""
-        for name, needed in _X86_LEVELS:
+        for name, needed in X86_LEVELS:
             if not needed <= flags:
                 break
             level = name
