@@ -27,6 +27,7 @@ from typing import Any
 from edgescope import __version__
 from edgescope.engines import PRECISION_NAMES, TENSORRT_HINT, device_facts, engines_in, incompatibility
 from edgescope.runtime.evaluation.machine import X86_LEVELS, cpu_fields
+from edgescope.runtime.telemetry.jetson import JETSON_RELEASE
 
 OK, MISSING, WARNING, ERROR = "ok", "missing", "warning", "error"
 
@@ -56,7 +57,6 @@ ARM_FEATURES = {
 }
 CPUINFO = Path("/proc/cpuinfo")
 DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
-JETSON_RELEASE = Path("/etc/nv_tegra_release")
 
 
 @dataclass(frozen=True, slots=True)
