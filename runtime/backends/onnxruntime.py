@@ -14,7 +14,6 @@ machine whose cores serve inference alone (a few per cent faster per frame).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,7 +42,7 @@ def session_options(quant: manifest_pb2.QuantExecution.ValueType, threads: int |
     the like, whose results depend on the CPU's integer instructions.
     """
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.intra_op_num_threads = threads or cpu_cores()
     options.inter_op_num_threads = 1
     if quant == FAKE_QUANT:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

@@ -226,6 +226,11 @@ def infer_response(
     return response
 
 
+def _check_version(model: ServedModel, version: str) -> None:
+    if not _version_matches(model, version):
+        raise ModelNotFoundError(f"model {model.name!r} has version {model.manifest.version!r}, not {echo(version)}")
+
+
 def _version_matches(model: ServedModel, version: str) -> bool:
     return not version or version == model.manifest.version
 
@@ -300,10 +305,7 @@ class KServeService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         loop = asyncio.get_running_loop()
         model = self._registry.lease(request.model_name)
         try:
-            if not _version_matches(model, request.model_version):
-                raise ModelNotFoundError(
-                    f"model {model.name!r} has version {model.manifest.version!r}, not {echo(request.model_version)}"
-                )
+            _check_version(model, request.model_version)
             started_ns = time.perf_counter_ns()
             try:
                 feed = await loop.run_in_executor(self._executor, self._checked_feed, model, request)
@@ -322,8 +324,7 @@ class KServeService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         if not name:
             raise FrameError(f"{call} needs a model name")
         model = self._registry.get(name)
-        if not _version_matches(model, version):
-            raise ModelNotFoundError(f"model {model.name!r} has version {model.manifest.version!r}, not {version!r}")
+        _check_version(model, version)
         return model
 
     async def ServerLive(
