@@ -37,7 +37,7 @@ from edgescope.errors import ConfigError, EdgescopeError
 from edgescope.kserve.datatypes import NUMPY_DTYPES
 from edgescope.kserve.v2 import inference_pb2 as kserve
 from edgescope.kserve.v2 import inference_pb2_grpc as kserve_grpc
-from edgescope.runtime.pipeline.decode import encode_raw
+from edgescope.runtime.pipeline.decode import encode_raw_into
 from edgescope.runtime.transport import DEFAULT_MAX_MESSAGE_BYTES, ClientSecurity, aio_channel, channel_options
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
@@ -177,7 +177,11 @@ class _StreamLane:
     """One bidirectional Stream: frames go in, answers come back in order and resolve their senders."""
 
     def __init__(
-        self, stub: stream_pb2_grpc.StreamServiceAsyncStub, options: PerfOptions, frames: list[Any], lane: int
+        self,
+        stub: stream_pb2_grpc.StreamServiceAsyncStub,
+        options: PerfOptions,
+        frames: list[stream_pb2.Frame],
+        lane: int,
     ) -> None:
         self._options = options
         self._frames = frames
@@ -210,14 +214,11 @@ class _StreamLane:
         seq = next(self._seq)
         future: asyncio.Future[stream_pb2.Result] = asyncio.get_running_loop().create_future()
         self._pending[seq] = future
-        frame = stream_pb2.Frame(
-            stream_id=self._id,
-            seq=seq,
-            model=self._options.model,
-            capture_time_ns=time.time_ns(),
-            policy=stream_pb2.STREAM_POLICY_EVERY,
-        )
-        frame.raw.CopyFrom(self._frames[seq % len(self._frames)])
+        # The source's pixels and what describes them (spacing, regions, DICOM pixel transform).
+        frame = stream_pb2.Frame()
+        frame.CopyFrom(self._frames[seq % len(self._frames)])
+        frame.stream_id, frame.seq, frame.model = self._id, seq, self._options.model
+        frame.capture_time_ns, frame.policy = time.time_ns(), stream_pb2.STREAM_POLICY_EVERY
         await self._outgoing.put(frame)
         try:
             result = await asyncio.wait_for(future, self._options.request_timeout_s)
@@ -236,7 +237,7 @@ class _StreamLane:
 
 
 class _StreamTarget:
-    def __init__(self, channel: grpc.aio.Channel, options: PerfOptions, frames: list[Any]) -> None:
+    def __init__(self, channel: grpc.aio.Channel, options: PerfOptions, frames: list[stream_pb2.Frame]) -> None:
         self._stub = stream_pb2_grpc.StreamServiceStub(channel)
         self._options = options
         self._frames = frames
@@ -253,11 +254,17 @@ class _StreamTarget:
         await asyncio.gather(*(lane.close() for lane in lanes))
 
 
-def _source_frames(spec: str, count: int = 8) -> list[Any]:
+def _source_frames(spec: str, count: int = 8) -> list[stream_pb2.Frame]:
+    """Frames of the source as a client streams them, less their identity (set per request)."""
     from edgescope.runtime.sources import open_source
 
+    frames = []
     with open_source(spec, loop=True) as source:
-        frames = [encode_raw(frame.pixels) for frame in itertools.islice(source, count)]
+        for source_frame in itertools.islice(source, count):
+            frame = stream_pb2.Frame()
+            encode_raw_into(frame.raw, source_frame.pixels)
+            source_frame.describe(frame)
+            frames.append(frame)
     if not frames:
         raise PerfError(f"the source {spec} gave no frames")
     return frames
