@@ -185,11 +185,6 @@ class DicomCineSource:
         """The first frame's calibrated regions (see the module docstring)."""
         return self._regions[0]
 
-    @property
-    def pixel_transform(self) -> stream_pb2.PixelTransform | None:
-        """The first frame's intensity chain; None for colour images."""
-        return self._transforms[0]
-
     def __iter__(self) -> Iterator[SourceFrame]:
         if self._closed:
             raise SourceError(f"DICOM source {self._path} is closed")

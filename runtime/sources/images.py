@@ -61,10 +61,6 @@ class ImageFolderSource:
         self._closed = False
 
     @property
-    def files(self) -> list[Path]:
-        return list(self._files)
-
-    @property
     def closed(self) -> bool:
         return self._closed
 

@@ -94,11 +94,6 @@ class WebSecurity:
     tls_client_ca: Path | None = None
 
 
-def preview_jpeg(metrics: RuntimeMetrics, stream_id: str) -> bytes | None:
-    """The preview of a stream as JPEG bytes; the one place that reads what telemetry keeps for it."""
-    return metrics.preview(stream_id)
-
-
 class _SecurityHeaders:
     """Adds the security headers to every response, errors and refusals included."""
 
@@ -182,7 +177,7 @@ def build_app(metrics: RuntimeMetrics, allowed_hosts: Sequence[str], security: W
         return Response(json.dumps(body), media_type="application/json")
 
     async def preview(request: Request) -> Response:
-        image = preview_jpeg(metrics, request.query_params.get("stream", ""))
+        image = metrics.preview(request.query_params.get("stream", ""))
         if image is None:
             return PlainTextResponse("no frame yet\n", status_code=404)
         return Response(image, media_type="image/jpeg")
