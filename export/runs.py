@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgescope.errors import ExportError
-from edgescope.runtime.backends.base import Feed, Outputs
+from edgescope.runtime.backends.base import Feed, Outputs, dynamic_batch
 from edgescope.runtime.evaluation.runners import Infer, Runner
 from edgescope.runtime.pipeline.state import ModelState
 from edgescope.v1 import manifest_pb2
@@ -29,12 +29,6 @@ Log = Callable[[str], None]
 # raises "Inference tensors cannot be saved for backward"; in-place updates of inference
 # tensors fail alike. Every such message names inference tensors.
 _INFERENCE_MODE_FAILURE = "inference tensor"
-
-
-def dynamic_batch(manifest: manifest_pb2.ModelManifest) -> bool:
-    """Whether the graph's batch axis is dynamic (the frame input leads with a symbol)."""
-    shape = manifest.inputs[0].shape
-    return bool(shape) and shape[0].WhichOneof("kind") == "symbol"
 
 
 def example_inputs(

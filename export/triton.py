@@ -21,6 +21,7 @@ from pathlib import Path
 
 from edgescope.bundle import ENGINES_DIR, ONNX_FILE, Bundle, write_manifest
 from edgescope.errors import ConfigError, ExportError
+from edgescope.kserve.datatypes import batches
 from edgescope.v1 import manifest_pb2
 
 REPOSITORY_DIR = "triton"
@@ -54,12 +55,6 @@ def _tensor(spec: manifest_pb2.TensorSpec, batched: bool) -> str:
     return f'  {{\n    name: "{spec.name}"\n    data_type: {_TYPES[spec.dtype]}\n    dims: [ {sizes} ]\n  }}'
 
 
-def _batched(manifest: manifest_pb2.ModelManifest) -> bool:
-    # Triton's batch axis is implicit: every input and output must lead with the dynamic batch.
-    tensors = [*manifest.inputs, *manifest.outputs]
-    return bool(tensors) and all(t.shape and t.shape[0].WhichOneof("kind") == "symbol" for t in tensors)
-
-
 def model_config(
     manifest: manifest_pb2.ModelManifest,
     options: TritonOptions,
@@ -70,7 +65,7 @@ def model_config(
     cc_files: dict[str, str] | None = None,
 ) -> str:
     """config.pbtxt text for one model of the repository."""
-    batched = _batched(manifest) and options.max_batch_size > 0
+    batched = batches(manifest) and options.max_batch_size > 0
     lines = [
         f'name: "{name}"',
         f'platform: "{platform}"',

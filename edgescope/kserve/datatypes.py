@@ -48,3 +48,9 @@ def tensor_datatype(spec: manifest_pb2.TensorSpec) -> str:
 def tensor_shape(spec: manifest_pb2.TensorSpec) -> list[int]:
     """A manifest tensor's shape as the protocol gives it: -1 for each dynamic dimension."""
     return [dim.size if dim.WhichOneof("kind") == "size" else -1 for dim in spec.shape]
+
+
+def batches(manifest: manifest_pb2.ModelManifest) -> bool:
+    """Whether the model has Triton's implicit batch axis: every tensor leads with a dynamic dimension."""
+    tensors = [*manifest.inputs, *manifest.outputs]
+    return bool(tensors) and all(t.shape and t.shape[0].WhichOneof("kind") == "symbol" for t in tensors)

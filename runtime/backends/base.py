@@ -115,3 +115,9 @@ class Backend(Protocol):
     default_instances: int
 
     def load(self, bundle: Bundle) -> Session: ...
+
+
+def dynamic_batch(manifest: manifest_pb2.ModelManifest) -> bool:
+    """Whether the graph's batch axis is dynamic (the frame input leads with a symbol)."""
+    shape = manifest.inputs[0].shape if manifest.inputs else []
+    return bool(shape) and shape[0].WhichOneof("kind") == "symbol"

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from edgescope.bundle import Bundle
 from edgescope.errors import BackendError
-from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities, cpu_cores
+from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities, cpu_cores, dynamic_batch
 from edgescope.v1 import manifest_pb2
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
@@ -87,11 +87,11 @@ class OnnxRuntimeSession(Session):
 
     @property
     def capabilities(self) -> SessionCapabilities:
-        first = self.manifest.inputs[0].shape[0] if self.manifest.inputs else None
-        dynamic = first is not None and first.WhichOneof("kind") == "symbol"
         device = "cpu" if self._provider == "CPUExecutionProvider" else self._provider
         # Thread-safe in ONNX Runtime, but each instance gets its own session and thread pool.
-        return SessionCapabilities(dynamic_batch=dynamic, device_buffers=False, device=device, max_concurrency=1)
+        return SessionCapabilities(
+            dynamic_batch=dynamic_batch(self.manifest), device_buffers=False, device=device, max_concurrency=1
+        )
 
     def _infer_impl(self, feed: Feed) -> Outputs:
         try:

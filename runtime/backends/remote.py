@@ -21,7 +21,7 @@ import numpy as np
 from edgescope.bundle import Bundle
 from edgescope.errors import BackendError, MissingDependencyError
 from edgescope.kserve.datatypes import tensor_datatype, tensor_shape
-from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
+from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities, dynamic_batch
 from edgescope.v1 import manifest_pb2
 
 _INSTALL_HINT = "install it with `pip install 'edgescope[remote]'` (or `pip install tritonclient`)"
@@ -59,11 +59,9 @@ class RemoteSession(Session):
 
     @property
     def capabilities(self) -> SessionCapabilities:
-        first = self.manifest.inputs[0].shape[0] if self.manifest.inputs else None
-        dynamic = first is not None and first.WhichOneof("kind") == "symbol"
         # tritonclient's gRPC client is thread-safe: instances share it and wait on the network together.
         return SessionCapabilities(
-            dynamic_batch=dynamic,
+            dynamic_batch=dynamic_batch(self.manifest),
             device_buffers=False,
             device=f"remote:{self._url}/{self._remote_model}/{self._remote_version or 'unversioned'}",
             max_concurrency=None,

@@ -33,11 +33,11 @@ import numpy.typing as npt
 
 from edgescope import __version__
 from edgescope.errors import EdgescopeError, FrameError, MissingDependencyError, ModelNotFoundError
-from edgescope.kserve.datatypes import DATATYPE_OF, NUMPY_DTYPES, tensor_datatype, tensor_shape
+from edgescope.kserve.datatypes import DATATYPE_OF, NUMPY_DTYPES, batches, tensor_datatype, tensor_shape
 from edgescope.kserve.v2 import inference_pb2 as pb
 from edgescope.kserve.v2 import inference_pb2_grpc
 from edgescope.runtime.backends.base import Feed
-from edgescope.runtime.server.model_config import batches, model_config
+from edgescope.runtime.server.model_config import model_config
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel
 from edgescope.runtime.server.repository import ModelRepository
 from edgescope.runtime.server.statistics import Duration, StatisticsSnapshot

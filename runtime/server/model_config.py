@@ -9,7 +9,7 @@ Triton server would.
 
 from __future__ import annotations
 
-from edgescope.kserve.datatypes import MANIFEST_DATATYPES
+from edgescope.kserve.datatypes import MANIFEST_DATATYPES, batches
 from edgescope.kserve.v2 import model_config_pb2 as mc
 from edgescope.runtime.pipeline.state import is_stateful
 from edgescope.runtime.server.registry import ServedModel
@@ -18,12 +18,6 @@ from edgescope.v1 import manifest_pb2
 # Backend name -> Triton platform of the same model file.
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 _FILES = {"onnxruntime": "model.onnx"}
-
-
-def batches(manifest: manifest_pb2.ModelManifest) -> bool:
-    """Whether the model has Triton's implicit batch axis: every tensor leads with a dynamic dimension."""
-    tensors = [*manifest.inputs, *manifest.outputs]
-    return bool(tensors) and all(t.shape and t.shape[0].WhichOneof("kind") == "symbol" for t in tensors)
 
 
 def _dims(spec: manifest_pb2.TensorSpec, batched: bool) -> list[int]:
