@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import grpc
@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgescope import __version__
-from edgescope.errors import EdgescopeError, FrameError, MissingDependencyError, ModelNotFoundError
+from edgescope.errors import EdgescopeError, FrameError, ModelNotFoundError
 from edgescope.kserve.datatypes import DATATYPE_OF, NUMPY_DTYPES, batches, tensor_datatype, tensor_shape
 from edgescope.kserve.v2 import inference_pb2 as pb
 from edgescope.kserve.v2 import inference_pb2_grpc
@@ -94,7 +94,7 @@ class KServeSettings:
 
     max_batch: int = 8
     batch_delay_us: int = 0
-    repository: ModelRepository | None = None
+    repository: ModelRepository = field(default_factory=lambda: ModelRepository(None))
 
 
 def tensor_metadata(spec: manifest_pb2.TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
@@ -398,7 +398,7 @@ class KServeService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         if request.repository_name:
             await _abort(context, FrameError(_ONE_REPOSITORY))
         loaded = {model.name: model for model in self._registry.all()}
-        available = self._settings.repository.names() if self._settings.repository is not None else []
+        available = self._settings.repository.names()
         response = pb.RepositoryIndexResponse()
         for name in sorted({*loaded, *available}):
             model = loaded.get(name)
@@ -411,18 +411,13 @@ class KServeService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RepositoryModelLoadResponse:
-        repository = self._settings.repository
         try:
             _check_repository_request(request.repository_name, request.model_name, request.parameters)
-            if repository is None:
-                raise MissingDependencyError(
-                    "a model repository", "start the server with --model-repository DIR to load models by name"
-                )
-            path = repository.resolve(request.model_name)
             # Loading reads, hashes, warms up and checks a bundle: seconds, on the loader thread.
-            model = await asyncio.get_running_loop().run_in_executor(
-                self._loader, functools.partial(self._registry.load, path, name=request.model_name, replace=True)
+            load = functools.partial(
+                self._registry.load_named, self._settings.repository, request.model_name, request.model_name
             )
+            model = await asyncio.get_running_loop().run_in_executor(self._loader, load)
         except EdgescopeError as exc:
             await _abort(context, exc)
         logger.info("loaded %s %s from the model repository", model.name, model.manifest.version)

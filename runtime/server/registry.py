@@ -41,7 +41,7 @@ from edgescope.runtime.evaluation.selftest import self_test
 from edgescope.runtime.pipeline.preprocess import input_channels
 from edgescope.runtime.pipeline.state import ModelState, is_stateful
 from edgescope.runtime.server.failover import ModelRoute
-from edgescope.runtime.server.repository import BundlePolicy
+from edgescope.runtime.server.repository import BundlePolicy, ModelRepository
 from edgescope.runtime.server.statistics import ModelStatistics
 from edgescope.runtime.server.status import echo
 from edgescope.runtime.server.workers import Job, JobResult, ModelWorker
@@ -169,6 +169,11 @@ class ModelRegistry:
         """Call ``listener()`` whenever a model is served, replaced, removed or refused."""
         self._listeners.append(listener)
         listener()
+
+    def load_named(self, repository: ModelRepository, bundle: str, name: str | None = None) -> ServedModel:
+        """LoadModel and KServe's RepositoryModelLoad alike: the bundle of that name in ``repository``,
+        replacing a loaded model of the same name once the new one is ready (blocking: the loader's work)."""
+        return self.load(repository.resolve(bundle), name=name, replace=True)
 
     def load(self, path: Path, *, name: str | None = None, replace: bool = False) -> ServedModel:
         """Load, check and start a bundle's workers, then publish it (replacing a same-named model if asked).

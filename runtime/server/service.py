@@ -11,6 +11,7 @@ aborted with the mapped status.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator
@@ -164,11 +165,8 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
         if not request.bundle:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "LoadModel needs a bundle name")
 
-        def load() -> ServedModel:
-            # Loading, warm-up and checks happen before the swap, on the loader thread: streams keep running.
-            path = self._repository.resolve(request.bundle)
-            return self._models.load(path, name=request.name or None, replace=True)
-
+        # Loading, warm-up and checks happen before the swap, on the loader thread: streams keep running.
+        load = functools.partial(self._models.load_named, self._repository, request.bundle, request.name or None)
         try:
             model = await asyncio.get_running_loop().run_in_executor(self._loader, load)
         except EdgescopeError as exc:
