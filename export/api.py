@@ -53,6 +53,7 @@ from edgescope.runtime.evaluation.report import evaluate, format_report
 from edgescope.runtime.evaluation.runners import INTEGER, Run, onnxruntime_runner, run, run_stream
 from edgescope.runtime.evaluation.selftest import onnxruntime_self_test
 from edgescope.runtime.pipeline.layout import MAX_CHANNELS
+from edgescope.runtime.pipeline.preprocess import input_channels
 from edgescope.signing import load_private_key, sign_bundle
 from edgescope.v1 import manifest_pb2
 
@@ -65,7 +66,6 @@ _COLORS: dict[str, manifest_pb2.ColorMode.ValueType] = {
     "bgr": manifest_pb2.COLOR_MODE_BGR,
     "channels": manifest_pb2.COLOR_MODE_CHANNELS,
 }
-_IMPLIED_CHANNELS = {"gray": 1, "rgb": 3, "bgr": 3}
 _RESIZE: dict[str, manifest_pb2.ResizeMode.ValueType] = {
     "stretch": manifest_pb2.RESIZE_MODE_STRETCH,
     "letterbox": manifest_pb2.RESIZE_MODE_LETTERBOX,
@@ -190,15 +190,14 @@ def _choice(value: str, options: Mapping[str, T], what: str) -> T:
     return options[value]
 
 
-def _channels(request: ExportRequest) -> int:
+def _channels(request: ExportRequest, color: manifest_pb2.ColorMode.ValueType) -> int:
     """The input's channel count, with the per-channel normalisation checked against it."""
-    color = _choice(request.color, _COLORS, "color")
     if color == manifest_pb2.COLOR_MODE_CHANNELS:
         if not 1 <= request.channels <= MAX_CHANNELS:
             raise ConfigError(f"frames taken as sent need a channel count from 1 to {MAX_CHANNELS} (--channels N)")
         channels = request.channels
     else:
-        channels = _IMPLIED_CHANNELS[request.color]
+        channels = input_channels(manifest_pb2.Preprocessing(color=color))
         if request.channels and request.channels != channels:
             raise ConfigError(
                 f"--color {request.color} gives {channels} channel(s), --channels says {request.channels}; "
@@ -220,7 +219,8 @@ def build_manifest(request: ExportRequest) -> manifest_pb2.ModelManifest:
     precision = _choice(request.precision, SUPPORTED_PRECISIONS, "precision")
     if request.input_height <= 0 or request.input_width <= 0:
         raise ConfigError(f"input size {request.input_height}x{request.input_width} must be positive")
-    channels = _channels(request)
+    color = _choice(request.color, _COLORS, "color")
+    channels = _channels(request, color)
     manifest = manifest_pb2.ModelManifest(
         schema_version=1,
         name=request.name,
@@ -232,7 +232,7 @@ def build_manifest(request: ExportRequest) -> manifest_pb2.ModelManifest:
         preprocessing=manifest_pb2.Preprocessing(
             height=request.input_height,
             width=request.input_width,
-            color=_choice(request.color, _COLORS, "color"),
+            color=color,
             channels=channels,
             resize=_choice(request.resize, _RESIZE, "resize"),
             layout=manifest_pb2.LAYOUT_NCHW,
