@@ -17,7 +17,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from edgescope.errors import SourceError
+from edgescope.errors import FrameError, SourceError
+from edgescope.runtime.pipeline.intensity import select_voi
 from edgescope.v1 import stream_pb2
 
 __all__ = ["calibrated_regions", "frame_groups", "frame_spacing", "pixel_transform", "voi_choice"]
@@ -89,17 +90,15 @@ def pixel_transform(ds: Dataset, group: Dataset | None, path: object) -> stream_
 
 def voi_choice(transform: stream_pb2.PixelTransform, wanted: str, path: object) -> int:
     """Index of the VOI ``wanted`` names: a number is a position, anything else an explanation."""
-    choices = list(transform.voi)
-    if wanted.strip().isdigit():
-        index = int(wanted)
-        if index < len(choices):
-            return index
-    else:
-        for index, voi in enumerate(choices):
-            if voi.explanation.strip().casefold() == wanted.strip().casefold():
-                return index
-    have = ", ".join(f"{i}: {v.explanation or '(no explanation)'}" for i, v in enumerate(choices)) or "none"
-    raise SourceError(f"{path}: no window or VOI LUT {wanted!r}; the file has: {have}")
+    number = wanted.strip().isdigit()
+    try:
+        # The server's own choice of VOI, so a source and a manifest name windows the same way.
+        voi = select_voi(transform, "" if number else wanted, int(wanted) if number else None)
+    except FrameError as exc:
+        raise SourceError(f"{path}: {exc}") from exc
+    if voi is None:
+        raise SourceError(f"{path}: no window or VOI LUT {wanted!r}; the file has none")
+    return list(transform.voi).index(voi)
 
 
 def calibrated_regions(ds: Dataset, group: Dataset | None) -> tuple[stream_pb2.CalibratedRegion, ...]:
