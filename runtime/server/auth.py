@@ -184,7 +184,7 @@ class TokenTable:
                     f"a {role} token must be at least {MIN_TOKEN_CHARS} printable ASCII characters without spaces "
                     "(e.g. the output of `openssl rand -hex 32`)"
                 )
-        self._entries = [(hashlib.sha256(token.encode()).digest(), role) for role, token in entries]
+        self._entries = [(token_digest(token), role) for role, token in entries]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -212,12 +212,20 @@ class TokenTable:
 
     def role_of(self, token: str) -> str | None:
         """The role of a token, checking every entry in constant time; None when unknown."""
-        digest = hashlib.sha256(token.encode("utf-8", "replace")).digest()
+        return self.role_of_digest(token_digest(token))
+
+    def role_of_digest(self, digest: bytes) -> str | None:
+        """``role_of`` for a token's ``token_digest``."""
         found: str | None = None
         for expected, role in self._entries:
             if hmac.compare_digest(digest, expected) and found != ADMIN:
                 found = role
         return found
+
+
+def token_digest(token: str) -> bytes:
+    """What a token table holds and compares (tokens are never kept or logged as given)."""
+    return hashlib.sha256(token.encode("utf-8", "replace")).digest()
 
 
 def _roles(role: str) -> frozenset[str]:
@@ -251,13 +259,15 @@ class Authenticator:
             if key == "authorization":
                 header = value if isinstance(value, str) else value.decode("latin-1")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
             raise AuthenticationError("this server needs a token: send 'authorization: Bearer TOKEN'")
-        role = self.tokens.role_of(token.strip())
+        digest = token_digest(token)
+        role = self.tokens.role_of_digest(digest)
         if role is None:
             raise AuthenticationError("the token is not valid on this server")
-        digest = hashlib.sha256(token.strip().encode()).hexdigest()[:12]
-        return Caller(peer, f"{who}/token:{digest}" if certificate else f"token:{digest}", _roles(role))
+        name = f"token:{digest.hex()[:12]}"
+        return Caller(peer, f"{who}/{name}" if certificate else name, _roles(role))
 
     def admit(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> Caller | None:
         role = role_for(method)
