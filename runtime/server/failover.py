@@ -68,6 +68,15 @@ class ModelRoute:
         with self._lock:
             return self._reason
 
+    @property
+    def provenance(self) -> stream_pb2.Provenance:
+        """What results carry now: the primary's, or the fallback's marked degraded."""
+        with self._lock:
+            primary, reason = self._primary, self._reason
+        if not reason or self._fallback is None:
+            return primary.provenance
+        return _degraded(self._fallback.provenance, reason)
+
     async def infer(self, job: Job) -> JobResult:
         with self._lock:
             primary, reason = self._primary, self._reason
@@ -142,11 +151,15 @@ class ModelRoute:
 
 def _marked(result: JobResult, reason: str) -> JobResult:
     """The fallback's answer, saying on its provenance that it is one and why."""
-    provenance = stream_pb2.Provenance()
-    provenance.CopyFrom(result.provenance)
-    provenance.degraded = True
-    provenance.degraded_reason = reason or "the primary failed"
-    return dataclasses.replace(result, provenance=provenance)
+    return dataclasses.replace(result, provenance=_degraded(result.provenance, reason))
+
+
+def _degraded(provenance: stream_pb2.Provenance, reason: str) -> stream_pb2.Provenance:
+    marked = stream_pb2.Provenance()
+    marked.CopyFrom(provenance)
+    marked.degraded = True
+    marked.degraded_reason = reason or "the primary failed"
+    return marked
 
 
 def _fresh(job: Job) -> Job:

@@ -89,14 +89,7 @@ class ServedModel:
     @property
     def provenance(self) -> stream_pb2.Provenance:
         """What results carry now: the primary's, or the fallback's marked degraded."""
-        reason = self.route.degraded_reason
-        fallback = self.route.fallback
-        if not reason or fallback is None:
-            return self.worker.provenance
-        marked = stream_pb2.Provenance()
-        marked.CopyFrom(fallback.provenance)
-        marked.degraded, marked.degraded_reason = True, reason
-        return marked
+        return self.route.provenance
 
     @property
     def capabilities(self) -> SessionCapabilities:
