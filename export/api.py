@@ -420,17 +420,23 @@ def _log_integer_kernels(bundle: Bundle, machine: manifest_pb2.Machine, log: Log
 
 
 def _artifacts(bundle: Bundle, request: ExportRequest, log: Log) -> Bundle:
-    """TensorRT engines and the Triton repository, built from the written bundle."""
+    """TensorRT engines and the Triton repository, built from the written bundle.
+
+    The bundle is read back (and so verified again) only after something was added to it.
+    """
+    changed = False
     if request.engines is not False:
         options = replace(request.engine_options, force=request.engine_options.force or request.force)
         try:
             with _step(log, "TensorRT engine"):
                 build_engine(bundle, options, log=log)
+            changed = True
         except (MissingDependencyError, ValidationFailedError) as exc:
             if request.engines:
                 raise
             log(f"  no TensorRT engine: {exc}")
     if "triton" in request.formats:
         with _step(log, "Triton model repository"):
-            write_repository(load_bundle(bundle.path))
-    return load_bundle(bundle.path)
+            write_repository(load_bundle(bundle.path) if changed else bundle)
+        changed = True
+    return load_bundle(bundle.path) if changed else bundle
