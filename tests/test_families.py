@@ -4,6 +4,7 @@ recurrent state and the previous frame carried per stream."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from edgescope.runtime.pipeline.preprocess import Geometry, preprocess
 from edgescope.runtime.pipeline.state import StreamState, StreamStates, is_stateful
 from edgescope.runtime.pipeline.tasks.registration import frame_displacement, postprocess_registration
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel, WorkerOptions
-from edgescope.runtime.server.stages import finish, job_for, prepare
+from edgescope.runtime.server.stages import FramePixels, frame_jobs, job_for
 from edgescope.runtime.sources.synthetic import SyntheticUltrasoundSource
 from edgescope.runtime.transport import channel_options
 from edgescope.v1 import manifest_pb2, stream_pb2, stream_pb2_grpc
@@ -240,9 +241,9 @@ def run_model(model: ServedModel, frame: stream_pb2.Frame, stream: StreamState |
     """One frame through the stages and the model's worker, as a stream runs it."""
 
     async def run() -> stream_pb2.Result:
-        (model_input,) = prepare(frame, [model], None).inputs
-        inferred = await model.worker.infer(job_for(model_input, "test", stream or StreamState(), frame.reset_state))
-        return finish(model_input, inferred, frame).result
+        (job,) = frame_jobs(frame, [model], FramePixels(frame), time.perf_counter_ns(), want_thumbnail=False)
+        finished = await model.worker.infer(job_for(job, "test", stream or StreamState(), frame.reset_state))
+        return finished.result
 
     return asyncio.run(run())
 

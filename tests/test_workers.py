@@ -20,7 +20,7 @@ import pytest
 
 from edgescope.errors import BackendError
 from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
-from edgescope.runtime.server.workers import Job, ModelWorker
+from edgescope.runtime.server.workers import Job, JobResult, ModelWorker, as_is
 from edgescope.v1 import manifest_pb2
 
 MANIFEST = manifest_pb2.ModelManifest(name="fake")
@@ -91,8 +91,8 @@ class SharedBufferSession(Session):
         pass
 
 
-def _job(lane: str, value: float, *, batchable: bool = False) -> Job:
-    return Job(lane=lane, tensor=np.full((1, 4), value, np.float32), frame_input="x", batchable=batchable)
+def _job(lane: str, value: float, *, batchable: bool = False) -> Job[JobResult]:
+    return Job(lane=lane, finish=as_is, tensor=np.full((1, 4), value, np.float32), frame_input="x", batchable=batchable)
 
 
 def _worker(factory: Callable[[], Session], **options: int | float) -> ModelWorker:
@@ -106,7 +106,7 @@ def _stop(worker: ModelWorker) -> None:
     assert worker.join(10)
 
 
-async def _run_all(worker: ModelWorker, jobs: list[Job]) -> list[object]:
+async def _run_all(worker: ModelWorker, jobs: list[Job[JobResult]]) -> list[object]:
     return await asyncio.gather(*(worker.infer(job) for job in jobs), return_exceptions=True)
 
 

@@ -214,9 +214,7 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
     gc.collect()
     gc.freeze()
     server = grpc.aio.server(options=channel_options(config.max_message_bytes), interceptors=[security.interceptor])
-    service = StreamService(
-        registry, frames, loader, config.scheduling, telemetry.metrics, repository=security.repository
-    )
+    service = StreamService(registry, loader, config.scheduling, telemetry.metrics, repository=security.repository)
     # grpc_health's type stubs predate its asyncio servicer.
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     # Each capture reports on its own health service, edgescope.capture.<name>.

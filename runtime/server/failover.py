@@ -17,14 +17,16 @@ self-test.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
-from edgescope.errors import BackendError, EdgescopeError
-from edgescope.runtime.server.workers import Job, JobResult, ModelWorker
+from edgescope.errors import EdgescopeError
+from edgescope.runtime.server.workers import Job, JobResult, ModelWorker, SessionFailed
 from edgescope.v1 import stream_pb2
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ logger = logging.getLogger(__name__)
 FIRST_RETRY_S = 2.0
 MAX_RETRY_S = 60.0
 
+T = TypeVar("T")
 # Builds and starts a fresh primary worker (blocking: loads, warms up and self-tests).
 OpenWorker = Callable[[], ModelWorker]
 
@@ -77,32 +80,40 @@ class ModelRoute:
             return primary.provenance
         return _degraded(self._fallback.provenance, reason)
 
-    async def infer(self, job: Job) -> JobResult:
+    def infer(self, job: Job[T]) -> Awaitable[T]:
+        """Queue ``job`` now, on the worker that serves, and return its answer to await.
+
+        Queued before the first ``await``, so a caller's jobs keep the order it made them in.
+        """
         with self._lock:
             primary, reason = self._primary, self._reason
         if not reason or self._fallback is None:
-            try:
-                return await primary.infer(job)
-            except BackendError as exc:
-                if self._fallback is None:
-                    raise
-                failure = exc
-            # The fallback decides whose fault it was: if it fails too, the frame's.
-            result = await self._fallback.infer(_fresh(job))
-            self._degrade(primary, failure)
-            return _marked(result, self.degraded_reason)
+            return self._on_primary(primary, job, primary.submit(job))
         self._maybe_retry()
-        return _marked(await self._fallback.infer(job), reason)
+        fallback = _marked(job, reason)
+        return self._fallback.answer(fallback, self._fallback.submit(fallback))
 
-    def _degrade(self, failed: ModelWorker, error: EdgescopeError) -> None:
+    async def _on_primary(self, primary: ModelWorker, job: Job[T], future: asyncio.Future[T]) -> T:
+        try:
+            return await primary.answer(job, future)
+        except SessionFailed as exc:
+            if self._fallback is None:
+                raise
+            failure = exc
+        # The fallback decides whose fault it was: if it fails too, the frame's.
+        reason = _reason(primary, failure)
+        answer = await self._fallback.infer(_marked(job, reason))
+        self._degrade(primary, reason)
+        return answer
+
+    def _degrade(self, failed: ModelWorker, reason: str) -> None:
         with self._lock:
             if self._primary is not failed or self._reason or self._closed:
                 return
-            self._reason = f"the primary ({failed.provenance.backend} on {failed.provenance.device}) failed: {error}"
+            self._reason = reason
             self._since = time.monotonic()
             self._backoff_s = FIRST_RETRY_S
             self._retry_at = self._since + self._backoff_s
-            reason = self._reason
         logger.error("model %s is degraded, served by its fallback: %s", self.name, reason)
         self.on_change(self.name, reason)
 
@@ -149,9 +160,19 @@ class ModelRoute:
             worker.retire()
 
 
-def _marked(result: JobResult, reason: str) -> JobResult:
-    """The fallback's answer, saying on its provenance that it is one and why."""
-    return dataclasses.replace(result, provenance=_degraded(result.provenance, reason))
+def _reason(primary: ModelWorker, error: EdgescopeError) -> str:
+    return f"the primary ({primary.provenance.backend} on {primary.provenance.device}) failed: {error}"
+
+
+def _marked(job: Job[T], reason: str) -> Job[T]:
+    """The same request for the fallback, unsent (a job's future belongs to the worker it was sent to),
+    whose answer says on its provenance that the fallback made it, and why."""
+    finish = job.finish
+
+    def finish_marked(result: JobResult) -> T:
+        return finish(dataclasses.replace(result, provenance=_degraded(result.provenance, reason)))
+
+    return dataclasses.replace(job, finish=finish_marked, future=None, loop=None, cancelled=False)
 
 
 def _degraded(provenance: stream_pb2.Provenance, reason: str) -> stream_pb2.Provenance:
@@ -160,8 +181,3 @@ def _degraded(provenance: stream_pb2.Provenance, reason: str) -> stream_pb2.Prov
     marked.degraded = True
     marked.degraded_reason = reason or "the primary failed"
     return marked
-
-
-def _fresh(job: Job) -> Job:
-    """The same request, unsent: a job's future belongs to the worker it was sent to."""
-    return dataclasses.replace(job, future=None, loop=None, cancelled=False)

@@ -299,7 +299,7 @@ class KServeService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return feed
 
     async def _run(self, request: pb.ModelInferRequest, lane: str) -> pb.ModelInferResponse:
-        """One request: decode on a frame thread, infer on the model's worker, encode on a frame thread."""
+        """One request: decode on a frame thread, then infer and encode on the model's instance thread."""
         if not request.model_name:
             raise ModelNotFoundError("the request names no model (model_name is empty)")
         loop = asyncio.get_running_loop()
@@ -314,9 +314,14 @@ class KServeService(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 elapsed_ns = time.perf_counter_ns() - started_ns
                 model.statistics.record(success=False, queue_ns=0, compute_input_ns=elapsed_ns, infer_ns=0, output_ns=0)
                 raise
-            job = Job(lane=lane, feed=feed, inferences=_batch_size(model, feed))
-            inferred = await model.infer(job)
-            return await loop.run_in_executor(self._executor, infer_response, model, request, inferred.outputs)
+            # The response is built on the instance thread, from the outputs it just made.
+            job = Job(
+                lane=lane,
+                finish=lambda inferred: infer_response(model, request, inferred.outputs),
+                feed=feed,
+                inferences=_batch_size(model, feed),
+            )
+            return await model.infer(job)
         finally:
             self._registry.release(model)
 

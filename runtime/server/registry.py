@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -44,10 +45,12 @@ from edgescope.runtime.server.failover import ModelRoute
 from edgescope.runtime.server.repository import BundlePolicy, ModelRepository
 from edgescope.runtime.server.statistics import ModelStatistics
 from edgescope.runtime.server.status import echo
-from edgescope.runtime.server.workers import Job, JobResult, ModelWorker
+from edgescope.runtime.server.workers import Job, ModelWorker
 from edgescope.v1 import manifest_pb2, stream_pb2
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +105,9 @@ class ServedModel:
         """Frames of different streams may share one inference."""
         return self.capabilities.dynamic_batch and not is_stateful(self.manifest)
 
-    async def infer(self, job: Job) -> JobResult:
-        return await self.route.infer(job)
+    def infer(self, job: Job[T]) -> Awaitable[T]:
+        """Queue ``job`` now and return its answer to await (see ``ModelRoute.infer``)."""
+        return self.route.infer(job)
 
 
 def _verdict(report: manifest_pb2.SelfTestReport | None) -> str:

@@ -49,7 +49,6 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
     def __init__(
         self,
         models: ModelRegistry,
-        executor: Executor,
         loader: Executor,
         config: SchedulerConfig,
         metrics: RuntimeMetrics,
@@ -59,7 +58,6 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
         # Where LoadModel finds bundles; no root: LoadModel is refused.
         self._repository = repository or ModelRepository(None)
         self._metrics = metrics
-        self._executor = executor
         self._loader = loader
         self._config = config
         self._captures: CaptureHub | None = None
@@ -71,7 +69,6 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
     def _new_run(self, kind: str) -> StreamRun:
         return StreamRun(
             self._models,
-            self._executor,
             self._config,
             self._metrics,
             self.streams.next_lane(kind),
@@ -118,9 +115,7 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
     ) -> stream_pb2.Result:
         received_ns, received_wall_ns = time.perf_counter_ns(), time.time_ns()
         try:
-            result = await infer_one(
-                self._models, self._executor, request, self.streams.next_lane("infer"), REGIONS.view
-            )
+            result = await infer_one(self._models, request, self.streams.next_lane("infer"), REGIONS.view)
         except EdgescopeError as exc:
             await context.abort(status_code_for(exc), str(exc))
         except Exception as exc:

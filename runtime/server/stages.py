@@ -1,22 +1,24 @@
-"""One frame split into the stages a stream overlaps across frames.
+"""One frame's work for each model it goes to, done where the frame is inferred.
 
-``prepare`` (decode, then preprocess for each model) and ``finish``
-(postprocess, then encode) run on the frame threads while another frame of
-the same stream is in inference; inference itself is a ``Job`` for the
-model's worker (``job_for``). Every stage's duration travels with the answer.
-Streams and ``Infer`` both go through these functions, so a frame gets the
-same answer either way.
+A ``FrameJob`` is one model's part of one frame. Its ``prepare`` (decode,
+once per frame whichever model needs the pixels first, then this model's
+preprocessing) and its ``finish`` (postprocess, encode, the Result with its
+stage timings) run on the model's instance thread, right before and right
+after the inference, so a frame crosses threads once into the model's worker
+and once out (``job_for``). Streams and ``Infer`` both go through these, so a
+frame gets the same answer either way.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
-from edgescope.runtime.pipeline.decode import DEFAULT_LIMITS, FrameLimits, SharedMemoryView, decode_frame
+from edgescope.runtime.pipeline.decode import DEFAULT_LIMITS, FrameLimits, Pixels, SharedMemoryView, decode_frame
 from edgescope.runtime.pipeline.encode import fill_result
 from edgescope.runtime.pipeline.postprocess import postprocess
 from edgescope.runtime.pipeline.preprocess import Geometry, preprocess
@@ -27,61 +29,121 @@ from edgescope.runtime.server.workers import Job, JobResult
 from edgescope.v1 import stream_pb2
 
 
-@dataclass(slots=True)
-class ModelInput:
-    """One model's input tensor for one frame, and where the frame sits inside it."""
+class FramePixels:
+    """One frame's pixels, decoded (within ``limits``) once, by the first thread that needs them."""
 
-    model: ServedModel
-    tensor: npt.NDArray[np.float32]
-    geometry: Geometry
-    preprocess_ns: int
+    def __init__(
+        self,
+        frame: stream_pb2.Frame,
+        shared_memory: SharedMemoryView | None = None,
+        limits: FrameLimits = DEFAULT_LIMITS,
+    ) -> None:
+        self._frame = frame
+        self._limits = limits
+        self._lock = threading.Lock()
+        self._pixels: Pixels | None = None
+        self.decode_ns = 0
+        # A shared-memory slot is looked up now, on the call that sent the frame: only its registrant may read it.
+        self._shared: memoryview | None = None
+        self._source = shared_memory
+        if shared_memory is not None and frame.WhichOneof("pixels") == "shm":
+            self._shared = shared_memory(frame.shm)
+            self._source = self._bound
 
+    def _bound(self, _reference: stream_pb2.SharedMemoryFrame) -> memoryview:
+        if self._shared is None:
+            raise RuntimeError("no shared-memory slot was bound for this frame")
+        return self._shared
 
-@dataclass(slots=True)
-class Prepared:
-    decode_ns: int
-    inputs: list[ModelInput] = field(default_factory=list)
-    # A small display copy of the frame, made only when telemetry asked for a preview.
-    thumbnail: npt.NDArray[np.uint8] | None = None
+    def get(self) -> Pixels:
+        with self._lock:
+            if self._pixels is None:
+                start = time.perf_counter_ns()
+                self._pixels = decode_frame(self._frame, self._source, self._limits)
+                self.decode_ns = time.perf_counter_ns() - start
+            return self._pixels
 
 
 @dataclass(slots=True)
 class Finished:
     result: stream_pb2.Result
-    # The preview JPEG for telemetry, when a thumbnail was made.
+    # The preview JPEG for telemetry, when the frame's thumbnail was asked for.
     preview: bytes | None = None
 
 
-def prepare(
-    frame: stream_pb2.Frame,
-    models: list[ServedModel],
-    shared_memory: SharedMemoryView | None,
-    limits: FrameLimits = DEFAULT_LIMITS,
-    want_thumbnail: bool = False,
-) -> Prepared:
-    """Decode once (within ``limits``) and preprocess for each model (they may want different sizes)."""
-    start = time.perf_counter_ns()
-    pixels = decode_frame(frame, shared_memory, limits)
-    prepared = Prepared(decode_ns=time.perf_counter_ns() - start)
-    # DICOM frames carry how stored values become display values (modality LUT, window, MONOCHROME1).
-    transform = frame.pixel_transform if frame.HasField("pixel_transform") else None
-    for model in models:
+@dataclass(slots=True, eq=False)
+class FrameJob:
+    """One model's part of one frame; ``primary``: its result is the frame's answer (see ``answer``)."""
+
+    model: ServedModel
+    frame: stream_pb2.Frame
+    pixels: FramePixels
+    # When the frame was read (perf_counter ns): its queue time runs from there to ``prepare``.
+    received_ns: int
+    primary: bool = True
+    want_thumbnail: bool = False
+    geometry: Geometry | None = None
+    queue_ns: int = 0
+    preprocess_ns: int = 0
+    thumb: npt.NDArray[np.uint8] | None = field(default=None, repr=False)
+
+    def prepare(self) -> npt.NDArray[np.float32]:
+        start = time.perf_counter_ns()
+        self.queue_ns = start - self.received_ns
+        pixels = self.pixels.get()
         begin = time.perf_counter_ns()
-        tensor, geometry = preprocess(pixels, model.manifest.preprocessing, transform)
-        prepared.inputs.append(ModelInput(model, tensor, geometry, time.perf_counter_ns() - begin))
-    if want_thumbnail:
-        prepared.thumbnail = thumbnail(pixels, transform)
-    return prepared
+        # DICOM frames carry how stored values become display values (modality LUT, window, MONOCHROME1).
+        transform = self.frame.pixel_transform if self.frame.HasField("pixel_transform") else None
+        tensor, self.geometry = preprocess(pixels, self.model.manifest.preprocessing, transform)
+        self.preprocess_ns = time.perf_counter_ns() - begin
+        if self.want_thumbnail:
+            self.thumb = thumbnail(pixels, transform)
+        return tensor
+
+    def finish(self, inferred: JobResult) -> Finished:
+        """Postprocess and encode the outputs into this model's Result, which carries its stage timings."""
+        if self.geometry is None:
+            raise RuntimeError("a frame was finished before it was prepared")
+        frame, model = self.frame, self.model
+        result = stream_pb2.Result(stream_id=frame.stream_id, seq=frame.seq, capture_time_ns=frame.capture_time_ns)
+        if self.primary:
+            result.timings.add(stage="queue", duration_ns=self.queue_ns)
+            result.timings.add(stage="decode", duration_ns=self.pixels.decode_ns)
+        result.timings.add(stage="preprocess", duration_ns=self.preprocess_ns)
+        result.timings.add(stage="infer", duration_ns=inferred.infer_ns)
+        start = time.perf_counter_ns()
+        task = postprocess(inferred.outputs, model.manifest, self.geometry, _spacing(frame), frame.regions)
+        encoded = time.perf_counter_ns()
+        result.timings.add(stage="postprocess", duration_ns=encoded - start)
+        fill_result(result, task, frame.mask_encoding)
+        result.provenance.CopyFrom(inferred.provenance)
+        result.status.code = stream_pb2.FRAME_STATUS_CODE_OK
+        result.timings.add(stage="encode", duration_ns=time.perf_counter_ns() - encoded)
+        preview = None
+        if self.thumb is not None:
+            preview = preview_jpeg(self.thumb, task.mask, [f"{frame.stream_id} seq {frame.seq} {model.name}"])
+        return Finished(result, preview)
 
 
-def job_for(model_input: ModelInput, lane: str, stream: StreamState, reset: bool) -> Job:
+def frame_jobs(
+    frame: stream_pb2.Frame, models: list[ServedModel], pixels: FramePixels, received_ns: int, want_thumbnail: bool
+) -> list[FrameJob]:
+    """The frame's part for each model: the first model's result is its answer, the others' ride along."""
+    return [
+        FrameJob(model, frame, pixels, received_ns, primary=index == 0, want_thumbnail=want_thumbnail and index == 0)
+        for index, model in enumerate(models)
+    ]
+
+
+def job_for(frame_job: FrameJob, lane: str, stream: StreamState, reset: bool) -> Job[Finished]:
     """The worker job for one model on one frame, carrying the stream's state if the model has any."""
-    model = model_input.model
+    model = frame_job.model
     manifest = model.manifest
     state = stream.for_model(model.name, manifest) if is_stateful(manifest) else None
     return Job(
         lane=lane,
-        tensor=model_input.tensor,
+        finish=frame_job.finish,
+        prepare=frame_job.prepare,
         frame_input=frame_input(manifest),
         state=state,
         reset_state=reset,
@@ -89,53 +151,18 @@ def job_for(model_input: ModelInput, lane: str, stream: StreamState, reset: bool
     )
 
 
+def answer(jobs: list[FrameJob], finished: list[Finished]) -> Finished:
+    """The frame's answer: the first model's result, the others' in ``model_results``."""
+    first = finished[0]
+    for frame_job, extra in zip(jobs[1:], finished[1:], strict=True):
+        first.result.model_results.append(as_model_result(frame_job.model.name, extra.result))
+    return first
+
+
 def _spacing(frame: stream_pb2.Frame) -> stream_pb2.PixelSpacing | None:
     if frame.HasField("spacing") and frame.spacing.row_mm > 0 and frame.spacing.column_mm > 0:
         return frame.spacing
     return None
-
-
-def finish(
-    model_input: ModelInput, inferred: JobResult, frame: stream_pb2.Frame, thumb: npt.NDArray[np.uint8] | None = None
-) -> Finished:
-    """Postprocess and encode one model's outputs; the Result carries its stage timings."""
-    model = model_input.model
-    result = stream_pb2.Result()
-    result.timings.add(stage="preprocess", duration_ns=model_input.preprocess_ns)
-    result.timings.add(stage="infer", duration_ns=inferred.infer_ns)
-    start = time.perf_counter_ns()
-    task = postprocess(inferred.outputs, model.manifest, model_input.geometry, _spacing(frame), frame.regions)
-    encoded = time.perf_counter_ns()
-    result.timings.add(stage="postprocess", duration_ns=encoded - start)
-    fill_result(result, task, frame.mask_encoding)
-    result.provenance.CopyFrom(inferred.provenance)
-    result.status.code = stream_pb2.FRAME_STATUS_CODE_OK
-    result.timings.add(stage="encode", duration_ns=time.perf_counter_ns() - encoded)
-    preview = None
-    if thumb is not None:
-        caption = [f"{frame.stream_id} seq {frame.seq} {model.name}"]
-        preview = preview_jpeg(thumb, task.mask, caption)
-    return Finished(result, preview)
-
-
-def finish_all(
-    inputs: list[ModelInput], inferred: list[JobResult], frame: stream_pb2.Frame, prepared: Prepared, queued_ns: int
-) -> Finished:
-    """The frame's answer: the first model's result, the others' in ``model_results``."""
-    first = finish(inputs[0], inferred[0], frame, prepared.thumbnail)
-    stamp(first.result, frame, queued_ns, prepared.decode_ns)
-    for model_input, extra in zip(inputs[1:], inferred[1:], strict=True):
-        first.result.model_results.append(
-            as_model_result(model_input.model.name, finish(model_input, extra, frame).result)
-        )
-    return first
-
-
-def stamp(result: stream_pb2.Result, frame: stream_pb2.Frame, queued_ns: int, decode_ns: int) -> None:
-    """Give a model's result the frame's identity and the frame-level stage timings."""
-    result.stream_id, result.seq, result.capture_time_ns = frame.stream_id, frame.seq, frame.capture_time_ns
-    result.timings.insert(0, stream_pb2.StageTiming(stage="decode", duration_ns=decode_ns))
-    result.timings.insert(0, stream_pb2.StageTiming(stage="queue", duration_ns=queued_ns))
 
 
 def as_model_result(model: str, result: stream_pb2.Result) -> stream_pb2.ModelResult:

@@ -9,11 +9,14 @@ Policies (``Frame.policy`` on the first frame, else the server default):
 
 A ``StreamRun`` owns its reader, its dispatcher and one task per frame in
 flight; when the run ends, for whatever reason, every one of them is
-cancelled and awaited, so nothing outlives the stream. Frames move through
-three stages (prepare, infer on the model's worker, finish), handed over in
-arrival order, so the next frame decodes while this one is inferred; with
-several instances of a model, as many of a stream's frames are inferred at
-once (never for a model with recurrent state, whose frames go one by one). Every frame read gets exactly one answer, in
+cancelled and awaited, so nothing outlives the stream. A frame is admitted
+on the event loop (deadline, model, shared-memory slot) and handed to its
+model's worker in one piece: the instance thread decodes, preprocesses,
+infers, postprocesses and encodes it, and hands the Result back (see
+``stages``). Frames are submitted in arrival order, at most one more than
+the model has instances, so the worker starts the next frame as soon as it
+is done with one; a model with recurrent state takes a stream's frames one
+by one. Every frame read gets exactly one answer, in
 arrival order, set by whoever owns the frame at that moment: the reader (a
 stale or shutdown drop), the frame's task (its result, error or deadline
 drop), or the shutdown cut (frames still in flight when the drain time is up).
@@ -35,7 +38,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Coroutine
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,16 +47,15 @@ from edgescope.errors import EdgescopeError
 from edgescope.runtime.pipeline.decode import DEFAULT_LIMITS, FrameLimits, SharedMemoryView, check_extra_models
 from edgescope.runtime.pipeline.state import StreamState, is_stateful
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel
-from edgescope.runtime.server.stages import finish_all, job_for, prepare
-from edgescope.runtime.server.workers import JobResult
+from edgescope.runtime.server.stages import FramePixels, answer, frame_jobs, job_for
 from edgescope.runtime.telemetry.metrics import RuntimeMetrics
 from edgescope.v1 import stream_pb2
 
 logger = logging.getLogger(__name__)
 
 
-# Frames read but not yet answered, per stream: one being prepared, ``parallel`` in inference and as
-# many being finished, one waiting, two answers on their way out.
+# Frames read but not yet answered, per stream: ``parallel`` + 1 at the model's worker, one waiting,
+# answers on their way out.
 def window_frames(parallel: int) -> int:
     return 4 + 2 * parallel
 
@@ -186,7 +187,6 @@ class StreamRun:
     def __init__(
         self,
         models: ModelRegistry,
-        executor: Executor,
         config: SchedulerConfig,
         metrics: RuntimeMetrics,
         lane: str,
@@ -194,16 +194,15 @@ class StreamRun:
         parallel: int = 1,
     ) -> None:
         self._models = models
-        self._executor = executor
         self._config = config
         self._metrics = metrics
         self._shared_memory = shared_memory
         self.lane = lane
         self._answers: asyncio.Queue[Work | None] = asyncio.Queue()
         self._window = asyncio.Semaphore(window_frames(parallel))
-        # Frames enter inference one by one, in order; up to ``parallel`` of them (one per model instance)
-        # may be inferred and finished at once. Their answers still leave in order.
-        self._stages = (asyncio.Semaphore(1), asyncio.Semaphore(parallel), asyncio.Semaphore(parallel))
+        # Frames at the model's worker: one per instance, and the next one queued so no instance waits
+        # for the event loop between two frames. Their answers still leave in order.
+        self._at_worker = asyncio.Semaphore(parallel + 1)
         # A model that carries state from frame to frame takes a stream's frames strictly one at a time.
         self._sequential = asyncio.Lock()
         self._policy: stream_pb2.StreamPolicy.ValueType = config.policy
@@ -340,14 +339,13 @@ class StreamRun:
         await self._every.put(None)
 
     async def _dispatch(self) -> None:
-        first = self._stages[0]
         await self._policy_known.wait()
         is_live = self._policy == stream_pb2.STREAM_POLICY_LIVE
         while True:
-            await first.acquire()
+            await self._at_worker.acquire()
             work = await (self._live.take() if is_live else self._every.get())
             if work is None:
-                first.release()
+                self._at_worker.release()
                 break
             self._tasks.spawn(self._process(work), name=f"{self.lane}-frame-{work.frame.seq}")
         # The reader has queued every frame's answer ahead of this end mark.
@@ -360,15 +358,12 @@ class StreamRun:
         return budget_ms > 0 and elapsed_ns > budget_ms * 1_000_000
 
     async def _process(self, work: Work) -> None:
-        """Run one frame through the stages; the first stage lock is already held."""
+        """Admit one frame, then hand it to its model(s); a place at the worker is already held."""
         frame = work.frame
-        held = [0]
         leases: list[ServedModel] = []
-        loop = asyncio.get_running_loop()
         try:
-            queued_ns = time.perf_counter_ns() - work.received_ns
             late = False
-            if self._over_budget(frame, queued_ns):
+            if self._over_budget(frame, time.perf_counter_ns() - work.received_ns):
                 if not frame.process_late:
                     self._drop(work, stream_pb2.DROP_REASON_DEADLINE)
                     return
@@ -378,29 +373,19 @@ class StreamRun:
             check_extra_models(frame, self._config.frame_limits)
             for name in (self._model, *frame.extra_models):
                 leases.append(self._models.lease(name))
+            pixels = FramePixels(frame, self._shared_memory, self._config.frame_limits)
             want_thumbnail = self._metrics.preview_due(frame.stream_id)
-            prepared = await loop.run_in_executor(
-                self._executor, prepare, frame, leases, self._shared_memory, self._config.frame_limits, want_thumbnail
-            )
-            await self._hand_over(held, 1)
-            if self._over_budget(frame, time.perf_counter_ns() - work.received_ns) and not late:
-                if not frame.process_late:
-                    self._drop(work, stream_pb2.DROP_REASON_DEADLINE)
-                    return
-                late = True
-            inferred: list[JobResult] = []
-            stateful = any(is_stateful(model_input.model.manifest) for model_input in prepared.inputs)
+            jobs = frame_jobs(frame, leases, pixels, work.received_ns, want_thumbnail)
+            stateful = any(is_stateful(job.model.manifest) for job in jobs)
             async with self._sequential if stateful else contextlib.nullcontext():
-                for model_input in prepared.inputs:
-                    job = job_for(model_input, self.lane, self._state, frame.reset_state)
-                    inferred.append(await model_input.model.infer(job))
-            await self._hand_over(held, 2)
-            finished = await loop.run_in_executor(
-                self._executor, finish_all, prepared.inputs, inferred, frame, prepared, queued_ns
-            )
-            finished.result.status.late = late
-            work.preview = finished.preview
-            self._settle(work, finished.result)
+                # One model after another: a frame's extra models are rare, and each keeps its own order.
+                finished = [
+                    await job.model.infer(job_for(job, self.lane, self._state, frame.reset_state)) for job in jobs
+                ]
+            result = answer(jobs, finished)
+            result.result.status.late = late
+            work.preview = result.preview
+            self._settle(work, result.result)
         except asyncio.CancelledError:
             raise
         except EdgescopeError as exc:
@@ -409,17 +394,9 @@ class StreamRun:
             logger.exception("frame %s/%d failed unexpectedly", frame.stream_id, frame.seq)
             self._settle(work, failed(frame, exc))
         finally:
-            for stage in held:
-                self._stages[stage].release()
+            self._at_worker.release()
             for model in leases:
                 self._models.release(model)
-
-    async def _hand_over(self, held: list[int], stage: int) -> None:
-        """Take the next stage, then give up the current one: frames keep their order."""
-        await self._stages[stage].acquire()
-        held.append(stage)
-        self._stages[stage - 1].release()
-        held.remove(stage - 1)
 
 
 def _read_error_text(exc: Exception) -> str:
@@ -429,34 +406,25 @@ def _read_error_text(exc: Exception) -> str:
 
 async def infer_one(
     models: ModelRegistry,
-    executor: Executor,
     frame: stream_pb2.Frame,
     lane: str,
     shared_memory: SharedMemoryView | None = None,
     limits: FrameLimits = DEFAULT_LIMITS,
 ) -> stream_pb2.Result:
-    """One frame through every stage, for ``Infer``; raises ``EdgescopeError`` for bad input or a failing model.
+    """One frame on its model(s), for ``Infer``; raises ``EdgescopeError`` for bad input or a failing model.
 
     No stream: a stateful model starts from its initial state.
     """
     received_ns = time.perf_counter_ns()
-    loop = asyncio.get_running_loop()
     leases: list[ServedModel] = []
     try:
         check_extra_models(frame, limits)
         for name in (frame.model, *frame.extra_models):
             leases.append(models.lease(name))
-        queued_ns = time.perf_counter_ns() - received_ns
-        prepared = await loop.run_in_executor(executor, prepare, frame, leases, shared_memory, limits, False)
+        jobs = frame_jobs(frame, leases, FramePixels(frame, shared_memory, limits), received_ns, False)
         state = StreamState()
-        inferred = [
-            await model_input.model.infer(job_for(model_input, lane, state, frame.reset_state))
-            for model_input in prepared.inputs
-        ]
-        finished = await loop.run_in_executor(
-            executor, finish_all, prepared.inputs, inferred, frame, prepared, queued_ns
-        )
-        return finished.result
+        finished = [await job.model.infer(job_for(job, lane, state, frame.reset_state)) for job in jobs]
+        return answer(jobs, finished).result
     finally:
         for model in leases:
             models.release(model)

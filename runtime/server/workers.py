@@ -9,7 +9,13 @@ captures) and whatever happens to the model (reload, unload, shutdown). A
 session that declares it can take every instance's calls at once (a client of
 a remote server) is shared by the instances instead of opened once per thread.
 
-Everything submits a ``Job`` through ``infer``; jobs wait in one bounded queue
+A job is one hand-off in and one out: the instance thread that runs it also
+prepares its input (``Job.prepare``: decode, preprocess) right before the
+inference and makes the caller's answer from the outputs (``Job.finish``:
+postprocess, encode) right after it, where the data already is; the only
+other threads it meets are the submitter's event loop, at both ends.
+
+Everything submits a ``Job`` through ``submit`` (or ``infer``); jobs wait in one bounded queue
 made of one lane per requester (a stream, a unary call), served round-robin so
 a busy stream cannot starve another. A requester has at most as many jobs
 queued as the model has instances (a stream's frames reach inference in
@@ -34,6 +40,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -49,22 +56,31 @@ logger = logging.getLogger(__name__)
 # Jobs queued per model across all requesters; beyond this a job is refused.
 MAX_QUEUED_JOBS = 256
 
+Tensor = npt.NDArray[np.float32]
+T = TypeVar("T")
 SessionFactory = Callable[[], Session]
 # Runs on each instance's thread right after its session is loaded (warm-up, self-test).
 SessionCheck = Callable[[Session], None]
 
 
-@dataclass(slots=True, eq=False)
-class Job:
-    """One request to a model.
+class SessionFailed(BackendError):
+    """The session itself failed to run a job (the device, the runtime), not the job's own steps."""
 
-    Either ``tensor`` (one preprocessed frame, a batch of one; with ``state``
-    for a stateful model, whose feed the worker builds and whose state it
-    updates) or ``feed`` (every input, as KServe sends them).
+
+@dataclass(slots=True, eq=False)
+class Job(Generic[T]):
+    """One request to a model, answered by ``finish(result)`` on the instance thread that ran it.
+
+    The input is ``tensor`` (one preprocessed frame, a batch of one; with
+    ``state`` for a stateful model, whose feed the worker builds and whose
+    state it updates), made by ``prepare`` on the instance thread when the
+    job carries no tensor yet, or ``feed`` (every input, as KServe sends them).
     """
 
     lane: str
-    tensor: npt.NDArray[np.float32] | None = None
+    finish: Callable[[JobResult], T]
+    prepare: Callable[[], Tensor] | None = None
+    tensor: Tensor | None = None
     frame_input: str = ""
     state: ModelState | None = None
     reset_state: bool = False
@@ -73,8 +89,8 @@ class Job:
     # Inferences this job makes (a KServe request of batch 4 makes 4), for the statistics.
     inferences: int = 1
     enqueued_ns: int = 0
-    # Set by the worker: the outputs, the inference time and the batch size it ran in.
-    future: asyncio.Future[JobResult] | None = None
+    # Set by the worker: where the answer goes.
+    future: asyncio.Future[T] | None = None
     loop: asyncio.AbstractEventLoop | None = None
     cancelled: bool = False
 
@@ -99,6 +115,11 @@ class JobResult:
     batch_size: int
     # What ran it: the worker's provenance (the route marks a degraded answer on a copy).
     provenance: stream_pb2.Provenance
+
+
+def as_is(result: JobResult) -> JobResult:
+    """A job's ``finish`` for callers that take the outputs themselves (KServe)."""
+    return result
 
 
 @dataclass(slots=True)
@@ -133,7 +154,7 @@ class ModelWorker:
         self._max_batch = max(1, max_batch)
         self._batch_delay_s = max(0.0, batch_delay_s)
         self._instances = [_Instance(i) for i in range(instances)]
-        self._lanes: OrderedDict[str, deque[Job]] = OrderedDict()
+        self._lanes: OrderedDict[str, deque[Job[Any]]] = OrderedDict()
         self._queued = 0
         self._cond = threading.Condition()
         self._retired = False
@@ -202,11 +223,11 @@ class ModelWorker:
 
     # -- submitting (on the event loop) -----------------------------------------------------------
 
-    async def infer(self, job: Job) -> JobResult:
-        """Queue ``job`` and wait for its result; cancelling the wait withdraws a job not yet started."""
+    def submit(self, job: Job[T]) -> asyncio.Future[T]:
+        """Queue ``job`` now (in the caller's order) and return where its answer will be set."""
         loop = asyncio.get_running_loop()
-        job.loop = loop
-        job.future = loop.create_future()
+        future: asyncio.Future[T] = loop.create_future()
+        job.loop, job.future = loop, future
         with self._cond:
             if self._retired:
                 raise BackendError(f"model {self.name} is being unloaded; send the frame again")
@@ -216,13 +237,21 @@ class ModelWorker:
             self._lanes.setdefault(job.lane, deque()).append(job)
             self._queued += 1
             self._cond.notify()
+        return future
+
+    async def answer(self, job: Job[T], future: asyncio.Future[T]) -> T:
+        """Wait for a submitted job; cancelling the wait withdraws the job if it has not started."""
         try:
-            return await job.future
+            return await future
         except asyncio.CancelledError:
             self._withdraw(job)
             raise
 
-    def _withdraw(self, job: Job) -> None:
+    async def infer(self, job: Job[T]) -> T:
+        """Submit ``job`` and wait for its answer."""
+        return await self.answer(job, self.submit(job))
+
+    def _withdraw(self, job: Job[Any]) -> None:
         with self._cond:
             job.cancelled = True
             lane = self._lanes.get(job.lane)
@@ -266,7 +295,7 @@ class ModelWorker:
             except Exception:
                 logger.exception("closing a session of %s failed", self.name)
 
-    def _next_batch(self) -> list[Job] | None:
+    def _next_batch(self) -> list[Job[Any]] | None:
         """The next lane's job, plus batchable company from other lanes; None once retired and empty."""
         with self._cond:
             while not self._lanes:
@@ -286,7 +315,7 @@ class ModelWorker:
                     batch.append(company)
             return batch
 
-    def _pop_next(self) -> Job:
+    def _pop_next(self) -> Job[Any]:
         lane_key, lane = next(iter(self._lanes.items()))
         job = lane.popleft()
         self._queued -= 1
@@ -296,19 +325,18 @@ class ModelWorker:
             self._lanes[lane_key] = lane
         return job
 
-    def _fits(self, job: Job, first: Job) -> bool:
-        return (
-            job.batchable
-            and job.tensor is not None
-            and first.tensor is not None
-            and job.tensor.shape == first.tensor.shape
-            and job.tensor.dtype == first.tensor.dtype
-        )
+    def _fits(self, job: Job[Any], first: Job[Any]) -> bool:
+        if not job.batchable:
+            return False
+        if job.tensor is None or first.tensor is None:
+            # Frames prepared on this thread all take the manifest's input shape.
+            return job.prepare is not None and first.prepare is not None
+        return job.tensor.shape == first.tensor.shape and job.tensor.dtype == first.tensor.dtype
 
-    def _batchable_waiting(self, first: Job) -> int:
+    def _batchable_waiting(self, first: Job[Any]) -> int:
         return sum(1 for lane in self._lanes.values() for job in lane if self._fits(job, first))
 
-    def _pop_batchable(self, first: Job) -> Job | None:
+    def _pop_batchable(self, first: Job[Any]) -> Job[Any] | None:
         for lane_key, lane in self._lanes.items():
             if lane and self._fits(lane[0], first):
                 job = lane.popleft()
@@ -319,8 +347,8 @@ class ModelWorker:
                 return job
         return None
 
-    def _run(self, session: Session, batch: list[Job]) -> None:
-        live = [job for job in batch if not job.cancelled]
+    def _run(self, session: Session, batch: list[Job[Any]]) -> None:
+        live = [job for job in batch if not job.cancelled and self._prepared(job)]
         if not live:
             return
         if len(live) > 1:
@@ -338,13 +366,24 @@ class ModelWorker:
                 outputs = job.run_alone(session)
             except Exception as exc:
                 self._record([job], start, time.perf_counter_ns() - start, success=False)
-                self._settle(job, None, _as_backend_error(exc, self.name))
+                self._settle(job, None, _as_session_failure(exc, self.name))
                 continue
             elapsed = time.perf_counter_ns() - start
             self._record([job], start, elapsed, success=True)
-            self._settle(job, JobResult(outputs, elapsed, 1, self.provenance), None)
+            self._finish(job, JobResult(outputs, elapsed, 1, self.provenance))
 
-    def _run_batch(self, session: Session, jobs: list[Job]) -> None:
+    def _prepared(self, job: Job[Any]) -> bool:
+        """Make the job's input here, if it brought none; a job whose input fails is answered with why."""
+        if job.prepare is None or job.tensor is not None:
+            return True
+        try:
+            job.tensor = job.prepare()
+        except Exception as exc:
+            self._settle(job, None, exc)
+            return False
+        return True
+
+    def _run_batch(self, session: Session, jobs: list[Job[Any]]) -> None:
         start = time.perf_counter_ns()
         stacked = np.concatenate([job.tensor for job in jobs if job.tensor is not None])
         outputs = session.infer({jobs[0].frame_input: stacked})
@@ -352,9 +391,18 @@ class ModelWorker:
         self._record(jobs, start, elapsed, success=True)
         for index, job in enumerate(jobs):
             own = {name: value[index : index + 1] for name, value in outputs.items()}
-            self._settle(job, JobResult(own, elapsed, len(jobs), self.provenance), None)
+            self._finish(job, JobResult(own, elapsed, len(jobs), self.provenance))
 
-    def _record(self, jobs: list[Job], start_ns: int, infer_ns: int, *, success: bool) -> None:
+    def _finish(self, job: Job[Any], result: JobResult) -> None:
+        """The caller's answer from the outputs, made here; a failure of its own is the job's answer."""
+        try:
+            answer = job.finish(result)
+        except Exception as exc:
+            self._settle(job, None, exc)
+            return
+        self._settle(job, answer, None)
+
+    def _record(self, jobs: list[Job[Any]], start_ns: int, infer_ns: int, *, success: bool) -> None:
         """One execution, in Triton's terms: its requests' queue time and its compute time."""
         self.statistics.record(
             success=success,
@@ -366,25 +414,28 @@ class ModelWorker:
             requests=len(jobs),
         )
 
-    def _settle(self, job: Job, result: JobResult | None, error: BaseException | None) -> None:
+    def _settle(self, job: Job[Any], answer: object, error: BaseException | None) -> None:
         if job.loop is None or job.future is None:
             return
         # RuntimeError: the loop is closed, so nobody waits for this answer any more.
         with contextlib.suppress(RuntimeError):
-            job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
+            job.loop.call_soon_threadsafe(_resolve, job.future, answer, error)
 
 
-def _resolve(future: asyncio.Future[JobResult], result: JobResult | None, error: BaseException | None) -> None:
+def _resolve(future: asyncio.Future[Any], answer: object, error: BaseException | None) -> None:
     # The waiter may have been cancelled meanwhile; its answer was given elsewhere.
     if future.done():
         return
     if error is not None:
         future.set_exception(error)
-    elif result is not None:
-        future.set_result(result)
+    else:
+        future.set_result(answer)
 
 
-def _as_backend_error(exc: Exception, name: str) -> EdgescopeError:
-    if isinstance(exc, EdgescopeError):
+def _as_session_failure(exc: Exception, name: str) -> EdgescopeError:
+    """What a failed inference is answered with: the session's fault unless the error says otherwise."""
+    if isinstance(exc, SessionFailed) or (isinstance(exc, EdgescopeError) and not isinstance(exc, BackendError)):
         return exc
-    return BackendError(f"model {name} failed: {type(exc).__name__}: {exc}")
+    if isinstance(exc, BackendError):
+        return SessionFailed(str(exc))
+    return SessionFailed(f"model {name} failed: {type(exc).__name__}: {exc}")
