@@ -350,7 +350,7 @@ def bench_heavy(frames: list[SourceFrame], fps: float, count: int, rounds: int, 
     runs = {"edgescope_send_answer": Streamed(), "edgescope_spinning_send_answer": Streamed()}
     try:
         targets = []
-        for name, extra in zip(runs, ([], ["--intra-op-spinning"]), strict=True):
+        for name, extra in zip(runs, ([], ["--intra-op-spinning", "on"]), strict=True):
             server, target = start_server([bundle], workdir / f"{name}-port", extra)
             servers.append(server)
             targets.append(target)

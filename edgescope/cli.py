@@ -335,9 +335,10 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--intra-op-spinning",
-        action="store_true",
-        help="let onnxruntime's threads busy-wait between operators: a little faster per frame, "
-        "for a machine whose cores do nothing but inference",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="whether onnxruntime's threads busy-wait between the operators of a run (never between runs): "
+        "auto measures each model both ways at load and keeps the faster (see the log, or `edgescope doctor BUNDLE`)",
     )
     p.add_argument(
         "--frame-threads", type=int, default=0, help="threads for decode and pre/postprocessing (default: the cores)"

@@ -316,6 +316,25 @@ def engines_check(bundle: Path) -> Check:
     return Check(name, WARNING, f"no engine for this device ({why}); {hint}; {fallback}", details)
 
 
+def threading_check(bundle: Path) -> Check:
+    """How ONNX Runtime's threads would run the bundle's model here, measured as the server measures it at load."""
+    name = f"threads {bundle}"
+    from edgescope.bundle import load_bundle
+    from edgescope.errors import EdgescopeError
+    from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    try:
+        session = OnnxRuntimeBackend().load(load_bundle(bundle))
+    except EdgescopeError as exc:
+        return Check(name, ERROR, f"cannot load it on onnxruntime: {exc}")
+    with session:
+        chosen = session.threading
+    if chosen is None:
+        return Check(name, WARNING, "onnxruntime chose its threads itself")
+    details = {"intra_op_threads": chosen.threads, "spinning_within_runs": chosen.spinning, "why": chosen.reason}
+    return Check(name, OK, f"onnxruntime: {chosen.describe()}", details)
+
+
 def port_check(host: str, port: int, what: str) -> Check:
     name = f"port {port}"
     try:
@@ -358,6 +377,8 @@ def run_checks(
     checks["backends"] = _safely("backends", lambda: backends_check(checks))
     ordered = list(checks.values())
     ordered += [_safely(f"engines {bundle}", partial(engines_check, bundle)) for bundle in bundles]
+    if checks["onnxruntime"].status == OK:
+        ordered += [_safely(f"threads {bundle}", partial(threading_check, bundle)) for bundle in bundles]
     ordered += [_safely(f"port {port}", partial(port_check, host, port, what)) for port, what in ports]
     return ordered
 

@@ -216,7 +216,9 @@ def test_serve_without_a_bundle_says_where_to_give_one() -> None:
     assert "no bundle to serve" in run.stderr and "EDGESCOPE_BUNDLES" in run.stderr
 
 
-@pytest.mark.parametrize(("flags", "expected"), [([], "0"), (["--intra-op-spinning"], "1")])
+@pytest.mark.parametrize(
+    ("flags", "expected"), [(["--intra-op-spinning", "off"], "0"), (["--intra-op-spinning", "on"], "1")]
+)
 def test_onnxruntime_threads_spin_only_when_asked(example_bundle: Bundle, flags: list[str], expected: str) -> None:
     from edgescope.cli import _backend
 
@@ -225,5 +227,7 @@ def test_onnxruntime_threads_spin_only_when_asked(example_bundle: Bundle, flags:
     try:
         options = session._session.get_session_options()  # type: ignore[attr-defined]
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == expected
+        # Never between runs: the cores belong to the rest of the frame's work there.
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
     finally:
         session.close()

@@ -200,7 +200,8 @@ def test_the_report_on_this_machine_in_words_and_json(example_bundle: Bundle) ->
     report = json.loads(run.stdout)
     checks = {check["name"]: check for check in report["checks"]}
     expected = {"platform", "cpu", "memory", "gpu", "gpu telemetry", "cuda runtime", "tensorrt", "onnxruntime"}
-    assert expected | {"backends", "export", f"engines {example_bundle.path}", "port 0"} == set(checks)
+    bundle_checks = {f"engines {example_bundle.path}", f"threads {example_bundle.path}"}
+    assert expected | {"backends", "export", "port 0"} | bundle_checks == set(checks)
     assert all(check["status"] in ("ok", "missing", "warning", "error") for check in checks.values())
     assert "CPUExecutionProvider" in checks["onnxruntime"]["details"]["providers"]
     assert "onnxruntime" in checks["backends"]["details"]["usable"]

@@ -10,7 +10,6 @@ from edgescope.errors import BackendError
 from edgescope.runtime.pipeline.postprocess import TaskResult
 from edgescope.v1 import manifest_pb2, stream_pb2
 
-
 # Masks are mostly runs of one value: rows unfiltered at zlib's fastest level encode in half the time of
 # OpenCV's defaults and decode five times faster at the client (480x640: 0.46 + 0.2 ms vs 0.99 + 1.5 ms),
 # for a PNG of about 2 KB instead of 1.7.
