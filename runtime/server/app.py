@@ -42,6 +42,7 @@ from edgescope.runtime.server.shm import REGIONS
 from edgescope.runtime.server.streams import SchedulerConfig
 from edgescope.runtime.server.telemetry import TelemetryHub
 from edgescope.runtime.server.telemetry_service import TELEMETRY_SERVICE, TelemetryServicer
+from edgescope.runtime.server.warmup import warm_up
 from edgescope.runtime.telemetry.metrics import TelemetryConfig
 from edgescope.runtime.transport import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from edgescope.v1 import stream_pb2, stream_pb2_grpc, telemetry_pb2_grpc
@@ -207,6 +208,9 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
             model.worker.instances,
             model.provenance.sha256[:12],
         )
+    # The first client's first frames would otherwise pay for the frame path's first runs.
+    for model in registry.all():
+        await warm_up(model)
     # Telemetry previews caption frames: without this the first stream's first frames pay for the fonts.
     load_fonts()
     # What startup made (modules, descriptors, sessions) lives as long as the server: kept out of the

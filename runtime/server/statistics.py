@@ -106,6 +106,11 @@ class ModelStatistics:
                 batches=batches,
             )
 
+    def clear(self) -> None:
+        """Forget every execution so far (the server's own warm-up is not a request)."""
+        with self._lock:
+            self._figures = StatisticsSnapshot(self._figures.name, self._figures.version)
+
     def snapshot(self) -> StatisticsSnapshot:
         with self._lock:
             return self._figures
