@@ -13,10 +13,12 @@ Modes, in alternating rounds so the VM's speed drift lands on all alike:
   tensors, 2 threads, ONNX Runtime's defaults (the floor no server can beat);
 - plain: a plain grpcio unary server around the same ONNX Runtime session
   (decode, resize, normalise, infer, threshold, mask PNG), 1 in flight;
-- edgescope ``Stream``, 1 frame in flight; 4 in flight; paced at 30 fps.
+- edgescope ``Stream``, 1 frame in flight; 4 in flight; paced at 30 fps;
+- with ``--before PYTHON``: the same three modes on the edgescope installed
+  for that interpreter (an earlier version), served beside this one.
 
 Prints a table and writes ``benchmarks/results/frame_latency.json``.
-Run: ``.venv/bin/python benchmarks/frame_latency.py [--quick] [--serve-arg=--flag ...]``.
+Run: ``.venv/bin/python benchmarks/frame_latency.py [--quick] [--before PYTHON] [--serve-arg=--flag ...]``.
 """
 
 from __future__ import annotations
@@ -71,9 +73,17 @@ class Timed:
     times: list[float] = field(default_factory=list)
     elapsed: float = 0.0
     frames: int = 0
+    # The server's own stage timings of each answer (ms), where it reports them.
+    stages: dict[str, list[float]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        return {"frames": self.frames, "fps": round(self.frames / self.elapsed, 2), **percentiles(self.times)}
+        summary = {"frames": self.frames, "fps": round(self.frames / self.elapsed, 2), **percentiles(self.times)}
+        if self.stages:
+            summary["stages_p50_ms"] = {name: round(float(np.median(v)), 2) for name, v in self.stages.items()}
+            inside = np.sum([values for values in self.stages.values()], axis=0)
+            # Transport both ways, the client's encode and decode, and what the server does between stages.
+            summary["outside_stages_p50_ms"] = round(float(np.median(np.asarray(self.times) - inside)), 2)
+        return summary
 
 
 def echo_cine_gray() -> list[np.ndarray[Any, Any]]:
@@ -231,6 +241,8 @@ class StreamProbe:
                     raise RuntimeError(f"frame {result.seq}: {result.status.reason}")
                 decode_png(result.outputs[0].mask.png)
                 timed.times.append((time.perf_counter() - sent_at.pop(result.seq)) * 1e3)
+                for timing in result.timings:
+                    timed.stages.setdefault(timing.stage, []).append(timing.duration_ns / 1e6)
                 window.release()
             timed.elapsed = time.perf_counter() - start
             timed.frames = count
@@ -242,6 +254,8 @@ class StreamProbe:
         pooled.times += result.times
         pooled.elapsed += result.elapsed
         pooled.frames += result.frames
+        for name, values in result.stages.items():
+            pooled.stages.setdefault(name, []).extend(values)
 
 
 def main() -> int:
@@ -249,6 +263,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     parser.add_argument("--serve-arg", action="append", default=[], help="an extra `edgescope serve` argument")
     parser.add_argument("--label", default="", help="saved as results/frame_latency[-LABEL].json")
+    parser.add_argument("--before", help="a Python whose edgescope (an earlier version) is measured beside this one")
     args = parser.parse_args()
     rounds, per_round = (2, 60) if args.quick else (4, 180)
 
@@ -259,19 +274,24 @@ def main() -> int:
         export_unet(bundle)
         raw = RawLoop(bundle, frames)
         plain = PlainServer(bundle, frames, workdir)
-        server, target = start_server([bundle], workdir / "port", args.serve_arg)
-        probe = StreamProbe(target, frames)
+        servers = {"edgescope": start_server([bundle], workdir / "port", args.serve_arg)}
+        if args.before:
+            servers["before"] = start_server([bundle], workdir / "before-port", args.serve_arg, python=args.before)
+        probes = {name: StreamProbe(target, frames) for name, (_, target) in servers.items()}
         try:
-            probe.run("warm-up", 30, 0)
+            for probe in probes.values():
+                probe.run("warm-up", 30, 0)
             for index in range(rounds):
                 offset = index * 37
                 raw.run(per_round, offset)
                 plain.run(per_round, offset)
-                probe.run("edgescope_1_in_flight", per_round, offset, in_flight=1)
-                probe.run("edgescope_4_in_flight", per_round, offset, in_flight=4)
-                probe.run("edgescope_paced_30fps", per_round, offset, fps=PACED_FPS)
+                for probe in probes.values():
+                    probe.run("1_in_flight", per_round, offset, in_flight=1)
+                    probe.run("4_in_flight", per_round, offset, in_flight=4)
+                    probe.run("paced_30fps", per_round, offset, fps=PACED_FPS)
         finally:
-            stop_server(server)
+            for server, _ in servers.values():
+                stop_server(server)
             plain.close()
     report: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}, "
@@ -281,9 +301,10 @@ def main() -> int:
         "raw": raw.timed.summary(),
         "plain_1_in_flight": plain.timed.summary(),
     }
-    for mode, timed in probe.modes.items():
-        if mode != "warm-up":
-            report[mode] = timed.summary()
+    for name, probe in probes.items():
+        for mode, timed in probe.modes.items():
+            if mode != "warm-up":
+                report[f"{name}_{mode}"] = timed.summary()
     raw_p50, raw_p99, raw_fps = report["raw"]["p50_ms"], report["raw"]["p99_ms"], report["raw"]["fps"]
     one, paced, four = (report[f"edgescope_{m}"] for m in ("1_in_flight", "paced_30fps", "4_in_flight"))
     report["targets"] = {
@@ -297,9 +318,13 @@ def main() -> int:
     out = RESULTS / (f"frame_latency-{args.label}.json" if args.label else "frame_latency.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'mode':28} {'p50 ms':>8} {'p99 ms':>8} {'fps':>7}")
-    for mode in ("raw", "plain_1_in_flight", *(m for m in probe.modes if m != "warm-up")):
+    for mode in (m for m in report if isinstance(report[m], dict) and "fps" in report[m]):
         row = report[mode]
         print(f"{mode:28} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} {row['fps']:7.2f}")
+    for name in probes:
+        row = report[f"{name}_1_in_flight"]
+        print(f"{name}, 1 in flight, server stages (p50 ms): {row['stages_p50_ms']}")
+        print(f"{name}, 1 in flight, outside the stages (p50 ms): {row['outside_stages_p50_ms']}")
     print(json.dumps(report["targets"], indent=2))
     print(f"results: {out}")
     return 0

@@ -45,14 +45,19 @@ def wait_until_serving(target: str, server: subprocess.Popen[bytes], timeout_s: 
 
 
 def start_server(
-    bundles: list[Path], port_file: Path, extra: list[str] | None = None, log: Path | None = None
+    bundles: list[Path],
+    port_file: Path,
+    extra: list[str] | None = None,
+    log: Path | None = None,
+    python: str = sys.executable,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``edgescope serve`` on an OS-chosen loopback port; return it and its target.
 
-    With ``log``, the server's output goes to that file instead of this process's.
+    With ``log``, the server's output goes to that file instead of this process's; ``python``
+    is the interpreter whose edgescope serves (another installed version, for a comparison).
     """
     command = [
-        sys.executable,
+        python,
         "-m",
         "edgescope.cli",
         "serve",

@@ -34,19 +34,25 @@ def rle_decode(counts: list[int], height: int, width: int) -> npt.NDArray[np.uin
 
 
 def encode_mask(mask: npt.NDArray[np.uint8], labels: list[str], encoding: int) -> stream_pb2.Mask:
-    message = stream_pb2.Mask(width=mask.shape[1], height=mask.shape[0], labels=labels)
+    message = stream_pb2.Mask()
+    _fill_mask(message, mask, labels, encoding)
+    return message
+
+
+def _fill_mask(message: stream_pb2.Mask, mask: npt.NDArray[np.uint8], labels: list[str], encoding: int) -> None:
+    message.width, message.height = mask.shape[1], mask.shape[0]
+    message.labels.extend(labels)
     if encoding == stream_pb2.MASK_ENCODING_RLE:
         if int(mask.max(initial=0)) > 1:
             raise BackendError("run-length masks carry one label; ask for PNG for multi-class masks")
         message.encoding = stream_pb2.MASK_ENCODING_RLE
         message.rle_counts.extend(rle_encode(mask))
-        return message
+        return
     ok, png = cv2.imencode(".png", mask, _FAST_PNG)
     if not ok:
         raise BackendError("PNG encoding of the mask failed")
     message.encoding = stream_pb2.MASK_ENCODING_PNG
     message.png = png.tobytes()
-    return message
 
 
 def decode_mask(mask: stream_pb2.Mask) -> npt.NDArray[np.uint8]:
@@ -100,7 +106,7 @@ def decode_tensor(tensor: stream_pb2.Tensor) -> npt.NDArray[np.float32]:
 
 def fill_result(result: stream_pb2.Result, task: TaskResult, mask_encoding: int) -> None:
     if task.mask is not None:
-        result.outputs.append(stream_pb2.Output(name="mask", mask=encode_mask(task.mask, task.labels, mask_encoding)))
+        _fill_mask(result.outputs.add(name="mask").mask, task.mask, task.labels, mask_encoding)
     if task.class_scores is not None:
         classes = stream_pb2.ClassScores(labels=task.labels, scores=task.class_scores.tolist())
         result.outputs.append(stream_pb2.Output(name="classes", classes=classes))

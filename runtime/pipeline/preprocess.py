@@ -78,15 +78,6 @@ def _resize(image: Pixels, size: tuple[int, int], interpolation: int) -> Pixels:
     return cast(Pixels, np.concatenate(groups, axis=2))
 
 
-def _to_8bit_range(pixels: Pixels) -> Pixels:
-    # The manifest's scale is defined for 8-bit pixels; 16-bit frames without a
-    # pixel transform (16-bit PNG, TIFF) are mapped onto the same range by their
-    # full dtype range so one manifest serves both kinds of source.
-    if pixels.dtype == np.uint16:
-        return (pixels.astype(np.float32) * (255.0 / 65535.0)).astype(np.float32)
-    return pixels
-
-
 def preprocess(
     pixels: Pixels,
     spec: manifest_pb2.Preprocessing,
@@ -104,7 +95,7 @@ def preprocess(
         if pixels.dtype == np.float32:
             raise FrameError("a pixel transform applies to stored integer values, not float32 pixels")
         pixels = apply_intensity(cast(npt.NDArray[np.uint8] | npt.NDArray[np.uint16], pixels), pixel_transform, spec)
-    image = _to_8bit_range(_to_color(pixels, spec))
+    image = _to_color(pixels, spec)
     frame_h, frame_w = pixels.shape[:2]
     if spec.resize == manifest_pb2.RESIZE_MODE_LETTERBOX:
         ratio = min(spec.width / frame_w, spec.height / frame_h)
@@ -118,17 +109,33 @@ def preprocess(
         canvas = np.zeros((spec.height, spec.width, *resized.shape[2:]), dtype=resized.dtype)
         canvas[top : top + new_h, left : left + new_w] = resized
         resized = canvas
-    tensor = resized.astype(np.float32) * np.float32(spec.scale or 1.0)
-    if tensor.ndim == 2:
-        tensor = tensor[:, :, None]
-    channels = tensor.shape[2]
-    if spec.mean or spec.std:
-        mean = np.asarray(spec.mean or [0.0] * channels, dtype=np.float32)
-        std = np.asarray(spec.std or [1.0] * channels, dtype=np.float32)
-        if mean.shape[0] not in (1, channels) or std.shape[0] not in (1, channels):
-            raise FrameError(f"manifest mean/std have {mean.shape[0]}/{std.shape[0]} values for {channels} channels")
-        tensor = (tensor - mean) / std
-    if spec.layout != manifest_pb2.LAYOUT_NHWC:
-        tensor = tensor.transpose(2, 0, 1)
     geometry = Geometry(frame_h, frame_w, top, left, new_h, new_w)
-    return np.ascontiguousarray(tensor[None], dtype=np.float32), geometry
+    return normalised(resized, spec), geometry
+
+
+def normalised(image: Pixels, spec: manifest_pb2.Preprocessing) -> npt.NDArray[np.float32]:
+    """``(value * scale - mean) / std`` per channel, as one multiply-add written straight into the
+    batch-of-one tensor in the model's layout (no intermediate arrays at model size).
+
+    The manifest's scale is defined for 8-bit pixels: 16-bit frames without a pixel
+    transform (16-bit PNG, TIFF) are mapped onto the same range by their full dtype
+    range, here at model size, so one manifest serves both kinds of source.
+    """
+    planes = image if image.ndim == 3 else image[:, :, None]
+    channels = planes.shape[2]
+    scale = np.float32((spec.scale or 1.0) * (255.0 / 65535.0 if image.dtype == np.uint16 else 1.0))
+    mean = np.asarray(spec.mean or [0.0], dtype=np.float32)
+    std = np.asarray(spec.std or [1.0], dtype=np.float32)
+    if mean.shape[0] not in (1, channels) or std.shape[0] not in (1, channels):
+        raise FrameError(f"manifest mean/std have {mean.shape[0]}/{std.shape[0]} values for {channels} channels")
+    gain = np.broadcast_to(scale / std, (channels,))
+    offset = np.broadcast_to(-mean / std, (channels,))
+    height, width = planes.shape[:2]
+    nhwc = spec.layout == manifest_pb2.LAYOUT_NHWC
+    tensor = np.empty((1, height, width, channels) if nhwc else (1, channels, height, width), dtype=np.float32)
+    for channel in range(channels):
+        target = tensor[0, :, :, channel] if nhwc else tensor[0, channel]
+        np.multiply(planes[:, :, channel], gain[channel], out=target, casting="unsafe")
+        if offset[channel]:
+            target += offset[channel]
+    return tensor
