@@ -276,7 +276,11 @@ def main() -> int:
         plain = PlainServer(bundle, frames, workdir)
         servers = {"edgescope": start_server([bundle], workdir / "port", args.serve_arg)}
         if args.before:
-            servers["before"] = start_server([bundle], workdir / "before-port", args.serve_arg, python=args.before)
+            # -P: the earlier version's own files, not the ones in this checkout's working directory.
+            wrapper = workdir / "before-python"
+            wrapper.write_text(f'#!/bin/sh\nexec "{args.before}" -P "$@"\n')
+            wrapper.chmod(0o755)
+            servers["before"] = start_server([bundle], workdir / "before-port", args.serve_arg, python=str(wrapper))
         probes = {name: StreamProbe(target, frames) for name, (_, target) in servers.items()}
         try:
             for probe in probes.values():
