@@ -154,7 +154,26 @@ def frame_cases() -> dict[str, tuple[stream_pb2.Frame, str]]:
             "marker",
         ),
         "unknown model": (stream_pb2.Frame(model="no-such-model", raw=encode_raw(good_pixels())), "not loaded"),
-        "1 MB model name": (stream_pb2.Frame(model=HUGE_NAME, raw=encode_raw(good_pixels())), "not loaded"),
+        "1 MB model name": (stream_pb2.Frame(model=HUGE_NAME, raw=encode_raw(good_pixels())), "at most 128"),
+        "1 MB extra model name": (
+            stream_pb2.Frame(raw=encode_raw(good_pixels()), extra_models=[HUGE_NAME]),
+            "at most 128",
+        ),
+        "1 MB region name": (
+            stream_pb2.Frame(raw=encode_raw(good_pixels()), regions=[stream_pb2.CalibratedRegion(name=HUGE_NAME)]),
+            "at most 128",
+        ),
+        "1,000 calibrated regions": (
+            stream_pb2.Frame(raw=encode_raw(good_pixels()), regions=[stream_pb2.CalibratedRegion()] * 1000),
+            "at most 16",
+        ),
+        "1 MB VOI explanation": (
+            stream_pb2.Frame(
+                raw=encode_raw(good_pixels()),
+                pixel_transform=stream_pb2.PixelTransform(voi=[stream_pb2.Voi(explanation=HUGE_NAME)]),
+            ),
+            "at most 128",
+        ),
         "extra_models over the cap": (
             stream_pb2.Frame(raw=encode_raw(good_pixels()), extra_models=[MODEL] * 100),
             "at most",
@@ -177,7 +196,7 @@ def frame_cases() -> dict[str, tuple[stream_pb2.Frame, str]]:
         ),
         "shm region 1 MB name": (
             stream_pb2.Frame(shm=stream_pb2.SharedMemoryFrame(region=HUGE_NAME, size=10, image=raw(data=b""))),
-            "not registered",
+            "at most 128",
         ),
     }
     return cases

@@ -133,7 +133,12 @@ def _rpc_cases(channel: grpc.Channel, input_name: str, segments: list[str]) -> R
             ("TIFF as PNG", frame_cases()["TIFF labelled PNG"][0], "INVALID_ARGUMENT"),
             ("PNG bomb header", frame_cases()["PNG declares 16384x16384"][0], "INVALID_ARGUMENT"),
             ("unknown model", stream_pb2.Frame(model="nope", raw=encode_raw(good_pixels())), "NOT_FOUND"),
-            ("1 MB model name", stream_pb2.Frame(model=HUGE_NAME, raw=encode_raw(good_pixels())), "NOT_FOUND"),
+            ("1 MB model name", stream_pb2.Frame(model=HUGE_NAME, raw=encode_raw(good_pixels())), "INVALID_ARGUMENT"),
+            (
+                "1 MB stream id",
+                stream_pb2.Frame(stream_id=HUGE_NAME, raw=encode_raw(good_pixels())),
+                "INVALID_ARGUMENT",
+            ),
             ("extra_models over the cap", frame_cases()["extra_models over the cap"][0], "INVALID_ARGUMENT"),
             ("shm not registered", frame_cases()["shm region not registered"][0], "INVALID_ARGUMENT"),
         ]

@@ -30,6 +30,11 @@ MAX_SIDE = 16384
 # 40 megapixels: an 8K UHD video frame (33 MP) or a 6000 x 6000 detector fits.
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_EXTRA_MODELS = 4
+# Caller-chosen names: room for any real identifier (a UUID is 36 characters), none for a payload.
+MAX_NAME_CHARS = 128
+# More than any scanner's regions or windows.
+MAX_REGIONS = 16
+MAX_VOIS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,13 +75,34 @@ def decode_frame(
     raise FrameError("frame carries no pixels: set raw, encoded or shm")
 
 
-def check_extra_models(frame: stream_pb2.Frame, limits: FrameLimits) -> None:
-    """Each extra model is a full inference: their number is capped and none may repeat."""
+def check_frame_fields(frame: stream_pb2.Frame, limits: FrameLimits) -> None:
+    """Every name and list a caller chose, within bounds, checked as the frame is read.
+
+    Each extra model is a full inference: their number is capped and none may
+    repeat. Names (stream id, models, regions, windows) are echoed into answers,
+    logs, previews and metrics, so none may be longer than ``MAX_NAME_CHARS``.
+    """
     extra = frame.extra_models
     if len(extra) > limits.max_extra_models:
         raise FrameError(f"the frame asks for {len(extra)} extra models; at most {limits.max_extra_models} are allowed")
     if len(set(extra)) != len(extra):
         raise FrameError("the frame names an extra model more than once")
+    if len(frame.regions) > MAX_REGIONS:
+        raise FrameError(f"the frame has {len(frame.regions)} calibrated regions; at most {MAX_REGIONS} are allowed")
+    if len(frame.pixel_transform.voi) > MAX_VOIS:
+        raise FrameError(f"the frame has {len(frame.pixel_transform.voi)} VOIs; at most {MAX_VOIS} are allowed")
+    names = [
+        ("stream_id", frame.stream_id),
+        ("model", frame.model),
+        ("shared-memory region", frame.shm.region),
+        ("modality LUT explanation", frame.pixel_transform.modality_lut.explanation),
+        *(("extra model", name) for name in extra),
+        *(("region name", region.name) for region in frame.regions),
+        *(("VOI explanation", voi.explanation) for voi in frame.pixel_transform.voi),
+    ]
+    for what, name in names:
+        if len(name) > MAX_NAME_CHARS:
+            raise FrameError(f"the frame's {what} is {len(name)} characters long; at most {MAX_NAME_CHARS} are allowed")
 
 
 def _check_size(width: int, height: int, limits: FrameLimits) -> None:

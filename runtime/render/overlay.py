@@ -173,10 +173,25 @@ def _with_band(
 
 
 def _fit(text: str, room: int, scale: float, thickness: int) -> str:
-    """``text`` cut (ending in "...") to fit ``room`` pixels; OpenCV's fonts are ASCII only."""
-    while text and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][0] > room:
-        text = text[:-4] + "..." if len(text) > 4 else ""
-    return text
+    """``text`` cut (ending in "...") to fit ``room`` pixels; OpenCV's fonts are ASCII only.
+
+    The cut is found by bisection: a caption may hold a caller's text of any length.
+    """
+
+    def width(candidate: str) -> int:
+        return int(cv2.getTextSize(candidate, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][0])
+
+    # No glyph is narrower than a pixel, so at most ``room`` characters can fit.
+    if len(text) <= room and width(text) <= room:
+        return text
+    low, high = 0, min(len(text) - 1, room)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if width(text[:middle] + "...") <= room:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low] + "..." if low else ""
 
 
 def _put(band: RGB8, text: str, origin: tuple[int, int], scale: float, thickness: int) -> None:

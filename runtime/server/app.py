@@ -18,6 +18,7 @@ import asyncio
 import gc
 import logging
 import signal
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,6 +51,10 @@ from edgescope.v1 import stream_pb2, stream_pb2_grpc, telemetry_pb2_grpc
 logger = logging.getLogger(__name__)
 
 SERVICE = stream_pb2.DESCRIPTOR.services_by_name["StreamService"]
+# After the drain: at least this long for the last answers to reach their clients, then this long for the
+# workers to finish and close their sessions before the process goes without them (2 s past the grace in all).
+FLUSH_S = 0.5
+CLOSE_S = 1.5
 SERVICE_NAME = SERVICE.full_name
 
 
@@ -101,17 +106,30 @@ class RunningServer:
         self._captures = captures
 
     async def stop(self, grace_s: float) -> None:
-        """Drain (see the module docstring), then release everything in order."""
+        """Drain (see the module docstring), then release everything in order, within ``grace_s`` + 2 s.
+
+        Nothing a caller sent can hold the stop longer: a worker still busy when the time is up
+        is left to the process's exit (its threads are daemons), with a warning.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
         await self._health.enter_graceful_shutdown()
         if self._captures is not None:
             await self._captures.stop()
-        if not await self.service.streams.drain(grace_s):
+        if not await self.service.streams.drain(max(0.0, deadline - loop.time())):
             logger.warning("frames still in flight after %.1f s of draining were answered dropped: shutdown", grace_s)
-        # Streams whose clients stop reading their last answers are cancelled by gRPC after the grace.
-        await self.server.stop(grace_s)
+        # Calls whose clients stop reading their last answers are cancelled by gRPC when the time is up.
+        await self.server.stop(max(FLUSH_S, deadline - loop.time()))
         for executor in self._executors:
-            executor.shutdown(wait=True)
-        await asyncio.to_thread(self.registry.close)
+            executor.shutdown(wait=False, cancel_futures=True)
+        # Workers finish what they hold and close their sessions on their own threads; the loop only waits.
+        closing = threading.Thread(target=self.registry.close, args=(CLOSE_S,), name="edgescope-close", daemon=True)
+        closing.start()
+        until = loop.time() + CLOSE_S
+        while closing.is_alive() and loop.time() < until:
+            await asyncio.sleep(0.02)
+        if closing.is_alive():
+            logger.warning("a model's worker was still busy %.0f s after the drain; exiting without it", CLOSE_S)
         REGIONS.close()
         self.telemetry.close()
 

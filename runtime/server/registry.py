@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,12 +353,13 @@ class ModelRegistry:
             listener()
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Retire every model (leased or not), then wait for their workers to finish and close."""
+        """Retire every model (leased or not), then wait up to ``timeout_s`` in all for their workers to close."""
         with self._lock:
             routes = [m.route for m in (*self._models.values(), *self._retired, *self._leases)] + self._stopping
             self._models, self._retired, self._leases, self._stopping = {}, set(), {}, []
         for route in routes:
             route.retire()
+        deadline = time.monotonic() + timeout_s
         for route in routes:
             for worker in route.workers():
-                worker.join(timeout_s)
+                worker.join(max(0.0, deadline - time.monotonic()))

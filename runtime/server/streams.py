@@ -43,8 +43,14 @@ from typing import Any
 
 import grpc
 
-from edgescope.errors import EdgescopeError
-from edgescope.runtime.pipeline.decode import DEFAULT_LIMITS, FrameLimits, SharedMemoryView, check_extra_models
+from edgescope.errors import EdgescopeError, FrameError
+from edgescope.runtime.pipeline.decode import (
+    DEFAULT_LIMITS,
+    MAX_NAME_CHARS,
+    FrameLimits,
+    SharedMemoryView,
+    check_frame_fields,
+)
 from edgescope.runtime.pipeline.state import StreamState, is_stateful
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel
 from edgescope.runtime.server.stages import FramePixels, answer, frame_jobs, job_for
@@ -318,6 +324,7 @@ class StreamRun:
                     self._window.release()
                     self._read_error = _read_error_text(exc)
                     break
+                refusal = _refusal(frame, self._config.frame_limits)
                 work = Work(frame)
                 self.stream_ids.add(frame.stream_id)
                 self._unanswered.add(work)
@@ -325,7 +332,9 @@ class StreamRun:
                 if not self._policy_known.is_set():
                     self._policy = frame.policy or self._config.policy
                     self._policy_known.set()
-                if self._draining:
+                if refusal is not None:
+                    self._settle(work, failed(frame, refusal))
+                elif self._draining:
                     self._drop(work, stream_pb2.DROP_REASON_SHUTDOWN)
                 elif self._policy == stream_pb2.STREAM_POLICY_LIVE:
                     replaced = self._live.put(work)
@@ -370,7 +379,6 @@ class StreamRun:
                 late = True
             if frame.model:
                 self._model = frame.model
-            check_extra_models(frame, self._config.frame_limits)
             for name in (self._model, *frame.extra_models):
                 leases.append(self._models.lease(name))
             pixels = FramePixels(frame, self._shared_memory, self._config.frame_limits)
@@ -399,6 +407,17 @@ class StreamRun:
                 self._models.release(model)
 
 
+def _refusal(frame: stream_pb2.Frame, limits: FrameLimits) -> FrameError | None:
+    """Why a frame is refused as soon as it is read (a caller-chosen name or list out of bounds), if it is;
+    its stream id is then cut, so the answer and what records it stay small."""
+    try:
+        check_frame_fields(frame, limits)
+    except FrameError as exc:
+        frame.stream_id = frame.stream_id[:MAX_NAME_CHARS]
+        return exc
+    return None
+
+
 def _read_error_text(exc: Exception) -> str:
     # protobuf's DecodeError names the message type and what was corrupt; bounded, it may echo input.
     return f"{type(exc).__name__}: {exc}"[:500]
@@ -418,7 +437,7 @@ async def infer_one(
     received_ns = time.perf_counter_ns()
     leases: list[ServedModel] = []
     try:
-        check_extra_models(frame, limits)
+        check_frame_fields(frame, limits)
         for name in (frame.model, *frame.extra_models):
             leases.append(models.lease(name))
         jobs = frame_jobs(frame, leases, FramePixels(frame, shared_memory, limits), received_ns, False)

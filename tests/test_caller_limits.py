@@ -1,0 +1,89 @@
+"""Nothing a caller sends can stall a stream, the server, or its stop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+
+from edgescope.bundle import Bundle
+from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
+from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from edgescope.runtime.pipeline.decode import MAX_NAME_CHARS, encode_raw
+from edgescope.v1 import stream_pb2, stream_pb2_grpc
+
+from .conftest import ServerThread
+
+PIXELS = encode_raw(np.full((48, 64), 90, dtype=np.uint8))
+OK, ERROR = stream_pb2.FRAME_STATUS_CODE_OK, stream_pb2.FRAME_STATUS_CODE_ERROR
+
+
+def test_a_megabyte_stream_id_is_refused_as_it_is_read_and_the_stream_goes_on(server: ServerThread) -> None:
+    async def run() -> list[tuple[stream_pb2.Result, float]]:
+        async def frames() -> AsyncIterator[stream_pb2.Frame]:
+            yield stream_pb2.Frame(stream_id="s" * (1 << 20), seq=0, raw=PIXELS)
+            yield stream_pb2.Frame(stream_id="ok", seq=1, raw=PIXELS)
+
+        started = time.monotonic()
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            call = stream_pb2_grpc.StreamServiceStub(channel).Stream(frames(), timeout=30)
+            return [(result, time.monotonic() - started) async for result in call]
+
+    (refused, refused_at), (good, _) = asyncio.run(run())
+    assert refused.status.code == ERROR and f"at most {MAX_NAME_CHARS}" in refused.status.reason
+    # The answer echoes a cut id, not the megabyte.
+    assert len(refused.stream_id) == MAX_NAME_CHARS and refused.ByteSize() < 2048
+    assert refused_at < 1.0
+    assert good.status.code == OK and good.stream_id == "ok"
+
+
+class _Hanging(Session):
+    """Serves normally until ``hang`` is set; then every inference blocks for a minute."""
+
+    backend_name = "hanging"
+
+    def __init__(self, inner: Session, hang: threading.Event) -> None:
+        super().__init__(inner.manifest)
+        self._inner, self._hang = inner, hang
+
+    @property
+    def capabilities(self) -> SessionCapabilities:
+        return self._inner.capabilities
+
+    def _infer_impl(self, feed: Feed) -> Outputs:
+        if self._hang.is_set():
+            time.sleep(60)
+        return self._inner.infer(feed)
+
+    def _close_impl(self) -> None:
+        self._inner.close()
+
+
+class _HangingBackend(OnnxRuntimeBackend):
+    def __init__(self) -> None:
+        super().__init__(intra_op_threads=1, spinning="off")
+        self.hang = threading.Event()
+
+    def load(self, bundle: Bundle) -> _Hanging:  # type: ignore[override]
+        return _Hanging(super().load(bundle), self.hang)
+
+
+def test_a_hung_model_cannot_hold_the_stop_past_the_grace_period(example_bundle: Bundle) -> None:
+    backend = _HangingBackend()
+    served = ServerThread([example_bundle.path], backend=backend)
+    backend.hang.set()
+    with grpc.insecure_channel(served.target) as channel:
+        pending = stream_pb2_grpc.StreamServiceStub(channel).Infer.future(
+            stream_pb2.Frame(stream_id="stuck", raw=PIXELS), timeout=60
+        )
+        time.sleep(0.3)  # the frame is inside the model now
+        started = time.monotonic()
+        served.stop()  # a grace of 1 s
+        took = time.monotonic() - started
+        # The stuck call ends with the server, not a minute later.
+        assert pending.exception(timeout=5) is not None
+    assert took < 1.0 + 2.0 + 0.5, f"the stop took {took:.1f} s"
