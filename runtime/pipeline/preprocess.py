@@ -127,7 +127,8 @@ def normalised(image: Pixels, spec: manifest_pb2.Preprocessing) -> npt.NDArray[n
     mean = np.asarray(spec.mean or [0.0], dtype=np.float32)
     std = np.asarray(spec.std or [1.0], dtype=np.float32)
     if mean.shape[0] not in (1, channels) or std.shape[0] not in (1, channels):
-        raise FrameError(f"manifest mean/std have {mean.shape[0]}/{std.shape[0]} values for {channels} channels")
+        # The bundle's fault, not the frame's (a frame of the wrong channel count is refused before this).
+        raise BundleError(f"manifest mean/std have {mean.shape[0]}/{std.shape[0]} values for {channels} channels")
     gain = np.broadcast_to(scale / std, (channels,))
     offset = np.broadcast_to(-mean / std, (channels,))
     height, width = planes.shape[:2]

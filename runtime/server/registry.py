@@ -40,6 +40,7 @@ from edgescope.runtime.backends.base import Backend, Session, SessionCapabilitie
 from edgescope.runtime.evaluation.machine import machine_summary
 from edgescope.runtime.evaluation.runners import describe
 from edgescope.runtime.evaluation.selftest import self_test
+from edgescope.runtime.pipeline.manifest_check import check_manifest
 from edgescope.runtime.pipeline.preprocess import input_channels
 from edgescope.runtime.pipeline.state import ModelState, is_stateful
 from edgescope.runtime.server.failover import ModelRoute
@@ -170,23 +171,38 @@ class ModelRegistry:
 
     def load_named(self, repository: ModelRepository, bundle: str, name: str | None = None) -> ServedModel:
         """LoadModel and KServe's RepositoryModelLoad alike: the bundle of that name in ``repository``,
-        replacing a loaded model of the same name once the new one is ready (blocking: the loader's work)."""
-        return self.load(repository.resolve(bundle), name=name, replace=True)
+        replacing a loaded model of the same name once the new one is ready (blocking: the loader's work).
+
+        The model is served under ``name`` when one is asked for; otherwise under the entry's name,
+        which must then be the name its manifest gives (an entry cannot stand in for another model).
+        A load that fails leaves nothing behind: the error goes to the caller.
+        """
+        opened = self.policy.open(repository.resolve(bundle))
+        if name is None and opened.manifest.name != bundle:
+            raise BundleError(
+                f"repository entry {echo(bundle)} holds a model named {echo(opened.manifest.name)}: name the entry "
+                "after its model, or ask for the name to serve it under (LoadModelRequest.name)"
+            )
+        return self._load(opened, name or bundle, replace=True, remember_failure=False)
 
     def load(self, path: Path, *, name: str | None = None, replace: bool = False) -> ServedModel:
         """Load, check and start a bundle's workers, then publish it (replacing a same-named model if asked).
 
-        A bundle that cannot be served is recorded (``failed``) and the error raised.
+        A bundle that cannot be served raises, and is listed as not served, with why (``failed``).
         """
         bundle = self.policy.open(path)
-        model_name = name or bundle.manifest.name
+        return self._load(bundle, name or bundle.manifest.name, replace=replace, remember_failure=True)
+
+    def _load(self, bundle: Bundle, model_name: str, *, replace: bool, remember_failure: bool) -> ServedModel:
         try:
+            check_manifest(bundle.manifest)
             model = self._start(bundle, model_name, replace)
         except EdgescopeError as exc:
-            with self._lock:
-                if model_name not in self._models:
-                    self._failed[model_name] = str(exc)
-            self._notify()
+            if remember_failure:
+                with self._lock:
+                    if model_name not in self._models:
+                        self._failed[model_name] = str(exc)
+                self._notify()
             raise
         with self._lock:
             old = self._models.get(model_name)
@@ -274,11 +290,14 @@ class ModelRegistry:
         self.on_degraded(model, reason)
 
     def unload(self, name: str) -> None:
+        """Stop serving ``name``; a model that could not be served is forgotten, with why."""
         with self._lock:
             model = self._models.pop(name, None)
             if model is None:
-                raise ModelNotFoundError(f"model {echo(name)} is not loaded")
-            self._retire(model)
+                if self._failed.pop(name, None) is None:
+                    raise ModelNotFoundError(f"model {echo(name)} is not loaded")
+            else:
+                self._retire(model)
         self._notify()
 
     def _retire(self, model: ServedModel) -> None:
