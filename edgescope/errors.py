@@ -13,6 +13,7 @@
     ├── ModelNotFoundError       a request names a model that is not loaded
     ├── SelfTestFailedError      a model did not reproduce its golden frames on this device
     ├── OverloadError            the server has no room for the request now
+    ├── DeadlineExpiredError     a request's deadline passed before it could be answered
     ├── BackendError             an inference backend failed
     ├── AuthenticationError      a caller's credentials are missing or wrong
     ├── PermissionDeniedError    a caller lacks the role a call needs
@@ -72,6 +73,10 @@ class SelfTestFailedError(EdgescopeError):
 
 class OverloadError(EdgescopeError):
     """The server has no room for this request now; try again later or elsewhere."""
+
+
+class DeadlineExpiredError(EdgescopeError):
+    """A request's deadline passed before it could be answered; it was not run, or its result was discarded."""
 
 
 class BackendError(EdgescopeError):

@@ -26,16 +26,18 @@ PIXELS = encode_raw(np.random.default_rng(0).integers(0, 255, (96, 128), dtype=n
 
 @pytest.fixture
 def threads_seen(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """(step, thread name) for every prepare, inference result and finish of a frame."""
+    """(step, thread name) for every prepare and finish of a frame of stream "path" or of the warm-up."""
     seen: list[tuple[str, str]] = []
     prepare, finish = stages.FrameJob.prepare, stages.FrameJob.finish
 
     def watched_prepare(self: stages.FrameJob) -> np.ndarray:  # type: ignore[type-arg]
-        seen.append(("prepare", threading.current_thread().name))
+        if self.frame.stream_id in ("path", "warm-up"):
+            seen.append(("prepare", threading.current_thread().name))
         return prepare(self)
 
     def watched_finish(self: stages.FrameJob, inferred: JobResult) -> stages.Finished:
-        seen.append(("finish", threading.current_thread().name))
+        if self.frame.stream_id in ("path", "warm-up"):
+            seen.append(("finish", threading.current_thread().name))
         return finish(self, inferred)
 
     monkeypatch.setattr(stages.FrameJob, "prepare", watched_prepare)

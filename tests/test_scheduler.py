@@ -169,7 +169,7 @@ def test_reload_mid_stream_loses_nothing(server: ServerThread, example_bundle: B
             stub = stream_pb2_grpc.StreamServiceStub(channel)
             stream = asyncio.create_task(_stream(server.target, _frames(60, interval_s=0.01, model="lesion-unet")))
             await asyncio.sleep(0.2)
-            await stub.LoadModel(stream_pb2.LoadModelRequest(bundle=v2.name), timeout=60)
+            await stub.LoadModel(stream_pb2.LoadModelRequest(bundle=v2.name, name="lesion-unet"), timeout=60)
             results = await stream
             await stub.LoadModel(stream_pb2.LoadModelRequest(bundle=example_bundle.path.name), timeout=60)
             return results

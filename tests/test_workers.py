@@ -200,8 +200,8 @@ def test_lanes_are_served_round_robin() -> None:
     assert order.index("2") <= 2, order
 
 
-def test_a_bad_frame_in_a_batch_fails_only_itself() -> None:
-    sizes: list[int] = []
+def _batching(sizes: list[int]) -> type[GuardedSession]:
+    """A session that takes batches, recording the size of each."""
 
     class Batching(GuardedSession):
         @property
@@ -212,7 +212,25 @@ def test_a_bad_frame_in_a_batch_fails_only_itself() -> None:
             sizes.append(int(np.asarray(feed["x"]).shape[0]))
             return super()._infer_impl(feed)
 
-    worker = _worker(Batching, max_batch=8, batch_delay_s=0.05)
+    return Batching
+
+
+def test_a_requesters_own_frames_never_share_a_batch() -> None:
+    # A stream's next frame waits behind this one; batched together, this one would wait for it.
+    sizes: list[int] = []
+    worker = _worker(_batching(sizes), max_batch=8, batch_delay_s=0.05)
+    jobs = [_job("one-stream", float(i), batchable=True) for i in range(4)] + [_job("other", 9.0, batchable=True)]
+    try:
+        results = asyncio.run(_run_all(worker, jobs))
+    finally:
+        _stop(worker)
+    assert all(isinstance(result, JobResult) for result in results)
+    assert sorted(sizes) == [1, 1, 1, 2], sizes
+
+
+def test_a_bad_frame_in_a_batch_fails_only_itself() -> None:
+    sizes: list[int] = []
+    worker = _worker(_batching(sizes), max_batch=8, batch_delay_s=0.05)
     jobs = [_job(f"lane-{i}", float(i), batchable=True) for i in range(6)]
     bad = _job("lane-bad", float("nan"), batchable=True)
     try:

@@ -135,8 +135,11 @@ def frame_jobs(
     ]
 
 
-def job_for(frame_job: FrameJob, lane: str, stream: StreamState, reset: bool) -> Job[Finished]:
-    """The worker job for one model on one frame, carrying the stream's state if the model has any."""
+def job_for(
+    frame_job: FrameJob, lane: str, stream: StreamState, reset: bool, deadline_ns: int | None = None
+) -> Job[Finished]:
+    """The worker job for one model on one frame, carrying the stream's state if the model has any,
+    and the frame's deadline (perf_counter ns), past which the worker does not run it."""
     model = frame_job.model
     manifest = model.manifest
     state = stream.for_model(model.name, manifest) if is_stateful(manifest) else None
@@ -148,6 +151,7 @@ def job_for(frame_job: FrameJob, lane: str, stream: StreamState, reset: bool) ->
         state=state,
         reset_state=reset,
         batchable=state is None and model.batchable,
+        deadline_ns=deadline_ns,
     )
 
 

@@ -25,10 +25,18 @@ Memory per stream is bounded: at most ``window_frames`` frames are held
 between being read and their answer being sent, whatever the client or the
 consumer of the answers does.
 
-Deadlines hold end to end: a frame over its budget before it starts, before
-inference, or when its answer is about to be sent is dropped (``deadline``),
-or processed and flagged ``late`` when the frame asked for that
-(``process_late``). Either way it counts as a deadline miss.
+Deadlines count from capture: a frame's budget (``Frame.deadline_ms``, else
+the server's) starts at its ``capture_time_ns``, mapped onto the server's
+clock by the stream's least delay seen so far (the client's clock may be
+offset from the server's; a frame that waited in the transport shows as
+delay above that least one), or at its arrival when it carries no capture
+time. A frame already past its deadline when read is answered at once;
+the deadline travels with the frame into the model's queue, where an expired
+frame is never run; a frame still at the model when its deadline comes is
+answered then, and its result discarded when it arrives. Each of these is
+answered ``dropped: deadline``, or, when the frame asked for it
+(``process_late``), processed in full and flagged ``late``. Either way it
+counts as a deadline miss.
 """
 
 from __future__ import annotations
@@ -37,13 +45,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Coroutine
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
-from edgescope.errors import EdgescopeError, FrameError
+from edgescope.errors import DeadlineExpiredError, EdgescopeError, FrameError
 from edgescope.runtime.pipeline.decode import (
     DEFAULT_LIMITS,
     MAX_NAME_CHARS,
@@ -58,6 +66,8 @@ from edgescope.runtime.telemetry.metrics import RuntimeMetrics
 from edgescope.v1 import stream_pb2
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 # Frames read but not yet answered, per stream: ``parallel`` + 1 at the model's worker, one waiting,
@@ -129,14 +139,19 @@ class TaskSet:
 class Work:
     """One frame read from a stream, until its answer is sent."""
 
-    __slots__ = ("_answer", "frame", "preview", "received_ns", "received_wall_ns")
+    __slots__ = ("_answer", "deadline_ns", "frame", "preview", "received_ns", "received_wall_ns")
 
     def __init__(self, frame: stream_pb2.Frame) -> None:
         self.frame = frame
         self.received_ns = time.perf_counter_ns()
         self.received_wall_ns = time.time_ns()
+        # When its budget runs out, on the perf_counter clock (None: no budget).
+        self.deadline_ns: int | None = None
         self._answer: asyncio.Future[stream_pb2.Result] = asyncio.get_running_loop().create_future()
         self.preview: bytes | None = None
+
+    def expired(self, now_ns: int | None = None) -> bool:
+        return self.deadline_ns is not None and (now_ns or time.perf_counter_ns()) > self.deadline_ns
 
     @property
     def answered(self) -> bool:
@@ -150,6 +165,27 @@ class Work:
 
     async def answer(self) -> stream_pb2.Result:
         return await self._answer
+
+
+class CaptureClock:
+    """How long ago a stream's frames were captured, on the server's clock.
+
+    The client stamps ``capture_time_ns`` on its own wall clock, which may be
+    offset from the server's. The stream's least ``arrival - capture`` so far
+    stands for that offset plus the fastest transit: what a frame shows above
+    it is the time it spent queued on the way, which counts against its budget.
+    """
+
+    def __init__(self) -> None:
+        self._least_ns: int | None = None
+
+    def age_ns(self, frame: stream_pb2.Frame, received_wall_ns: int) -> int:
+        if frame.capture_time_ns <= 0:
+            return 0
+        delay = received_wall_ns - frame.capture_time_ns
+        if self._least_ns is None or delay < self._least_ns:
+            self._least_ns = delay
+        return delay - self._least_ns
 
 
 class _LiveSlot:
@@ -211,6 +247,7 @@ class StreamRun:
         self._at_worker = asyncio.Semaphore(parallel + 1)
         # A model that carries state from frame to frame takes a stream's frames strictly one at a time.
         self._sequential = asyncio.Lock()
+        self._clock = CaptureClock()
         self._policy: stream_pb2.StreamPolicy.ValueType = config.policy
         self._policy_known = asyncio.Event()
         self._live = _LiveSlot()
@@ -249,9 +286,10 @@ class StreamRun:
 
     def _seal(self, work: Work, result: stream_pb2.Result) -> int:
         """Last checks before the answer leaves: the deadline at send, alerts, the server's clock stamps."""
-        residence_ns = time.perf_counter_ns() - work.received_ns
+        now_ns = time.perf_counter_ns()
+        residence_ns = now_ns - work.received_ns
         frame = work.frame
-        if result.status.code == stream_pb2.FRAME_STATUS_CODE_OK and self._over_budget(frame, residence_ns):
+        if result.status.code == stream_pb2.FRAME_STATUS_CODE_OK and work.expired(now_ns):
             if frame.process_late:
                 result.status.late = True
             else:
@@ -326,6 +364,10 @@ class StreamRun:
                     break
                 refusal = _refusal(frame, self._config.frame_limits)
                 work = Work(frame)
+                budget_ms = frame.deadline_ms or self._config.deadline_ms
+                if budget_ms > 0:
+                    age_ns = self._clock.age_ns(frame, work.received_wall_ns)
+                    work.deadline_ns = work.received_ns - age_ns + budget_ms * 1_000_000
                 self.stream_ids.add(frame.stream_id)
                 self._unanswered.add(work)
                 self._answers.put_nowait(work)
@@ -362,21 +404,15 @@ class StreamRun:
 
     # -- one frame ---------------------------------------------------------------------------------
 
-    def _over_budget(self, frame: stream_pb2.Frame, elapsed_ns: int) -> bool:
-        budget_ms = frame.deadline_ms or self._config.deadline_ms
-        return budget_ms > 0 and elapsed_ns > budget_ms * 1_000_000
-
     async def _process(self, work: Work) -> None:
         """Admit one frame, then hand it to its model(s); a place at the worker is already held."""
         frame = work.frame
         leases: list[ServedModel] = []
         try:
-            late = False
-            if self._over_budget(frame, time.perf_counter_ns() - work.received_ns):
-                if not frame.process_late:
-                    self._drop(work, stream_pb2.DROP_REASON_DEADLINE)
-                    return
-                late = True
+            late = work.expired()
+            if late and not frame.process_late:
+                self._drop(work, stream_pb2.DROP_REASON_DEADLINE)
+                return
             if frame.model:
                 self._model = frame.model
             for name in (self._model, *frame.extra_models):
@@ -385,17 +421,25 @@ class StreamRun:
             want_thumbnail = self._metrics.preview_due(frame.stream_id)
             jobs = frame_jobs(frame, leases, pixels, work.received_ns, want_thumbnail)
             stateful = any(is_stateful(job.model.manifest) for job in jobs)
+            # A frame that may be late is run in full; any other is given up when its deadline comes.
+            deadline_ns = None if frame.process_late else work.deadline_ns
             async with self._sequential if stateful else contextlib.nullcontext():
                 # One model after another: a frame's extra models are rare, and each keeps its own order.
                 finished = [
-                    await job.model.infer(job_for(job, self.lane, self._state, frame.reset_state)) for job in jobs
+                    await _in_time(
+                        job.model.infer(job_for(job, self.lane, self._state, frame.reset_state, deadline_ns)),
+                        deadline_ns,
+                    )
+                    for job in jobs
                 ]
             result = answer(jobs, finished)
-            result.result.status.late = late
+            result.result.status.late = late or work.expired()
             work.preview = result.preview
             self._settle(work, result.result)
         except asyncio.CancelledError:
             raise
+        except DeadlineExpiredError:
+            self._drop(work, stream_pb2.DROP_REASON_DEADLINE)
         except EdgescopeError as exc:
             self._settle(work, failed(frame, exc))
         except Exception as exc:
@@ -405,6 +449,17 @@ class StreamRun:
             self._at_worker.release()
             for model in leases:
                 self._models.release(model)
+
+
+async def _in_time(answer: Awaitable[T], deadline_ns: int | None) -> T:
+    """``answer``, or ``DeadlineExpiredError`` once ``deadline_ns`` has passed (the job is withdrawn, or its
+    result is discarded when it arrives)."""
+    if deadline_ns is None:
+        return await answer
+    try:
+        return await asyncio.wait_for(answer, max(0.0, (deadline_ns - time.perf_counter_ns()) / 1e9))
+    except asyncio.TimeoutError:
+        raise DeadlineExpiredError("the frame's deadline passed while it was at the model") from None
 
 
 def _refusal(frame: stream_pb2.Frame, limits: FrameLimits) -> FrameError | None:

@@ -45,7 +45,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from edgescope.errors import BackendError, EdgescopeError, OverloadError
+from edgescope.errors import BackendError, DeadlineExpiredError, EdgescopeError, OverloadError
 from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
 from edgescope.runtime.pipeline.state import ModelState
 from edgescope.runtime.server.statistics import ModelStatistics
@@ -88,6 +88,8 @@ class Job(Generic[T]):
     batchable: bool = False
     # Inferences this job makes (a KServe request of batch 4 makes 4), for the statistics.
     inferences: int = 1
+    # Past this (perf_counter ns) the job is answered DeadlineExpiredError instead of run.
+    deadline_ns: int | None = None
     enqueued_ns: int = 0
     # Set by the worker: where the answer goes.
     future: asyncio.Future[T] | None = None
@@ -311,8 +313,11 @@ class ModelWorker:
                         break
                     self._cond.wait(remaining)
             if batch[0].batchable:
-                while len(batch) < self._max_batch and (company := self._pop_batchable(batch[0])) is not None:
+                # One frame per requester: a stream's next frame waiting behind this one must not make it wait.
+                lanes = {batch[0].lane}
+                while len(batch) < self._max_batch and (company := self._pop_batchable(batch[0], lanes)) is not None:
                     batch.append(company)
+                    lanes.add(company.lane)
             return batch
 
     def _pop_next(self) -> Job[Any]:
@@ -334,11 +339,11 @@ class ModelWorker:
         return job.tensor.shape == first.tensor.shape and job.tensor.dtype == first.tensor.dtype
 
     def _batchable_waiting(self, first: Job[Any]) -> int:
-        return sum(1 for lane in self._lanes.values() for job in lane if self._fits(job, first))
+        return sum(1 for key, lane in self._lanes.items() if key != first.lane and lane and self._fits(lane[0], first))
 
-    def _pop_batchable(self, first: Job[Any]) -> Job[Any] | None:
+    def _pop_batchable(self, first: Job[Any], taken: set[str]) -> Job[Any] | None:
         for lane_key, lane in self._lanes.items():
-            if lane and self._fits(lane[0], first):
+            if lane_key not in taken and lane and self._fits(lane[0], first):
                 job = lane.popleft()
                 self._queued -= 1
                 del self._lanes[lane_key]
@@ -348,7 +353,7 @@ class ModelWorker:
         return None
 
     def _run(self, session: Session, batch: list[Job[Any]]) -> None:
-        live = [job for job in batch if not job.cancelled and self._prepared(job)]
+        live = [job for job in batch if not job.cancelled and self._in_time(job) and self._prepared(job)]
         if not live:
             return
         if len(live) > 1:
@@ -371,6 +376,13 @@ class ModelWorker:
             elapsed = time.perf_counter_ns() - start
             self._record([job], start, elapsed, success=True)
             self._finish(job, JobResult(outputs, elapsed, 1, self.provenance))
+
+    def _in_time(self, job: Job[Any]) -> bool:
+        """Whether the job's deadline still allows it; one that passed it waiting is answered so, unrun."""
+        if job.deadline_ns is None or time.perf_counter_ns() <= job.deadline_ns:
+            return True
+        self._settle(job, None, DeadlineExpiredError("the frame's deadline passed while it waited for the model"))
+        return False
 
     def _prepared(self, job: Job[Any]) -> bool:
         """Make the job's input here, if it brought none; a job whose input fails is answered with why."""
