@@ -124,3 +124,45 @@ def test_a_client_clock_offset_does_not_count_against_the_budget(server: ServerT
     ahead = _run(server.target, frames[::2])
     behind = _run(server.target, frames[1::2])
     assert all(r.status.code == OK for r, _ in ahead + behind)
+
+
+def test_a_stream_keeps_its_share_of_the_model_while_another_caller_floods_it_with_calls(
+    slow_server: tuple[ServerThread, _SlowBackend],
+) -> None:
+    served, backend = slow_server
+    backend.delay_s = 0.05
+
+    async def run() -> tuple[list[float], list[grpc.StatusCode]]:
+        async with grpc.aio.insecure_channel(served.target) as flood_channel:
+            flood = stream_pb2_grpc.StreamServiceStub(flood_channel)
+
+            async def call(seq: int) -> grpc.StatusCode:
+                try:
+                    await flood.Infer(stream_pb2.Frame(stream_id="flood", seq=seq, raw=PIXELS), timeout=60)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+            calls = [asyncio.create_task(call(seq)) for seq in range(60)]
+            await asyncio.sleep(0.2)  # the model is busy with the flood now
+            waits: list[float] = []
+            answered = asyncio.Event()
+
+            async def frames() -> AsyncIterator[stream_pb2.Frame]:
+                for seq in range(5):
+                    answered.clear()
+                    waits.append(time.monotonic())
+                    yield stream_pb2.Frame(stream_id="live", seq=seq, raw=PIXELS)
+                    await answered.wait()
+
+            async with grpc.aio.insecure_channel(served.target) as channel:
+                async for _ in stream_pb2_grpc.StreamServiceStub(channel).Stream(frames(), timeout=60):
+                    waits[-1] = time.monotonic() - waits[-1]
+                    answered.set()
+            return waits, list(await asyncio.gather(*calls))
+
+    waits, codes = asyncio.run(run())
+    # One lane for the flood, served in turn with the stream's: a frame waits one call, not sixty.
+    assert max(waits) < 0.5, [round(w, 3) for w in waits]
+    # The flood's own lane is bounded: what does not fit is refused at once, not held.
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes

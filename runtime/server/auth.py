@@ -156,6 +156,20 @@ def current_caller() -> Caller | None:
     return _CALLER.get()
 
 
+def current_client() -> str:
+    """Who a model's time is shared out to: the credential and the host it calls from.
+
+    Every connection of one credential from one host is one client, so opening more
+    calls or connections does not buy a bigger share; the server's own work (captures,
+    warm-up) is ``server``.
+    """
+    caller = _CALLER.get()
+    if caller is None:
+        return "server"
+    host = caller.peer.rsplit(":", 1)[0] if caller.peer.count(":") > 1 else caller.peer
+    return f"{caller.identity}@{host}"
+
+
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 

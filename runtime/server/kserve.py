@@ -42,7 +42,7 @@ from edgescope.runtime.server.registry import ModelRegistry, ServedModel
 from edgescope.runtime.server.repository import ModelRepository
 from edgescope.runtime.server.statistics import Duration, StatisticsSnapshot
 from edgescope.runtime.server.status import echo, status_code_for
-from edgescope.runtime.server.streams import StreamRegistry
+from edgescope.runtime.server.streams import StreamRegistry, unary_lane
 from edgescope.runtime.server.workers import Job
 from edgescope.v1 import manifest_pb2
 
@@ -446,7 +446,7 @@ class KServeService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelInferResponse:
         try:
-            return await self._run(request, self._streams.next_lane("kserve"))
+            return await self._run(request, unary_lane())
         except EdgescopeError as exc:
             await _abort(context, exc)
         except Exception as exc:

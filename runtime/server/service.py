@@ -25,7 +25,7 @@ from edgescope.runtime.server.registry import ModelRegistry, ServedModel
 from edgescope.runtime.server.repository import ModelRepository
 from edgescope.runtime.server.shm import REGIONS, SharedMemoryServicer
 from edgescope.runtime.server.status import status_code_for
-from edgescope.runtime.server.streams import SchedulerConfig, StreamRegistry, StreamRun, infer_one
+from edgescope.runtime.server.streams import SchedulerConfig, StreamRegistry, StreamRun, infer_one, unary_lane
 from edgescope.runtime.telemetry.metrics import RuntimeMetrics
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
@@ -115,7 +115,7 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
     ) -> stream_pb2.Result:
         received_ns, received_wall_ns = time.perf_counter_ns(), time.time_ns()
         try:
-            result = await infer_one(self._models, request, self.streams.next_lane("infer"), REGIONS.view)
+            result = await infer_one(self._models, request, unary_lane(), REGIONS.view)
         except EdgescopeError as exc:
             await context.abort(status_code_for(exc), str(exc))
         except Exception as exc:

@@ -60,6 +60,7 @@ from edgescope.runtime.pipeline.decode import (
     check_frame_fields,
 )
 from edgescope.runtime.pipeline.state import StreamState, is_stateful
+from edgescope.runtime.server.auth import current_client
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel
 from edgescope.runtime.server.stages import FramePixels, answer, frame_jobs, job_for
 from edgescope.runtime.telemetry.metrics import RuntimeMetrics
@@ -515,8 +516,9 @@ class StreamRegistry:
         self._count = 0
 
     def next_lane(self, kind: str) -> str:
+        """A lane of its own at the models' workers, for one stream of the current client."""
         self._count += 1
-        return f"{kind}-{self._count}"
+        return f"{current_client()}/{kind}-{self._count}"
 
     def add(self, run: StreamRun) -> None:
         if self.draining:
@@ -549,3 +551,8 @@ class StreamRegistry:
         except asyncio.TimeoutError:
             return False
         return True
+
+
+def unary_lane() -> str:
+    """The one lane at the models' workers that all the current client's unary calls share."""
+    return f"{current_client()}/unary"
