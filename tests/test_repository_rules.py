@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgescope.bundle import Bundle
 from edgescope.errors import BundleError
@@ -106,3 +108,26 @@ def test_a_model_that_failed_at_start_is_listed_until_unloaded(tmp_path: Path, e
         assert registry.failed() == {}
     finally:
         registry.close()
+
+
+def test_an_unloaded_model_stops_answering_serving_on_its_health_name(
+    server: ServerThread, example_bundle: Bundle
+) -> None:
+    name = "edgescope.model.second"
+    with grpc.insecure_channel(server.target) as channel:
+        stub, health = stream_pb2_grpc.StreamServiceStub(channel), health_pb2_grpc.HealthStub(channel)
+
+        def status() -> int:
+            deadline = time.monotonic() + 5
+            while True:  # the board publishes on the server's loop, just after the change
+                reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+                if reply.status == expected or time.monotonic() > deadline:
+                    return reply.status
+                time.sleep(0.05)
+
+        stub.LoadModel(stream_pb2.LoadModelRequest(bundle=example_bundle.path.name, name="second"), timeout=60)
+        expected = health_pb2.HealthCheckResponse.SERVING
+        assert status() == expected
+        stub.UnloadModel(stream_pb2.UnloadModelRequest(name="second"), timeout=10)
+        expected = health_pb2.HealthCheckResponse.NOT_SERVING
+        assert status() == expected

@@ -308,3 +308,26 @@ def test_a_session_that_fails_to_open_fails_the_start() -> None:
     with pytest.raises(BackendError, match="no such engine"):
         worker.start()
     assert worker.join(5)
+
+
+def test_a_fault_outside_the_model_answers_its_jobs_and_the_instance_serves_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    worker = _worker(GuardedSession)
+    record = worker.statistics.record
+    failures = iter([RuntimeError("statistics broke")])
+
+    def flaky(**figures: int | bool) -> None:
+        if (failure := next(failures, None)) is not None:
+            raise failure
+        record(**figures)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker.statistics, "record", flaky)
+    try:
+        first = asyncio.run(_run_all(worker, [_job("a", 1.0)]))
+        second = asyncio.run(_run_all(worker, [_job("a", 2.0)]))
+    finally:
+        _stop(worker)
+    assert isinstance(first[0], BackendError) and "RuntimeError" in str(first[0])
+    assert isinstance(second[0], JobResult) and float(second[0].outputs["y"][0, 0]) == 4.0
+    assert worker.faults == 1

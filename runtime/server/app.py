@@ -152,6 +152,8 @@ class HealthBoard:
         self._servicer = servicer
         self._registry = registry
         self._loop = loop
+        # Every model name published so far: one no longer loaded turns NOT_SERVING, not stale SERVING.
+        self._named: set[str] = set()
 
     def refresh(self) -> None:
         """Thread-safe: recompute and publish every status."""
@@ -163,8 +165,9 @@ class HealthBoard:
         names, failed = self._registry.names(), self._registry.failed()
         for name in names:
             await self._servicer.set(MODEL_HEALTH_PREFIX + name, serving)
-        for name in failed:
+        for name in self._named.difference(names) | set(failed):
             await self._servicer.set(MODEL_HEALTH_PREFIX + name, not_serving)
+        self._named.update(names, failed)
         overall = serving if names and not failed else not_serving
         for health_name in ("", SERVICE_NAME):
             await self._servicer.set(health_name, overall)
@@ -239,6 +242,9 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
     service = StreamService(registry, loader, config.scheduling, telemetry.metrics, repository=security.repository)
     # grpc_health's type stubs predate its asyncio servicer.
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    # Its default for the server is SERVING: not until the board has published what is loaded.
+    for health_name in ("", SERVICE_NAME):
+        await health_servicer.set(health_name, health_pb2.HealthCheckResponse.NOT_SERVING)
     # Each capture reports on its own health service, edgescope.capture.<name>.
     captures = (
         CaptureHub(list(config.captures), service.run_capture, telemetry.metrics, grpc_health_setter(health_servicer))

@@ -172,7 +172,7 @@ def _marked(job: Job[T], reason: str) -> Job[T]:
     def finish_marked(result: JobResult) -> T:
         return finish(dataclasses.replace(result, provenance=_degraded(result.provenance, reason)))
 
-    return dataclasses.replace(job, finish=finish_marked, future=None, loop=None, cancelled=False)
+    return dataclasses.replace(job, finish=finish_marked, future=None, loop=None, cancelled=False, answered=False)
 
 
 def _degraded(provenance: stream_pb2.Provenance, reason: str) -> stream_pb2.Provenance:

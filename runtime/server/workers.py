@@ -97,6 +97,7 @@ class Job(Generic[T]):
     future: asyncio.Future[T] | None = None
     loop: asyncio.AbstractEventLoop | None = None
     cancelled: bool = False
+    answered: bool = False
 
     def run_alone(self, session: Session) -> Outputs:
         if self.feed is not None:
@@ -169,6 +170,8 @@ class ModelWorker:
         self.self_test: manifest_pb2.SelfTestReport | None = None
         # Triton's statistics of every execution (shared with a fallback worker of the same model).
         self.statistics = statistics or ModelStatistics(name, "")
+        # Faults of the worker's own, outside any model call (each answered, logged and counted here).
+        self.faults = 0
 
     # -- lifecycle (blocking: call from a loader thread, never the event loop) ---------------------
 
@@ -289,7 +292,15 @@ class ModelWorker:
         assert instance.session is not None
         try:
             while (batch := self._next_batch()) is not None:
-                self._run(instance.session, batch)
+                try:
+                    self._run(instance.session, batch)
+                except Exception as exc:
+                    # A fault of the worker's own (statistics, hand-off) must not strand the jobs it took,
+                    # nor end the instance: they are answered, the fault is counted, the thread serves on.
+                    self.faults += 1
+                    logger.exception("an instance of %s failed outside its model; it serves on", self.name)
+                    for job in batch:
+                        self._settle(job, None, BackendError(f"model {self.name} failed: {type(exc).__name__}"))
         finally:
             if instance.owns_session:
                 # Shared sessions are closed by their owner once every user has left.
@@ -435,8 +446,10 @@ class ModelWorker:
         )
 
     def _settle(self, job: Job[Any], answer: object, error: BaseException | None) -> None:
-        if job.loop is None or job.future is None:
+        """Hand the job's answer to its caller's loop; a job is answered once, whatever happens after."""
+        if job.answered or job.loop is None or job.future is None:
             return
+        job.answered = True
         # RuntimeError: the loop is closed, so nobody waits for this answer any more.
         with contextlib.suppress(RuntimeError):
             job.loop.call_soon_threadsafe(_resolve, job.future, answer, error)
