@@ -424,7 +424,6 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     g.add_argument("--max-frame-pixels", type=int, default=40_000_000, help="largest frame, checked before decoding")
     g.add_argument("--max-extra-models", type=int, default=4, help="extra models one frame may ask for")
-    g.add_argument("--kserve-max-batch", type=int, default=16, help="largest batch of one KServe request")
     g.add_argument("--kserve-max-tensor-mb", type=int, default=64, help="input tensors of one KServe request, in MiB")
 
 
@@ -477,9 +476,8 @@ def _run_serve(args: argparse.Namespace) -> int:
             trusted_keys=args.trusted_keys,
             allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
         ),
-        kserve_limits=TensorLimits(
-            max_batch=args.kserve_max_batch, max_request_bytes=args.kserve_max_tensor_mb * 1024 * 1024
-        ),
+        # One largest batch everywhere: what a KServe request may carry is what a batch may hold.
+        kserve_limits=TensorLimits(max_batch=args.max_batch, max_request_bytes=args.kserve_max_tensor_mb * 1024 * 1024),
     )
     backend = _backend(args.backend, args)
     if args.fallback:

@@ -331,3 +331,42 @@ def test_a_fault_outside_the_model_answers_its_jobs_and_the_instance_serves_on(
     assert isinstance(first[0], BackendError) and "RuntimeError" in str(first[0])
     assert isinstance(second[0], JobResult) and float(second[0].outputs["y"][0, 0]) == 4.0
     assert worker.faults == 1
+
+
+def _rows_job(lane: str, rows: int, value: float) -> Job[JobResult]:
+    tensor = np.full((rows, 4), value, np.float32)
+    return Job(lane=lane, finish=as_is, tensor=tensor, frame_input="x", batchable=True, inferences=rows)
+
+
+def test_requests_of_several_rows_share_a_batch_and_each_gets_its_own_rows_back() -> None:
+    sizes: list[int] = []
+    worker = _worker(_batching(sizes), max_batch=8, batch_delay_s=0.05)
+    jobs = [_rows_job("a", 3, 1.0), _rows_job("b", 1, 2.0), _rows_job("c", 4, 3.0), _rows_job("d", 2, 4.0)]
+    try:
+        results = asyncio.run(_run_all(worker, jobs))
+    finally:
+        _stop(worker)
+    for job, result in zip(jobs, results, strict=True):
+        assert isinstance(result, JobResult)
+        np.testing.assert_array_equal(result.outputs["y"], job.tensor * 2.0)  # type: ignore[operator]
+    # Eight rows fit one batch; the fourth request's two would make ten.
+    assert sizes[0] == 8 and sum(sizes) == 10, sizes
+
+
+def test_a_batch_whose_outputs_cannot_be_split_by_row_runs_its_jobs_one_by_one() -> None:
+    sizes: list[int] = []
+
+    class Pooled(_batching(sizes)):  # type: ignore[misc]
+        def _infer_impl(self, feed: Feed) -> Outputs:
+            out = super()._infer_impl(feed)
+            return {"y": out["y"], "total": np.asarray([float(np.asarray(feed["x"]).sum())], np.float32)}
+
+    worker = _worker(Pooled, max_batch=8, batch_delay_s=0.05)
+    jobs = [_rows_job("a", 1, 1.0), _rows_job("b", 1, 2.0)]
+    try:
+        results = asyncio.run(_run_all(worker, jobs))
+    finally:
+        _stop(worker)
+    # The pooled output has one row for the whole batch: splitting it would hand one job another's value.
+    totals = [float(r.outputs["total"][0]) for r in results if isinstance(r, JobResult)]
+    assert totals == [4.0, 8.0] and sizes == [2, 1, 1]

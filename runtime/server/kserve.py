@@ -43,7 +43,7 @@ from edgescope.runtime.server.repository import ModelRepository
 from edgescope.runtime.server.statistics import Duration, StatisticsSnapshot
 from edgescope.runtime.server.status import echo, status_code_for
 from edgescope.runtime.server.streams import StreamRegistry, unary_lane
-from edgescope.runtime.server.workers import Job
+from edgescope.runtime.server.workers import Job, JobResult
 from edgescope.v1 import manifest_pb2
 
 logger = logging.getLogger(__name__)
@@ -79,13 +79,32 @@ MAX_DIMS = 8
 class TensorLimits:
     """What one request may make the server allocate and run."""
 
-    # Largest first dimension for a model whose batch dimension is dynamic.
-    max_batch: int = 16
+    # Largest first dimension for a model whose batch dimension is dynamic: the server's ``--max-batch``.
+    max_batch: int = 8
     # All input tensors of one request together, decoded.
     max_request_bytes: int = 64 * 1024 * 1024
 
 
 DEFAULT_TENSOR_LIMITS = TensorLimits()
+
+
+def kserve_job(model: ServedModel, request: pb.ModelInferRequest, feed: Feed, lane: str) -> Job[pb.ModelInferResponse]:
+    """A request's job; its response is built on the instance thread from the outputs it just made.
+
+    A request to a model of one float input with a dynamic batch axis goes as that input's
+    rows, so the worker batches it with other requests and frames as Triton's dynamic
+    batcher would; other requests run alone.
+    """
+    rows = _batch_size(model, feed)
+
+    def finish(inferred: JobResult) -> pb.ModelInferResponse:
+        return infer_response(model, request, inferred.outputs)
+
+    (name, tensor), *others = feed.items()
+    if not others and model.batchable and tensor.dtype == np.float32:
+        rows_of = np.asarray(tensor, dtype=np.float32)
+        return Job(lane=lane, finish=finish, tensor=rows_of, frame_input=name, batchable=True, inferences=rows)
+    return Job(lane=lane, finish=finish, feed=feed, inferences=rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,14 +333,7 @@ class KServeService(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 elapsed_ns = time.perf_counter_ns() - started_ns
                 model.statistics.record(success=False, queue_ns=0, compute_input_ns=elapsed_ns, infer_ns=0, output_ns=0)
                 raise
-            # The response is built on the instance thread, from the outputs it just made.
-            job = Job(
-                lane=lane,
-                finish=lambda inferred: infer_response(model, request, inferred.outputs),
-                feed=feed,
-                inferences=_batch_size(model, feed),
-            )
-            return await model.infer(job)
+            return await model.infer(kserve_job(model, request, feed, lane))
         finally:
             self._registry.release(model)
 

@@ -46,8 +46,8 @@ def model_config(model: ServedModel, *, max_batch: int, batch_delay_us: int) -> 
 
     A model whose tensors all lead with a dynamic dimension takes batches
     (``max_batch_size`` is the server's ``--max-batch``); requests are combined
-    (``dynamic_batching``) only where the server does so: stateless models,
-    ``--max-batch`` above 1.
+    (``dynamic_batching``) only where the server does so: stateless models of
+    one float input, ``--max-batch`` above 1.
     """
     manifest = model.manifest
     batched = batches(manifest)
@@ -76,7 +76,9 @@ def model_config(model: ServedModel, *, max_batch: int, batch_delay_us: int) -> 
         )
     for spec in manifest.outputs:
         config.output.add(name=spec.name, data_type=_data_type(spec), dims=_dims(spec, batched))
-    if batched and max_batch > 1 and not is_stateful(manifest):
+    # Requests are combined only for a model of one float input (see ``kserve.kserve_job``).
+    single_float = len(manifest.inputs) == 1 and manifest.inputs[0].dtype == manifest_pb2.DATA_TYPE_FLOAT32
+    if batched and max_batch > 1 and not is_stateful(manifest) and single_float:
         config.dynamic_batching.max_queue_delay_microseconds = batch_delay_us
     provenance = {
         "task": manifest_pb2.Task.Name(manifest.task).removeprefix("TASK_").lower(),

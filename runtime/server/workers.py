@@ -333,10 +333,11 @@ class ModelWorker:
                     self._cond.wait(remaining)
             if batch[0].batchable:
                 # One frame per requester: a stream's next frame waiting behind this one must not make it wait.
-                lanes = {batch[0].lane}
-                while len(batch) < self._max_batch and (company := self._pop_batchable(batch[0], lanes)) is not None:
+                lanes, rows = {batch[0].lane}, self._rows(batch[0])
+                while (company := self._pop_batchable(batch[0], lanes, self._max_batch - rows)) is not None:
                     batch.append(company)
                     lanes.add(company.lane)
+                    rows += self._rows(company)
             return batch
 
     def _pop_next(self) -> Job[Any]:
@@ -350,19 +351,24 @@ class ModelWorker:
         return job
 
     def _fits(self, job: Job[Any], first: Job[Any]) -> bool:
-        if not job.batchable:
+        """Whether ``job`` can share ``first``'s batch: the same input, in rows of the same shape."""
+        if not job.batchable or job.frame_input != first.frame_input:
             return False
         if job.tensor is None or first.tensor is None:
-            # Frames prepared on this thread all take the manifest's input shape.
+            # Frames prepared on this thread all take the manifest's input shape, one row each.
             return job.prepare is not None and first.prepare is not None
-        return job.tensor.shape == first.tensor.shape and job.tensor.dtype == first.tensor.dtype
+        return job.tensor.shape[1:] == first.tensor.shape[1:] and job.tensor.dtype == first.tensor.dtype
+
+    @staticmethod
+    def _rows(job: Job[Any]) -> int:
+        return 1 if job.tensor is None else int(job.tensor.shape[0])
 
     def _batchable_waiting(self, first: Job[Any]) -> int:
         return sum(1 for key, lane in self._lanes.items() if key != first.lane and lane and self._fits(lane[0], first))
 
-    def _pop_batchable(self, first: Job[Any], taken: set[str]) -> Job[Any] | None:
+    def _pop_batchable(self, first: Job[Any], taken: set[str], room: int) -> Job[Any] | None:
         for lane_key, lane in self._lanes.items():
-            if lane_key not in taken and lane and self._fits(lane[0], first):
+            if lane_key not in taken and lane and self._fits(lane[0], first) and self._rows(lane[0]) <= room:
                 job = lane.popleft()
                 self._queued -= 1
                 del self._lanes[lane_key]
@@ -419,10 +425,18 @@ class ModelWorker:
         stacked = np.concatenate([job.tensor for job in jobs if job.tensor is not None])
         outputs = session.infer({jobs[0].frame_input: stacked})
         elapsed = time.perf_counter_ns() - start
+        rows = len(stacked)
+        # Each job gets its own rows back: only outputs that lead with the batch axis can be split so.
+        uneven = [name for name, value in outputs.items() if value.ndim == 0 or value.shape[0] != rows]
+        if uneven:
+            raise SessionFailed(f"model {self.name}: outputs {uneven} do not have one row per batched input")
         self._record(jobs, start, elapsed, success=True)
-        for index, job in enumerate(jobs):
-            own = {name: value[index : index + 1] for name, value in outputs.items()}
-            self._finish(job, JobResult(own, elapsed, len(jobs), self.provenance))
+        offset = 0
+        for job in jobs:
+            count = self._rows(job)
+            own = {name: value[offset : offset + count] for name, value in outputs.items()}
+            offset += count
+            self._finish(job, JobResult(own, elapsed, rows, self.provenance))
 
     def _finish(self, job: Job[Any], result: JobResult) -> None:
         """The caller's answer from the outputs, made here; a failure of its own is the job's answer."""
