@@ -321,3 +321,56 @@ def test_capture_spec_from_the_readme_parses_to_a_v4l2_source() -> None:
     assert (config.source, config.model) == ("v4l2:/dev/video0?width=1920&height=1080", "lesion-unet")
     camera: Any = parse_v4l2(config.source.removeprefix("v4l2:"))
     assert camera.width == 1920
+
+
+@pytest.fixture
+def served_file(tmp_path: Path) -> Iterator[str]:
+    """A 15-frame H.264 MPEG-TS file, served over HTTP on loopback: a stream with an end."""
+    import av
+
+    with av.open(str(tmp_path / "clip.ts"), "w", format="mpegts") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        for index in range(15):
+            image = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+            image[:, (index * 9) % WIDTH] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_listening(port)
+        yield f"http://127.0.0.1:{port}/clip.ts"
+    finally:
+        _stop(server)
+
+
+def test_a_file_served_over_http_ends_the_source_when_it_ends(served_file: str) -> None:
+    started = time.monotonic()
+    with open_network_source(served_file, reconnect=Reconnect(stall_timeout_s=5.0)) as source:
+        frames = list(itertools.islice(source, 100))
+        reconnects = source.reconnects
+    # The newest frame wins, so a reader may miss some; but the source ends, and is not reopened.
+    assert 1 <= len(frames) <= 15
+    assert reconnects == 0
+    assert time.monotonic() - started < 5.0
+
+
+def test_a_looped_file_is_reopened_at_the_backoffs_pace_not_at_once(served_file: str) -> None:
+    with open_network_source(served_file, loop=True, reconnect=Reconnect(backoff_s=0.5, max_backoff_s=8)) as source:
+        deadline = time.monotonic() + 3.0
+        frames = 0
+        for _ in source:
+            frames += 1
+            if time.monotonic() > deadline:
+                break
+        reconnects = source.reconnects
+    # 0.5 + 1 + 2 s of waiting fit three tries in three seconds (it was ~100 a second).
+    assert 1 <= reconnects <= 3, reconnects
+    assert frames > 15

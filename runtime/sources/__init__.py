@@ -45,7 +45,8 @@ def open_source(spec: str, *, loop: bool = False) -> FrameSource:
     Raises ConfigError for a malformed spec, SourceError when the file,
     device or stream cannot be read, and MissingDependencyError when this
     installation cannot read that kind of source (with how to get it).
-    Live sources (devices, streams) are endless already; ``loop`` does not apply.
+    Live sources (devices, live streams) are endless already; a network stream with an end
+    (a file served over HTTP) ends with it, or plays again with ``loop``.
     """
     from edgescope.runtime.sources.network import NETWORK_SCHEMES
 
@@ -56,7 +57,7 @@ def open_source(spec: str, *, loop: bool = False) -> FrameSource:
     if scheme in NETWORK_SCHEMES and rest.startswith("//"):
         from edgescope.runtime.sources.network import open_network_source
 
-        return open_network_source(spec.strip())
+        return open_network_source(spec.strip(), loop=loop)
     if scheme == "dicom":
         from edgescope.runtime.sources.dicom import DicomCineSource
 

@@ -86,6 +86,10 @@ class _OpenCVReader:
     def fps(self) -> float | None:
         return self._fps
 
+    @property
+    def finite(self) -> bool:
+        return False
+
     def read(self) -> npt.NDArray[np.uint8] | None:
         ok, image = self._capture.read()
         if not ok:

@@ -7,8 +7,12 @@ the latest picture, never a growing backlog of stale ones; ``replaced``
 counts the frames it never saw.
 
 When the device or the stream goes away, the reader closes it and opens it
-again, waiting ``backoff`` between tries (doubling up to ``max_backoff``).
-A consumer waits for a frame at most ``stall_timeout_s``; past that,
+again, waiting ``backoff`` before each try (doubling up to ``max_backoff``;
+back to ``backoff`` once a connection has delivered frames for
+``max_backoff``), so a stream that keeps dropping is not hammered. A stream
+that says it has an end (a file served over the network: it has a
+duration) ends the source when it ends, unless ``loop`` asks to play it
+again. A consumer waits for a frame at most ``stall_timeout_s``; past that,
 iteration ends with ``SourceError`` naming the last failure, so a stream
 that does not come back is reported instead of waited on forever.
 """
@@ -44,6 +48,11 @@ class FrameReader(Protocol):
     @property
     def fps(self) -> float | None:
         """The rate the device or stream declares, if it does."""
+        ...
+
+    @property
+    def finite(self) -> bool:
+        """True when the stream has a known length (a file served over a network): its end is an end."""
         ...
 
     def read(self) -> RGB8 | None:
@@ -84,8 +93,12 @@ class LiveSource:
         kind: SourceKind = "endoscopy",
         reconnect: Reconnect | None = None,
         fps: float | None = None,
+        loop: bool = False,
     ) -> None:
         self._name = name
+        # Play a finite stream again when it ends, instead of ending with it.
+        self._loop = loop
+        self._ended = False
         self._open_reader = open_reader
         self._kind = kind
         self._reconnect = reconnect or Reconnect()
@@ -124,8 +137,8 @@ class LiveSource:
             raise SourceError(f"{self._name} is closed")
         index = 0
         first: float | None = None
-        while not self._closed.is_set():
-            pixels, arrived = self._take()
+        while not self._closed.is_set() and (taken := self._take()) is not None:
+            pixels, arrived = taken
             first = arrived if first is None else first
             yield SourceFrame(index=index, pixels=pixels, timestamp_s=arrived - first, spacing_mm=None)
             index += 1
@@ -144,10 +157,10 @@ class LiveSource:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _take(self) -> tuple[RGB8, float]:
+    def _take(self) -> tuple[RGB8, float] | None:
         deadline = time.monotonic() + self._reconnect.stall_timeout_s
         with self._condition:
-            while self._latest is None and not self._closed.is_set():
+            while self._latest is None and not self._closed.is_set() and not self._ended:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     reason = self._error or "no frame arrived"
@@ -155,6 +168,8 @@ class LiveSource:
                         f"{self._name}: no frame for {self._reconnect.stall_timeout_s:g} s; last error: {reason}"
                     )
                 self._condition.wait(remaining)
+            if self._latest is None and self._ended:
+                return None
             if self._latest is None:
                 raise SourceError(f"{self._name} is closed")
             latest, self._latest = self._latest, None
@@ -165,34 +180,49 @@ class LiveSource:
         backoff = self._reconnect.backoff_s
         while not self._closed.is_set():
             if reader is None:
+                # Every try waits: a stream that opens and drops at once is retried at the backoff's pace.
+                if self._closed.wait(backoff):
+                    break
+                backoff = min(backoff * 2, self._reconnect.max_backoff_s)
                 try:
                     reader = self._open_reader()
                 except EdgescopeError as exc:
                     self._fail(SourceError(str(exc)))
-                    self._closed.wait(backoff)
-                    backoff = min(backoff * 2, self._reconnect.max_backoff_s)
                     continue
                 self.reconnects += 1
                 logger.info("%s: reconnected", self._name)
-            backoff = self._reconnect.backoff_s
+            opened = time.monotonic()
             try:
-                self._pump(reader)
+                ended = self._pump(reader)
             except SourceError as exc:
                 self._fail(exc)
+                ended = False
             finally:
                 reader.close()
                 reader = None
+            if ended:
+                with self._condition:
+                    self._ended = True
+                    self._condition.notify_all()
+                logger.info("%s: the stream ended", self._name)
+                return
+            if time.monotonic() - opened >= self._reconnect.max_backoff_s:
+                backoff = self._reconnect.backoff_s
 
-    def _pump(self, reader: FrameReader) -> None:
+    def _pump(self, reader: FrameReader) -> bool:
+        """Deliver frames until closed (False) or until a finite stream ends and is not looped (True)."""
         while not self._closed.is_set():
             pixels = reader.read()
             if pixels is None:
+                if reader.finite and not self._loop:
+                    return True
                 raise SourceError("the stream ended")
             with self._condition:
                 self._latest = (pixels, time.monotonic())
                 self._arrived += 1
                 self._error = None
                 self._condition.notify_all()
+        return False
 
     def _fail(self, error: SourceError) -> None:
         with self._condition:

@@ -8,7 +8,8 @@ TCP (no lost packets, no smeared frames). ``open_timeout_s`` bounds opening,
 ``read_timeout_s`` each read, so a dead stream is noticed within it.
 
 Frames are RGB uint8. The stream is a ``LiveSource``: the newest frame wins,
-and a lost stream is reopened with backoff.
+a lost stream is reopened with backoff, and a stream with an end (a file
+served over HTTP) ends the source when it ends (or plays again with ``loop``).
 """
 
 from __future__ import annotations
@@ -39,23 +40,15 @@ class NetworkReader:
     """One open connection to a network stream, decoding its first video stream."""
 
     def __init__(self, url: str, open_timeout_s: float, read_timeout_s: float) -> None:
-        import av
-        import av.error
-
         self._url = redact(url)
         scheme = url.partition("://")[0].lower()
-        try:
-            self._container: Any = av.open(
-                url, options=_OPTIONS.get(scheme, _LOW_LATENCY), timeout=(open_timeout_s, read_timeout_s)
-            )
-        except av.error.ProtocolNotFoundError as exc:
-            raise MissingDependencyError(
-                f"{scheme}:// streams",
-                f"the FFmpeg in this PyAV build has no {scheme} protocol (PyAV's wheels carry no libsrt); "
-                "install PyAV built against an FFmpeg with it (pip install av --no-binary av)",
-            ) from exc
-        except (av.error.FFmpegError, OSError) as exc:
-            raise SourceError(f"cannot open {self._url}: {_reason(exc)}") from exc
+        self._container: Any = _open(url, _OPTIONS.get(scheme, _LOW_LATENCY), open_timeout_s, read_timeout_s)
+        # A live stream has neither a duration nor a size; a file served over the network has one or both.
+        self._finite = self._container.duration is not None or self._container.size > 0
+        if self._finite:
+            # A file is read as a file: the low-latency flags make FFmpeg drop what it probed of a short one.
+            self._container.close()
+            self._container = _open(url, {}, open_timeout_s, read_timeout_s)
         if not self._container.streams.video:
             self._container.close()
             raise SourceError(f"{self._url} has no video stream")
@@ -67,6 +60,10 @@ class NetworkReader:
     @property
     def fps(self) -> float | None:
         return self._fps
+
+    @property
+    def finite(self) -> bool:
+        return self._finite
 
     def read(self) -> npt.NDArray[np.uint8] | None:
         import av.error
@@ -90,8 +87,12 @@ def open_network_source(
     open_timeout_s: float = 10.0,
     read_timeout_s: float = 2.0,
     reconnect: Reconnect | None = None,
+    loop: bool = False,
 ) -> LiveSource:
-    """A live source reading ``url``; raises SourceError (or MissingDependencyError) when it cannot be opened."""
+    """A live source reading ``url``; raises SourceError (or MissingDependencyError) when it cannot be opened.
+
+    A stream with an end (a file served over the network) ends the source, or plays again with ``loop``.
+    """
     scheme = url.partition("://")[0].lower()
     if scheme not in NETWORK_SCHEMES:
         raise SourceError(
@@ -102,7 +103,25 @@ def open_network_source(
         lambda: NetworkReader(url, open_timeout_s, read_timeout_s),
         kind=kind,
         reconnect=reconnect,
+        loop=loop,
     )
+
+
+def _open(url: str, options: dict[str, str], open_timeout_s: float, read_timeout_s: float) -> Any:
+    import av
+    import av.error
+
+    scheme = url.partition("://")[0].lower()
+    try:
+        return av.open(url, options=options, timeout=(open_timeout_s, read_timeout_s))
+    except av.error.ProtocolNotFoundError as exc:
+        raise MissingDependencyError(
+            f"{scheme}:// streams",
+            f"the FFmpeg in this PyAV build has no {scheme} protocol (PyAV's wheels carry no libsrt); "
+            "install PyAV built against an FFmpeg with it (pip install av --no-binary av)",
+        ) from exc
+    except (av.error.FFmpegError, OSError) as exc:
+        raise SourceError(f"cannot open {redact(url)}: {_reason(exc)}") from exc
 
 
 def _reason(error: Exception) -> str:
