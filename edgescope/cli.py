@@ -578,11 +578,14 @@ def _run_stream(args: argparse.Namespace) -> int:
             **report.latency.as_dict(),
             "clock": report.clock.as_dict(),
             "rate_warnings": report.rate_warnings,
+            "error": report.error,
         }
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         print(f"summary: {args.summary}")
-    return 1 if report.latency.errors else 0
+    if report.error:
+        print(f"edgescope stream: {report.error}", file=sys.stderr)
+    return 1 if report.latency.errors or report.error else 0
 
 
 def _add_models(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -920,7 +923,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`edgescope doctor | head`): stop quietly, and keep the exit flush from failing too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except Exception as exc:
+    except (Exception, asyncio.CancelledError) as exc:
+        # CancelledError: a call gRPC gave up on (the server went away mid-stream); one line all the same.
         if args.debug:
             traceback.print_exc()
         print(_error_line(args.command, exc, args), file=sys.stderr)

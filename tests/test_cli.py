@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,3 +99,26 @@ def test_a_missing_execution_provider_is_refused_not_downgraded(tmp_path: Path) 
     run = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert "CUDAExecutionProvider" in run.stderr and "CPUExecutionProvider" in run.stderr
+
+
+def test_a_server_that_goes_away_mid_stream_ends_the_stream_in_one_line_with_a_summary(
+    example_bundle: Bundle, tmp_path: Path
+) -> None:
+    server, target = start_server([example_bundle.path], tmp_path / "port")
+    summary = tmp_path / "summary.json"
+    command = [sys.executable, "-m", "edgescope.cli", "stream", "--source", "synthetic:ultrasound", "--target", target]
+    client = subprocess.Popen(
+        [*command, "--summary", str(summary)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        time.sleep(3.0)  # frames are flowing
+        stop_server(server)
+        _, stderr = client.communicate(timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    assert client.returncode == 1
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith("edgescope stream: ")
+    report = json.loads(summary.read_text())
+    assert report["sent"] > 0 and report["error"]

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 
@@ -77,6 +78,8 @@ class StreamReport:
     clock: ClockEstimator = field(default_factory=ClockEstimator)
     # Said when the achieved rate stayed under 90% of the source's (paced streams only).
     rate_warnings: list[str] = field(default_factory=list)
+    # Why the stream stopped before its source ended (a lost camera, the server gone); empty if it did not.
+    error: str = ""
 
 
 def build_frame(
@@ -136,12 +139,19 @@ async def stream_source(
     # Set when the server says it is shutting down: frames sent after that would only be dropped.
     server_stopping = asyncio.Event()
 
+    error = ""
+
     async def frames() -> AsyncIterator[stream_pb2.Frame]:
-        nonlocal sent
+        nonlocal sent, error
         start = time.monotonic()
         while (options.max_frames is None or sent < options.max_frames) and not server_stopping.is_set():
             # Decoding a source frame (JPEG, video) blocks; keep it off the loop.
-            source_frame = await asyncio.to_thread(next, frames_iter, None)
+            try:
+                source_frame = await asyncio.to_thread(next, frames_iter, None)
+            except EdgescopeError as exc:
+                # The source is lost: stop sending, collect the answers to what was sent, and say why.
+                error = f"the source stopped: {exc}"
+                return
             if source_frame is None:
                 return
             if options.realtime:
@@ -179,27 +189,31 @@ async def stream_source(
             if options.shared_memory:
                 sender = SharedMemorySender(stub, options.stream_id, options.shared_memory_slots)
             call = stub.Stream(frames(), timeout=options.timeout_s)
-            async for result in call:
-                received_ns = time.time_ns()
-                if result.seq != expected:
-                    raise StreamError(f"expected the answer to frame {expected}, got {result.seq}")
-                expected += 1
-                source_frame = in_flight.pop(result.seq)
-                if window is not None:
-                    window.release()
-                if sender is not None:
-                    sender.answered(result.seq)
-                if result.status.drop_reason == stream_pb2.DROP_REASON_SHUTDOWN:
-                    server_stopping.set()
-                e2e_ns = received_ns - result.capture_time_ns
-                _record(latency, clock, result, received_ns)
-                if rate is not None:
-                    rate.answered(time.monotonic())
-                if recorder is not None:
-                    await to_render.put((source_frame, result, e2e_ns / 1e6))
-                if on_result is not None:
-                    on_result(source_frame, result)
-            if sender is not None:
+            try:
+                async for result in call:
+                    received_ns = time.time_ns()
+                    if result.seq != expected:
+                        raise StreamError(f"expected the answer to frame {expected}, got {result.seq}")
+                    expected += 1
+                    source_frame = in_flight.pop(result.seq)
+                    if window is not None:
+                        window.release()
+                    if sender is not None:
+                        sender.answered(result.seq)
+                    if result.status.drop_reason == stream_pb2.DROP_REASON_SHUTDOWN:
+                        server_stopping.set()
+                    e2e_ns = received_ns - result.capture_time_ns
+                    _record(latency, clock, result, received_ns)
+                    if rate is not None:
+                        rate.answered(time.monotonic())
+                    if recorder is not None:
+                        await to_render.put((source_frame, result, e2e_ns / 1e6))
+                    if on_result is not None:
+                        on_result(source_frame, result)
+            except grpc.aio.AioRpcError as exc:
+                # The stream ended non-OK (the server stopping, a broken message): keep what was answered.
+                error = f"the server ended the stream: {exc.code().name}: {exc.details()}"
+            if sender is not None and not error:
                 await sender.unregister()
         await to_render.put(None)
         await renderer
@@ -209,10 +223,17 @@ async def stream_source(
             recorder.close()
         if sender is not None:
             sender.unlink()
-    if expected != sent:
+    if expected != sent and not error:
         raise StreamError(f"sent {sent} frames but received {expected} answers")
     warnings = rate.warnings if rate is not None else []
-    return StreamReport(sent=sent, latency=latency, video=options.save, clock=clock, rate_warnings=warnings)
+    return StreamReport(
+        sent=sent,
+        latency=latency,
+        video=options.save,
+        clock=clock,
+        rate_warnings=warnings,
+        error=error,
+    )
 
 
 def _record(latency: LatencyRecorder, clock: ClockEstimator, result: stream_pb2.Result, received_ns: int) -> None:
