@@ -164,5 +164,5 @@ def test_a_stream_keeps_its_share_of_the_model_while_another_caller_floods_it_wi
     waits, codes = asyncio.run(run())
     # One lane for the flood, served in turn with the stream's: a frame waits one call, not sixty.
     assert max(waits) < 0.5, [round(w, 3) for w in waits]
-    # The flood's own lane is bounded: what does not fit is refused at once, not held.
-    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+    # The flood's calls wait their turn (a few at the model at once) and are all answered.
+    assert codes == [grpc.StatusCode.OK] * 60

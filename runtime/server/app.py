@@ -264,6 +264,7 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
             repository=security.repository,
         ),
         config.kserve_limits,
+        service.admission,
     )
     telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryServicer(telemetry.metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -37,6 +37,8 @@ from edgescope.kserve.datatypes import DATATYPE_OF, NUMPY_DTYPES, batches, tenso
 from edgescope.kserve.v2 import inference_pb2 as pb
 from edgescope.kserve.v2 import inference_pb2_grpc
 from edgescope.runtime.backends.base import Feed
+from edgescope.runtime.server.admission import Admission
+from edgescope.runtime.server.auth import current_client
 from edgescope.runtime.server.model_config import model_config
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel
 from edgescope.runtime.server.repository import ModelRepository
@@ -304,6 +306,7 @@ class KServeService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         streams: StreamRegistry,
         settings: KServeSettings = KServeSettings(),
         limits: TensorLimits = DEFAULT_TENSOR_LIMITS,
+        admission: Admission | None = None,
     ) -> None:
         self._registry = registry
         self._executor = executor
@@ -311,6 +314,8 @@ class KServeService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self._streams = streams
         self._settings = settings
         self._limits = limits
+        # Shared with Infer: a client's unary calls are limited together, whatever the protocol.
+        self._admission = admission or Admission()
 
     def _checked_feed(self, model: ServedModel, request: pb.ModelInferRequest) -> dict[str, npt.NDArray[np.generic]]:
         feed = decode_inputs(request, self._limits)
@@ -458,7 +463,8 @@ class KServeService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelInferResponse:
         try:
-            return await self._run(request, unary_lane())
+            async with self._admission.turn(current_client()):
+                return await self._run(request, unary_lane())
         except EdgescopeError as exc:
             await _abort(context, exc)
         except Exception as exc:
@@ -520,9 +526,10 @@ def add_kserve_service(
     server: grpc.aio.Server,
     settings: KServeSettings = KServeSettings(),
     limits: TensorLimits = DEFAULT_TENSOR_LIMITS,
+    admission: Admission | None = None,
 ) -> KServeService:
     """Serve the Open Inference Protocol for ``registry``'s models on ``server`` (frame threads, loader thread)."""
     frames, loader = executors
-    service = KServeService(registry, frames, loader, streams, settings, limits)
+    service = KServeService(registry, frames, loader, streams, settings, limits, admission)
     inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     return service

@@ -20,6 +20,8 @@ from concurrent.futures import Executor
 import grpc
 
 from edgescope.errors import EdgescopeError, ModelNotFoundError
+from edgescope.runtime.server.admission import Admission
+from edgescope.runtime.server.auth import current_client
 from edgescope.runtime.server.capture import CaptureHub
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel
 from edgescope.runtime.server.repository import ModelRepository
@@ -62,6 +64,8 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
         self._config = config
         self._captures: CaptureHub | None = None
         self.streams = StreamRegistry()
+        # Unary calls per client at once (Infer here, ModelInfer in KServe): the rest wait their turn.
+        self.admission = Admission()
 
     def attach_captures(self, captures: CaptureHub | None) -> None:
         self._captures = captures
@@ -115,7 +119,8 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
     ) -> stream_pb2.Result:
         received_ns, received_wall_ns = time.perf_counter_ns(), time.time_ns()
         try:
-            result = await infer_one(self._models, request, unary_lane(), REGIONS.view)
+            async with self.admission.turn(current_client()):
+                result = await infer_one(self._models, request, unary_lane(), REGIONS.view)
         except EdgescopeError as exc:
             await context.abort(status_code_for(exc), str(exc))
         except Exception as exc:
