@@ -87,3 +87,31 @@ def test_a_hung_model_cannot_hold_the_stop_past_the_grace_period(example_bundle:
         # The stuck call ends with the server, not a minute later.
         assert pending.exception(timeout=5) is not None
     assert took < 1.0 + 2.0 + 0.5, f"the stop took {took:.1f} s"
+
+
+def test_a_server_that_cannot_bind_leaves_no_model_running(example_bundle: Bundle) -> None:
+    import socket
+
+    from edgescope.runtime.server.app import ServerConfig, start_server
+
+    # Another test's hung model may still be sleeping in its thread: only threads made here count.
+    before = set(threading.enumerate())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = ServerConfig(bundles=[example_bundle.path], host="127.0.0.1", port=port)
+
+        async def start() -> None:
+            await start_server(config, OnnxRuntimeBackend(intra_op_threads=1, spinning="off"))
+
+        try:
+            asyncio.run(start())
+        except Exception:  # grpc reports the bind failure in its own way, or edgescope's OSError
+            pass
+        else:
+            raise AssertionError("the server started on a port already taken")
+    deadline = time.monotonic() + 10
+    while any(t.name.startswith("edgescope-lesion-unet") for t in set(threading.enumerate()) - before):
+        assert time.monotonic() < deadline, "the model's instance threads outlived the failed start"
+        time.sleep(0.05)

@@ -277,10 +277,15 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
             health_pb2.DESCRIPTOR.services_by_name["Health"],
         ),
     )
-    port = security.bind(server, f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
-    await server.start()
+    try:
+        port = security.bind(server, f"{config.host}:{config.port}")
+        if port == 0:
+            raise OSError(f"cannot bind {config.host}:{config.port}")
+        await server.start()
+    except BaseException:
+        # Nothing serves yet: close every worker and session the start made.
+        _abandon(frames, loader, registry, telemetry)
+        raise
     board = HealthBoard(health_servicer, registry, loop)
     registry.on_change(board.refresh)
     if captures is not None:

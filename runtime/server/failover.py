@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 FIRST_RETRY_S = 2.0
 MAX_RETRY_S = 60.0
+# How long a rebuild waits for the failed primary's sessions to close first.
+CLOSE_FAILED_S = 10.0
 
 T = TypeVar("T")
 # Builds and starts a fresh primary worker (blocking: loads, warms up and self-tests).
@@ -125,7 +127,16 @@ class ModelRoute:
         threading.Thread(target=self._retry, name=f"edgescope-{self.name}-retry", daemon=True).start()
 
     def _retry(self) -> None:
-        """Rebuild the primary; swap it in if it loads and passes its self-test, else back off."""
+        """Rebuild the primary; swap it in if it loads and passes its self-test, else back off.
+
+        The failed primary is closed first (its sessions and device memory freed, on their own
+        threads), so the rebuild has the device to itself; while degraded nothing runs on it.
+        """
+        with self._lock:
+            failed = self._primary
+        failed.retire()
+        if not failed.join(CLOSE_FAILED_S):
+            logger.warning("model %s: the failed primary has not closed after %.0f s", self.name, CLOSE_FAILED_S)
         try:
             fresh = self._reopen()
         except Exception as exc:
@@ -138,10 +149,9 @@ class ModelRoute:
             )
             return
         with self._lock:
-            old, self._primary = self._primary, fresh
+            self._primary = fresh
             closed = self._closed
             self._reason, self._retrying = "", False
-        old.retire()
         if closed:
             fresh.retire()
             return
