@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
     from edgescope.export.tensorrt import EngineOptions
     from edgescope.runtime.backends.base import Backend
-    from edgescope.runtime.evaluation.limits import GateThresholds
     from edgescope.runtime.transport import ClientSecurity
 
 DEFAULT_TARGET = "127.0.0.1:8731"
@@ -187,16 +186,23 @@ def _add_export(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _add_limits(p: argparse.ArgumentParser) -> None:
-    # Left at the FP32 defaults, each limit takes the precision's own (see the README's Precision section).
-    p.add_argument("--max-abs-error", type=float, default=1e-3, help="largest raw output difference, every frame")
-    p.add_argument("--min-dice", type=float, default=0.99, help="segmentation: mean Dice over the frames")
-    p.add_argument("--min-frame-dice", type=float, default=0.99, help="segmentation: Dice every frame must reach")
+    # A limit given is used as given; one not given is the precision's default (the README's Precision section).
+    p.add_argument(
+        "--atol",
+        "--max-abs-error",
+        dest="max_abs_error",
+        type=float,
+        help="absolute tolerance: every raw output element within atol + rtol * |reference| (FP32 default 1e-3)",
+    )
+    p.add_argument("--rtol", type=float, help="relative tolerance of every raw output element (FP32 default 1e-3)")
+    p.add_argument("--min-dice", type=float, help="segmentation: mean Dice over the frames (FP32 default 0.99)")
+    p.add_argument("--min-frame-dice", type=float, help="segmentation: Dice every frame must reach (FP32 default 0.99)")
 
 
-def _limits(args: argparse.Namespace) -> GateThresholds:
-    from edgescope.runtime.evaluation.limits import GateThresholds
-
-    return GateThresholds(max_abs_error=args.max_abs_error, min_dice=args.min_dice, min_frame_dice=args.min_frame_dice)
+def _limits(args: argparse.Namespace) -> dict[str, float]:
+    """The gate limits given on the command line, by their names in the manifest."""
+    given = {name: getattr(args, name) for name in ("max_abs_error", "rtol", "min_dice", "min_frame_dice")}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -284,7 +290,7 @@ def _run_export(args: argparse.Namespace) -> int:
             displacement_units=args.displacement_units,
             data=args.data,
             samples=args.samples,
-            thresholds=_limits(args),
+            limits=_limits(args),
             golden_frames=args.golden_frames,
             force=args.force,
             overwrite=args.overwrite,
@@ -650,9 +656,7 @@ def _run_validate(args: argparse.Namespace) -> int:
     from edgescope.export.validate import ValidateRequest, self_test_bundle, validate_bundle
 
     if not (args.factory or args.torchscript):
-        from edgescope.runtime.evaluation.limits import GateThresholds
-
-        if args.weights or args.data or args.samples or _limits(args) != GateThresholds():
+        if args.weights or args.data or args.samples or _limits(args):
             # The golden frames are judged by the limits the bundle carries; these options belong to the gate.
             raise ConfigError(
                 "--weights, --data, --samples and the limits re-run the gate, which needs --factory or --torchscript"
@@ -667,7 +671,7 @@ def _run_validate(args: argparse.Namespace) -> int:
             torchscript=args.torchscript,
             data=args.data,
             samples=args.samples,
-            thresholds=_limits(args),
+            limits=_limits(args),
             golden_frames=args.golden_frames,
         )
     )

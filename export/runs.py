@@ -104,7 +104,7 @@ def torch_runner(
     return Runner(infer, info)
 
 
-def check_batch(infer: Infer, feeds: Sequence[Feed], outputs: Sequence[Outputs], atol: float) -> None:
+def check_batch(infer: Infer, feeds: Sequence[Feed], outputs: Sequence[Outputs], atol: float, rtol: float) -> None:
     """The batch axis is dynamic: two frames in one batch must answer as they do one by one."""
     if len(feeds) < 2:
         return
@@ -120,5 +120,5 @@ def check_batch(infer: Infer, feeds: Sequence[Feed], outputs: Sequence[Outputs],
         raise ExportError(f"the ONNX model fails on a batch of two frames, {hint} ({first})") from exc
     for name, value in answers.items():
         single = np.concatenate([outputs[0][name], outputs[1][name]])
-        if value.shape != single.shape or not np.allclose(value, single, atol=atol):
+        if value.shape != single.shape or not np.allclose(value, single, rtol=rtol, atol=atol):
             raise ExportError(f"the ONNX model gives different {name!r} in a batch than frame by frame: {hint}")

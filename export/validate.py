@@ -17,7 +17,7 @@ Two ways, by what the user gives:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from edgescope.export.loading import load_model
 from edgescope.export.outputs import task_model
 from edgescope.export.runs import example_inputs, torch_runner
 from edgescope.runtime.evaluation.golden import DEFAULT_GOLDEN_FRAMES
-from edgescope.runtime.evaluation.limits import PRECISION_SAMPLES, GateThresholds, gate_thresholds
+from edgescope.runtime.evaluation.limits import PRECISION_SAMPLES, gate_thresholds
 from edgescope.runtime.evaluation.machine import describe_machine
 from edgescope.runtime.evaluation.report import format_report
 from edgescope.runtime.evaluation.runners import FAKE_QUANT, INTEGER, onnxruntime_runner, run
@@ -49,7 +49,8 @@ class ValidateRequest:
     torchscript: Path | None = None
     data: str | None = None
     samples: int | None = None
-    thresholds: GateThresholds = field(default_factory=GateThresholds)
+    # Gate limits given by the user, each used as given; the rest are the precision's defaults.
+    limits: Mapping[str, float] = field(default_factory=dict)
     golden_frames: int = DEFAULT_GOLDEN_FRAMES
 
 
@@ -70,7 +71,7 @@ def validate_bundle(request: ValidateRequest, log: Log = print) -> Bundle:
     bundle = load_bundle(request.bundle)
     manifest = bundle.manifest
     precision = PRECISION_NAMES.get(manifest.precision, "fp32")
-    thresholds = gate_thresholds(precision, request.thresholds)
+    thresholds = gate_thresholds(precision, request.limits)
     weights = _weights(request, manifest)
     source_file = weights or request.torchscript
     source_sha256 = sha256_file(source_file) if source_file is not None else ""

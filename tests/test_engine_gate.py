@@ -105,7 +105,7 @@ def test_a_precision_other_than_the_bundles_is_held_to_that_precisions_limits(bu
     entry = _build(bundle_copy, onnxruntime_engine, precision="fp16")
     assert entry.self_test.passed and not entry.self_test.HasField("versus_gated")
     limits = {m.name: m.threshold for m in entry.self_test.versus_reference.metrics}
-    assert limits["max_abs_error"] == 0.5 and limits["dice_min"] == 0.9
+    assert entry.self_test.versus_reference.limits.max_abs_error == 0.5 and limits["dice_min"] == 0.9
 
 
 class FakeTensorRTSession:

@@ -114,10 +114,13 @@ def test_limits_travel_in_the_manifest_under_the_same_names() -> None:
 
 
 def test_limits_left_at_defaults_take_the_precision_defaults() -> None:
-    mine = gate_thresholds("int8", GateThresholds(min_dice=0.97))
+    mine = gate_thresholds("int8", {"min_dice": 0.97})
     assert mine.min_dice == 0.97  # the user's own limit stands
     assert mine.max_abs_error == float("inf") and mine.min_frame_dice == 0.9
-    assert gate_thresholds("fp32", GateThresholds()) == GateThresholds()
+    assert gate_thresholds("fp32", {}) == GateThresholds()
+    # A limit given at the FP32 default's value is still the user's: not replaced by the precision's own.
+    assert gate_thresholds("fp16", {"max_abs_error": 1e-3}).max_abs_error == 1e-3
+    assert gate_thresholds("fp16", {}).max_abs_error == 0.5
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ import pytest
 
 from edgescope.bundle import Bundle
 from edgescope.errors import BundleError, ConfigError, ExportError, ValidationFailedError
-from edgescope.runtime.evaluation.limits import GateThresholds
 
 from .conftest import EXAMPLE
 
@@ -61,7 +60,7 @@ def test_onnx_runs_a_dynamic_batch(example_bundle: Bundle) -> None:
 def test_failing_gate_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "b"
     with pytest.raises(ValidationFailedError, match="nothing was written"):
-        export_model(_request(out, thresholds=GateThresholds(min_dice=1.5)), log=_quiet)
+        export_model(_request(out, limits={"min_dice": 1.5}), log=_quiet)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -71,7 +70,7 @@ def test_forced_bundle_is_marked_failed_and_not_served_by_default(tmp_path: Path
     from edgescope.runtime.server.repository import BundlePolicy
 
     out = tmp_path / "b"
-    bundle = export_model(_request(out, thresholds=GateThresholds(min_dice=1.5), force=True), log=_quiet)
+    bundle = export_model(_request(out, limits={"min_dice": 1.5}, force=True), log=_quiet)
     assert not bundle.manifest.validation.passed and bundle.manifest.validation.forced
     strict = ModelRegistry(OnnxRuntimeBackend())
     with pytest.raises(BundleError, match="accuracy gate"):

@@ -19,6 +19,7 @@ from edgescope.bundle import Bundle
 from edgescope.errors import ExportError, FrameError
 from edgescope.runtime.backends.base import Feed, Outputs
 from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from edgescope.runtime.evaluation.metrics import RAW_ERROR_METRICS
 from edgescope.runtime.pipeline.decode import encode_raw
 from edgescope.runtime.pipeline.encode import decode_mask, decode_tensor
 from edgescope.runtime.pipeline.postprocess import postprocess
@@ -122,7 +123,7 @@ def infer(server: ServerThread, frame: stream_pb2.Frame) -> stream_pb2.Result:
 def test_family_passes_the_fp32_gate(bundles: dict[str, Bundle], name: str) -> None:
     report = bundles[name].manifest.validation
     assert report.passed, [(m.name, m.value) for m in report.metrics if not m.passed]
-    task_metrics = {m.name for m in report.metrics} - {"max_abs_error", "mean_abs_error"}
+    task_metrics = {m.name for m in report.metrics} - RAW_ERROR_METRICS
     expected = {
         manifest_pb2.TASK_SEGMENTATION: {"dice_min", "dice_mean", "iou_min"},
         manifest_pb2.TASK_CLASSIFICATION: {"top1_agreement", "max_probability_diff"},
@@ -396,4 +397,4 @@ def test_a_stateful_model_self_tests_its_golden_frames_as_a_sequence(bundles: di
         return runner.infer({**feed, "hidden": np.zeros_like(feed["hidden"])})
 
     forgetful = self_test(bundle, forgets_its_state, runner.info)
-    assert not forgetful.passed and "max_abs_error" in forgetful.reasons[0]
+    assert not forgetful.passed and "error_vs_tolerance" in forgetful.reasons[0]

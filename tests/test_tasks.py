@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edgescope.runtime.evaluation.limits import GateThresholds
-from edgescope.runtime.evaluation.metrics import compare, psnr, ssim
+from edgescope.runtime.evaluation.metrics import RAW_ERROR_METRICS, compare, psnr, ssim
 from edgescope.runtime.pipeline.postprocess import postprocess
 from edgescope.runtime.pipeline.preprocess import preprocess
 from edgescope.runtime.pipeline.tasks.detection import box_iou, detect, nms, to_xyxy
@@ -118,7 +118,7 @@ def test_image_gate_fails_on_noise_and_passes_with_looser_limits() -> None:
     rng = np.random.default_rng(1)
     ref = [rng.random((1, 1, 32, 32)).astype(np.float32)]
     noisy = [np.clip(ref[0] + rng.normal(0, 0.05, ref[0].shape), 0, 1).astype(np.float32)]
-    assert _failed(compare(ref, noisy, manifest, GateThresholds())) == {"max_abs_error", "psnr_min_db", "ssim_min"}
+    assert _failed(compare(ref, noisy, manifest, GateThresholds())) == {"error_vs_tolerance", "psnr_min_db", "ssim_min"}
     loose = GateThresholds(max_abs_error=1.0, min_psnr_db=20.0, min_ssim=0.5)
     assert not _failed(compare(ref, noisy, manifest, loose))
 
@@ -160,4 +160,4 @@ def test_old_compare_call_with_arrays_still_works_for_segmentation() -> None:
     )
     ref = [np.ones((1, 1, 4, 4), np.float32)]
     names = {m.name for m in compare(ref, [-ref[0]], manifest, GateThresholds(max_abs_error=1e-3, min_dice=0.99))}
-    assert names == {"max_abs_error", "mean_abs_error", "dice_min", "dice_mean", "iou_min"}
+    assert names == RAW_ERROR_METRICS | {"dice_min", "dice_mean", "iou_min"}

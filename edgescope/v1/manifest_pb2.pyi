@@ -919,6 +919,7 @@ class ValidationReport(_message.Message):
     MACHINE_FIELD_NUMBER: _builtins.int
     REASONS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     passed: _builtins.bool
     forced: _builtins.bool
     reference: _builtins.str
@@ -940,6 +941,10 @@ class ValidationReport(_message.Message):
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Why it failed, one line per limit missed; empty when it passed."""
 
+    @_builtins.property
+    def limits(self) -> Global___GateLimits:
+        """The limits it was judged by (the precision's defaults and the user's own)."""
+
     def __init__(
         self,
         *,
@@ -956,10 +961,11 @@ class ValidationReport(_message.Message):
         machine: Global___Machine | None = ...,
         reasons: _abc.Iterable[_builtins.str] | None = ...,
         created_at: _builtins.str = ...,
+        limits: Global___GateLimits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["candidate_runner", b"candidate_runner", "machine", b"machine", "reference_runner", b"reference_runner"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["candidate_runner", b"candidate_runner", "limits", b"limits", "machine", b"machine", "reference_runner", b"reference_runner"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate", b"candidate", "candidate_runner", b"candidate_runner", "created_at", b"created_at", "data_source", b"data_source", "forced", b"forced", "machine", b"machine", "metrics", b"metrics", "passed", b"passed", "precision", b"precision", "reasons", b"reasons", "reference", b"reference", "reference_runner", b"reference_runner", "samples", b"samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate", b"candidate", "candidate_runner", b"candidate_runner", "created_at", b"created_at", "data_source", b"data_source", "forced", b"forced", "limits", b"limits", "machine", b"machine", "metrics", b"metrics", "passed", b"passed", "precision", b"precision", "reasons", b"reasons", "reference", b"reference", "reference_runner", b"reference_runner", "samples", b"samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -981,7 +987,12 @@ class GateLimits(_message.Message):
     MIN_PSNR_DB_FIELD_NUMBER: _builtins.int
     MIN_SSIM_FIELD_NUMBER: _builtins.int
     MAX_SCORE_DIFFERENCE_FIELD_NUMBER: _builtins.int
+    RTOL_FIELD_NUMBER: _builtins.int
     max_abs_error: _builtins.float
+    """Elementwise, every raw output: |candidate - reference| <= max_abs_error + rtol * max(|reference|,
+    the output's mean |reference| on that frame) (max_abs_error is the absolute tolerance, rtol the
+    relative one).
+    """
     min_dice: _builtins.float
     """Segmentation: the mean Dice over the frames, and the floor every frame must reach."""
     min_frame_dice: _builtins.float
@@ -992,6 +1003,7 @@ class GateLimits(_message.Message):
     min_psnr_db: _builtins.float
     min_ssim: _builtins.float
     max_score_difference: _builtins.float
+    rtol: _builtins.float
     def __init__(
         self,
         *,
@@ -1005,10 +1017,11 @@ class GateLimits(_message.Message):
         min_psnr_db: _builtins.float = ...,
         min_ssim: _builtins.float = ...,
         max_score_difference: _builtins.float = ...,
+        rtol: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_abs_error", b"max_abs_error", "max_probability_difference", b"max_probability_difference", "max_score_difference", b"max_score_difference", "min_box_iou", b"min_box_iou", "min_box_match", b"min_box_match", "min_dice", b"min_dice", "min_frame_dice", b"min_frame_dice", "min_psnr_db", b"min_psnr_db", "min_ssim", b"min_ssim", "min_top1_agreement", b"min_top1_agreement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_abs_error", b"max_abs_error", "max_probability_difference", b"max_probability_difference", "max_score_difference", b"max_score_difference", "min_box_iou", b"min_box_iou", "min_box_match", b"min_box_match", "min_dice", b"min_dice", "min_frame_dice", b"min_frame_dice", "min_psnr_db", b"min_psnr_db", "min_ssim", b"min_ssim", "min_top1_agreement", b"min_top1_agreement", "rtol", b"rtol"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -290,3 +290,55 @@ def build_multichannel_unet() -> nn.Module:
             num_res_units=1,
         )
     )
+
+
+# --- The gate's tolerance: a correct FP32 graph with large logits, and a defective one ----------
+
+
+class _LogitScale(nn.Module):
+    """A fixed scale on the logits: an untrained network's are near 0, a trained one's reach tens."""
+
+    def __init__(self, inner: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.inner, self.scale = inner, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * self.scale  # type: ignore[no-any-return]
+
+
+def build_dynunet_deep_supervision() -> nn.Module:
+    """MONAI's DynUNet as it is usually trained: deep supervision with two heads (at export, in eval
+    mode, it answers with its main head), its logits at a trained network's scale (tens). FP32
+    rounding alone moves them by more than 1e-3: a correct graph an absolute limit alone refuses."""
+    return _seeded(
+        lambda: _LogitScale(
+            nets.DynUNet(
+                spatial_dims=2,
+                in_channels=1,
+                out_channels=2,
+                kernel_size=[3, 3, 3, 3],
+                strides=[1, 2, 2, 2],
+                upsample_kernel_size=[2, 2, 2],
+                filters=[8, 16, 32, 64],
+                deep_supervision=True,
+                deep_supr_num=2,
+            ),
+            200.0,
+        )
+    )
+
+
+class _ShiftedWhenExported(nn.Module):
+    """A wrongly exported op in miniature: the graph's outputs are 1 % larger than PyTorch's."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.inner(x)
+        return out * 1.01 if torch.onnx.is_in_onnx_export() else out
+
+
+def build_defective_unet() -> nn.Module:
+    return _ShiftedWhenExported(build_unet()).eval()

@@ -1,7 +1,11 @@
 """Task metrics: how far a candidate's outputs are from a reference's, frame by frame.
 
-Every task is measured by the raw outputs' absolute error, and by what the
-runtime makes of them (its own postprocessing code):
+Every task is measured by the raw outputs' error against a tolerance that
+scales with them (``error_vs_tolerance``: the largest ``|candidate -
+reference| / (atol + rtol * |reference|)`` of a frame, at most 1; see
+``limits``), with the error's distribution reported beside it (absolute and
+relative: median, p99, max), and by what the runtime makes of them (its own
+postprocessing code):
 
 =============== ===============================================================
 segmentation     Dice of the masks: the mean, and the worst frame (a floor)
@@ -38,6 +42,19 @@ Array = npt.NDArray[np.float32]
 # One frame's outputs: the task output alone, or every output by name.
 Sample = npt.NDArray[np.generic] | Mapping[str, npt.NDArray[np.generic]]
 
+# What every task reports of the raw outputs: the one limited (error_vs_tolerance), and the error's distribution.
+RAW_ERROR_METRICS = frozenset(
+    {
+        "error_vs_tolerance",
+        "max_abs_error",
+        "mean_abs_error",
+        "abs_error_p50",
+        "abs_error_p99",
+        "rel_error_p50",
+        "rel_error_p99",
+        "rel_error_max",
+    }
+)
 MATCH_IOU = 0.5
 # Identical images have no PSNR; report this ceiling instead of infinity.
 PSNR_CEILING_DB = 100.0
@@ -161,6 +178,22 @@ def _share(
     )
 
 
+def _tolerance_ratio(
+    error: npt.NDArray[np.float64], magnitude: npt.NDArray[np.float64], limits: GateThresholds
+) -> float:
+    """The largest ``error / (atol + rtol * max(|reference|, mean |reference|))``: at most 1 when every
+    element is within tolerance. Near a zero crossing an element's rounding is the size of the output's
+    values, not of its own, so the relative term never falls below the output's mean magnitude."""
+    if not error.size:
+        return 0.0
+    allowed = limits.max_abs_error + limits.rtol * np.maximum(magnitude, magnitude.mean())
+    if np.isinf(allowed).all():
+        return 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(allowed > 0, error / allowed, np.where(error > 0, np.inf, 0.0))
+    return float(np.nanmax(ratio))
+
+
 def _named(sample: Sample, primary: str) -> dict[str, Array]:
     if isinstance(sample, Mapping):
         return {name: np.asarray(value, dtype=np.float32) for name, value in sample.items()}
@@ -261,18 +294,40 @@ def compare_frames(
         raise ValueError("compare needs the same, non-zero number of reference and candidate outputs")
     primary = manifest.postprocessing.output or (manifest.outputs[0].name if manifest.outputs else "output")
     pairs = [(_named(r, primary), _named(c, primary)) for r, c in zip(reference, candidate, strict=True)]
-    frame_errors = [
-        [np.abs(r[name].astype(np.float64) - c[name].astype(np.float64)).reshape(-1) for name in r if name in c]
-        for r, c in pairs
-    ]
+    frame_errors: list[list[npt.NDArray[np.float64]]] = []
+    frame_ratios: list[float] = []
+    magnitudes: list[npt.NDArray[np.float64]] = []
+    for r, c in pairs:
+        errors, ratio = [], 0.0
+        for name in (n for n in r if n in c):
+            reference_values = r[name].astype(np.float64).reshape(-1)
+            error = np.abs(reference_values - c[name].astype(np.float64).reshape(-1))
+            errors.append(error)
+            magnitudes.append(np.abs(reference_values))
+            ratio = max(ratio, _tolerance_ratio(error, np.abs(reference_values), limits))
+        frame_errors.append(errors)
+        frame_ratios.append(ratio)
     if not all(frame_errors):
         raise ValueError("reference and candidate share no output names")
     max_errors = [max(float(e.max()) if e.size else 0.0 for e in errors) for errors in frame_errors]
     mean_error = float(np.mean([e.mean() for errors in frame_errors for e in errors if e.size]))
+    every = np.concatenate([e for errors in frame_errors for e in errors])
+    scale = np.concatenate(magnitudes)
+    # Relative error where the reference is not (about) zero: elsewhere only the absolute one means anything.
+    relative = every[scale > 1e-6] / scale[scale > 1e-6]
     metrics = [
-        _floor("max_abs_error", max_errors, limits.max_abs_error, False),
+        _floor("error_vs_tolerance", frame_ratios, 1.0, False),
+        _aggregate("max_abs_error", max(max_errors), NO_LIMIT, False, per_frame_only),
         _aggregate("mean_abs_error", mean_error, NO_LIMIT, False, per_frame_only),
+        _aggregate("abs_error_p50", float(np.percentile(every, 50)), NO_LIMIT, False, per_frame_only),
+        _aggregate("abs_error_p99", float(np.percentile(every, 99)), NO_LIMIT, False, per_frame_only),
     ]
+    if relative.size:
+        metrics += [
+            _aggregate("rel_error_p50", float(np.percentile(relative, 50)), NO_LIMIT, False, per_frame_only),
+            _aggregate("rel_error_p99", float(np.percentile(relative, 99)), NO_LIMIT, False, per_frame_only),
+            _aggregate("rel_error_max", float(relative.max()), NO_LIMIT, False, per_frame_only),
+        ]
     task_metrics, task_scores = _task_metrics(pairs, manifest, primary, limits, per_frame_only)
     metrics.extend(task_metrics)
     return Comparison(metrics, task_scores, max_errors)

@@ -67,6 +67,7 @@ def evaluate(
         machine=machine,
         reasons=failed,
         created_at=now(),
+        limits=limits.to_proto(),
     )
     return report, comparison
 
@@ -75,6 +76,8 @@ def format_report(report: manifest_pb2.ValidationReport, title: str = "accuracy 
     lines = [
         f"{title}: {report.candidate} vs {report.reference} on {report.samples} frames from {report.data_source}",
         f"  machine: {machine_summary(report.machine)}",
+        f"  raw outputs: every element within {report.limits.max_abs_error:g} + {report.limits.rtol:g} x "
+        "max(|reference|, mean |reference|)",
         f"  {'metric':<22}{'value':>12}{'limit':>12}  {'frames':<8}result",
     ]
     for m in report.metrics:
