@@ -357,6 +357,12 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="seconds SIGTERM leaves frames in flight to finish before they are answered dropped: shutdown",
     )
     p.add_argument(
+        "--audit-log",
+        type=Path,
+        help="append-only, hash-chained record of model loads, refusals, unloads and failovers, with who asked "
+        "(check it with `edgescope audit verify PATH`)",
+    )
+    p.add_argument(
         "--backend",
         default="onnxruntime",
         choices=["onnxruntime", "tensorrt", "remote"],
@@ -457,6 +463,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         allow_failed_validation=args.allow_failed_validation,
         grace_s=args.grace,
+        audit_log=args.audit_log,
         self_test=not args.skip_self_test,
         scheduling=SchedulerConfig(
             policy=stream_pb2.STREAM_POLICY_LIVE if args.policy == "live" else stream_pb2.STREAM_POLICY_EVERY,
@@ -847,6 +854,24 @@ def _run_perf(args: argparse.Namespace) -> int:
     return 1 if any(step.errors for step in results) else 0
 
 
+def _add_audit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("audit", help="check an audit trail written by `serve --audit-log`")
+    actions = p.add_subparsers(dest="action", required=True)
+    verify = actions.add_parser("verify", help="exit non-zero if any record was changed, removed or reordered")
+    verify.add_argument("path", type=Path)
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    from edgescope.runtime.archive.audit import verify
+
+    verdict = verify(args.path)
+    if not verdict.intact:
+        print(f"{args.path}: NOT intact after {verdict.records} record(s): {verdict.problem}", file=sys.stderr)
+        return 1
+    print(f"{args.path}: {verdict.records} record(s), intact; last hash {verdict.last_hash}")
+    return 0
+
+
 def _add_doctor(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser("doctor", help="what this device can run and what is missing")
     p.add_argument("bundles", type=Path, nargs="*", help="also check which of these bundles' engines fit this device")
@@ -881,6 +906,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_sign,
         _add_keygen,
         _add_doctor,
+        _add_audit,
         _add_perf,
     ):
         add(commands)
@@ -915,6 +941,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sign": _run_sign,
         "keygen": _run_keygen,
         "doctor": _run_doctor,
+        "audit": _run_audit,
         "perf": _run_perf,
     }
     try:

@@ -29,6 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edgescope.errors import BundleError, ConfigError, EdgescopeError
+from edgescope.runtime.archive.audit import AuditTrail
 from edgescope.runtime.backends.base import Backend, cpu_cores
 from edgescope.runtime.render.overlay import load_fonts
 from edgescope.runtime.server.auth import CallerExecutor
@@ -80,6 +81,8 @@ class ServerConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     kserve_limits: TensorLimits = DEFAULT_TENSOR_LIMITS
+    # Where model loads, refusals, unloads and failovers are recorded (hash-chained JSON lines).
+    audit_log: Path | None = None
 
 
 class RunningServer:
@@ -132,6 +135,8 @@ class RunningServer:
             logger.warning("a model's worker was still busy %.0f s after the drain; exiting without it", CLOSE_S)
         REGIONS.close()
         self.telemetry.close()
+        if self.registry.audit is not None:
+            self.registry.audit.close()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -181,6 +186,8 @@ def _abandon(
         executor.shutdown(wait=False)
     registry.close()
     telemetry.close()
+    if registry.audit is not None:
+        registry.audit.close()
 
 
 async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
@@ -196,7 +203,12 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
         config.security, host=config.host, web_host=web_host, allow_failed_validation=config.allow_failed_validation
     )
     registry = ModelRegistry(
-        backend, config.models, fallback=config.fallback, policy=security.policy, run_self_test=config.self_test
+        backend,
+        config.models,
+        fallback=config.fallback,
+        policy=security.policy,
+        run_self_test=config.self_test,
+        audit=AuditTrail(config.audit_log) if config.audit_log is not None else None,
     )
     # Carries the caller of each call into the frame threads (shared memory belongs to its registrant).
     frames = CallerExecutor(max_workers=config.frame_threads, thread_name_prefix="edgescope-frame")

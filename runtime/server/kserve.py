@@ -437,7 +437,11 @@ class KServeService(inference_pb2_grpc.GRPCInferenceServiceServicer):
             _check_repository_request(request.repository_name, request.model_name, request.parameters)
             # Loading reads, hashes, warms up and checks a bundle: seconds, on the loader thread.
             load = functools.partial(
-                self._registry.load_named, self._settings.repository, request.model_name, request.model_name
+                self._registry.load_named,
+                self._settings.repository,
+                request.model_name,
+                request.model_name,
+                current_client(),
             )
             model = await asyncio.get_running_loop().run_in_executor(self._loader, load)
         except EdgescopeError as exc:
@@ -453,7 +457,7 @@ class KServeService(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 request.repository_name, request.model_name, request.parameters, _UNLOAD_PARAMETERS
             )
             # Requests in flight finish on the model; it closes after the last one.
-            self._registry.unload(request.model_name)
+            self._registry.unload(request.model_name, current_client())
         except EdgescopeError as exc:
             await _abort(context, exc)
         logger.info("unloaded %s", request.model_name)

@@ -36,6 +36,7 @@ import numpy as np
 
 from edgescope.bundle import Bundle
 from edgescope.errors import BundleError, ConfigError, EdgescopeError, ModelNotFoundError, SelfTestFailedError
+from edgescope.runtime.archive.audit import AuditTrail
 from edgescope.runtime.backends.base import Backend, Session, SessionCapabilities
 from edgescope.runtime.evaluation.machine import machine_summary
 from edgescope.runtime.evaluation.runners import describe
@@ -145,6 +146,7 @@ class ModelRegistry:
         policy: BundlePolicy | None = None,
         warm: bool = True,
         run_self_test: bool = True,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.backend = backend
         self.fallback = fallback
@@ -162,6 +164,8 @@ class ModelRegistry:
         self._stopping: list[ModelRoute] = []
         self._lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
+        # Where loads, refusals, unloads and failovers are recorded, with who asked (``serve --audit-log``).
+        self.audit = audit
         self.on_degraded: Callable[[str, str], None] = lambda _model, _reason: None
 
     def on_change(self, listener: Callable[[], None]) -> None:
@@ -169,7 +173,9 @@ class ModelRegistry:
         self._listeners.append(listener)
         listener()
 
-    def load_named(self, repository: ModelRepository, bundle: str, name: str | None = None) -> ServedModel:
+    def load_named(
+        self, repository: ModelRepository, bundle: str, name: str | None = None, who: str = "server"
+    ) -> ServedModel:
         """LoadModel and KServe's RepositoryModelLoad alike: the bundle of that name in ``repository``,
         replacing a loaded model of the same name once the new one is ready (blocking: the loader's work).
 
@@ -177,27 +183,42 @@ class ModelRegistry:
         which must then be the name its manifest gives (an entry cannot stand in for another model).
         A load that fails leaves nothing behind: the error goes to the caller.
         """
-        opened = self.policy.open(repository.resolve(bundle))
+        try:
+            opened = self.policy.open(repository.resolve(bundle))
+        except EdgescopeError as exc:
+            self._record("model_refused", who, model=name or bundle, bundle=bundle, reason=str(exc))
+            raise
         if name is None and opened.manifest.name != bundle:
-            raise BundleError(
+            error = BundleError(
                 f"repository entry {echo(bundle)} holds a model named {echo(opened.manifest.name)}: name the entry "
                 "after its model, or ask for the name to serve it under (LoadModelRequest.name)"
             )
-        return self._load(opened, name or bundle, replace=True, remember_failure=False)
+            self._record("model_refused", who, model=bundle, bundle=bundle, reason=str(error))
+            raise error
+        return self._load(opened, name or bundle, replace=True, remember_failure=False, who=who)
 
     def load(self, path: Path, *, name: str | None = None, replace: bool = False) -> ServedModel:
         """Load, check and start a bundle's workers, then publish it (replacing a same-named model if asked).
 
         A bundle that cannot be served raises, and is listed as not served, with why (``failed``).
         """
-        bundle = self.policy.open(path)
-        return self._load(bundle, name or bundle.manifest.name, replace=replace, remember_failure=True)
+        try:
+            bundle = self.policy.open(path)
+        except EdgescopeError as exc:
+            self._record("model_refused", "server", model=name or path.name, bundle=str(path), reason=str(exc))
+            raise
+        return self._load(bundle, name or bundle.manifest.name, replace=replace, remember_failure=True, who="server")
 
-    def _load(self, bundle: Bundle, model_name: str, *, replace: bool, remember_failure: bool) -> ServedModel:
+    def _record(self, event: str, who: str, **fields: object) -> None:
+        if self.audit is not None:
+            self.audit.append(event, by=who, **fields)
+
+    def _load(self, bundle: Bundle, model_name: str, *, replace: bool, remember_failure: bool, who: str) -> ServedModel:
         try:
             check_manifest(bundle.manifest)
             model = self._start(bundle, model_name, replace)
         except EdgescopeError as exc:
+            self._record("model_refused", who, model=model_name, bundle=str(bundle.path), reason=str(exc))
             if remember_failure:
                 with self._lock:
                     if model_name not in self._models:
@@ -213,6 +234,20 @@ class ModelRegistry:
             self._failed.pop(model_name, None)
             if old is not None:
                 self._retire(old)
+        provenance = model.provenance
+        self._record(
+            "model_loaded",
+            who,
+            model=model_name,
+            version=bundle.manifest.version,
+            bundle=str(bundle.path),
+            sha256=provenance.sha256,
+            signer=bundle.signer,
+            backend=provenance.backend,
+            device=provenance.device,
+            self_test=provenance.self_test,
+            replaced=old is not None,
+        )
         self._notify()
         return model
 
@@ -287,9 +322,10 @@ class ModelRegistry:
         return worker
 
     def _degraded(self, model: str, reason: str) -> None:
+        self._record("model_degraded" if reason else "model_restored", "server", model=model, reason=reason)
         self.on_degraded(model, reason)
 
-    def unload(self, name: str) -> None:
+    def unload(self, name: str, who: str = "server") -> None:
         """Stop serving ``name``; a model that could not be served is forgotten, with why."""
         with self._lock:
             model = self._models.pop(name, None)
@@ -298,6 +334,7 @@ class ModelRegistry:
                     raise ModelNotFoundError(f"model {echo(name)} is not loaded")
             else:
                 self._retire(model)
+        self._record("model_unloaded", who, model=name)
         self._notify()
 
     def _retire(self, model: ServedModel) -> None:

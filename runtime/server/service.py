@@ -166,7 +166,9 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "LoadModel needs a bundle name")
 
         # Loading, warm-up and checks happen before the swap, on the loader thread: streams keep running.
-        load = functools.partial(self._models.load_named, self._repository, request.bundle, request.name or None)
+        load = functools.partial(
+            self._models.load_named, self._repository, request.bundle, request.name or None, current_client()
+        )
         try:
             model = await asyncio.get_running_loop().run_in_executor(self._loader, load)
         except EdgescopeError as exc:
@@ -180,7 +182,7 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
         context: grpc.aio.ServicerContext[stream_pb2.UnloadModelRequest, stream_pb2.UnloadModelResponse],
     ) -> stream_pb2.UnloadModelResponse:
         try:
-            self._models.unload(request.name)
+            self._models.unload(request.name, current_client())
         except ModelNotFoundError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         return stream_pb2.UnloadModelResponse()
