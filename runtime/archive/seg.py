@@ -1,0 +1,243 @@
+"""Masks -> a DICOM Segmentation (BINARY) of the frames they were found on.
+
+Written with pydicom because the common ultrasound case, a multi-frame cine
+without a Frame of Reference, is the one highdicom refuses. PS3.3 A.51.5.1
+says how such a Segmentation points back at its source: each frame carries a
+Derivation Image Sequence whose Source Image Sequence names the source
+instance and its Referenced Frame Number (purpose of reference 121322,
+"Source image for image processing operation"; derivation 113076,
+"Segmentation"). Without a frame of reference the frames' one dimension is
+the segment number; the source frame each came from is its reference. Rows and columns are the source's; every source
+frame analysed has one frame per segment (empty where nothing was found), so
+frame k of the source is frame k of each segment's block.
+
+The algorithm is identified as IHE AI Results asks: Segment Algorithm Type
+AUTOMATIC with its name, the Algorithm Identification (family "Artificial
+Intelligence", name and version), and Contributing Equipment naming the bundle's
+sha256 and signer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import numpy.typing as npt
+from pydicom import Dataset
+from pydicom import Sequence as DicomSequence
+from pydicom.dataset import FileMetaDataset
+from pydicom.pixels.utils import pack_bits
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+from edgescope import __version__
+from edgescope.errors import FrameError
+
+SEGMENTATION_STORAGE = UID("1.2.840.10008.5.1.4.1.1.66.4")
+MANUFACTURER = "edgescope"
+# Copied from the source so the Segmentation files beside it, in its study (PS3.3 C.7.1.1, C.7.2.1).
+_PATIENT_AND_STUDY = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Code:
+    """A coded concept: SNOMED CT ("SCT") or DICOM ("DCM")."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+    def item(self) -> Dataset:
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = self.value, self.scheme, self.meaning
+        return code
+
+
+LESION = (Code("49755003", "SCT", "Morphologically Altered Structure"), Code("52988006", "SCT", "Lesion"))
+TISSUE = (Code("85756007", "SCT", "Tissue"), Code("85756007", "SCT", "Tissue"))
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One label of a mask: its number in the mask, its name and its coded category and type."""
+
+    number: int
+    label: str
+    category: Code
+    type: Code
+
+
+def segments_for(labels: Sequence[str]) -> list[Segment]:
+    """Segments for a model's labels (label 0 is background): "lesion" coded as one, the rest as tissue."""
+    return [
+        Segment(number, label, *(LESION if label.lower() == "lesion" else TISSUE))
+        for number, label in enumerate(labels)
+        if number > 0
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Algorithm:
+    """What produced the masks: the model's name and version, and the bundle it ran from."""
+
+    name: str
+    version: str
+    bundle_sha256: str
+    signer: str = ""
+
+
+def segmentation(
+    source: Dataset,
+    masks: Sequence[tuple[int, npt.NDArray[np.uint8]]],
+    segments: Sequence[Segment],
+    algorithm: Algorithm,
+    *,
+    series_number: int = 900,
+    sop_instance_uid: str | None = None,
+) -> Dataset:
+    """A BINARY Segmentation of ``source``: ``masks`` are (source frame number, 1-based; label mask)."""
+    if not masks or not segments:
+        raise FrameError("a Segmentation needs at least one analysed frame and one segment")
+    rows, columns = int(source.Rows), int(source.Columns)
+    for frame_number, mask in masks:
+        if mask.shape != (rows, columns):
+            raise FrameError(f"the mask of frame {frame_number} is {mask.shape}; the source is {(rows, columns)}")
+    now = datetime.now(timezone.utc)
+    seg = Dataset()
+    seg.file_meta = FileMetaDataset()
+    seg.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    seg.file_meta.MediaStorageSOPClassUID = SEGMENTATION_STORAGE
+    seg.SOPClassUID = SEGMENTATION_STORAGE
+    seg.SOPInstanceUID = sop_instance_uid or generate_uid()
+    seg.file_meta.MediaStorageSOPInstanceUID = seg.SOPInstanceUID
+    seg.SpecificCharacterSet = source.get("SpecificCharacterSet", "ISO_IR 192")
+    for keyword in _PATIENT_AND_STUDY:
+        setattr(seg, keyword, source.get(keyword, ""))
+    seg.Modality = "SEG"
+    seg.SeriesInstanceUID = generate_uid()
+    seg.SeriesNumber = series_number
+    seg.InstanceNumber = 1
+    seg.ContentDate, seg.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    seg.SeriesDate, seg.SeriesTime = seg.ContentDate, seg.ContentTime
+    seg.SeriesDescription = f"{algorithm.name} segmentation"
+    _equipment(seg, algorithm)
+    seg.ImageType = ["DERIVED", "PRIMARY"]
+    seg.ContentLabel = "SEGMENTATION"
+    seg.ContentDescription = f"{algorithm.name} {algorithm.version}"[:64]
+    seg.ContentCreatorName = ""
+    seg.SegmentationType = "BINARY"
+    seg.SegmentSequence = DicomSequence([_segment(segment, algorithm) for segment in segments])
+    seg.SamplesPerPixel, seg.PhotometricInterpretation = 1, "MONOCHROME2"
+    seg.Rows, seg.Columns = rows, columns
+    seg.BitsAllocated, seg.BitsStored, seg.HighBit, seg.PixelRepresentation = 1, 1, 0, 0
+    seg.LossyImageCompression = "00"
+    # No frame of reference: the orientation is that of the source's own frames.
+    seg.PatientOrientation = ""
+    _dimensions(seg)
+    frames = [(segment, number, mask == segment.number) for segment in segments for number, mask in masks]
+    seg.NumberOfFrames = len(frames)
+    seg.SharedFunctionalGroupsSequence = DicomSequence([Dataset()])
+    seg.PerFrameFunctionalGroupsSequence = DicomSequence(
+        [_frame_groups(source, segment.number, number) for segment, number, _ in frames]
+    )
+    seg.PixelData = pack_bits(np.stack([bits for _, _, bits in frames]).astype(np.uint8), pad=True)
+    seg.ReferencedSeriesSequence = DicomSequence([_referenced_series(source)])
+    return seg
+
+
+def _equipment(seg: Dataset, algorithm: Algorithm) -> None:
+    seg.Manufacturer = MANUFACTURER
+    seg.ManufacturerModelName = "edgescope runtime"
+    seg.DeviceSerialNumber = "1"
+    seg.SoftwareVersions = __version__
+    # IHE AIR: the equipment that made the result, with what exactly ran (the bundle's digest and signer).
+    contributor = Dataset()
+    contributor.Manufacturer = MANUFACTURER
+    contributor.ManufacturerModelName = f"{algorithm.name} {algorithm.version}"[:64]
+    contributor.SoftwareVersions = [__version__, f"sha256:{algorithm.bundle_sha256}"[:64]]
+    contributor.ContributionDescription = (
+        f"model bundle sha256 {algorithm.bundle_sha256}, signed by {algorithm.signer or 'nobody'}"
+    )[:1024]
+    contributor.ContributionDateTime = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")
+    contributor.PurposeOfReferenceCodeSequence = DicomSequence([Code("109102", "DCM", "Processing Equipment").item()])
+    seg.ContributingEquipmentSequence = DicomSequence([contributor])
+
+
+def _segment(segment: Segment, algorithm: Algorithm) -> Dataset:
+    item = Dataset()
+    item.SegmentNumber = segment.number
+    item.SegmentLabel = segment.label[:64]
+    item.SegmentAlgorithmType = "AUTOMATIC"
+    item.SegmentAlgorithmName = algorithm.name[:64]
+    item.SegmentedPropertyCategoryCodeSequence = DicomSequence([segment.category.item()])
+    item.SegmentedPropertyTypeCodeSequence = DicomSequence([segment.type.item()])
+    identification = Dataset()
+    identification.AlgorithmFamilyCodeSequence = DicomSequence(
+        [Code("123109", "DCM", "Artificial Intelligence").item()]
+    )
+    identification.AlgorithmName = algorithm.name[:64]
+    identification.AlgorithmVersion = algorithm.version[:64]
+    item.SegmentationAlgorithmIdentificationSequence = DicomSequence([identification])
+    return item
+
+
+def _dimensions(seg: Dataset) -> None:
+    """Without a frame of reference, the frames' one dimension is the segment (A.51.5.1)."""
+    organization = generate_uid()
+    dimension = Dataset()
+    dimension.DimensionOrganizationUID = organization
+    seg.DimensionOrganizationSequence = DicomSequence([dimension])
+    segment_index = Dataset()
+    segment_index.DimensionOrganizationUID = organization
+    segment_index.DimensionIndexPointer = 0x0062000B  # Referenced Segment Number
+    segment_index.FunctionalGroupPointer = 0x0062000A  # Segment Identification Sequence
+    segment_index.DimensionDescriptionLabel = "Segment Number"
+    seg.DimensionIndexSequence = DicomSequence([segment_index])
+
+
+def _frame_groups(source: Dataset, segment_number: int, frame_number: int) -> Dataset:
+    source_image = Dataset()
+    source_image.ReferencedSOPClassUID = source.SOPClassUID
+    source_image.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    source_image.ReferencedFrameNumber = frame_number
+    # Same rows and columns, pixel for pixel: a viewer may lay the mask over the frame as it is.
+    source_image.SpatialLocationsPreserved = "YES"
+    source_image.PurposeOfReferenceCodeSequence = DicomSequence(
+        [Code("121322", "DCM", "Source image for image processing operation").item()]
+    )
+    derivation = Dataset()
+    derivation.SourceImageSequence = DicomSequence([source_image])
+    derivation.DerivationCodeSequence = DicomSequence([Code("113076", "DCM", "Segmentation").item()])
+    content = Dataset()
+    content.DimensionIndexValues = [segment_number]
+    identification = Dataset()
+    identification.ReferencedSegmentNumber = segment_number
+    groups = Dataset()
+    groups.DerivationImageSequence = DicomSequence([derivation])
+    groups.FrameContentSequence = DicomSequence([content])
+    groups.SegmentIdentificationSequence = DicomSequence([identification])
+    return groups
+
+
+def _referenced_series(source: Dataset) -> Dataset:
+    instance = Dataset()
+    instance.ReferencedSOPClassUID = source.SOPClassUID
+    instance.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = source.SeriesInstanceUID
+    series.ReferencedInstanceSequence = DicomSequence([instance])
+    return series
