@@ -548,11 +548,48 @@ def _add_stream(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--loop", action="store_true", help="repeat a finite source")
     p.add_argument("--save", type=Path, help="write an overlay video: .mp4 (H.264), .webm (VP9) or .avi (MJPEG)")
     p.add_argument("--summary", type=Path, help="write the latency summary as JSON")
+    p.add_argument(
+        "--results-to",
+        metavar="URL",
+        help="store the results in an archive: dicomweb+http(s)://HOST:PORT/PATH (STOW-RS) or "
+        "dicom://CALLED_AET@HOST:PORT (C-STORE); a dicom: source's masks become a DICOM Segmentation",
+    )
+    _add_outbox(p)
     p.add_argument("--mask-encoding", default="png", choices=["png", "rle"])
     p.add_argument("--policy", choices=["every", "live"], help="live: newest frame wins; every: all frames (default)")
     p.add_argument("--deadline-ms", type=int, default=0, help="per-frame budget from server receipt")
     p.add_argument("--max-message-mb", type=int, default=64)
     _add_client_security(p)
+
+
+def _add_outbox(p: argparse.ArgumentParser) -> None:
+    state = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
+    p.add_argument(
+        "--outbox",
+        type=Path,
+        default=state / "edgescope" / "outbox",
+        help="where DICOM results wait until the archive confirms them (kept across runs)",
+    )
+    p.add_argument("--delivery-timeout", type=float, default=60.0, help="seconds to keep trying the archive")
+
+
+def _add_outbox_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("outbox", help="DICOM results waiting for their archive")
+    actions = p.add_subparsers(dest="action", required=True)
+    send = actions.add_parser("send", help="deliver what waits in the outbox")
+    send.add_argument("--results-to", metavar="URL", required=True, help="as for `edgescope stream --results-to`")
+    _add_outbox(send)
+
+
+def _run_outbox(args: argparse.Namespace) -> int:
+    from edgescope.runtime.archive.outbox import Outbox
+    from edgescope.runtime.archive.senders import sender_for
+
+    delivery = Outbox(args.outbox).deliver(sender_for(args.results_to), args.delivery_timeout)
+    print(f"delivered {len(delivery.sent)} object(s) to {args.results_to}; {delivery.waiting} still waiting")
+    if delivery.waiting:
+        print(f"edgescope outbox: {delivery.last_error}", file=sys.stderr)
+    return 1 if delivery.waiting else 0
 
 
 def _run_stream(args: argparse.Namespace) -> int:
@@ -574,10 +611,25 @@ def _run_stream(args: argparse.Namespace) -> int:
         deadline_ms=args.deadline_ms,
         security=_client_security(args),
     )
+    recorder = None
+    if args.results_to:
+        from edgescope.runtime.archive.senders import sender_for
+        from edgescope.runtime.client.archive import SegmentationRecorder, dicom_path
+
+        sender_for(args.results_to)  # a wrong URL fails before the stream, not after it
+        recorder = SegmentationRecorder(dicom_path(args.source))
     with open_source(args.source, loop=args.loop) as source:
         pace = "as fast as possible" if args.fast else f"at {source.fps:.1f} fps"
         print(f"streaming {args.source} to {args.target} {pace}")
-        report = asyncio.run(stream_source(source, options))
+        report = asyncio.run(stream_source(source, options, recorder.observe if recorder is not None else None))
+    archive = None
+    if recorder is not None:
+        from edgescope.runtime.archive.outbox import Outbox
+
+        archive = recorder.deliver(args.results_to, Outbox(args.outbox), args.delivery_timeout)
+        print(
+            f"results: {len(archive['delivered'])} object(s) stored at {args.results_to}, {archive['waiting']} waiting"
+        )
     print(report.latency.format_table())
     if report.video is not None:
         print(f"overlay video: {report.video}")
@@ -592,13 +644,17 @@ def _run_stream(args: argparse.Namespace) -> int:
             "clock": report.clock.as_dict(),
             "rate_warnings": report.rate_warnings,
             "error": report.error,
+            **({"archive": archive} if archive is not None else {}),
         }
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         print(f"summary: {args.summary}")
     if report.error:
         print(f"edgescope stream: {report.error}", file=sys.stderr)
-    return 1 if report.latency.errors or report.error else 0
+    if archive is not None and archive["waiting"]:
+        print(f"edgescope stream: results still in the outbox: {archive['error']}", file=sys.stderr)
+    waiting = archive is not None and archive["waiting"]
+    return 1 if report.latency.errors or report.error or waiting else 0
 
 
 def _add_models(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -907,6 +963,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_keygen,
         _add_doctor,
         _add_audit,
+        _add_outbox_command,
         _add_perf,
     ):
         add(commands)
@@ -942,6 +999,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "keygen": _run_keygen,
         "doctor": _run_doctor,
         "audit": _run_audit,
+        "outbox": _run_outbox,
         "perf": _run_perf,
     }
     try:

@@ -1,0 +1,180 @@
+"""Results reach a real archive: Orthanc on loopback, by STOW-RS and by C-STORE, each object exactly once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from edgescope.bundle import Bundle
+from edgescope.errors import ConfigError
+from edgescope.runtime.archive.outbox import Outbox
+from edgescope.runtime.archive.seg import Algorithm, segmentation, segments_for
+from edgescope.runtime.archive.senders import sender_for
+from edgescope.runtime.client.demo import start_server, stop_server
+
+ORTHANC = shutil.which("Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+pytestmark = pytest.mark.skipif(
+    ORTHANC is None or not DICOMWEB_PLUGIN.exists(),
+    reason="Orthanc with its DICOMweb plugin is not installed (Debian: orthanc orthanc-dicomweb)",
+)
+CINE = get_testdata_file("color3d_jpeg_baseline.dcm")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class Archive:
+    """An Orthanc this test started, on loopback, with its own storage."""
+
+    directory: Path
+    http: int
+    dicom: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def stow(self) -> str:
+        return f"dicomweb+http://127.0.0.1:{self.http}/dicom-web"
+
+    def start(self) -> None:
+        config = {
+            "Name": "edgescope-test",
+            "StorageDirectory": str(self.directory / "storage"),
+            "IndexDirectory": str(self.directory / "storage"),
+            "HttpPort": self.http,
+            "DicomPort": self.dicom,
+            "DicomAet": "ARCHIVE",
+            "DicomCheckCalledAet": True,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [str(DICOMWEB_PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
+        (self.directory / "orthanc.json").write_text(json.dumps(config))
+        with (self.directory / "orthanc.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(ORTHANC), str(self.directory / "orthanc.json")], stdout=log, stderr=log
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                self.get("/system")
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError("Orthanc did not answer in 30 s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+    def get(self, path: str) -> object:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as answer:
+            return json.loads(answer.read())
+
+    def instances(self) -> list[dict[str, str]]:
+        ids = self.get("/instances")
+        assert isinstance(ids, list)
+        return [self.get(f"/instances/{i}/simplified-tags") for i in ids]  # type: ignore[misc]
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Iterator[Archive]:
+    running = Archive(tmp_path / "orthanc", _free_port(), _free_port())
+    running.directory.mkdir()
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def _seg() -> pydicom.Dataset:
+    source = pydicom.dcmread(CINE, stop_before_pixels=True)
+    mask = np.zeros((source.Rows, source.Columns), np.uint8)
+    mask[100:200, 150:260] = 1
+    return segmentation(
+        source, [(1, mask), (2, mask)], segments_for(["background", "lesion"]), Algorithm("m", "1", "0" * 64)
+    )
+
+
+def test_the_cines_segmentation_is_stored_by_stow_rs_from_edgescope_stream(
+    archive: Archive, example_bundle: Bundle, tmp_path: Path
+) -> None:
+    server, target = start_server([example_bundle.path], tmp_path / "port")
+    summary = tmp_path / "summary.json"
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "edgescope.cli", "stream", "--source", f"dicom:{CINE}", "--target", target,
+             "--frames", "20", "--fast", "--results-to", archive.stow, "--outbox", str(tmp_path / "outbox"),
+             "--summary", str(summary)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        stop_server(server)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(summary.read_text())["archive"]
+    assert report["waiting"] == 0 and len(report["delivered"]) == 1
+    (stored,) = archive.instances()
+    assert stored["Modality"] == "SEG" and stored["SOPInstanceUID"] == report["delivered"][0]
+    assert stored["StudyInstanceUID"] == pydicom.dcmread(CINE, stop_before_pixels=True).StudyInstanceUID
+    assert list((tmp_path / "outbox").glob("*.dcm")) == []
+
+
+def test_an_archive_that_is_down_gets_every_object_exactly_once_when_it_is_back(
+    archive: Archive, tmp_path: Path
+) -> None:
+    outbox = Outbox(tmp_path / "outbox")
+    archive.stop()
+    first, second = _seg(), _seg()
+    outbox.put(first)
+    outbox.put(second)
+    down = outbox.deliver(sender_for(archive.stow), timeout_s=1.5)
+    assert down.sent == [] and down.waiting == 2 and down.last_error
+    archive.start()
+    # A later run delivers what waited; a copy sent again keeps its UID, so the archive holds it once.
+    outbox.put(first)
+    run = subprocess.run(
+        [sys.executable, "-m", "edgescope.cli", "outbox", "send", "--results-to", archive.stow,
+         "--outbox", str(tmp_path / "outbox")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert sorted(i["SOPInstanceUID"] for i in archive.instances()) == sorted(
+        [first.SOPInstanceUID, second.SOPInstanceUID]
+    )
+
+
+def test_c_store_is_confirmed_and_a_wrong_ae_title_keeps_the_object(archive: Archive, tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox")
+    outbox.put(_seg())
+    refused = outbox.deliver(sender_for(f"dicom://NOT-IT@127.0.0.1:{archive.dicom}"), timeout_s=1.0)
+    assert refused.waiting == 1 and "did not accept" in refused.last_error
+    stored = outbox.deliver(sender_for(f"dicom://ARCHIVE@127.0.0.1:{archive.dicom}"), timeout_s=30.0)
+    assert stored.waiting == 0 and len(stored.sent) == 1
+    assert [i["SOPInstanceUID"] for i in archive.instances()] == stored.sent
+
+
+def test_a_place_that_is_not_an_archive_is_refused_before_anything_is_sent() -> None:
+    for url in ("http://127.0.0.1:1/dicom-web", "dicom://127.0.0.1:104", "ftp://x"):
+        with pytest.raises(ConfigError):
+            sender_for(url)
