@@ -133,10 +133,13 @@ def test_the_cines_segmentation_is_stored_by_stow_rs_from_edgescope_stream(
         stop_server(server)
     assert run.returncode == 0, run.stderr
     report = json.loads(summary.read_text())["archive"]
-    assert report["waiting"] == 0 and len(report["delivered"]) == 1
-    (stored,) = archive.instances()
-    assert stored["Modality"] == "SEG" and stored["SOPInstanceUID"] == report["delivered"][0]
-    assert stored["StudyInstanceUID"] == pydicom.dcmread(CINE, stop_before_pixels=True).StudyInstanceUID
+    # The Segmentation, and the Measurement Report of the areas measured in the cine's calibrated regions.
+    assert report["waiting"] == 0 and len(report["delivered"]) == 2
+    stored = {i["SOPInstanceUID"]: i for i in archive.instances()}
+    assert set(stored) == set(report["delivered"])
+    assert sorted(i["Modality"] for i in stored.values()) == ["SEG", "SR"]
+    study = pydicom.dcmread(CINE, stop_before_pixels=True).StudyInstanceUID
+    assert all(i["StudyInstanceUID"] == study for i in stored.values())
     assert list((tmp_path / "outbox").glob("*.dcm")) == []
 
 
