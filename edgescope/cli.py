@@ -161,6 +161,18 @@ def _add_export(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument(
         "--golden-frames", type=int, default=8, help="of the gate's frames, how many every device self-tests on"
     )
+    p.add_argument(
+        "--reference-samples",
+        type=int,
+        default=96,
+        help="frames of --data the domain profile is fitted on: every served frame is scored against it (0: none)",
+    )
+    p.add_argument(
+        "--domain-false-alarm-rate",
+        type=float,
+        default=1e-3,
+        help="share of in-domain frames the profile's threshold may call out of domain",
+    )
     p.add_argument("--force", action="store_true", help="write the bundle even if the gate fails (marked failed)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--sign-key", type=Path, help="sign the bundle's manifest with this Ed25519 private key (PEM)")
@@ -292,6 +304,8 @@ def _run_export(args: argparse.Namespace) -> int:
             samples=args.samples,
             limits=_limits(args),
             golden_frames=args.golden_frames,
+            reference_samples=args.reference_samples,
+            domain_false_alarm_rate=args.domain_false_alarm_rate,
             force=args.force,
             overwrite=args.overwrite,
             fp32_ops=tuple(v for v in args.fp32_ops.split(",") if v) if args.fp32_ops is not None else FP16_FP32_OPS,

@@ -37,6 +37,7 @@ from edgescope.bundle import (
 )
 from edgescope.errors import ConfigError, ExportError, MissingDependencyError, ValidationFailedError
 from edgescope.export import tasks
+from edgescope.export.domain import domain_profile, profiled
 from edgescope.export.gate import judge, keep_golden, representative_inputs
 from edgescope.export.loading import load_model
 from edgescope.export.onnx_export import DEFAULT_OPSET, export_onnx
@@ -52,6 +53,7 @@ from edgescope.runtime.evaluation.machine import describe_machine, machine_summa
 from edgescope.runtime.evaluation.report import evaluate, format_report
 from edgescope.runtime.evaluation.runners import INTEGER, Run, onnxruntime_runner, run, run_stream
 from edgescope.runtime.evaluation.selftest import onnxruntime_self_test
+from edgescope.runtime.pipeline.domain import DEFAULT_FALSE_ALARM_RATE
 from edgescope.runtime.pipeline.layout import MAX_CHANNELS
 from edgescope.runtime.pipeline.preprocess import input_channels
 from edgescope.signing import load_private_key, sign_bundle
@@ -136,6 +138,10 @@ class ExportRequest:
     limits: Mapping[str, float] = field(default_factory=dict)
     # Of the gate's frames, how many the bundle keeps to self-test on every device.
     golden_frames: int = DEFAULT_GOLDEN_FRAMES
+    # Frames of ``data`` the domain profile is fitted on (0: no profile), and the share of in-domain
+    # frames its threshold may call out of domain.
+    reference_samples: int = 96
+    domain_false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE
     force: bool = False
     overwrite: bool = False
     opset: int = DEFAULT_OPSET
@@ -384,6 +390,14 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
                 "or pass force to keep a bundle marked failed)"
             )
         manifest.validation.CopyFrom(report)
+        if request.reference_samples > 0 and profiled(manifest):
+            with _step(log, f"domain profile on {request.reference_samples} frames of {request.data}"):
+                served = fp32 if request.precision == "fp32" else onnxruntime_runner(onnx_path, manifest.precision)
+                manifest.domain.CopyFrom(
+                    domain_profile(
+                        served.infer, manifest, request.data, request.reference_samples, request.domain_false_alarm_rate
+                    )
+                )
         keep_golden(staging, manifest, inputs, reference, gate, request.golden_frames, thresholds, request.data)
         manifest.versions.CopyFrom(
             manifest_pb2.Versions(

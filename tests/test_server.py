@@ -23,7 +23,8 @@ from edgescope.v1 import manifest_pb2, stream_pb2, stream_pb2_grpc
 
 from .conftest import ServerThread
 
-SERVER_STAGES = {"queue", "decode", "preprocess", "infer", "postprocess", "encode"}
+# The example bundle has a domain profile: every frame is also checked against it.
+SERVER_STAGES = {"queue", "decode", "preprocess", "infer", "postprocess", "encode", "domain"}
 OK = stream_pb2.FRAME_STATUS_CODE_OK
 ERROR = stream_pb2.FRAME_STATUS_CODE_ERROR
 

@@ -1173,6 +1173,7 @@ class ModelManifest(_message.Message):
     EXTRA_VALIDATION_FIELD_NUMBER: _builtins.int
     MODEL_SOURCE_FIELD_NUMBER: _builtins.int
     GOLDEN_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
     schema_version: _builtins.int
     name: _builtins.str
     version: _builtins.str
@@ -1226,6 +1227,10 @@ class ModelManifest(_message.Message):
     def golden(self) -> Global___GoldenFrames:
         """Frames every device runs before serving the model (see GoldenFrames)."""
 
+    @_builtins.property
+    def domain(self) -> Global___DomainProfile:
+        """What the frames it was validated on look like, to check every frame against (absent: not checked)."""
+
     def __init__(
         self,
         *,
@@ -1252,10 +1257,11 @@ class ModelManifest(_message.Message):
         extra_validation: _abc.Iterable[Global___ValidationReport] | None = ...,
         model_source: Global___ModelSource | None = ...,
         golden: Global___GoldenFrames | None = ...,
+        domain: Global___DomainProfile | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["golden", b"golden", "model_source", b"model_source", "postprocessing", b"postprocessing", "precision_settings", b"precision_settings", "preprocessing", b"preprocessing", "validation", b"validation", "versions", b"versions"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "golden", b"golden", "model_source", b"model_source", "postprocessing", b"postprocessing", "precision_settings", b"precision_settings", "preprocessing", b"preprocessing", "validation", b"validation", "versions", b"versions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "engines", b"engines", "extra_validation", b"extra_validation", "files", b"files", "golden", b"golden", "input_bindings", b"input_bindings", "inputs", b"inputs", "labels", b"labels", "model_source", b"model_source", "name", b"name", "outputs", b"outputs", "postprocessing", b"postprocessing", "precision", b"precision", "precision_settings", b"precision_settings", "preprocessing", b"preprocessing", "schema_version", b"schema_version", "source_sha256", b"source_sha256", "state", b"state", "task", b"task", "validation", b"validation", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "domain", b"domain", "engines", b"engines", "extra_validation", b"extra_validation", "files", b"files", "golden", b"golden", "input_bindings", b"input_bindings", "inputs", b"inputs", "labels", b"labels", "model_source", b"model_source", "name", b"name", "outputs", b"outputs", "postprocessing", b"postprocessing", "precision", b"precision", "precision_settings", b"precision_settings", "preprocessing", b"preprocessing", "schema_version", b"schema_version", "source_sha256", b"source_sha256", "state", b"state", "task", b"task", "validation", b"validation", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1451,3 +1457,61 @@ class EngineEntry(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EngineEntry: _TypeAlias = EngineEntry  # noqa: Y015
+
+@_typing.final
+class DomainProfile(_message.Message):
+    """The reference frames' features (runtime.pipeline.domain), standardised: a frame's Mahalanobis distance
+    from them is its out-of-domain score.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURES_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    FALSE_ALARM_RATE_FIELD_NUMBER: _builtins.int
+    FIT_FRAMES_FIELD_NUMBER: _builtins.int
+    HELD_OUT_FRAMES_FIELD_NUMBER: _builtins.int
+    HELD_OUT_ABOVE_FIELD_NUMBER: _builtins.int
+    DATA_SOURCE_FIELD_NUMBER: _builtins.int
+    threshold: _builtins.float
+    false_alarm_rate: _builtins.float
+    """The share of in-domain frames the threshold was set to call out of domain."""
+    fit_frames: _builtins.int
+    held_out_frames: _builtins.int
+    """Frames kept out of the fit, and the share of them above the threshold."""
+    held_out_above: _builtins.float
+    data_source: _builtins.str
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def scale(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def precision(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Inverse of the standardised features' covariance (shrunk towards the identity), row-major."""
+
+    def __init__(
+        self,
+        *,
+        features: _abc.Iterable[_builtins.str] | None = ...,
+        mean: _abc.Iterable[_builtins.float] | None = ...,
+        scale: _abc.Iterable[_builtins.float] | None = ...,
+        precision: _abc.Iterable[_builtins.float] | None = ...,
+        threshold: _builtins.float = ...,
+        false_alarm_rate: _builtins.float = ...,
+        fit_frames: _builtins.int = ...,
+        held_out_frames: _builtins.int = ...,
+        held_out_above: _builtins.float = ...,
+        data_source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_source", b"data_source", "false_alarm_rate", b"false_alarm_rate", "features", b"features", "fit_frames", b"fit_frames", "held_out_above", b"held_out_above", "held_out_frames", b"held_out_frames", "mean", b"mean", "precision", b"precision", "scale", b"scale", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DomainProfile: _TypeAlias = DomainProfile  # noqa: Y015

@@ -994,6 +994,7 @@ class Result(_message.Message):
     MODEL_RESULTS_FIELD_NUMBER: _builtins.int
     SERVER_RECEIVE_TIME_NS_FIELD_NUMBER: _builtins.int
     SERVER_SEND_TIME_NS_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     seq: _builtins.int
     capture_time_ns: _builtins.int
@@ -1018,6 +1019,10 @@ class Result(_message.Message):
 
     @_builtins.property
     def model_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelResult]: ...
+    @_builtins.property
+    def domain(self) -> Global___DomainCheck:
+        """Whether the frame looks like what the model was validated on (its bundle's domain profile)."""
+
     def __init__(
         self,
         *,
@@ -1033,14 +1038,54 @@ class Result(_message.Message):
         model_results: _abc.Iterable[Global___ModelResult] | None = ...,
         server_receive_time_ns: _builtins.int = ...,
         server_send_time_ns: _builtins.int = ...,
+        domain: Global___DomainCheck | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance", "status", b"status"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "provenance", b"provenance", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "capture_time_ns", b"capture_time_ns", "model_results", b"model_results", "outputs", b"outputs", "provenance", b"provenance", "quantities", b"quantities", "seq", b"seq", "server_receive_time_ns", b"server_receive_time_ns", "server_send_time_ns", b"server_send_time_ns", "status", b"status", "stream_id", b"stream_id", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "capture_time_ns", b"capture_time_ns", "domain", b"domain", "model_results", b"model_results", "outputs", b"outputs", "provenance", b"provenance", "quantities", b"quantities", "seq", b"seq", "server_receive_time_ns", b"server_receive_time_ns", "server_send_time_ns", b"server_send_time_ns", "status", b"status", "stream_id", b"stream_id", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Result: _TypeAlias = Result  # noqa: Y015
+
+@_typing.final
+class DomainCheck(_message.Message):
+    """A frame against the model's domain profile (manifest DomainProfile)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKED_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    IN_DOMAIN_FIELD_NUMBER: _builtins.int
+    FURTHEST_FIELD_NUMBER: _builtins.int
+    checked: _builtins.bool
+    """False when the bundle has no profile: nothing was checked."""
+    score: _builtins.float
+    """Mahalanobis distance of the frame's features from the reference frames'."""
+    threshold: _builtins.float
+    """Above it, the frame is out of domain (set at export for the profile's false-alarm rate)."""
+    in_domain: _builtins.bool
+    @_builtins.property
+    def furthest(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The features furthest from the reference, most first (names), for a person to read."""
+
+    def __init__(
+        self,
+        *,
+        checked: _builtins.bool = ...,
+        score: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        in_domain: _builtins.bool = ...,
+        furthest: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "furthest", b"furthest", "in_domain", b"in_domain", "score", b"score", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DomainCheck: _TypeAlias = DomainCheck  # noqa: Y015
 
 @_typing.final
 class Alert(_message.Message):
@@ -1065,6 +1110,8 @@ class Alert(_message.Message):
         """The model's primary backend failed; its fallback serves (see Provenance.degraded_reason)."""
         KIND_CAPTURE_UNAVAILABLE: Alert._Kind.ValueType  # 7
         """A capture the server runs (pull mode) cannot open or read its source."""
+        KIND_OUT_OF_DOMAIN: Alert._Kind.ValueType  # 8
+        """The frame does not look like what the model was validated on (Result.domain)."""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: Alert.Kind.ValueType  # 0
@@ -1078,6 +1125,8 @@ class Alert(_message.Message):
     """The model's primary backend failed; its fallback serves (see Provenance.degraded_reason)."""
     KIND_CAPTURE_UNAVAILABLE: Alert.Kind.ValueType  # 7
     """A capture the server runs (pull mode) cannot open or read its source."""
+    KIND_OUT_OF_DOMAIN: Alert.Kind.ValueType  # 8
+    """The frame does not look like what the model was validated on (Result.domain)."""
 
     KIND_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int

@@ -245,6 +245,8 @@ def _record(latency: LatencyRecorder, clock: ClockEstimator, result: stream_pb2.
     code = result.status.code
     if missed_deadline(result.status):
         latency.deadline_misses += 1
+    if result.domain.checked and not result.domain.in_domain:
+        latency.out_of_domain_frames += 1
     if code == stream_pb2.FRAME_STATUS_CODE_DROPPED:
         latency.count_drop(drop_label(result.status))
         return

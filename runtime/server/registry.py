@@ -41,6 +41,7 @@ from edgescope.runtime.backends.base import Backend, Session, SessionCapabilitie
 from edgescope.runtime.evaluation.machine import machine_summary
 from edgescope.runtime.evaluation.runners import describe
 from edgescope.runtime.evaluation.selftest import self_test
+from edgescope.runtime.pipeline.domain import DomainScorer
 from edgescope.runtime.pipeline.manifest_check import check_manifest
 from edgescope.runtime.pipeline.preprocess import input_channels
 from edgescope.runtime.pipeline.state import ModelState, is_stateful
@@ -72,6 +73,8 @@ class ServedModel:
     name: str
     bundle: Bundle
     route: ModelRoute
+    # Scores every frame against the bundle's domain profile (None: the bundle has none; not checked).
+    domain: DomainScorer | None = None
 
     @property
     def manifest(self) -> manifest_pb2.ModelManifest:
@@ -269,7 +272,8 @@ class ModelRegistry:
             model_name, primary, fallback, lambda: self._open(bundle, self.backend, model_name, statistics)
         )
         route.on_change = self._degraded
-        return ServedModel(model_name, bundle, route)
+        scorer = DomainScorer(bundle.manifest) if bundle.manifest.HasField("domain") else None
+        return ServedModel(model_name, bundle, route, scorer)
 
     def _open(self, bundle: Bundle, backend: Backend, name: str, statistics: ModelStatistics) -> ModelWorker:
         """A started worker for ``bundle`` on ``backend``: sessions open, warmed up, self-tested."""

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgescope.runtime.pipeline.decode import DEFAULT_LIMITS, FrameLimits, Pixels, SharedMemoryView, decode_frame
+from edgescope.runtime.pipeline.domain import DomainScorer
 from edgescope.runtime.pipeline.encode import fill_result
 from edgescope.runtime.pipeline.postprocess import postprocess
 from edgescope.runtime.pipeline.preprocess import Geometry, preprocess
@@ -86,6 +87,7 @@ class FrameJob:
     queue_ns: int = 0
     preprocess_ns: int = 0
     thumb: npt.NDArray[np.uint8] | None = field(default=None, repr=False)
+    tensor: npt.NDArray[np.float32] | None = field(default=None, repr=False)
 
     def prepare(self) -> npt.NDArray[np.float32]:
         start = time.perf_counter_ns()
@@ -95,6 +97,7 @@ class FrameJob:
         # DICOM frames carry how stored values become display values (modality LUT, window, MONOCHROME1).
         transform = self.frame.pixel_transform if self.frame.HasField("pixel_transform") else None
         tensor, self.geometry = preprocess(pixels, self.model.manifest.preprocessing, transform)
+        self.tensor = tensor
         self.preprocess_ns = time.perf_counter_ns() - begin
         if self.want_thumbnail:
             self.thumb = thumbnail(pixels, transform)
@@ -118,11 +121,35 @@ class FrameJob:
         fill_result(result, task, frame.mask_encoding)
         result.provenance.CopyFrom(inferred.provenance)
         result.status.code = stream_pb2.FRAME_STATUS_CODE_OK
-        result.timings.add(stage="encode", duration_ns=time.perf_counter_ns() - encoded)
+        checked = time.perf_counter_ns()
+        result.timings.add(stage="encode", duration_ns=checked - encoded)
+        if model.domain is not None and self.tensor is not None:
+            _check_domain_result(result, model.domain, self.tensor, inferred)
+            result.timings.add(stage="domain", duration_ns=time.perf_counter_ns() - checked)
         preview = None
         if self.thumb is not None:
             preview = preview_jpeg(self.thumb, task.mask, [f"{frame.stream_id} seq {frame.seq} {model.name}"])
         return Finished(result, preview)
+
+
+def _check_domain_result(
+    result: stream_pb2.Result, scorer: DomainScorer, tensor: npt.NDArray[np.float32], inferred: JobResult
+) -> None:
+    """Score the frame against the model's domain profile; one out of it carries an in-band alert."""
+    score, furthest = scorer.score(tensor, inferred.outputs)
+    threshold = scorer.profile.threshold
+    domain = result.domain
+    domain.checked, domain.score, domain.threshold = True, score, threshold
+    domain.in_domain = score <= threshold
+    domain.furthest.extend(furthest)
+    if not domain.in_domain:
+        result.alerts.add(
+            kind=stream_pb2.Alert.KIND_OUT_OF_DOMAIN,
+            model=result.provenance.model,
+            value=score,
+            threshold=threshold,
+            message=f"the frame does not look like what the model was validated on (furthest: {', '.join(furthest)})",
+        )
 
 
 def frame_jobs(

@@ -100,6 +100,8 @@ class LatencyRecorder:
         self.dropped = 0
         self.errors = 0
         self.deadline_misses = 0
+        # Answered frames whose input did not look like what the model was validated on.
+        self.out_of_domain_frames = 0
         self.warmup_frames = 0
         self.drops: Counter[str] = Counter()
         self.first_s: float | None = None
@@ -156,6 +158,7 @@ class LatencyRecorder:
             "drops": dict(self.drops),
             "errors": self.errors,
             "deadline_misses": self.deadline_misses,
+            "out_of_domain_frames": self.out_of_domain_frames,
             "warmup_frames": self.warmup_frames,
             "fps": round(self.fps, 2),
             "stages_ms": {
@@ -175,6 +178,7 @@ class LatencyRecorder:
             f"results {self.results}  fps {self.fps:.1f}  dropped {self.dropped}"
             + (f" ({drops})" if drops else "")
             + f"  deadline misses {self.deadline_misses}  errors {self.errors}"
+            + (f"  out of domain {self.out_of_domain_frames}" if self.out_of_domain_frames else "")
             + (f"  warm-up excluded {self.warmup_frames}" if self.warmup_frames else "")
         )
         return "\n".join(lines)

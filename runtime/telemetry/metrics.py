@@ -105,6 +105,12 @@ class RuntimeMetrics:
         self._deadline = Counter(
             "edgescope_deadline_misses", "Frames that missed their deadline", ["model"], registry=r
         )
+        self._out_of_domain = Counter(
+            "edgescope_out_of_domain",
+            "Frames whose input did not look like what the model was validated on (Result.domain)",
+            ["model"],
+            registry=r,
+        )
         self._warmup = Counter(
             "edgescope_warmup_frames", "Frames answered but left out of latency figures", ["model"], registry=r
         )
@@ -151,6 +157,7 @@ class RuntimeMetrics:
         self._success.labels(model)
         self._failure.labels(model)
         self._deadline.labels(model)
+        self._out_of_domain.labels(model)
         self._warmup.labels(model)
         for reason in stream_pb2.DropReason.values():
             if reason != stream_pb2.DROP_REASON_UNSPECIFIED:
@@ -212,6 +219,8 @@ class RuntimeMetrics:
                 model_latency.add(SERVER_TOTAL, residence_ns)
         if late:
             self._deadline.labels(model).inc()
+        if result.domain.checked and not result.domain.in_domain:
+            self._out_of_domain.labels(model).inc()
         if code == stream_pb2.FRAME_STATUS_CODE_DROPPED:
             self._drops.labels(model, drop_label(result.status)).inc()
         elif code != stream_pb2.FRAME_STATUS_CODE_OK:
