@@ -961,7 +961,10 @@ def _run_doctor(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from edgescope import __version__
+
     parser = argparse.ArgumentParser(prog="edgescope", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edgescope {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
