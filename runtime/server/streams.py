@@ -62,7 +62,7 @@ from edgescope.runtime.pipeline.decode import (
 from edgescope.runtime.pipeline.state import StreamState, is_stateful
 from edgescope.runtime.server.auth import current_client
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel
-from edgescope.runtime.server.stages import FramePixels, answer, frame_jobs, job_for
+from edgescope.runtime.server.stages import Finished, FramePixels, answer, frame_jobs, job_for
 from edgescope.runtime.telemetry.metrics import RuntimeMetrics
 from edgescope.v1 import stream_pb2
 
@@ -408,7 +408,6 @@ class StreamRun:
     async def _process(self, work: Work) -> None:
         """Admit one frame, then hand it to its model(s); a place at the worker is already held."""
         frame = work.frame
-        leases: list[ServedModel] = []
         try:
             late = work.expired()
             if late and not frame.process_late:
@@ -416,27 +415,22 @@ class StreamRun:
                 return
             if frame.model:
                 self._model = frame.model
-            for name in (self._model, *frame.extra_models):
-                leases.append(self._models.lease(name))
-            pixels = FramePixels(frame, self._shared_memory, self._config.frame_limits)
-            want_thumbnail = self._metrics.preview_due(frame.stream_id)
-            jobs = frame_jobs(frame, leases, pixels, work.received_ns, want_thumbnail)
-            stateful = any(is_stateful(job.model.manifest) for job in jobs)
-            # A frame that may be late is run in full; any other is given up when its deadline comes.
-            deadline_ns = None if frame.process_late else work.deadline_ns
-            async with self._sequential if stateful else contextlib.nullcontext():
-                # One model after another: a frame's extra models are rare, and each keeps its own order.
-                finished = [
-                    await _in_time(
-                        job.model.infer(job_for(job, self.lane, self._state, frame.reset_state, deadline_ns)),
-                        deadline_ns,
-                    )
-                    for job in jobs
-                ]
-            result = answer(jobs, finished)
-            result.result.status.late = late or work.expired()
-            work.preview = result.preview
-            self._settle(work, result.result)
+            finished = await run_frame(
+                self._models,
+                frame,
+                self._model,
+                FramePixels(frame, self._shared_memory, self._config.frame_limits),
+                work.received_ns,
+                self.lane,
+                self._state,
+                want_thumbnail=self._metrics.preview_due(frame.stream_id),
+                # A frame that may be late is run in full; any other is given up when its deadline comes.
+                deadline_ns=None if frame.process_late else work.deadline_ns,
+                sequential=self._sequential,
+            )
+            finished.result.status.late = late or work.expired()
+            work.preview = finished.preview
+            self._settle(work, finished.result)
         except asyncio.CancelledError:
             raise
         except DeadlineExpiredError:
@@ -448,8 +442,41 @@ class StreamRun:
             self._settle(work, failed(frame, exc))
         finally:
             self._at_worker.release()
-            for model in leases:
-                self._models.release(model)
+
+
+async def run_frame(
+    models: ModelRegistry,
+    frame: stream_pb2.Frame,
+    model: str,
+    pixels: FramePixels,
+    received_ns: int,
+    lane: str,
+    state: StreamState,
+    *,
+    want_thumbnail: bool = False,
+    deadline_ns: int | None = None,
+    sequential: asyncio.Lock | None = None,
+) -> Finished:
+    """One frame on ``model`` and its extra models, each leased for the time it takes.
+
+    A model with recurrent state takes the frames of one ``sequential`` lock's holder one by one.
+    """
+    leases: list[ServedModel] = []
+    try:
+        for name in (model, *frame.extra_models):
+            leases.append(models.lease(name))
+        jobs = frame_jobs(frame, leases, pixels, received_ns, want_thumbnail)
+        stateful = sequential is not None and any(is_stateful(job.model.manifest) for job in jobs)
+        async with sequential if stateful and sequential is not None else contextlib.nullcontext():
+            # One model after another: a frame's extra models are rare, and each keeps its own order.
+            finished = [
+                await _in_time(job.model.infer(job_for(job, lane, state, frame.reset_state, deadline_ns)), deadline_ns)
+                for job in jobs
+            ]
+        return answer(jobs, finished)
+    finally:
+        for leased in leases:
+            models.release(leased)
 
 
 async def _in_time(answer: Awaitable[T], deadline_ns: int | None) -> T:
@@ -491,18 +518,10 @@ async def infer_one(
     No stream: a stateful model starts from its initial state.
     """
     received_ns = time.perf_counter_ns()
-    leases: list[ServedModel] = []
-    try:
-        check_frame_fields(frame, limits)
-        for name in (frame.model, *frame.extra_models):
-            leases.append(models.lease(name))
-        jobs = frame_jobs(frame, leases, FramePixels(frame, shared_memory, limits), received_ns, False)
-        state = StreamState()
-        finished = [await job.model.infer(job_for(job, lane, state, frame.reset_state)) for job in jobs]
-        return answer(jobs, finished).result
-    finally:
-        for model in leases:
-            models.release(model)
+    check_frame_fields(frame, limits)
+    pixels = FramePixels(frame, shared_memory, limits)
+    finished = await run_frame(models, frame, frame.model, pixels, received_ns, lane, StreamState())
+    return finished.result
 
 
 class StreamRegistry:

@@ -19,9 +19,10 @@ Everything submits a ``Job`` through ``submit`` (or ``infer``); jobs wait in one
 made of lanes served round-robin: one per stream, and one per client for all
 of its unary calls (a client is a credential on a host, see
 ``auth.current_client``), so a live stream keeps its share of the model
-however many calls another client opens. A lane holds at most
-``MAX_QUEUED_PER_LANE`` jobs and the queue ``MAX_QUEUED_JOBS``; past either,
-a new job is refused at once (``OverloadError``) rather than held. Batching is the worker's policy: jobs
+however many calls another client opens. How many jobs one lane may hold is
+its owner's bound (a stream's window, ``admission`` for unary calls); the
+queue holds at most ``MAX_QUEUED_JOBS``, past which a new job is refused at
+once (``OverloadError``) rather than held. Batching is the worker's policy: jobs
 that carry one preprocessed frame of a stateless, dynamic-batch model are
 stacked across lanes (up to ``max_batch``, waiting at most ``batch_delay_s``
 for company); if a batch fails, its jobs are run one by one so a bad frame
@@ -54,9 +55,8 @@ from edgescope.v1 import manifest_pb2, stream_pb2
 
 logger = logging.getLogger(__name__)
 
-# Jobs queued per model across all requesters, and per lane; beyond either a job is refused.
+# Jobs queued per model across all requesters; beyond this a job is refused.
 MAX_QUEUED_JOBS = 256
-MAX_QUEUED_PER_LANE = 32
 
 Tensor = npt.NDArray[np.float32]
 T = TypeVar("T")
@@ -240,14 +240,8 @@ class ModelWorker:
                 raise BackendError(f"model {self.name} is being unloaded; send the frame again")
             if self._queued >= MAX_QUEUED_JOBS:
                 raise OverloadError(f"model {self.name} has {self._queued} requests waiting; try again shortly")
-            lane = self._lanes.setdefault(job.lane, deque())
-            if len(lane) >= MAX_QUEUED_PER_LANE:
-                raise OverloadError(
-                    f"this client already has {len(lane)} requests waiting for model {self.name}; "
-                    "wait for their answers before sending more"
-                )
             job.enqueued_ns = time.perf_counter_ns()
-            lane.append(job)
+            self._lanes.setdefault(job.lane, deque()).append(job)
             self._queued += 1
             self._cond.notify()
         return future
