@@ -8,7 +8,7 @@ OUT := out
 DEMO_BUNDLE := $(OUT)/bundles/lesion-unet
 ECHO_CINE = $$($(PY) -c "from pydicom.data import get_testdata_file; print(get_testdata_file('color3d_jpeg_baseline.dcm'))")
 
-.PHONY: demo test test-py310 lint typecheck pytest proto train clean
+.PHONY: demo test test-py310 lint typecheck pytest docs proto train clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ pytest: $(STAMP)
 	$(VENV)/bin/pytest
 
 test: lint typecheck pytest
+
+# The documentation site, into build/site (its reference pages are generated from the code;
+# tests/test_docs.py builds it with --strict too, so a broken link fails `make test`).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # JetPack 6 ships Python 3.10: install there without torch and run the suite on a bundle
 # exported by the main environment (tests that export models skip).
