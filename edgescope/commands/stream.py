@@ -1,0 +1,105 @@
+"""``edgescope stream``: a source to a server, with a latency summary and optionally results to an archive."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from edgescope.commands.options import DEFAULT_TARGET, add_client_security, add_outbox, client_security
+
+
+def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("stream", help="stream a source to a server and summarise latency")
+    p.add_argument(
+        "--source",
+        required=True,
+        help="dicom:PATH[?voi=..] | video:PATH | images:GLOB[?fps=F] | v4l2:/dev/videoN[?width=&height=&fps=&fourcc=] "
+        "| rtsp:// rtsps:// http(s):// udp:// srt:// URL | gst:PIPELINE | synthetic:ultrasound | synthetic:endoscopy",
+    )
+    p.add_argument("--model", default="", help="model name (optional when the server has one)")
+    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--fast", action="store_true", help="send as fast as the server answers, not at the source's rate")
+    p.add_argument("--frames", type=int, default=None, help="stop after this many frames")
+    p.add_argument("--loop", action="store_true", help="repeat a finite source")
+    p.add_argument("--save", type=Path, help="write an overlay video: .mp4 (H.264), .webm (VP9) or .avi (MJPEG)")
+    p.add_argument("--summary", type=Path, help="write the latency summary as JSON")
+    p.add_argument(
+        "--results-to",
+        metavar="URL",
+        help="store the results in an archive: dicomweb+http(s)://HOST:PORT/PATH (STOW-RS) or "
+        "dicom://CALLED_AET@HOST:PORT (C-STORE); a dicom: source's masks become a DICOM Segmentation",
+    )
+    add_outbox(p)
+    p.add_argument("--mask-encoding", default="png", choices=["png", "rle"])
+    p.add_argument("--policy", choices=["every", "live"], help="live: newest frame wins; every: all frames (default)")
+    p.add_argument("--deadline-ms", type=int, default=0, help="per-frame budget from server receipt")
+    p.add_argument("--max-message-mb", type=int, default=64)
+    add_client_security(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgescope.runtime.client.stream import StreamOptions, stream_source
+    from edgescope.runtime.sources import open_source
+    from edgescope.v1 import stream_pb2
+
+    options = StreamOptions(
+        target=args.target,
+        model=args.model,
+        realtime=not args.fast,
+        max_frames=args.frames,
+        save=args.save,
+        max_message_bytes=args.max_message_mb * 1024 * 1024,
+        mask_encoding=stream_pb2.MASK_ENCODING_RLE if args.mask_encoding == "rle" else stream_pb2.MASK_ENCODING_PNG,
+        policy={"live": stream_pb2.STREAM_POLICY_LIVE, "every": stream_pb2.STREAM_POLICY_EVERY}.get(
+            args.policy or "", stream_pb2.STREAM_POLICY_UNSPECIFIED
+        ),
+        deadline_ms=args.deadline_ms,
+        security=client_security(args),
+    )
+    recorder = None
+    if args.results_to:
+        from edgescope.runtime.archive.senders import sender_for
+        from edgescope.runtime.client.archive import SegmentationRecorder, dicom_path
+
+        sender_for(args.results_to)  # a wrong URL fails before the stream, not after it
+        recorder = SegmentationRecorder(dicom_path(args.source))
+    with open_source(args.source, loop=args.loop) as source:
+        pace = "as fast as possible" if args.fast else f"at {source.fps:.1f} fps"
+        print(f"streaming {args.source} to {args.target} {pace}")
+        report = asyncio.run(stream_source(source, options, recorder.observe if recorder is not None else None))
+    archive = None
+    if recorder is not None:
+        from edgescope.runtime.archive.outbox import Outbox
+
+        archive = recorder.deliver(args.results_to, Outbox(args.outbox), args.delivery_timeout)
+        print(
+            f"results: {len(archive['delivered'])} object(s) stored at {args.results_to}, {archive['waiting']} waiting"
+        )
+    print(report.latency.format_table())
+    if report.video is not None:
+        print(f"overlay video: {report.video}")
+    if args.summary is not None:
+        summary = {
+            "source": args.source,
+            "target": args.target,
+            "model": args.model,
+            "sent": report.sent,
+            "realtime": not args.fast,
+            **report.latency.as_dict(),
+            "clock": report.clock.as_dict(),
+            "rate_warnings": report.rate_warnings,
+            "error": report.error,
+            **({"archive": archive} if archive is not None else {}),
+        }
+        args.summary.parent.mkdir(parents=True, exist_ok=True)
+        args.summary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        print(f"summary: {args.summary}")
+    if report.error:
+        print(f"edgescope stream: {report.error}", file=sys.stderr)
+    if archive is not None and archive["waiting"]:
+        print(f"edgescope stream: results still in the outbox: {archive['error']}", file=sys.stderr)
+    waiting = archive is not None and archive["waiting"]
+    return 1 if report.latency.errors or report.error or waiting else 0
