@@ -55,7 +55,8 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgescope.runtime.client.perf import PerfOptions, format_table, run_perf, write_csv, write_json, write_plot
+    from edgescope.runtime.client.perf import format_table, run_perf, write_csv, write_json, write_plot
+    from edgescope.runtime.client.perf_options import PerfOptions
 
     options = PerfOptions(
         target=args.target,

@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
             "`bundles` in the --config file, or EDGESCOPE_BUNDLES; or a --model-repository to load them from later"
         )
     from edgescope.runtime.server.capture import CaptureConfig
-    from edgescope.runtime.server.kserve import TensorLimits
+    from edgescope.runtime.server.kserve_tensors import TensorLimits
     from edgescope.runtime.server.registry import WorkerOptions
     from edgescope.runtime.server.security import SecurityConfig
     from edgescope.runtime.server.streams import SchedulerConfig

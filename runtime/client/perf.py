@@ -13,7 +13,7 @@ Open Inference Protocol the server's own queue and compute time per request
 Two protocols: ``kserve`` sends ModelInfer with random tensors shaped from the
 model's metadata; ``stream`` sends frames of a source on edgescope's Stream
 call, one bidirectional stream per concurrent request (``stream_lanes`` for
-request-rate steps), every frame answered in order.
+request-rate steps), every frame answered in order (``perf_targets``).
 """
 
 from __future__ import annotations
@@ -25,59 +25,20 @@ import json
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import grpc
 import numpy as np
 
-from edgescope.errors import ConfigError, EdgescopeError
-from edgescope.kserve.datatypes import NUMPY_DTYPES
+from edgescope.errors import ConfigError
 from edgescope.kserve.v2 import inference_pb2 as kserve
-from edgescope.kserve.v2 import inference_pb2_grpc as kserve_grpc
-from edgescope.runtime.pipeline.decode import encode_raw_into
-from edgescope.runtime.transport import DEFAULT_MAX_MESSAGE_BYTES, ClientSecurity, aio_channel, channel_options
-from edgescope.v1 import stream_pb2, stream_pb2_grpc
+from edgescope.runtime.client.perf_options import PerfError, PerfOptions, RequestFailed
+from edgescope.runtime.client.perf_targets import KServeTarget, StreamTarget, Target, source_frames
+from edgescope.runtime.transport import aio_channel, channel_options
 
 PERCENTILES = (50, 90, 95, 99)
-
-
-class PerfError(EdgescopeError):
-    """The load could not be applied (the server refused the first request, or an option is unusable)."""
-
-
-class RequestFailed(Exception):
-    """One request got an error answer; counted, and the load goes on."""
-
-
-@dataclass(frozen=True, slots=True)
-class PerfOptions:
-    target: str
-    model: str
-    protocol: str = "kserve"
-    concurrency: Sequence[int] = (1,)
-    # Requests per second; when given, the sweep is over these instead of concurrency.
-    request_rates: Sequence[float] = ()
-    distribution: str = "constant"
-    batch_size: int = 1
-    # Sizes for dynamic dimensions other than the batch: input name -> shape without the batch.
-    shapes: dict[str, list[int]] = field(default_factory=dict)
-    source: str = "synthetic:ultrasound"
-    stream_lanes: int = 4
-    warmup_s: float = 2.0
-    window_s: float = 2.0
-    stability: float = 0.10
-    stable_windows: int = 3
-    max_windows: int = 10
-    # Rate steps never keep more than this many requests outstanding; later slots count as delayed.
-    max_outstanding: int = 256
-    request_timeout_s: float = 30.0
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    seed: int = 0
-    # TLS and the bearer token, as for every other client command (plain text only to loopback).
-    security: ClientSecurity = field(default_factory=ClientSecurity)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,172 +65,6 @@ class StepResult:
     server_us: dict[str, float] = field(default_factory=dict)
 
 
-class _Target(Protocol):
-    async def request(self, lane: int) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-class _KServeTarget:
-    """ModelInfer with one prepared request, resent as is."""
-
-    def __init__(self, channel: grpc.aio.Channel, options: PerfOptions) -> None:
-        self._stub = kserve_grpc.GRPCInferenceServiceStub(channel)
-        self._options = options
-        self._request = kserve.ModelInferRequest(model_name=options.model)
-
-    async def prepare(self) -> None:
-        try:
-            metadata = await self._stub.ModelMetadata(
-                kserve.ModelMetadataRequest(name=self._options.model), timeout=self._options.request_timeout_s
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise PerfError(
-                f"ModelMetadata for {self._options.model!r} failed: {exc.code().name}: {exc.details()}"
-            ) from exc
-        rng = np.random.default_rng(self._options.seed)
-        for tensor in metadata.inputs:
-            shape = self._shape(tensor)
-            dtype = NUMPY_DTYPES.get(tensor.datatype)
-            if dtype is None:
-                raise PerfError(f"input {tensor.name!r} has datatype {tensor.datatype}, which perf cannot generate")
-            values = rng.random(shape) if dtype.kind == "f" else rng.integers(0, 2 if dtype.kind == "b" else 100, shape)
-            self._request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=shape)
-            self._request.raw_input_contents.append(
-                np.ascontiguousarray(values, dtype=dtype.newbyteorder("<")).tobytes()
-            )
-
-    def _shape(self, tensor: kserve.ModelMetadataResponse.TensorMetadata) -> list[int]:
-        given = self._options.shapes.get(tensor.name)
-        dims = list(tensor.shape)
-        if given is not None:
-            if len(given) != len(dims) - 1:
-                raise ConfigError(f"--shape {tensor.name}: give {len(dims) - 1} sizes (all but the batch), not {given}")
-            return [self._options.batch_size, *given]
-        shape = [self._options.batch_size if index == 0 and dim < 0 else dim for index, dim in enumerate(dims)]
-        if any(dim < 0 for dim in shape):
-            raise ConfigError(
-                f"input {tensor.name!r} has dynamic dimensions {dims}; give their sizes with "
-                f"--shape {tensor.name}:{','.join('H' if d < 0 else str(d) for d in dims[1:])}"
-            )
-        return shape
-
-    async def request(self, lane: int) -> None:
-        try:
-            await self._stub.ModelInfer(self._request, timeout=self._options.request_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise RequestFailed(f"{exc.code().name}: {exc.details()}") from exc
-
-    async def statistics(self) -> kserve.ModelStatistics | None:
-        try:
-            response = await self._stub.ModelStatistics(
-                kserve.ModelStatisticsRequest(name=self._options.model), timeout=self._options.request_timeout_s
-            )
-        except grpc.aio.AioRpcError:
-            return None  # an older or non-edgescope server: client-side figures only
-        return response.model_stats[0] if response.model_stats else None
-
-    async def close(self) -> None:
-        return None
-
-
-class _StreamLane:
-    """One bidirectional Stream: frames go in, answers come back in order and resolve their senders."""
-
-    def __init__(
-        self,
-        stub: stream_pb2_grpc.StreamServiceAsyncStub,
-        options: PerfOptions,
-        frames: list[stream_pb2.Frame],
-        lane: int,
-    ) -> None:
-        self._options = options
-        self._frames = frames
-        self._id = f"perf-{lane}"
-        self._seq = itertools.count()
-        self._pending: dict[int, asyncio.Future[stream_pb2.Result]] = {}
-        self._outgoing: asyncio.Queue[stream_pb2.Frame | None] = asyncio.Queue()
-        self._call = stub.Stream(self._frames_out())
-        self._reader = asyncio.create_task(self._read())
-
-    async def _frames_out(self) -> AsyncIterator[stream_pb2.Frame]:
-        while (frame := await self._outgoing.get()) is not None:
-            yield frame
-
-    async def _read(self) -> None:
-        failure: BaseException = RequestFailed("the stream ended")
-        try:
-            async for result in self._call:
-                future = self._pending.pop(result.seq, None)
-                if future is not None and not future.done():
-                    future.set_result(result)
-        except grpc.aio.AioRpcError as exc:
-            failure = RequestFailed(f"stream closed: {exc.code().name}: {exc.details()}")
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(failure)
-        self._pending.clear()
-
-    async def request(self) -> None:
-        seq = next(self._seq)
-        future: asyncio.Future[stream_pb2.Result] = asyncio.get_running_loop().create_future()
-        self._pending[seq] = future
-        # The source's pixels and what describes them (spacing, regions, DICOM pixel transform).
-        frame = stream_pb2.Frame()
-        frame.CopyFrom(self._frames[seq % len(self._frames)])
-        frame.stream_id, frame.seq, frame.model = self._id, seq, self._options.model
-        frame.capture_time_ns, frame.policy = time.time_ns(), stream_pb2.STREAM_POLICY_EVERY
-        await self._outgoing.put(frame)
-        try:
-            result = await asyncio.wait_for(future, self._options.request_timeout_s)
-        except asyncio.TimeoutError as exc:
-            raise RequestFailed(f"no answer within {self._options.request_timeout_s} s") from exc
-        if result.status.code != stream_pb2.FRAME_STATUS_CODE_OK:
-            code = stream_pb2.FrameStatusCode.Name(result.status.code).removeprefix("FRAME_STATUS_CODE_")
-            raise RequestFailed(f"{code}: {result.status.reason}")
-
-    async def close(self) -> None:
-        await self._outgoing.put(None)
-        try:
-            await asyncio.wait_for(self._reader, self._options.request_timeout_s)
-        except asyncio.TimeoutError:
-            self._call.cancel()
-
-
-class _StreamTarget:
-    def __init__(self, channel: grpc.aio.Channel, options: PerfOptions, frames: list[stream_pb2.Frame]) -> None:
-        self._stub = stream_pb2_grpc.StreamServiceStub(channel)
-        self._options = options
-        self._frames = frames
-        self._lanes: dict[int, _StreamLane] = {}
-
-    async def request(self, lane: int) -> None:
-        stream = self._lanes.get(lane)
-        if stream is None:
-            stream = self._lanes[lane] = _StreamLane(self._stub, self._options, self._frames, lane)
-        await stream.request()
-
-    async def close(self) -> None:
-        lanes, self._lanes = list(self._lanes.values()), {}
-        await asyncio.gather(*(lane.close() for lane in lanes))
-
-
-def _source_frames(spec: str, count: int = 8) -> list[stream_pb2.Frame]:
-    """Frames of the source as a client streams them, less their identity (set per request)."""
-    from edgescope.runtime.sources import open_source
-
-    frames = []
-    with open_source(spec, loop=True) as source:
-        for source_frame in itertools.islice(source, count):
-            frame = stream_pb2.Frame()
-            encode_raw_into(frame.raw, source_frame.pixels)
-            source_frame.describe(frame)
-            frames.append(frame)
-    if not frames:
-        raise PerfError(f"the source {spec} gave no frames")
-    return frames
-
-
 def _summary(latencies_s: Sequence[float]) -> dict[str, float]:
     if not latencies_s:
         return {}
@@ -294,7 +89,7 @@ def is_stable(windows: Sequence[Window], tolerance: float) -> bool:
 class _Load:
     """Requests in flight for one step; completions recorded in the order they finish."""
 
-    def __init__(self, target: _Target, options: PerfOptions) -> None:
+    def __init__(self, target: Target, options: PerfOptions) -> None:
         self._target = target
         self._options = options
         self.done: list[tuple[float, float, bool]] = []
@@ -353,7 +148,7 @@ class _Load:
             await asyncio.gather(*late, return_exceptions=True)
 
 
-async def _step(target: _Target, options: PerfOptions, mode: str, load: float) -> StepResult:
+async def _step(target: Target, options: PerfOptions, mode: str, load: float) -> StepResult:
     run = _Load(target, options)
     run.start(mode, load)
     try:
@@ -426,24 +221,24 @@ async def run_perf(options: PerfOptions) -> list[StepResult]:
         if options.request_rates
         else [("concurrency", float(n)) for n in options.concurrency]
     )
-    frames = _source_frames(options.source) if options.protocol == "stream" else []
+    frames = source_frames(options.source) if options.protocol == "stream" else []
     results = []
     async with aio_channel(options.target, options.security, channel_options(options.max_message_bytes)) as channel:
-        target: _KServeTarget | _StreamTarget
+        target: KServeTarget | StreamTarget
         if options.protocol == "kserve":
-            target = _KServeTarget(channel, options)
+            target = KServeTarget(channel, options)
             await target.prepare()
         else:
-            target = _StreamTarget(channel, options, frames)
+            target = StreamTarget(channel, options, frames)
         try:
             try:
                 await target.request(0)  # fail fast on a wrong model or input, before any step
             except RequestFailed as exc:
                 raise PerfError(f"the first request to {options.target} failed: {exc}") from exc
             for mode, load in steps:
-                before = await target.statistics() if isinstance(target, _KServeTarget) else None
+                before = await target.statistics() if isinstance(target, KServeTarget) else None
                 step = await _step(target, options, mode, load)
-                if isinstance(target, _KServeTarget):
+                if isinstance(target, KServeTarget):
                     step = _with_server(step, _server_delta(before, await target.statistics()))
                 results.append(step)
         finally:

@@ -34,8 +34,9 @@ from edgescope.runtime.backends.base import Backend, cpu_cores
 from edgescope.runtime.render.overlay import load_fonts
 from edgescope.runtime.server.auth import CallerExecutor
 from edgescope.runtime.server.capture import CaptureConfig, CaptureHub, grpc_health_setter
-from edgescope.runtime.server.kserve import DEFAULT_TENSOR_LIMITS, KServeSettings, TensorLimits, add_kserve_service
 from edgescope.runtime.server.kserve import SERVICE as KSERVE_SERVICE
+from edgescope.runtime.server.kserve import KServeSettings, add_kserve_service
+from edgescope.runtime.server.kserve_tensors import DEFAULT_TENSOR_LIMITS, TensorLimits
 from edgescope.runtime.server.reflection import enable_reflection
 from edgescope.runtime.server.registry import ModelRegistry, WorkerOptions
 from edgescope.runtime.server.security import SecurityConfig, open_security
