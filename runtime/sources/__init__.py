@@ -27,6 +27,7 @@ SPEC_FORMS = (
     "gst:PIPELINE ! appsink",
     "synthetic:ultrasound[?frames=N&seed=S&fps=F&height=H&width=W]",
     "synthetic:endoscopy[?frames=N&seed=S&fps=F&height=H&width=W]",
+    "synthetic:fluorescence[?frames=N&seed=S&fps=F&height=H&width=W]",
 )
 """The source specs :func:`open_source` accepts."""
 
@@ -127,14 +128,18 @@ def _split_options(spec: str, rest: str, known: dict[str, type[str] | type[float
 
 def _open_synthetic(spec: str, rest: str, *, loop: bool) -> FrameSource:
     from edgescope.runtime.sources.endoscopy import SyntheticEndoscopySource
+    from edgescope.runtime.sources.fluorescence import SyntheticFluorescenceSource
     from edgescope.runtime.sources.synthetic import SyntheticUltrasoundSource
 
     simulated, _, query = rest.partition("?")
-    simulators = {"ultrasound": SyntheticUltrasoundSource, "endoscopy": SyntheticEndoscopySource}
+    simulators: dict[str, type[FrameSource]] = {
+        "ultrasound": SyntheticUltrasoundSource,
+        "endoscopy": SyntheticEndoscopySource,
+        "fluorescence": SyntheticFluorescenceSource,
+    }
     if simulated not in simulators:
-        raise ConfigError(
-            f"unknown synthetic source {simulated!r} in {spec!r}; expected {SPEC_FORMS[-2]} or {SPEC_FORMS[-1]}"
-        )
+        expected = ", ".join(form for form in SPEC_FORMS if form.startswith("synthetic:"))
+        raise ConfigError(f"unknown synthetic source {simulated!r} in {spec!r}; expected one of: {expected}")
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError as exc:
@@ -155,6 +160,4 @@ def _open_synthetic(spec: str, rest: str, *, loop: bool) -> FrameSource:
         # Without frames= the cine is endless already; a fixed length and
         # endless replay contradict each other, so say so rather than pick one.
         raise ConfigError(f"{spec!r} cannot loop: leave out frames= for an endless synthetic cine")
-    if simulated == "endoscopy":
-        return SyntheticEndoscopySource(**kwargs)
-    return SyntheticUltrasoundSource(**kwargs)
+    return simulators[simulated](**kwargs)
