@@ -20,7 +20,7 @@
     └── QuotaExceededError       a caller holds as much of a shared resource as it may
 
 Errors are translated at boundaries (``raise ... from exc``); the runtime maps
-them to gRPC status codes in one place (``edgescope.runtime.server.status``).
+them to gRPC status codes in one place (``edgescope.runtime.server.grpc_status``).
 """
 
 from __future__ import annotations

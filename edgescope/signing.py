@@ -9,6 +9,10 @@ bytes signs the whole bundle. The signature sits beside it in
 Keys are PEM files: the private key (PKCS#8) stays with whoever releases
 models; servers get the public keys (``--trusted-keys``: one PEM file holding
 one or more keys, or a directory of ``*.pem`` files).
+
+It sits in the root package because export signs and the runtime verifies;
+the server's other security lives in ``edgescope.runtime.server.security``
+(which lists where each part is).
 """
 
 from __future__ import annotations

@@ -43,8 +43,7 @@ from edgescope.runtime.server.security import SecurityConfig, open_security
 from edgescope.runtime.server.service import StreamService
 from edgescope.runtime.server.shm import REGIONS
 from edgescope.runtime.server.streams import SchedulerConfig
-from edgescope.runtime.server.telemetry import TelemetryHub
-from edgescope.runtime.server.telemetry_service import TELEMETRY_SERVICE, TelemetryServicer
+from edgescope.runtime.server.telemetry import TELEMETRY_SERVICE, TelemetryHub, TelemetryServicer
 from edgescope.runtime.server.warmup import warm_up
 from edgescope.runtime.telemetry.metrics import TelemetryConfig
 from edgescope.runtime.transport import DEFAULT_MAX_MESSAGE_BYTES, channel_options

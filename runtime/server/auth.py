@@ -60,7 +60,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 import grpc
 
 from edgescope.errors import AuthenticationError, ConfigError, EdgescopeError, FrameError, PermissionDeniedError
-from edgescope.runtime.server.status import shorten, status_code_for
+from edgescope.runtime.server.grpc_status import shorten, status_code_for
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from edgescope.errors import FrameError
 from edgescope.kserve.datatypes import DATATYPE_OF, NUMPY_DTYPES, tensor_datatype, tensor_shape
 from edgescope.kserve.v2 import inference_pb2 as pb
 from edgescope.runtime.backends.base import Feed
+from edgescope.runtime.server.grpc_status import echo
 from edgescope.runtime.server.registry import ServedModel
-from edgescope.runtime.server.status import echo
 from edgescope.v1 import manifest_pb2
 
 # Where each datatype's values sit in InferTensorContents (FP16 has no typed field).

@@ -46,9 +46,9 @@ from edgescope.runtime.pipeline.manifest_check import check_manifest
 from edgescope.runtime.pipeline.preprocess import input_channels
 from edgescope.runtime.pipeline.state import ModelState, is_stateful
 from edgescope.runtime.server.failover import ModelRoute
+from edgescope.runtime.server.grpc_status import echo
 from edgescope.runtime.server.repository import BundlePolicy, ModelRepository
 from edgescope.runtime.server.statistics import ModelStatistics
-from edgescope.runtime.server.status import echo
 from edgescope.runtime.server.workers import Job, ModelWorker
 from edgescope.v1 import manifest_pb2, stream_pb2
 

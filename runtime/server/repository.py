@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from edgescope.bundle import MANIFEST_FILE, Bundle, load_bundle
 from edgescope.errors import BundleError, ConfigError, ModelNotFoundError
-from edgescope.runtime.server.status import echo
+from edgescope.runtime.server.grpc_status import echo
 from edgescope.signing import trusted_signature
 
 if TYPE_CHECKING:

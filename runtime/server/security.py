@@ -5,6 +5,14 @@ name (certificates, tokens, trusted keys), refuses an exposed plain-text or
 unauthenticated setup unless ``--insecure``, and returns what the server
 wires in: the credentials to bind with, the call guard, the bundle policy
 and model repository, and the web page's settings.
+
+Security is split by who needs it; this module is where the server's parts
+meet. ``auth`` decides who may call what (tokens, client certificates, roles,
+the call guard); ``repository`` which bundles may be loaded, and from where;
+``edgescope.signing`` makes and checks bundle signatures (root package: export
+signs, the runtime verifies); ``edgescope.runtime.transport`` holds the TLS
+and token rules both ends of a gRPC connection share (the client's side too);
+``edgescope.runtime.web.server`` guards the page (Host allow-list, headers).
 """
 
 from __future__ import annotations

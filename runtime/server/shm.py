@@ -40,7 +40,7 @@ import grpc
 
 from edgescope.errors import EdgescopeError, FrameError, PermissionDeniedError, QuotaExceededError
 from edgescope.runtime.server.auth import current_caller
-from edgescope.runtime.server.status import echo, status_code_for
+from edgescope.runtime.server.grpc_status import echo, status_code_for
 from edgescope.v1 import stream_pb2
 
 # Bounds what clients can make the server map: in all, per caller, per region.

@@ -1,4 +1,4 @@
-"""edgescope errors -> gRPC status codes and status messages, in one place."""
+"""edgescope errors -> gRPC status codes, and the status messages that carry them, in one place."""
 
 from __future__ import annotations
 
