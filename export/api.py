@@ -44,6 +44,7 @@ from edgescope.export.onnx_export import DEFAULT_OPSET, export_onnx
 from edgescope.export.outputs import task_model
 from edgescope.export.precision import FP16_FP32_OPS, PrecisionOptions, check_options, reduce_precision
 from edgescope.export.runs import check_batch, example_inputs, torch_runner
+from edgescope.export.sources import SourceInput, add_source_inputs, gate_source_frames
 from edgescope.export.tasks import StateSpec
 from edgescope.export.tensorrt import EngineOptions, build_engine
 from edgescope.export.triton import write_repository
@@ -155,6 +156,10 @@ class ExportRequest:
     # Tasks beyond segmentation (export/tasks.py says which inputs and outputs each has).
     previous_frame_input: str = ""
     state: list[StateSpec] = field(default_factory=list)
+    # A model fed by several sources: the frame's source name, and each other source's input
+    # (export/sources.py), fed to the graph after the frame in this order.
+    frame_source: str = ""
+    source_inputs: list[SourceInput] = field(default_factory=list)
     scores_output: str = "scores"
     box_format: str = "xyxy"
     score_threshold: float = 0.5
@@ -264,6 +269,7 @@ def build_manifest(request: ExportRequest) -> manifest_pb2.ModelManifest:
         manifest.preprocessing.voi_index = int(request.voi)
     elif request.voi:
         manifest.preprocessing.voi_explanation = request.voi
+    add_source_inputs(manifest, request.frame_source, request.source_inputs, tasks.batch_dim(request), request.scale)
     tasks.add_inputs(manifest, request)
     return manifest
 
@@ -324,13 +330,14 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
     source_sha256 = sha256_file(source_file) if source_file is not None else ""
     with _step(log, f"read {samples} frames from {request.data}"):
         inputs = representative_inputs(request.data, samples, manifest.preprocessing)
+        sources = gate_source_frames(manifest, request.source_inputs, samples)
     with _step(log, "load PyTorch model"):
         loaded = load_model(
             request.factory, request.weights, request.torchscript, request.exported_program, request.static_batch
         )
         # Run once on the first frame: a model returning more than the graph takes is refused here,
         # with what it returns, rather than deep inside torch's exporter.
-        first = example_inputs(manifest, inputs[0], batch=1)
+        first = example_inputs(manifest, inputs[0], batch=1, sources=sources[0] if sources else None)
         model = tasks.for_task(
             task_model(loaded, first, request.model_outputs, tasks.output_names(request)), request.task
         )
@@ -339,7 +346,7 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
         with _step(log, f"export ONNX (opset {request.opset})"):
             proto = export_onnx(
                 model,
-                example_inputs(manifest, inputs[0]),
+                example_inputs(manifest, inputs[0], sources=sources[0] if sources else None),
                 onnx_path,
                 input_name=tasks.input_names(request),
                 output_name=tasks.output_names(request),
@@ -356,9 +363,9 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
             manifest.outputs.extend(_output_spec(proto, name) for name in tasks.output_names(request))
         with _step(log, "run PyTorch and ONNX Runtime"):
             # Frames run as one stream: recurrent state and the previous frame carry over.
-            reference = run(torch_runner(model, manifest, source_sha256, log), manifest, inputs)
+            reference = run(torch_runner(model, manifest, source_sha256, log), manifest, inputs, sources)
             fp32 = onnxruntime_runner(onnx_path, manifest_pb2.PRECISION_FP32)
-            feeds, fp32_outputs = run_stream(fp32.infer, manifest, inputs)
+            feeds, fp32_outputs = run_stream(fp32.infer, manifest, inputs, sources)
             if not request.static_batch:
                 # The FP32 graph, held to the FP32 tolerances (with the user's own where given).
                 fp32_limits = gate_thresholds("fp32", request.limits)
@@ -373,7 +380,7 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
                 )
                 manifest.precision_settings.CopyFrom(settings)
             with _step(log, f"run ONNX Runtime {request.precision}"):
-                reduced = run(onnxruntime_runner(onnx_path, manifest.precision), manifest, inputs)
+                reduced = run(onnxruntime_runner(onnx_path, manifest.precision), manifest, inputs, sources)
             versus_fp32, _ = evaluate(
                 fp32_run, reduced, manifest, thresholds, data_source=request.data, machine=machine
             )
@@ -398,7 +405,9 @@ def export_model(request: ExportRequest, log: Log = print) -> Bundle:
                         served.infer, manifest, request.data, request.reference_samples, request.domain_false_alarm_rate
                     )
                 )
-        keep_golden(staging, manifest, inputs, reference, gate, request.golden_frames, thresholds, request.data)
+        keep_golden(
+            staging, manifest, inputs, reference, gate, request.golden_frames, thresholds, request.data, sources
+        )
         manifest.versions.CopyFrom(
             manifest_pb2.Versions(
                 edgescope=edgescope.__version__,

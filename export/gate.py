@@ -20,7 +20,7 @@ from edgescope.runtime.evaluation.golden import select_frames, write_golden
 from edgescope.runtime.evaluation.limits import GateThresholds
 from edgescope.runtime.evaluation.metrics import Comparison
 from edgescope.runtime.evaluation.report import evaluate
-from edgescope.runtime.evaluation.runners import Run
+from edgescope.runtime.evaluation.runners import Run, SourceFrames
 from edgescope.runtime.pipeline.preprocess import preprocess
 from edgescope.runtime.pipeline.state import is_stateful
 from edgescope.runtime.sources import open_source
@@ -72,10 +72,11 @@ def keep_golden(
     count: int,
     limits: GateThresholds,
     data_source: str,
+    sources: SourceFrames | None = None,
 ) -> None:
     """Write the golden frames: the reference's outputs and, below FP32, the outputs the gate accepted."""
     if count <= 0:
         raise ConfigError("a bundle needs at least one golden frame")
     indices = select_frames(count, gate.comparison, is_stateful(manifest))
     gated = gate.candidate if manifest.precision != manifest_pb2.PRECISION_FP32 else None
-    write_golden(bundle_dir, manifest, frames, reference, gated, indices, limits, data_source)
+    write_golden(bundle_dir, manifest, frames, reference, gated, indices, limits, data_source, sources)

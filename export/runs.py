@@ -7,7 +7,7 @@ carries them, so the gate measures what a stream sees.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,7 +32,10 @@ _INFERENCE_MODE_FAILURE = "inference tensor"
 
 
 def example_inputs(
-    manifest: manifest_pb2.ModelManifest, frame: npt.NDArray[np.float32], batch: int | None = None
+    manifest: manifest_pb2.ModelManifest,
+    frame: npt.NDArray[np.float32],
+    batch: int | None = None,
+    sources: Mapping[str, npt.NDArray[np.float32]] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The first frame's feed as torch tensors in the graph's input order, ``batch`` copies of it.
 
@@ -42,7 +45,7 @@ def example_inputs(
     """
     import torch
 
-    feed = ModelState(manifest).feed(frame)
+    feed = ModelState(manifest).feed(frame, sources)
     copies = batch or (2 if dynamic_batch(manifest) else 1)
     return tuple(torch.from_numpy(np.concatenate([feed[spec.name]] * copies)) for spec in manifest.inputs)
 

@@ -114,7 +114,7 @@ def batch_dim(request: ExportRequest) -> manifest_pb2.Dim:
 
 
 def input_names(request: ExportRequest) -> list[str]:
-    names = [request.input_name]
+    names = [request.input_name, *(source.name for source in request.source_inputs)]
     if request.previous_frame_input:
         names.append(request.previous_frame_input)
     names.extend(s.input for s in request.state)
@@ -138,7 +138,8 @@ def add_inputs(manifest: manifest_pb2.ModelManifest, request: ExportRequest) -> 
     frame = manifest.inputs[0]
     if not request.previous_frame_input and not request.state:
         return
-    manifest.input_bindings.add(input=frame.name, role=manifest_pb2.INPUT_ROLE_FRAME)
+    if not any(b.role == manifest_pb2.INPUT_ROLE_FRAME for b in manifest.input_bindings):
+        manifest.input_bindings.add(input=frame.name, role=manifest_pb2.INPUT_ROLE_FRAME)
     if request.previous_frame_input:
         manifest.inputs.add(name=request.previous_frame_input, dtype=frame.dtype, shape=frame.shape)
         manifest.input_bindings.add(input=request.previous_frame_input, role=manifest_pb2.INPUT_ROLE_PREVIOUS_FRAME)

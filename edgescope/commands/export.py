@@ -86,6 +86,21 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--state", action="append", default=[], metavar="IN:OUT:D1,D2,..", help="a recurrent state tensor (repeatable)"
     )
+    p.add_argument(
+        "--frame-source",
+        default="",
+        metavar="NAME",
+        help="a model fed by several sources: the name of the source whose frames feed the frame input",
+    )
+    p.add_argument(
+        "--source-input",
+        action="append",
+        default=[],
+        metavar="NAME:HxW:COLOR=DATA",
+        help="another source's input, after the frame input in the model's arguments (repeatable): its name, "
+        "input size, colour (gray, rgb, bgr) and the frames the gate runs it on, e.g. "
+        "nir:128x128:gray=synthetic:fluorescence",
+    )
     p.add_argument("--scores-output", default="scores", help="detection: the class-score output")
     p.add_argument("--box-format", default="xyxy", choices=["xyxy", "xywh", "cxcywh"])
     p.add_argument("--score-threshold", type=float, default=0.5, help="detection: lowest box score kept")
@@ -143,6 +158,7 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     from edgescope.export import ExportRequest, export_model
     from edgescope.export.precision import FP16_FP32_OPS
+    from edgescope.export.sources import SourceInput
     from edgescope.export.tasks import StateSpec
 
     export_model(
@@ -176,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
             output_name=args.output_name,
             previous_frame_input=args.previous_frame_input,
             state=[StateSpec.parse(s) for s in args.state],
+            frame_source=args.frame_source,
+            source_inputs=[SourceInput.parse(s) for s in args.source_input],
             scores_output=args.scores_output,
             box_format=args.box_format,
             score_threshold=args.score_threshold,

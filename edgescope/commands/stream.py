@@ -5,10 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgescope.commands.options import DEFAULT_TARGET, add_client_security, add_outbox, client_security
+from edgescope.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edgescope.runtime.sources.base import FrameSource
+
+# ``--source NAME=SPEC``: a name as the model's manifest gives its sources.
+_NAMED = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9_-]{0,31})=(?P<spec>.+)$")
+_MODES = ("wait", "newest", "drop")
 
 
 def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -16,9 +26,26 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--source",
         required=True,
+        action="append",
+        metavar="[NAME=]SPEC",
         help="dicom:PATH[?voi=..] | video:PATH | images:GLOB[?fps=F] | v4l2:/dev/videoN[?width=&height=&fps=&fourcc=] "
-        "| rtsp:// rtsps:// http(s):// udp:// srt:// URL | gst:PIPELINE | synthetic:ultrasound | synthetic:endoscopy",
+        "| rtsp:// rtsps:// http(s):// udp:// srt:// URL | gst:PIPELINE | synthetic:ultrasound | synthetic:endoscopy "
+        "| synthetic:fluorescence; repeat as NAME=SPEC for a model fed by several sources (the names its manifest "
+        "gives them, e.g. --source white=synthetic:endoscopy --source nir=synthetic:fluorescence)",
     )
+    pairing = p.add_argument_group("several sources (the server pairs their frames by capture time)")
+    pairing.add_argument(
+        "--pair-policy",
+        choices=_MODES,
+        default="wait",
+        help="wait: a leading frame waits up to --pair-wait-ms for a partner within the tolerance; newest: the newest "
+        "partner not older than --pair-max-age-ms; drop: only a partner already there (default: wait)",
+    )
+    pairing.add_argument(
+        "--pair-tolerance-ms", type=float, default=0.0, help="largest skew of a set (default: half the faster period)"
+    )
+    pairing.add_argument("--pair-wait-ms", type=float, default=0.0, help="wait policy (default: the tolerance)")
+    pairing.add_argument("--pair-max-age-ms", type=float, default=0.0, help="newest policy (default: two tolerances)")
     p.add_argument("--model", default="", help="model name (optional when the server has one)")
     p.add_argument("--target", default=DEFAULT_TARGET)
     p.add_argument("--fast", action="store_true", help="send as fast as the server answers, not at the source's rate")
@@ -40,10 +67,48 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_client_security(p)
 
 
+def named_sources(values: list[str]) -> dict[str, str]:
+    """``--source`` values: one SPEC, or each NAME=SPEC (names distinct)."""
+    if len(values) == 1 and _NAMED.match(values[0]) is None:
+        return {"": values[0]}
+    named: dict[str, str] = {}
+    for value in values:
+        match = _NAMED.match(value)
+        if match is None:
+            raise ConfigError(
+                f"--source {value[:60]!r}: with several sources, each is NAME=SPEC (e.g. nir=synthetic:fluorescence)"
+            )
+        if match["name"] in named:
+            raise ConfigError(f"--source: source {match['name']!r} is named twice")
+        named[match["name"]] = match["spec"]
+    return named
+
+
+def _open(named: dict[str, str], loop: bool) -> FrameSource:
+    from edgescope.runtime.sources import open_source
+    from edgescope.runtime.sources.merged import MergedSources
+
+    if "" in named:
+        return open_source(named[""], loop=loop)
+    opened: dict[str, FrameSource] = {}
+    try:
+        for name, spec in named.items():
+            opened[name] = open_source(spec, loop=loop)
+    except BaseException:
+        for source in opened.values():
+            source.close()
+        raise
+    return MergedSources(opened)
+
+
 def run(args: argparse.Namespace) -> int:
     from edgescope.runtime.client.stream import StreamOptions, stream_source
-    from edgescope.runtime.sources import open_source
     from edgescope.v1 import stream_pb2
+
+    named = named_sources(args.source)
+    spec = " + ".join(f"{name}={value}" if name else value for name, value in named.items())
+    if args.results_to and len(named) > 1:
+        raise ConfigError("--results-to stores the results of one DICOM source; this stream has several sources")
 
     options = StreamOptions(
         target=args.target,
@@ -58,6 +123,14 @@ def run(args: argparse.Namespace) -> int:
         ),
         deadline_ms=args.deadline_ms,
         security=client_security(args),
+        pairing=None
+        if len(named) == 1
+        else stream_pb2.PairingPolicy(
+            mode=stream_pb2.PairingPolicy.Mode.Value(f"MODE_{args.pair_policy.upper()}"),
+            tolerance_ms=args.pair_tolerance_ms,
+            wait_ms=args.pair_wait_ms,
+            max_age_ms=args.pair_max_age_ms,
+        ),
     )
     recorder = None
     if args.results_to:
@@ -65,10 +138,10 @@ def run(args: argparse.Namespace) -> int:
         from edgescope.runtime.client.archive import SegmentationRecorder, dicom_path
 
         sender_for(args.results_to)  # a wrong URL fails before the stream, not after it
-        recorder = SegmentationRecorder(dicom_path(args.source))
-    with open_source(args.source, loop=args.loop) as source:
+        recorder = SegmentationRecorder(dicom_path(spec))
+    with _open(named, args.loop) as source:
         pace = "as fast as possible" if args.fast else f"at {source.fps:.1f} fps"
-        print(f"streaming {args.source} to {args.target} {pace}")
+        print(f"streaming {spec} to {args.target} {pace}")
         report = asyncio.run(stream_source(source, options, recorder.observe if recorder is not None else None))
     archive = None
     if recorder is not None:
@@ -79,11 +152,13 @@ def run(args: argparse.Namespace) -> int:
             f"results: {len(archive['delivered'])} object(s) stored at {args.results_to}, {archive['waiting']} waiting"
         )
     print(report.latency.format_table())
+    if report.sources is not None:
+        print(report.sources.format_line())
     if report.video is not None:
         print(f"overlay video: {report.video}")
     if args.summary is not None:
         summary = {
-            "source": args.source,
+            "source": spec,
             "target": args.target,
             "model": args.model,
             "sent": report.sent,
@@ -93,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
             "rate_warnings": report.rate_warnings,
             "error": report.error,
             **({"archive": archive} if archive is not None else {}),
+            **(report.sources.as_dict() if report.sources is not None else {}),
         }
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

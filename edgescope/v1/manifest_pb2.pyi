@@ -274,6 +274,8 @@ class _InputRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InputRole.V
     """The stream's previous preprocessed frame (the current one on a stream's first frame)."""
     INPUT_ROLE_STATE: _InputRole.ValueType  # 3
     """A recurrent state tensor (see ModelManifest.state)."""
+    INPUT_ROLE_SOURCE: _InputRole.ValueType  # 4
+    """The frame of another source of the stream (Frame.source), paired with the frame by capture time."""
 
 class InputRole(_InputRole, metaclass=_InputRoleEnumTypeWrapper): ...
 
@@ -284,6 +286,8 @@ INPUT_ROLE_PREVIOUS_FRAME: InputRole.ValueType  # 2
 """The stream's previous preprocessed frame (the current one on a stream's first frame)."""
 INPUT_ROLE_STATE: InputRole.ValueType  # 3
 """A recurrent state tensor (see ModelManifest.state)."""
+INPUT_ROLE_SOURCE: InputRole.ValueType  # 4
+"""The frame of another source of the stream (Frame.source), paired with the frame by capture time."""
 Global___InputRole: _TypeAlias = InputRole  # noqa: Y015
 
 class _QuantExecution:
@@ -691,17 +695,27 @@ class InputBinding(_message.Message):
 
     INPUT_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    PREPROCESSING_FIELD_NUMBER: _builtins.int
     input: _builtins.str
     role: Global___InputRole.ValueType
+    source: _builtins.str
+    """INPUT_ROLE_FRAME and INPUT_ROLE_SOURCE of a model fed by several sources: the source's name."""
+    @_builtins.property
+    def preprocessing(self) -> Global___Preprocessing:
+        """INPUT_ROLE_SOURCE: how that source's frames become the input (the frame's is `preprocessing`)."""
+
     def __init__(
         self,
         *,
         input: _builtins.str = ...,
         role: Global___InputRole.ValueType = ...,
+        source: _builtins.str = ...,
+        preprocessing: Global___Preprocessing | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "preprocessing", b"preprocessing", "role", b"role", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -138,6 +138,8 @@ class _FrameStatusCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Frame
     FRAME_STATUS_CODE_OK: _FrameStatusCode.ValueType  # 1
     FRAME_STATUS_CODE_DROPPED: _FrameStatusCode.ValueType  # 2
     FRAME_STATUS_CODE_ERROR: _FrameStatusCode.ValueType  # 3
+    FRAME_STATUS_CODE_PAIRED: _FrameStatusCode.ValueType  # 4
+    """Taken into another frame's set (Result.pairing.lead_seq): that frame's result is the set's."""
 
 class FrameStatusCode(_FrameStatusCode, metaclass=_FrameStatusCodeEnumTypeWrapper): ...
 
@@ -145,6 +147,8 @@ FRAME_STATUS_CODE_UNSPECIFIED: FrameStatusCode.ValueType  # 0
 FRAME_STATUS_CODE_OK: FrameStatusCode.ValueType  # 1
 FRAME_STATUS_CODE_DROPPED: FrameStatusCode.ValueType  # 2
 FRAME_STATUS_CODE_ERROR: FrameStatusCode.ValueType  # 3
+FRAME_STATUS_CODE_PAIRED: FrameStatusCode.ValueType  # 4
+"""Taken into another frame's set (Result.pairing.lead_seq): that frame's result is the set's."""
 Global___FrameStatusCode: _TypeAlias = FrameStatusCode  # noqa: Y015
 
 class _StreamPolicy:
@@ -178,6 +182,8 @@ class _DropReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DropReason
     DROP_REASON_STALE: _DropReason.ValueType  # 1
     DROP_REASON_DEADLINE: _DropReason.ValueType  # 2
     DROP_REASON_SHUTDOWN: _DropReason.ValueType  # 3
+    DROP_REASON_UNPAIRED: _DropReason.ValueType  # 4
+    """No frame of another source was captured near enough to make a set (PairingPolicy)."""
 
 class DropReason(_DropReason, metaclass=_DropReasonEnumTypeWrapper): ...
 
@@ -185,6 +191,8 @@ DROP_REASON_UNSPECIFIED: DropReason.ValueType  # 0
 DROP_REASON_STALE: DropReason.ValueType  # 1
 DROP_REASON_DEADLINE: DropReason.ValueType  # 2
 DROP_REASON_SHUTDOWN: DropReason.ValueType  # 3
+DROP_REASON_UNPAIRED: DropReason.ValueType  # 4
+"""No frame of another source was captured near enough to make a set (PairingPolicy)."""
 Global___DropReason: _TypeAlias = DropReason  # noqa: Y015
 
 @_typing.final
@@ -287,6 +295,8 @@ class Frame(_message.Message):
     RESET_STATE_FIELD_NUMBER: _builtins.int
     REGIONS_FIELD_NUMBER: _builtins.int
     PIXEL_TRANSFORM_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    PAIRING_FIELD_NUMBER: _builtins.int
     RAW_FIELD_NUMBER: _builtins.int
     ENCODED_FIELD_NUMBER: _builtins.int
     SHM_FIELD_NUMBER: _builtins.int
@@ -307,6 +317,11 @@ class Frame(_message.Message):
     """Process a frame that missed its deadline and flag it late, instead of dropping it."""
     reset_state: _builtins.bool
     """Start the stream's recurrent state (and previous frame) afresh with this frame."""
+    source: _builtins.str
+    """Which of the stream's sources took this frame, for a model fed by several (its manifest's
+    InputBinding.source); empty on a stream of one source. Frames of every source share one
+    `seq` order and are paired by `capture_time_ns` (see PairingPolicy).
+    """
     @_builtins.property
     def spacing(self) -> Global___PixelSpacing: ...
     @_builtins.property
@@ -320,6 +335,10 @@ class Frame(_message.Message):
     @_builtins.property
     def pixel_transform(self) -> Global___PixelTransform:
         """How stored values become meaningful ones (DICOM frames); the model's manifest says which it takes."""
+
+    @_builtins.property
+    def pairing(self) -> Global___PairingPolicy:
+        """How frames of several sources are paired into one set; read on the stream's first frame."""
 
     @_builtins.property
     def raw(self) -> Global___RawImage: ...
@@ -346,19 +365,80 @@ class Frame(_message.Message):
         reset_state: _builtins.bool = ...,
         regions: _abc.Iterable[Global___CalibratedRegion] | None = ...,
         pixel_transform: Global___PixelTransform | None = ...,
+        source: _builtins.str = ...,
+        pairing: Global___PairingPolicy | None = ...,
         raw: Global___RawImage | None = ...,
         encoded: Global___EncodedImage | None = ...,
         shm: Global___SharedMemoryFrame | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["encoded", b"encoded", "pixel_transform", b"pixel_transform", "pixels", b"pixels", "raw", b"raw", "shm", b"shm", "spacing", b"spacing"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["encoded", b"encoded", "pairing", b"pairing", "pixel_transform", b"pixel_transform", "pixels", b"pixels", "raw", b"raw", "shm", b"shm", "spacing", b"spacing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_time_ns", b"capture_time_ns", "deadline_ms", b"deadline_ms", "encoded", b"encoded", "extra_models", b"extra_models", "mask_encoding", b"mask_encoding", "model", b"model", "pixel_transform", b"pixel_transform", "pixels", b"pixels", "policy", b"policy", "process_late", b"process_late", "raw", b"raw", "regions", b"regions", "reset_state", b"reset_state", "seq", b"seq", "shm", b"shm", "source_kind", b"source_kind", "spacing", b"spacing", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_time_ns", b"capture_time_ns", "deadline_ms", b"deadline_ms", "encoded", b"encoded", "extra_models", b"extra_models", "mask_encoding", b"mask_encoding", "model", b"model", "pairing", b"pairing", "pixel_transform", b"pixel_transform", "pixels", b"pixels", "policy", b"policy", "process_late", b"process_late", "raw", b"raw", "regions", b"regions", "reset_state", b"reset_state", "seq", b"seq", "shm", b"shm", "source", b"source", "source_kind", b"source_kind", "spacing", b"spacing", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_pixels: _TypeAlias = _typing.Literal["raw", "encoded", "shm"]  # noqa: Y015
     _WhichOneofArgType_pixels: _TypeAlias = _typing.Literal["pixels", b"pixels"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_pixels) -> _WhichOneofReturnType_pixels | None: ...
 
 Global___Frame: _TypeAlias = Frame  # noqa: Y015
+
+@_typing.final
+class PairingPolicy(_message.Message):
+    """How a stream of several sources makes sets of frames, one per source, for one model.
+    The model's frame source (the manifest's INPUT_ROLE_FRAME binding) leads: each of its frames
+    looks for the frame of every other source captured nearest to it within `tolerance_ms`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Mode:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[PairingPolicy._Mode.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        MODE_UNSPECIFIED: PairingPolicy._Mode.ValueType  # 0
+        MODE_WAIT: PairingPolicy._Mode.ValueType  # 1
+        """Wait up to `wait_ms` for a partner within the tolerance, then drop the leading frame."""
+        MODE_NEWEST: PairingPolicy._Mode.ValueType  # 2
+        """Take the newest partner already read that is not older than `max_age_ms`; never wait."""
+        MODE_DROP: PairingPolicy._Mode.ValueType  # 3
+        """Pair only with a partner already read within the tolerance; never wait."""
+
+    class Mode(_Mode, metaclass=_ModeEnumTypeWrapper): ...
+    MODE_UNSPECIFIED: PairingPolicy.Mode.ValueType  # 0
+    MODE_WAIT: PairingPolicy.Mode.ValueType  # 1
+    """Wait up to `wait_ms` for a partner within the tolerance, then drop the leading frame."""
+    MODE_NEWEST: PairingPolicy.Mode.ValueType  # 2
+    """Take the newest partner already read that is not older than `max_age_ms`; never wait."""
+    MODE_DROP: PairingPolicy.Mode.ValueType  # 3
+    """Pair only with a partner already read within the tolerance; never wait."""
+
+    MODE_FIELD_NUMBER: _builtins.int
+    TOLERANCE_MS_FIELD_NUMBER: _builtins.int
+    WAIT_MS_FIELD_NUMBER: _builtins.int
+    MAX_AGE_MS_FIELD_NUMBER: _builtins.int
+    mode: Global___PairingPolicy.Mode.ValueType
+    tolerance_ms: _builtins.float
+    """Largest |capture time difference| of a pair; 0: half the faster source's frame period."""
+    wait_ms: _builtins.float
+    """MODE_WAIT: how long a leading frame waits for its partners; 0: the tolerance."""
+    max_age_ms: _builtins.float
+    """MODE_NEWEST: how old a partner may be relative to the leading frame; 0: two tolerances."""
+    def __init__(
+        self,
+        *,
+        mode: Global___PairingPolicy.Mode.ValueType = ...,
+        tolerance_ms: _builtins.float = ...,
+        wait_ms: _builtins.float = ...,
+        max_age_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_age_ms", b"max_age_ms", "mode", b"mode", "tolerance_ms", b"tolerance_ms", "wait_ms", b"wait_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PairingPolicy: _TypeAlias = PairingPolicy  # noqa: Y015
 
 @_typing.final
 class CalibratedRegion(_message.Message):
@@ -995,6 +1075,7 @@ class Result(_message.Message):
     SERVER_RECEIVE_TIME_NS_FIELD_NUMBER: _builtins.int
     SERVER_SEND_TIME_NS_FIELD_NUMBER: _builtins.int
     DOMAIN_FIELD_NUMBER: _builtins.int
+    PAIRING_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     seq: _builtins.int
     capture_time_ns: _builtins.int
@@ -1023,6 +1104,10 @@ class Result(_message.Message):
     def domain(self) -> Global___DomainCheck:
         """Whether the frame looks like what the model was validated on (its bundle's domain profile)."""
 
+    @_builtins.property
+    def pairing(self) -> Global___Pairing:
+        """A frame of a stream of several sources: its set, or the set it was taken into."""
+
     def __init__(
         self,
         *,
@@ -1039,14 +1124,80 @@ class Result(_message.Message):
         server_receive_time_ns: _builtins.int = ...,
         server_send_time_ns: _builtins.int = ...,
         domain: Global___DomainCheck | None = ...,
+        pairing: Global___Pairing | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "provenance", b"provenance", "status", b"status"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "pairing", b"pairing", "provenance", b"provenance", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "capture_time_ns", b"capture_time_ns", "domain", b"domain", "model_results", b"model_results", "outputs", b"outputs", "provenance", b"provenance", "quantities", b"quantities", "seq", b"seq", "server_receive_time_ns", b"server_receive_time_ns", "server_send_time_ns", b"server_send_time_ns", "status", b"status", "stream_id", b"stream_id", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "capture_time_ns", b"capture_time_ns", "domain", b"domain", "model_results", b"model_results", "outputs", b"outputs", "pairing", b"pairing", "provenance", b"provenance", "quantities", b"quantities", "seq", b"seq", "server_receive_time_ns", b"server_receive_time_ns", "server_send_time_ns", b"server_send_time_ns", "status", b"status", "stream_id", b"stream_id", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Result: _TypeAlias = Result  # noqa: Y015
+
+@_typing.final
+class PairedFrame(_message.Message):
+    """One frame of a set, as the leading frame's result lists it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    CAPTURE_TIME_NS_FIELD_NUMBER: _builtins.int
+    SKEW_NS_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    seq: _builtins.int
+    capture_time_ns: _builtins.int
+    skew_ns: _builtins.int
+    """Its capture time minus the leading frame's."""
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        capture_time_ns: _builtins.int = ...,
+        skew_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_time_ns", b"capture_time_ns", "seq", b"seq", "skew_ns", b"skew_ns", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PairedFrame: _TypeAlias = PairedFrame  # noqa: Y015
+
+@_typing.final
+class Pairing(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    PARTNERS_FIELD_NUMBER: _builtins.int
+    LEAD_SEQ_FIELD_NUMBER: _builtins.int
+    TOLERANCE_MS_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """The source of the frame this result answers."""
+    lead_seq: _builtins.int
+    """On a partner (FRAME_STATUS_CODE_PAIRED): the leading frame whose result is the set's."""
+    tolerance_ms: _builtins.float
+    """The tolerance it was paired within."""
+    @_builtins.property
+    def partners(self) -> _containers.RepeatedCompositeFieldContainer[Global___PairedFrame]:
+        """On a leading frame: the partners in its set."""
+
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        partners: _abc.Iterable[Global___PairedFrame] | None = ...,
+        lead_seq: _builtins.int = ...,
+        tolerance_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lead_seq", b"lead_seq", "partners", b"partners", "source", b"source", "tolerance_ms", b"tolerance_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Pairing: _TypeAlias = Pairing  # noqa: Y015
 
 @_typing.final
 class DomainCheck(_message.Message):

@@ -342,3 +342,25 @@ class _ShiftedWhenExported(nn.Module):
 
 def build_defective_unet() -> nn.Module:
     return _ShiftedWhenExported(build_unet()).eval()
+
+
+# --- Fusion: a 3-channel frame (64x64) and a 1-channel frame of another source (32x32) ---------
+
+
+class TwoSourceNet(nn.Module):
+    """Segmentation logits from an RGB frame and a gray frame of another source at half its size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rgb = nn.Conv2d(3, 4, 3, padding=1)
+        self.other = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Conv2d(8, 1, 1)
+
+    def forward(self, frame: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        up = nn.functional.interpolate(self.other(other), scale_factor=2.0, mode="bilinear", align_corners=False)
+        logits: torch.Tensor = self.head(torch.cat([torch.relu(self.rgb(frame)), torch.relu(up)], dim=1))
+        return logits
+
+
+def build_two_source() -> nn.Module:
+    return _seeded(TwoSourceNet)

@@ -22,11 +22,13 @@ from edgescope.errors import EdgescopeError
 from edgescope.runtime.client.clock import ClockEstimator, ClockSample
 from edgescope.runtime.client.rate import RateWatch
 from edgescope.runtime.client.shm import SharedMemorySender
+from edgescope.runtime.client.sources_summary import SourcesSummary
 from edgescope.runtime.client.video import VideoRecorder
 from edgescope.runtime.pipeline.decode import encode_raw_into
 from edgescope.runtime.render.overlay import load_fonts, render_result
 from edgescope.runtime.sources.base import FrameSource, SourceFrame
 from edgescope.runtime.sources.display import to_display_rgb8
+from edgescope.runtime.sources.merged import MergedSources
 from edgescope.runtime.telemetry.latency import LatencyRecorder, drop_label, missed_deadline
 from edgescope.runtime.transport import DEFAULT_MAX_MESSAGE_BYTES, ClientSecurity, aio_channel, channel_options
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
@@ -68,6 +70,8 @@ class StreamOptions:
     shared_memory_slots: int = 4
     # TLS, client certificate, token; plain text only to loopback by default.
     security: ClientSecurity = field(default_factory=ClientSecurity)
+    # Several sources (a ``MergedSources``): how the server pairs their frames; None: its defaults.
+    pairing: stream_pb2.PairingPolicy | None = None
 
 
 @dataclass(slots=True)
@@ -80,15 +84,23 @@ class StreamReport:
     rate_warnings: list[str] = field(default_factory=list)
     # Why the stream stopped before its source ended (a lost camera, the server gone); empty if it did not.
     error: str = ""
+    # Several sources: per-source counts and pairing (``SourcesSummary``); None for one source.
+    sources: SourcesSummary | None = None
 
 
 def build_frame(
-    source_frame: SourceFrame, seq: int, options: StreamOptions, kind: str, *, with_pixels: bool = True
+    source_frame: SourceFrame,
+    seq: int,
+    options: StreamOptions,
+    kind: str,
+    *,
+    with_pixels: bool = True,
+    capture_time_ns: int | None = None,
 ) -> stream_pb2.Frame:
     frame = stream_pb2.Frame(
         stream_id=options.stream_id,
         seq=seq,
-        capture_time_ns=time.time_ns(),
+        capture_time_ns=capture_time_ns or time.time_ns(),
         model=options.model,
         source_kind=SOURCE_KINDS[kind],
         mask_encoding=options.mask_encoding,
@@ -98,6 +110,8 @@ def build_frame(
     if with_pixels:
         encode_raw_into(frame.raw, source_frame.pixels)
     source_frame.describe(frame)
+    if seq == 0 and options.pairing is not None:
+        frame.pairing.CopyFrom(options.pairing)
     return frame
 
 
@@ -138,12 +152,18 @@ async def stream_source(
     window = asyncio.Semaphore(options.max_in_flight) if options.max_in_flight else None
     # Set when the server says it is shutting down: frames sent after that would only be dropped.
     server_stopping = asyncio.Event()
+    # Several sources: paced at each one's rate and stamped at reading (host clock), or, sent as fast as
+    # possible, stamped with their own timestamps (source clock) so that pairing still sees their timing.
+    merged = source if isinstance(source, MergedSources) else None
+    sources = SourcesSummary(merged.names, "host" if options.realtime else "source") if merged else None
+    lead = merged.names[0] if merged is not None else ""
 
     error = ""
 
     async def frames() -> AsyncIterator[stream_pb2.Frame]:
         nonlocal sent, error
         start = time.monotonic()
+        start_wall_ns = time.time_ns()
         while (options.max_frames is None or sent < options.max_frames) and not server_stopping.is_set():
             # Decoding a source frame (JPEG, video) blocks; keep it off the loop.
             try:
@@ -161,14 +181,20 @@ async def stream_source(
             if window is not None:
                 await window.acquire()
             in_flight[sent] = source_frame
-            frame = build_frame(source_frame, sent, options, source.kind, with_pixels=sender is None)
+            stamp = None if options.realtime or merged is None else start_wall_ns + int(source_frame.timestamp_s * 1e9)
+            frame = build_frame(
+                source_frame, sent, options, source.kind, with_pixels=sender is None, capture_time_ns=stamp
+            )
+            if sources is not None:
+                sources.sent(frame)
             if sender is not None:
                 await sender.place(frame, source_frame.pixels)
             yield frame
             sent += 1
 
     rate = RateWatch(source.fps) if options.realtime else None
-    recorder = VideoRecorder(options.save, source.fps) if options.save is not None else None
+    video_fps = merged.fps_of(lead) if merged is not None else source.fps
+    recorder = VideoRecorder(options.save, video_fps) if options.save is not None else None
     if recorder is not None:
         load_fonts()  # before the first overlay, which would otherwise pay for them mid-stream
     # Overlays are drawn and encoded on a worker thread, fed through a short
@@ -206,7 +232,10 @@ async def stream_source(
                     _record(latency, clock, result, received_ns)
                     if rate is not None:
                         rate.answered(time.monotonic())
-                    if recorder is not None:
+                    if sources is not None:
+                        sources.answered(source_frame.source, result)
+                    # The video shows the leading source's frames, with the result of each set.
+                    if recorder is not None and source_frame.source == lead:
                         await to_render.put((source_frame, result, e2e_ns / 1e6))
                     if on_result is not None:
                         on_result(source_frame, result)
@@ -233,6 +262,7 @@ async def stream_source(
         clock=clock,
         rate_warnings=warnings,
         error=error,
+        sources=sources,
     )
 
 
@@ -249,6 +279,9 @@ def _record(latency: LatencyRecorder, clock: ClockEstimator, result: stream_pb2.
         latency.out_of_domain_frames += 1
     if code == stream_pb2.FRAME_STATUS_CODE_DROPPED:
         latency.count_drop(drop_label(result.status))
+        return
+    if code == stream_pb2.FRAME_STATUS_CODE_PAIRED:
+        # Its set's result, and that result's latency, are on the leading frame.
         return
     if code != stream_pb2.FRAME_STATUS_CODE_OK:
         latency.errors += 1

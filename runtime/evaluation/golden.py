@@ -28,8 +28,8 @@ from edgescope.errors import BundleError
 from edgescope.runtime.backends.base import Outputs
 from edgescope.runtime.evaluation.limits import GateThresholds
 from edgescope.runtime.evaluation.metrics import Comparison
-from edgescope.runtime.evaluation.runners import Run, describe
-from edgescope.runtime.pipeline.state import is_stateful
+from edgescope.runtime.evaluation.runners import Run, SourceFrames, describe
+from edgescope.runtime.pipeline.state import is_stateful, source_inputs
 from edgescope.v1 import manifest_pb2
 
 GOLDEN_FILE = "golden.npz"
@@ -43,6 +43,8 @@ class GoldenData:
     """The frames of ``golden.npz`` and their outputs, in replay order."""
 
     inputs: list[Tensor]
+    # A model fed by several sources: each frame's other sources' inputs by input name; else None.
+    sources: list[dict[str, Tensor]] | None
     reference: list[Outputs]
     # The outputs the gate accepted (reduced precision), or None.
     gated: list[Outputs] | None
@@ -72,6 +74,7 @@ def write_golden(
     indices: Sequence[int],
     limits: GateThresholds,
     data_source: str,
+    sources: SourceFrames | None = None,
 ) -> None:
     """Write ``golden.npz`` with the frames at ``indices`` and describe it in ``manifest.golden``.
 
@@ -82,6 +85,8 @@ def write_golden(
     runs = [("reference", reference)] + ([("gated", gated)] if gated is not None else [])
     for slot, index in enumerate(indices):
         arrays[f"input_{slot}"] = np.asarray(inputs[index], dtype=np.float32)
+        for name, tensor in (sources[index] if sources is not None else {}).items():
+            arrays[f"source_{slot}_{name}"] = np.asarray(tensor, dtype=np.float32)
         for kind, run in runs:
             for j, name in enumerate(names):
                 if name not in run.outputs[index]:
@@ -120,6 +125,12 @@ def read_golden(bundle: Bundle) -> GoldenData:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             inputs = [np.asarray(archive[f"input_{i}"], dtype=np.float32) for i in range(count)]
+            names = [binding.input for binding in source_inputs(bundle.manifest)]
+            sources = (
+                [{n: np.asarray(archive[f"source_{i}_{n}"], dtype=np.float32) for n in names} for i in range(count)]
+                if names
+                else None
+            )
 
             def outputs_of(kind: str) -> list[Outputs]:
                 return [{name: archive[f"{kind}_{i}_{j}"] for j, name in enumerate(outputs)} for i in range(count)]
@@ -128,4 +139,4 @@ def read_golden(bundle: Bundle) -> GoldenData:
             gated = outputs_of("gated") if golden.HasField("gated_runner") else None
     except (KeyError, ValueError, OSError) as exc:
         raise BundleError(f"{bundle.path}: {golden.path} is not a readable golden-frame archive: {exc}") from exc
-    return GoldenData(inputs, reference, gated)
+    return GoldenData(inputs, sources, reference, gated)

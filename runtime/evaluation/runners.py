@@ -18,7 +18,7 @@ frame carry over exactly as the runtime carries them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,8 @@ from edgescope.v1 import manifest_pb2
 
 Infer = Callable[[Feed], Outputs]
 Frames = Sequence[npt.NDArray[np.float32]]
+# A model fed by several sources: per frame, the other sources' inputs by input name.
+SourceFrames = Sequence[Mapping[str, npt.NDArray[np.float32]]]
 
 _QUANT_WORDS = {FAKE_QUANT: "fake-quant", INTEGER: "integer kernels"}
 
@@ -57,9 +59,11 @@ class Run:
     outputs: list[Outputs]
 
 
-def run(runner: Runner, manifest: manifest_pb2.ModelManifest, frames: Frames) -> Run:
-    """``runner`` over ``frames`` as one stream."""
-    return Run(runner.info, run_stream(runner.infer, manifest, frames)[1])
+def run(
+    runner: Runner, manifest: manifest_pb2.ModelManifest, frames: Frames, sources: SourceFrames | None = None
+) -> Run:
+    """``runner`` over ``frames`` as one stream (``sources``: each frame's other sources' inputs)."""
+    return Run(runner.info, run_stream(runner.infer, manifest, frames, sources)[1])
 
 
 def describe(info: manifest_pb2.RunnerInfo) -> str:
@@ -70,13 +74,15 @@ def describe(info: manifest_pb2.RunnerInfo) -> str:
     return f"{text} ({info.detail})" if info.detail else text
 
 
-def run_stream(infer: Infer, manifest: manifest_pb2.ModelManifest, frames: Frames) -> tuple[list[Feed], list[Outputs]]:
-    """Feeds and outputs of every frame, in order, as one stream."""
+def run_stream(
+    infer: Infer, manifest: manifest_pb2.ModelManifest, frames: Frames, sources: SourceFrames | None = None
+) -> tuple[list[Feed], list[Outputs]]:
+    """Feeds and outputs of every frame, in order, as one stream (with its other sources' inputs, if any)."""
     state = ModelState(manifest)
     feeds: list[Feed] = []
     outputs: list[Outputs] = []
-    for frame in frames:
-        feed = state.feed(frame)
+    for index, frame in enumerate(frames):
+        feed = state.feed(frame, sources[index] if sources is not None else None)
         result = infer(feed)
         state.update(frame, result)
         feeds.append(feed)

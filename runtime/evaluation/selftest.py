@@ -82,9 +82,10 @@ def self_test(
         stored_runner(manifest, golden.inputs, golden.reference, _stored(spec.reference_runner, spec.path)),
         manifest,
         golden.inputs,
+        golden.sources,
     )
     try:
-        candidate = run(Runner(infer, runner), manifest, golden.inputs)
+        candidate = run(Runner(infer, runner), manifest, golden.inputs, golden.sources)
     except Exception as exc:  # any failure of the runner is a refusal with its reason, never a crash at load
         return finish(f"{describe(runner)} failed on the golden frames: {type(exc).__name__}: {exc}")
     missing = sorted(set(spec.outputs) - set(candidate.outputs[0]))

@@ -14,7 +14,7 @@ import math
 
 from edgescope.errors import BundleError
 from edgescope.runtime.pipeline.preprocess import input_channels
-from edgescope.runtime.pipeline.state import frame_input
+from edgescope.runtime.pipeline.state import frame_input, frame_source, source_inputs
 from edgescope.v1 import manifest_pb2
 
 
@@ -66,7 +66,27 @@ def _io_problems(manifest: manifest_pb2.ModelManifest) -> list[str]:
             problems.append(
                 f"input {name!r} has shape {shown}, the preprocessing makes {'x'.join(map(str, (1, *expected)))}"
             )
+    problems.extend(_source_problems(manifest, {t.name for t in manifest.inputs}))
     wanted = manifest.postprocessing.output
     if wanted and wanted not in {output.name for output in manifest.outputs}:
         problems.append(f"postprocessing reads output {wanted!r}, which the model does not have")
+    return problems
+
+
+def _source_problems(manifest: manifest_pb2.ModelManifest, inputs: set[str]) -> list[str]:
+    """A model fed by several sources: every source named once, every source input declared and sized."""
+    bindings = source_inputs(manifest)
+    if not bindings:
+        return []
+    problems = []
+    names = [frame_source(manifest), *(b.source for b in bindings)]
+    if not all(names) or len(set(names)) != len(names):
+        problems.append(f"its sources must have distinct, non-empty names (frame first): {names}")
+    for binding in bindings:
+        if binding.input not in inputs:
+            problems.append(f"source {binding.source!r} feeds {binding.input!r}, which is not one of its inputs")
+        if binding.preprocessing.height <= 0 or binding.preprocessing.width <= 0:
+            problems.append(
+                f"source {binding.source!r} has input size {binding.preprocessing.width}x{binding.preprocessing.height}"
+            )
     return problems

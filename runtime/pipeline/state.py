@@ -1,7 +1,9 @@
-"""What a stream carries from frame to frame: recurrent state and the previous frame.
+"""What a model is fed besides the frame: recurrent state, the previous frame, other sources.
 
 A model whose manifest declares ``state`` tensors, or an input fed with the
 previous frame (``INPUT_ROLE_PREVIOUS_FRAME``), needs the stream's history.
+A model fed by several sources (``INPUT_ROLE_SOURCE``) takes, with each
+frame, the frames of the other sources paired with it (``source_inputs``).
 Each stream keeps one ``ModelState`` per model: initialised on the stream's
 first frame, restarted by ``Frame.reset_state``, freed when the stream ends.
 
@@ -20,6 +22,7 @@ state, so concurrent frames of a stream cannot interleave.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +48,16 @@ def frame_input(manifest: manifest_pb2.ModelManifest) -> str:
     if not manifest.inputs:
         raise BundleError(f"the manifest of {manifest.name} declares no inputs")
     return manifest.inputs[0].name
+
+
+def frame_source(manifest: manifest_pb2.ModelManifest) -> str:
+    """The name of the source whose frames feed the frame input; empty for a model of one source."""
+    return next((b.source for b in manifest.input_bindings if b.role == manifest_pb2.INPUT_ROLE_FRAME), "")
+
+
+def source_inputs(manifest: manifest_pb2.ModelManifest) -> list[manifest_pb2.InputBinding]:
+    """The inputs fed by other sources than the frame's, each with its source and preprocessing."""
+    return [b for b in manifest.input_bindings if b.role == manifest_pb2.INPUT_ROLE_SOURCE]
 
 
 def previous_frame_inputs(manifest: manifest_pb2.ModelManifest) -> list[str]:
@@ -79,9 +92,11 @@ class ModelState:
         self._state = {spec.input: _initial(spec) for spec in self.manifest.state}
         self._previous = None
 
-    def feed(self, tensor: Tensor) -> dict[str, npt.NDArray[np.generic]]:
-        """Every input of the model for this frame (a batch of one)."""
+    def feed(self, tensor: Tensor, sources: Mapping[str, Tensor] | None = None) -> dict[str, npt.NDArray[np.generic]]:
+        """Every input of the model for this frame (a batch of one); ``sources``: the other sources' inputs."""
         feed: dict[str, npt.NDArray[np.generic]] = {self._frame_input: tensor}
+        if sources:
+            feed.update(sources)
         # A stream's first frame has no predecessor: it is its own, so motion reads zero.
         previous = tensor if self._previous is None else self._previous
         for name in self._previous_inputs:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from edgescope.bundle import Bundle
 from edgescope.errors import BundleError, ConfigError, EdgescopeError, ModelNotFoundError, SelfTestFailedError
@@ -44,7 +45,7 @@ from edgescope.runtime.evaluation.selftest import self_test
 from edgescope.runtime.pipeline.domain import DomainScorer
 from edgescope.runtime.pipeline.manifest_check import check_manifest
 from edgescope.runtime.pipeline.preprocess import input_channels
-from edgescope.runtime.pipeline.state import ModelState, is_stateful
+from edgescope.runtime.pipeline.state import ModelState, is_stateful, source_inputs
 from edgescope.runtime.server.failover import ModelRoute
 from edgescope.runtime.server.grpc_status import echo
 from edgescope.runtime.server.repository import BundlePolicy, ModelRepository
@@ -109,7 +110,8 @@ class ServedModel:
     @property
     def batchable(self) -> bool:
         """Frames of different streams may share one inference."""
-        return self.capabilities.dynamic_batch and not is_stateful(self.manifest)
+        # Only the frame input is stacked across streams: a model fed by other sources runs frame by frame.
+        return self.capabilities.dynamic_batch and not is_stateful(self.manifest) and not source_inputs(self.manifest)
 
     def infer(self, job: Job[T]) -> Awaitable[T]:
         """Queue ``job`` now and return its answer to await (see ``ModelRoute.infer``)."""
@@ -126,15 +128,17 @@ def _verdict(report: manifest_pb2.SelfTestReport | None) -> str:
 
 def warm_up(session: Session, manifest: manifest_pb2.ModelManifest) -> None:
     """Run one zero frame: the first run allocates and picks kernels; pay that before serving."""
-    pre = manifest.preprocessing
-    channels = input_channels(pre)
-    shape = (
-        (1, pre.height, pre.width, channels)
-        if pre.layout == manifest_pb2.LAYOUT_NHWC
-        else (1, channels, pre.height, pre.width)
-    )
-    # Stateful models also take their initial state (and a previous frame).
-    session.infer(ModelState(manifest).feed(np.zeros(shape, dtype=np.float32)))
+
+    def zeros(pre: manifest_pb2.Preprocessing) -> npt.NDArray[np.float32]:
+        channels = input_channels(pre)
+        nhwc = pre.layout == manifest_pb2.LAYOUT_NHWC
+        return np.zeros(
+            (1, pre.height, pre.width, channels) if nhwc else (1, channels, pre.height, pre.width), np.float32
+        )
+
+    # Stateful models also take their initial state (and a previous frame); fusion models their other sources.
+    sources = {binding.input: zeros(binding.preprocessing) for binding in source_inputs(manifest)}
+    session.infer(ModelState(manifest).feed(zeros(manifest.preprocessing), sources))
 
 
 class ModelRegistry:

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
+from edgescope.errors import FrameError
 from edgescope.runtime.pipeline.decode import DEFAULT_LIMITS, FrameLimits, Pixels, SharedMemoryView, decode_frame
 from edgescope.runtime.pipeline.domain import DomainScorer
 from edgescope.runtime.pipeline.encode import fill_result
 from edgescope.runtime.pipeline.postprocess import postprocess
 from edgescope.runtime.pipeline.preprocess import Geometry, preprocess
-from edgescope.runtime.pipeline.state import StreamState, frame_input, is_stateful
+from edgescope.runtime.pipeline.state import StreamState, frame_input, frame_source, is_stateful, source_inputs
 from edgescope.runtime.render.preview import preview_jpeg, thumbnail
 from edgescope.runtime.server.registry import ServedModel
 from edgescope.runtime.server.workers import Job, JobResult
@@ -55,6 +57,10 @@ class FramePixels:
         if self._shared is None:
             raise RuntimeError("no shared-memory slot was bound for this frame")
         return self._shared
+
+    @property
+    def frame(self) -> stream_pb2.Frame:
+        return self._frame
 
     def get(self) -> Pixels:
         with self._lock:
@@ -88,6 +94,10 @@ class FrameJob:
     preprocess_ns: int = 0
     thumb: npt.NDArray[np.uint8] | None = field(default=None, repr=False)
     tensor: npt.NDArray[np.float32] | None = field(default=None, repr=False)
+    # A model fed by several sources: the frames paired with this one, by source, and their inputs
+    # (filled in by ``prepare``; the worker's job holds the same dict).
+    partners: Mapping[str, FramePixels] = field(default_factory=dict)
+    side: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict, repr=False)
 
     def prepare(self) -> npt.NDArray[np.float32]:
         start = time.perf_counter_ns()
@@ -98,6 +108,15 @@ class FrameJob:
         transform = self.frame.pixel_transform if self.frame.HasField("pixel_transform") else None
         tensor, self.geometry = preprocess(pixels, self.model.manifest.preprocessing, transform)
         self.tensor = tensor
+        for binding in source_inputs(self.model.manifest):
+            partner = self.partners.get(binding.source)
+            if partner is None:
+                raise FrameError(
+                    f"model {self.model.name} takes a frame of source {binding.source!r} with each frame of "
+                    f"source {frame_source(self.model.manifest)!r}; none came with this one (send both on one stream)"
+                )
+            own = partner.frame.pixel_transform if partner.frame.HasField("pixel_transform") else None
+            self.side[binding.input] = preprocess(partner.get(), binding.preprocessing, own)[0]
         self.preprocess_ns = time.perf_counter_ns() - begin
         if self.want_thumbnail:
             self.thumb = thumbnail(pixels, transform)
@@ -153,11 +172,24 @@ def _check_domain_result(
 
 
 def frame_jobs(
-    frame: stream_pb2.Frame, models: list[ServedModel], pixels: FramePixels, received_ns: int, want_thumbnail: bool
+    frame: stream_pb2.Frame,
+    models: list[ServedModel],
+    pixels: FramePixels,
+    received_ns: int,
+    want_thumbnail: bool,
+    partners: Mapping[str, FramePixels] | None = None,
 ) -> list[FrameJob]:
     """The frame's part for each model: the first model's result is its answer, the others' ride along."""
     return [
-        FrameJob(model, frame, pixels, received_ns, primary=index == 0, want_thumbnail=want_thumbnail and index == 0)
+        FrameJob(
+            model,
+            frame,
+            pixels,
+            received_ns,
+            primary=index == 0,
+            want_thumbnail=want_thumbnail and index == 0,
+            partners=partners or {},
+        )
         for index, model in enumerate(models)
     ]
 
@@ -175,6 +207,7 @@ def job_for(
         finish=frame_job.finish,
         prepare=frame_job.prepare,
         frame_input=frame_input(manifest),
+        side_inputs=frame_job.side,
         state=state,
         reset_state=reset,
         batchable=state is None and model.batchable,

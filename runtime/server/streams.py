@@ -45,7 +45,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Coroutine
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -59,8 +59,9 @@ from edgescope.runtime.pipeline.decode import (
     SharedMemoryView,
     check_frame_fields,
 )
-from edgescope.runtime.pipeline.state import StreamState, is_stateful
+from edgescope.runtime.pipeline.state import StreamState, frame_source, is_stateful, source_inputs
 from edgescope.runtime.server.auth import current_client
+from edgescope.runtime.server.pairing import Pairer, PairingSettings, capture_ns
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel
 from edgescope.runtime.server.stages import Finished, FramePixels, answer, frame_jobs, job_for
 from edgescope.runtime.telemetry.metrics import RuntimeMetrics
@@ -83,6 +84,7 @@ _DROP_TEXT = {
     stream_pb2.DROP_REASON_STALE: "stale: a newer frame arrived before this one started",
     stream_pb2.DROP_REASON_DEADLINE: "deadline: it could not be answered in time",
     stream_pb2.DROP_REASON_SHUTDOWN: "shutdown: the server is stopping",
+    stream_pb2.DROP_REASON_UNPAIRED: "unpaired: no frame of the other source(s) was captured near enough to it",
 }
 
 
@@ -140,7 +142,7 @@ class TaskSet:
 class Work:
     """One frame read from a stream, until its answer is sent."""
 
-    __slots__ = ("_answer", "deadline_ns", "frame", "preview", "received_ns", "received_wall_ns")
+    __slots__ = ("_answer", "deadline_ns", "frame", "partners", "preview", "received_ns", "received_wall_ns")
 
     def __init__(self, frame: stream_pb2.Frame) -> None:
         self.frame = frame
@@ -150,6 +152,8 @@ class Work:
         self.deadline_ns: int | None = None
         self._answer: asyncio.Future[stream_pb2.Result] = asyncio.get_running_loop().create_future()
         self.preview: bytes | None = None
+        # A frame leading a set of several sources' frames: the others, by source (see ``pairing``).
+        self.partners: dict[str, Work] | None = None
 
     def expired(self, now_ns: int | None = None) -> bool:
         return self.deadline_ns is not None and (now_ns or time.perf_counter_ns()) > self.deadline_ns
@@ -263,6 +267,9 @@ class StreamRun:
         self._cut = False
         self._read_error = ""
         self.stream_ids: set[str] = set()
+        # A stream of several sources for one model: made on its first frame that names a source.
+        self.pairer: Pairer[Work] | None = None
+        self._paired: list[Work] = []
         self.sent = 0
         self.shutdown_drops = 0
 
@@ -375,20 +382,80 @@ class StreamRun:
                 if not self._policy_known.is_set():
                     self._policy = frame.policy or self._config.policy
                     self._policy_known.set()
+                if refusal is None and frame.source:
+                    refusal = self._pairing_refusal(frame)
                 if refusal is not None:
                     self._settle(work, failed(frame, refusal))
                 elif self._draining:
                     self._drop(work, stream_pb2.DROP_REASON_SHUTDOWN)
-                elif self._policy == stream_pb2.STREAM_POLICY_LIVE:
-                    replaced = self._live.put(work)
-                    if replaced is not None:
-                        self._drop(replaced, stream_pb2.DROP_REASON_STALE)
+                elif self.pairer is not None and frame.source:
+                    self.pairer.add(work)
+                    while self._paired:
+                        await self._schedule(self._paired.pop(0))
                 else:
-                    await self._every.put(work)
+                    await self._schedule(work)
         finally:
             self._policy_known.set()
+            if self.pairer is not None:
+                self.pairer.close()
             self._live.close()
         await self._every.put(None)
+
+    async def _schedule(self, work: Work) -> None:
+        """Queue a frame for its model by the stream's policy."""
+        if self._policy == stream_pb2.STREAM_POLICY_LIVE:
+            replaced = self._live.put(work)
+            if replaced is not None:
+                self._drop(replaced, stream_pb2.DROP_REASON_STALE)
+        else:
+            await self._every.put(work)
+
+    # -- several sources ---------------------------------------------------------------------------
+
+    def _pairing_refusal(self, frame: stream_pb2.Frame) -> FrameError | None:
+        """Start pairing on the first frame that names a source; refuse a source the model does not take."""
+        if self.pairer is None:
+            name = frame.model or self._model
+            try:
+                manifest = self._models.get(name).manifest
+                settings = PairingSettings.of(frame.pairing)
+            except (EdgescopeError, ValueError) as exc:
+                return FrameError(str(exc))
+            others = [binding.source for binding in source_inputs(manifest)]
+            if not others:
+                return FrameError(
+                    f"model {name} takes frames of one source; send them without Frame.source "
+                    f"(it names the source of a frame for a model fed by several)"
+                )
+            self.pairer = Pairer(
+                frame_source(manifest), others, settings, self._on_set, self._on_taken, self._on_unpaired
+            )
+        if frame.source not in self.pairer.sources:
+            return FrameError(
+                f"source {frame.source[:MAX_NAME_CHARS]!r} is not one the model takes "
+                f"(its sources: {', '.join(self.pairer.sources)})"
+            )
+        return None
+
+    def _on_set(self, lead: Work, partners: dict[str, Work]) -> None:
+        lead.partners = partners
+        self._paired.append(lead)
+
+    def _on_taken(self, partner: Work, lead: Work) -> None:
+        if partner.answered:
+            return
+        result = answer_for(partner.frame)
+        result.status.code = stream_pb2.FRAME_STATUS_CODE_PAIRED
+        result.status.reason = f"paired: in the set of {lead.frame.source} frame {lead.frame.seq}, whose result it is"
+        result.pairing.source = partner.frame.source
+        result.pairing.lead_seq = lead.frame.seq
+        result.pairing.tolerance_ms = self.pairer.tolerance_ms() if self.pairer is not None else 0.0
+        self._settle(partner, result)
+
+    def _on_unpaired(self, work: Work) -> None:
+        # A frame answered meanwhile (the shutdown cut) keeps that answer.
+        if not work.answered:
+            self._drop(work, stream_pb2.DROP_REASON_UNPAIRED)
 
     async def _dispatch(self) -> None:
         await self._policy_known.wait()
@@ -427,7 +494,10 @@ class StreamRun:
                 # A frame that may be late is run in full; any other is given up when its deadline comes.
                 deadline_ns=None if frame.process_late else work.deadline_ns,
                 sequential=self._sequential,
+                partners=self._partner_pixels(work),
             )
+            if work.partners is not None:
+                _describe_set(finished.result, work, self.pairer)
             finished.result.status.late = late or work.expired()
             work.preview = finished.preview
             self._settle(work, finished.result)
@@ -443,6 +513,28 @@ class StreamRun:
         finally:
             self._at_worker.release()
 
+    def _partner_pixels(self, work: Work) -> dict[str, FramePixels] | None:
+        if work.partners is None:
+            return None
+        return {
+            source: FramePixels(partner.frame, self._shared_memory, self._config.frame_limits)
+            for source, partner in work.partners.items()
+        }
+
+
+def _describe_set(result: stream_pb2.Result, lead: Work, pairer: Pairer[Work] | None) -> None:
+    """A leading frame's result names its partners and how far from it each was captured."""
+    lead_ns = capture_ns(lead)
+    result.pairing.source = lead.frame.source
+    result.pairing.tolerance_ms = pairer.tolerance_ms() if pairer is not None else 0.0
+    for source, partner in (lead.partners or {}).items():
+        result.pairing.partners.add(
+            source=source,
+            seq=partner.frame.seq,
+            capture_time_ns=partner.frame.capture_time_ns,
+            skew_ns=capture_ns(partner) - lead_ns,
+        )
+
 
 async def run_frame(
     models: ModelRegistry,
@@ -456,6 +548,7 @@ async def run_frame(
     want_thumbnail: bool = False,
     deadline_ns: int | None = None,
     sequential: asyncio.Lock | None = None,
+    partners: Mapping[str, FramePixels] | None = None,
 ) -> Finished:
     """One frame on ``model`` and its extra models, each leased for the time it takes.
 
@@ -465,7 +558,7 @@ async def run_frame(
     try:
         for name in (model, *frame.extra_models):
             leases.append(models.lease(name))
-        jobs = frame_jobs(frame, leases, pixels, received_ns, want_thumbnail)
+        jobs = frame_jobs(frame, leases, pixels, received_ns, want_thumbnail, partners)
         stateful = sequential is not None and any(is_stateful(job.model.manifest) for job in jobs)
         async with sequential if stateful and sequential is not None else contextlib.nullcontext():
             # One model after another: a frame's extra models are rare, and each keeps its own order.

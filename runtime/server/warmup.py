@@ -23,10 +23,10 @@ import numpy.typing as npt
 from edgescope.errors import EdgescopeError
 from edgescope.runtime.pipeline.decode import encode_raw_into
 from edgescope.runtime.pipeline.preprocess import input_channels
-from edgescope.runtime.pipeline.state import StreamState
+from edgescope.runtime.pipeline.state import StreamState, source_inputs
 from edgescope.runtime.server.registry import ServedModel
 from edgescope.runtime.server.stages import FramePixels, frame_jobs, job_for
-from edgescope.v1 import stream_pb2
+from edgescope.v1 import manifest_pb2, stream_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +44,29 @@ def synthetic_frame(height: int, width: int, channels: int, seq: int) -> npt.NDA
     return image if channels == 1 else np.repeat(image[:, :, None], channels, axis=2)
 
 
+def _frame(model: str, spec: manifest_pb2.Preprocessing, scale: int, seq: int) -> stream_pb2.Frame:
+    frame = stream_pb2.Frame(stream_id=LANE, seq=seq, model=model)
+    encode_raw_into(frame.raw, synthetic_frame(spec.height * scale, spec.width * scale, input_channels(spec), seq))
+    return frame
+
+
 async def warm_up(model: ServedModel) -> None:
     """Run ``model``'s frame path on synthetic frames (see the module docstring); failures are logged, not raised."""
     spec = model.manifest.preprocessing
-    channels = input_channels(spec)
     state = StreamState()
     started = time.perf_counter()
     try:
         for scale in (1, 2):
             for seq in range(FRAMES_PER_SIZE):
-                frame = stream_pb2.Frame(stream_id=LANE, seq=seq, model=model.name)
-                encode_raw_into(frame.raw, synthetic_frame(spec.height * scale, spec.width * scale, channels, seq))
-                (job,) = frame_jobs(frame, [model], FramePixels(frame), time.perf_counter_ns(), want_thumbnail=False)
+                frame = _frame(model.name, spec, scale, seq)
+                # A model fed by several sources gets a frame of each at its own input size.
+                partners = {
+                    binding.source: FramePixels(_frame(model.name, binding.preprocessing, scale, seq))
+                    for binding in source_inputs(model.manifest)
+                }
+                (job,) = frame_jobs(
+                    frame, [model], FramePixels(frame), time.perf_counter_ns(), want_thumbnail=False, partners=partners
+                )
                 finished = await model.infer(job_for(job, LANE, state, reset=seq == 0))
                 finished.result.SerializeToString()
     except EdgescopeError as exc:

@@ -84,6 +84,8 @@ class Job(Generic[T]):
     prepare: Callable[[], Tensor] | None = None
     tensor: Tensor | None = None
     frame_input: str = ""
+    # A model fed by several sources: the other sources' inputs, filled in by ``prepare``.
+    side_inputs: dict[str, Tensor] = field(default_factory=dict)
     state: ModelState | None = None
     reset_state: bool = False
     feed: Feed | None = None
@@ -105,10 +107,10 @@ class Job(Generic[T]):
         if self.tensor is None:
             raise BackendError("a job carries neither a tensor nor a feed")
         if self.state is None:
-            return session.infer({self.frame_input: self.tensor})
+            return session.infer({self.frame_input: self.tensor, **self.side_inputs})
         if self.reset_state:
             self.state.reset()
-        outputs = session.infer(self.state.feed(self.tensor))
+        outputs = session.infer(self.state.feed(self.tensor, self.side_inputs))
         self.state.update(self.tensor, outputs)
         return outputs
 

@@ -39,9 +39,12 @@ class SourceFrame:
     spacing_mm: tuple[float, float] | None
     regions: tuple[stream_pb2.CalibratedRegion, ...] = ()
     pixel_transform: stream_pb2.PixelTransform | None = None
+    # The name of the source it came from, among several streamed together (``MergedSources``).
+    source: str = ""
 
     def describe(self, frame: stream_pb2.Frame) -> None:
         """Put what the server needs to know about these pixels (spacing, regions, transform) into ``frame``."""
+        frame.source = self.source
         if self.spacing_mm is not None:
             frame.spacing.row_mm, frame.spacing.column_mm = self.spacing_mm
         frame.regions.extend(self.regions)
