@@ -38,6 +38,7 @@ from edgescope.kserve.v2 import inference_pb2_grpc
 from edgescope.runtime.backends.base import Feed
 from edgescope.runtime.server.admission import Admission
 from edgescope.runtime.server.auth import current_client
+from edgescope.runtime.server.frame_run import unary_lane
 from edgescope.runtime.server.grpc_status import echo, status_code_for
 from edgescope.runtime.server.kserve_tensors import (
     DEFAULT_TENSOR_LIMITS,
@@ -51,7 +52,7 @@ from edgescope.runtime.server.model_config import model_config
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel
 from edgescope.runtime.server.repository import ModelRepository
 from edgescope.runtime.server.statistics import Duration, StatisticsSnapshot
-from edgescope.runtime.server.streams import StreamRegistry, unary_lane
+from edgescope.runtime.server.streams import StreamRegistry
 from edgescope.runtime.server.workers import Job, JobResult
 
 logger = logging.getLogger(__name__)

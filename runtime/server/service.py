@@ -23,11 +23,12 @@ from edgescope.errors import EdgescopeError, ModelNotFoundError
 from edgescope.runtime.server.admission import Admission
 from edgescope.runtime.server.auth import current_client
 from edgescope.runtime.server.capture import CaptureHub
+from edgescope.runtime.server.frame_run import infer_one, unary_lane
 from edgescope.runtime.server.grpc_status import status_code_for
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel
 from edgescope.runtime.server.repository import ModelRepository
 from edgescope.runtime.server.shm import REGIONS, SharedMemoryServicer
-from edgescope.runtime.server.streams import SchedulerConfig, StreamRegistry, StreamRun, infer_one, unary_lane
+from edgescope.runtime.server.streams import SchedulerConfig, StreamRegistry, StreamRun
 from edgescope.runtime.telemetry.metrics import RuntimeMetrics
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 

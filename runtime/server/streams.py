@@ -42,12 +42,10 @@ counts as a deadline miss.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Coroutine, Mapping
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import grpc
 
@@ -59,17 +57,17 @@ from edgescope.runtime.pipeline.decode import (
     SharedMemoryView,
     check_frame_fields,
 )
-from edgescope.runtime.pipeline.state import StreamState, frame_source, is_stateful, source_inputs
+from edgescope.runtime.pipeline.state import StreamState, frame_source, source_inputs
 from edgescope.runtime.server.auth import current_client
+from edgescope.runtime.server.frame_run import run_frame
 from edgescope.runtime.server.pairing import Pairer, PairingSettings, capture_ns
-from edgescope.runtime.server.registry import ModelRegistry, ServedModel
-from edgescope.runtime.server.stages import Finished, FramePixels, answer, frame_jobs, job_for
+from edgescope.runtime.server.registry import ModelRegistry
+from edgescope.runtime.server.stages import FramePixels
+from edgescope.runtime.server.stream_work import CaptureClock, LiveSlot, TaskSet, Work, answer_for, dropped, failed
 from edgescope.runtime.telemetry.metrics import RuntimeMetrics
 from edgescope.v1 import stream_pb2
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 # Frames read but not yet answered, per stream: ``parallel`` + 1 at the model's worker, one waiting,
@@ -80,35 +78,6 @@ def window_frames(parallel: int) -> int:
 
 EVERY_QUEUE_FRAMES = 1
 
-_DROP_TEXT = {
-    stream_pb2.DROP_REASON_STALE: "stale: a newer frame arrived before this one started",
-    stream_pb2.DROP_REASON_DEADLINE: "deadline: it could not be answered in time",
-    stream_pb2.DROP_REASON_SHUTDOWN: "shutdown: the server is stopping",
-    stream_pb2.DROP_REASON_UNPAIRED: "unpaired: no frame of the other source(s) was captured near enough to it",
-}
-
-
-def answer_for(frame: stream_pb2.Frame) -> stream_pb2.Result:
-    return stream_pb2.Result(stream_id=frame.stream_id, seq=frame.seq, capture_time_ns=frame.capture_time_ns)
-
-
-def dropped(frame: stream_pb2.Frame, reason: stream_pb2.DropReason.ValueType) -> stream_pb2.Result:
-    result = answer_for(frame)
-    result.status.code = stream_pb2.FRAME_STATUS_CODE_DROPPED
-    result.status.drop_reason = reason
-    result.status.reason = _DROP_TEXT[reason]
-    return result
-
-
-def failed(frame: stream_pb2.Frame, error: Exception) -> stream_pb2.Result:
-    result = answer_for(frame)
-    result.status.code = stream_pb2.FRAME_STATUS_CODE_ERROR
-    if isinstance(error, EdgescopeError):
-        result.status.reason = str(error)
-    else:
-        result.status.reason = f"internal error: {type(error).__name__}"
-    return result
-
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
@@ -116,108 +85,6 @@ class SchedulerConfig:
     deadline_ms: int = 0
     # What one frame may make the server do: pixels decoded, extra models run.
     frame_limits: FrameLimits = DEFAULT_LIMITS
-
-
-class TaskSet:
-    """The tasks of one owner; ``close`` cancels and awaits every one still running."""
-
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(work, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def close(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
-            if isinstance(outcome, Exception):
-                logger.error("a stream task failed: %r", outcome)
-
-
-class Work:
-    """One frame read from a stream, until its answer is sent."""
-
-    __slots__ = ("_answer", "deadline_ns", "frame", "partners", "preview", "received_ns", "received_wall_ns")
-
-    def __init__(self, frame: stream_pb2.Frame) -> None:
-        self.frame = frame
-        self.received_ns = time.perf_counter_ns()
-        self.received_wall_ns = time.time_ns()
-        # When its budget runs out, on the perf_counter clock (None: no budget).
-        self.deadline_ns: int | None = None
-        self._answer: asyncio.Future[stream_pb2.Result] = asyncio.get_running_loop().create_future()
-        self.preview: bytes | None = None
-        # A frame leading a set of several sources' frames: the others, by source (see ``pairing``).
-        self.partners: dict[str, Work] | None = None
-
-    def expired(self, now_ns: int | None = None) -> bool:
-        return self.deadline_ns is not None and (now_ns or time.perf_counter_ns()) > self.deadline_ns
-
-    @property
-    def answered(self) -> bool:
-        return self._answer.done()
-
-    def resolve(self, result: stream_pb2.Result) -> None:
-        if self._answer.done():
-            # A second answer for one frame is a bug in this module, never the client's doing.
-            raise RuntimeError(f"frame {self.frame.stream_id}/{self.frame.seq} was answered twice")
-        self._answer.set_result(result)
-
-    async def answer(self) -> stream_pb2.Result:
-        return await self._answer
-
-
-class CaptureClock:
-    """How long ago a stream's frames were captured, on the server's clock.
-
-    The client stamps ``capture_time_ns`` on its own wall clock, which may be
-    offset from the server's. The stream's least ``arrival - capture`` so far
-    stands for that offset plus the fastest transit: what a frame shows above
-    it is the time it spent queued on the way, which counts against its budget.
-    """
-
-    def __init__(self) -> None:
-        self._least_ns: int | None = None
-
-    def age_ns(self, frame: stream_pb2.Frame, received_wall_ns: int) -> int:
-        if frame.capture_time_ns <= 0:
-            return 0
-        delay = received_wall_ns - frame.capture_time_ns
-        if self._least_ns is None or delay < self._least_ns:
-            self._least_ns = delay
-        return delay - self._least_ns
-
-
-class _LiveSlot:
-    """Holds at most one waiting frame; a newer one replaces it."""
-
-    def __init__(self) -> None:
-        self._item: Work | None = None
-        self._closed = False
-        self._changed = asyncio.Event()
-
-    def put(self, item: Work) -> Work | None:
-        replaced, self._item = self._item, item
-        self._changed.set()
-        return replaced
-
-    def close(self) -> None:
-        self._closed = True
-        self._changed.set()
-
-    async def take(self) -> Work | None:
-        while self._item is None:
-            if self._closed:
-                return None
-            self._changed.clear()
-            await self._changed.wait()
-        item, self._item = self._item, None
-        return item
 
 
 @dataclass(slots=True)
@@ -255,7 +122,7 @@ class StreamRun:
         self._clock = CaptureClock()
         self._policy: stream_pb2.StreamPolicy.ValueType = config.policy
         self._policy_known = asyncio.Event()
-        self._live = _LiveSlot()
+        self._live = LiveSlot()
         self._every: asyncio.Queue[Work | None] = asyncio.Queue(EVERY_QUEUE_FRAMES)
         self._tasks = TaskSet()
         self._reader: asyncio.Task[None] | None = None
@@ -536,53 +403,6 @@ def _describe_set(result: stream_pb2.Result, lead: Work, pairer: Pairer[Work] | 
         )
 
 
-async def run_frame(
-    models: ModelRegistry,
-    frame: stream_pb2.Frame,
-    model: str,
-    pixels: FramePixels,
-    received_ns: int,
-    lane: str,
-    state: StreamState,
-    *,
-    want_thumbnail: bool = False,
-    deadline_ns: int | None = None,
-    sequential: asyncio.Lock | None = None,
-    partners: Mapping[str, FramePixels] | None = None,
-) -> Finished:
-    """One frame on ``model`` and its extra models, each leased for the time it takes.
-
-    A model with recurrent state takes the frames of one ``sequential`` lock's holder one by one.
-    """
-    leases: list[ServedModel] = []
-    try:
-        for name in (model, *frame.extra_models):
-            leases.append(models.lease(name))
-        jobs = frame_jobs(frame, leases, pixels, received_ns, want_thumbnail, partners)
-        stateful = sequential is not None and any(is_stateful(job.model.manifest) for job in jobs)
-        async with sequential if stateful and sequential is not None else contextlib.nullcontext():
-            # One model after another: a frame's extra models are rare, and each keeps its own order.
-            finished = [
-                await _in_time(job.model.infer(job_for(job, lane, state, frame.reset_state, deadline_ns)), deadline_ns)
-                for job in jobs
-            ]
-        return answer(jobs, finished)
-    finally:
-        for leased in leases:
-            models.release(leased)
-
-
-async def _in_time(answer: Awaitable[T], deadline_ns: int | None) -> T:
-    """``answer``, or ``DeadlineExpiredError`` once ``deadline_ns`` has passed (the job is withdrawn, or its
-    result is discarded when it arrives)."""
-    if deadline_ns is None:
-        return await answer
-    try:
-        return await asyncio.wait_for(answer, max(0.0, (deadline_ns - time.perf_counter_ns()) / 1e9))
-    except asyncio.TimeoutError:
-        raise DeadlineExpiredError("the frame's deadline passed while it was at the model") from None
-
-
 def _refusal(frame: stream_pb2.Frame, limits: FrameLimits) -> FrameError | None:
     """Why a frame is refused as soon as it is read (a caller-chosen name or list out of bounds), if it is;
     its stream id is then cut, so the answer and what records it stay small."""
@@ -597,24 +417,6 @@ def _refusal(frame: stream_pb2.Frame, limits: FrameLimits) -> FrameError | None:
 def _read_error_text(exc: Exception) -> str:
     # protobuf's DecodeError names the message type and what was corrupt; bounded, it may echo input.
     return f"{type(exc).__name__}: {exc}"[:500]
-
-
-async def infer_one(
-    models: ModelRegistry,
-    frame: stream_pb2.Frame,
-    lane: str,
-    shared_memory: SharedMemoryView | None = None,
-    limits: FrameLimits = DEFAULT_LIMITS,
-) -> stream_pb2.Result:
-    """One frame on its model(s), for ``Infer``; raises ``EdgescopeError`` for bad input or a failing model.
-
-    No stream: a stateful model starts from its initial state.
-    """
-    received_ns = time.perf_counter_ns()
-    check_frame_fields(frame, limits)
-    pixels = FramePixels(frame, shared_memory, limits)
-    finished = await run_frame(models, frame, frame.model, pixels, received_ns, lane, StreamState())
-    return finished.result
 
 
 class StreamRegistry:
@@ -663,8 +465,3 @@ class StreamRegistry:
         except asyncio.TimeoutError:
             return False
         return True
-
-
-def unary_lane() -> str:
-    """The one lane at the models' workers that all the current client's unary calls share."""
-    return f"{current_client()}/unary"

@@ -1,0 +1,94 @@
+"""One frame on its model and extra models, from a stream or a unary call (``Infer``).
+
+The models are leased for the time the frame takes; a frame's jobs carry
+its deadline into the models' queues, and an answer still running at the
+deadline is given up (``DeadlineExpiredError``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Mapping
+from typing import TypeVar
+
+from edgescope.errors import DeadlineExpiredError
+from edgescope.runtime.pipeline.decode import DEFAULT_LIMITS, FrameLimits, SharedMemoryView, check_frame_fields
+from edgescope.runtime.pipeline.state import StreamState, is_stateful
+from edgescope.runtime.server.auth import current_client
+from edgescope.runtime.server.registry import ModelRegistry, ServedModel
+from edgescope.runtime.server.stages import Finished, FramePixels, answer, frame_jobs, job_for
+from edgescope.v1 import stream_pb2
+
+T = TypeVar("T")
+
+
+async def run_frame(
+    models: ModelRegistry,
+    frame: stream_pb2.Frame,
+    model: str,
+    pixels: FramePixels,
+    received_ns: int,
+    lane: str,
+    state: StreamState,
+    *,
+    want_thumbnail: bool = False,
+    deadline_ns: int | None = None,
+    sequential: asyncio.Lock | None = None,
+    partners: Mapping[str, FramePixels] | None = None,
+) -> Finished:
+    """One frame on ``model`` and its extra models, each leased for the time it takes.
+
+    A model with recurrent state takes the frames of one ``sequential`` lock's holder one by one.
+    """
+    leases: list[ServedModel] = []
+    try:
+        for name in (model, *frame.extra_models):
+            leases.append(models.lease(name))
+        jobs = frame_jobs(frame, leases, pixels, received_ns, want_thumbnail, partners)
+        stateful = sequential is not None and any(is_stateful(job.model.manifest) for job in jobs)
+        async with sequential if stateful and sequential is not None else contextlib.nullcontext():
+            # One model after another: a frame's extra models are rare, and each keeps its own order.
+            finished = [
+                await _in_time(job.model.infer(job_for(job, lane, state, frame.reset_state, deadline_ns)), deadline_ns)
+                for job in jobs
+            ]
+        return answer(jobs, finished)
+    finally:
+        for leased in leases:
+            models.release(leased)
+
+
+async def _in_time(answer: Awaitable[T], deadline_ns: int | None) -> T:
+    """``answer``, or ``DeadlineExpiredError`` once ``deadline_ns`` has passed (the job is withdrawn, or its
+    result is discarded when it arrives)."""
+    if deadline_ns is None:
+        return await answer
+    try:
+        return await asyncio.wait_for(answer, max(0.0, (deadline_ns - time.perf_counter_ns()) / 1e9))
+    except asyncio.TimeoutError:
+        raise DeadlineExpiredError("the frame's deadline passed while it was at the model") from None
+
+
+async def infer_one(
+    models: ModelRegistry,
+    frame: stream_pb2.Frame,
+    lane: str,
+    shared_memory: SharedMemoryView | None = None,
+    limits: FrameLimits = DEFAULT_LIMITS,
+) -> stream_pb2.Result:
+    """One frame on its model(s), for ``Infer``; raises ``EdgescopeError`` for bad input or a failing model.
+
+    No stream: a stateful model starts from its initial state.
+    """
+    received_ns = time.perf_counter_ns()
+    check_frame_fields(frame, limits)
+    pixels = FramePixels(frame, shared_memory, limits)
+    finished = await run_frame(models, frame, frame.model, pixels, received_ns, lane, StreamState())
+    return finished.result
+
+
+def unary_lane() -> str:
+    """The one lane at the models' workers that all the current client's unary calls share."""
+    return f"{current_client()}/unary"
