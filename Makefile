@@ -8,7 +8,7 @@ OUT := out
 DEMO_BUNDLE := $(OUT)/bundles/lesion-unet
 ECHO_CINE = $$($(PY) -c "from pydicom.data import get_testdata_file; print(get_testdata_file('color3d_jpeg_baseline.dcm'))")
 
-.PHONY: demo test test-py310 lint typecheck pytest docs proto train clean
+.PHONY: demo demo-fusion test test-py310 lint typecheck pytest docs proto train clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,20 @@ demo: $(STAMP)
 		--input-size 256x256 --color gray --data synthetic:ultrasound --samples 16
 	$(PY) -m edgescope.runtime.client.demo --bundle $(DEMO_BUNDLE) --source "dicom:$(ECHO_CINE)" \
 		--save $(OUT)/demo_overlay.mp4 --summary $(OUT)/demo_summary.json
+
+# Two registered synthetic sources (white light at 30 fps, NIR fluorescence at 25 fps) into the
+# example fusion model; the server pairs their frames by capture time.
+FUSION_BUNDLE := bundles/fluorescence-fusion
+demo-fusion: $(STAMP)
+	$(VENV)/bin/edgescope export --name fluorescence-fusion --out $(FUSION_BUNDLE) --overwrite \
+		--factory examples/fluorescence_fusion/model.py:build --weights examples/fluorescence_fusion/weights.pt \
+		--description "Perfused tissue from white-light and NIR fluorescence endoscopy (trained on simulated frames)" \
+		--input-name white --input-size 256x256 --color rgb --data synthetic:endoscopy --samples 8 \
+		--labels background,perfused --frame-source white \
+		--source-input nir:128x128:gray=synthetic:fluorescence
+	$(PY) -m edgescope.runtime.client.demo --bundle $(FUSION_BUNDLE) \
+		--source "white=synthetic:endoscopy?frames=300&fps=30" --source "nir=synthetic:fluorescence?frames=250&fps=25" \
+		--save $(OUT)/fusion_overlay.mp4 --summary $(OUT)/fusion_summary.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

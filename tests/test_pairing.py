@@ -246,6 +246,18 @@ def test_a_stream_of_two_sources_gets_one_answer_per_frame_and_sets_within_the_t
     late_white = [f.seq for f in frames if f.source == "white" and f.capture_time_ns - 1e18 > 0.65e9]
     assert set(late_white) <= {r.seq for r in unpaired}
     assert stream_pb2.FRAME_STATUS_CODE_ERROR not in by_code
+    # Prometheus counts what the answers say (the registry is the server's own, read in-process).
+    registry = fusion_server.running.telemetry.metrics.registry
+
+    def sample(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, {"model": "two-source", **labels}) or 0.0
+
+    assert sample("edgescope_pairing_skew_seconds_count") == len(ok)
+    assert sample("edgescope_paired_frames_total") == len(paired)
+    white_unpaired = sum(1 for r in unpaired if r.pairing.source == "white")
+    assert white_unpaired >= len(late_white)
+    assert sample("edgescope_unpaired_frames_total", source="white") == white_unpaired
+    assert sample("edgescope_inference_failure_total") == 0
 
 
 def test_a_source_the_model_does_not_take_fails_that_frame_only(fusion_server: ServerThread) -> None:

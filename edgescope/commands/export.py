@@ -68,6 +68,7 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--activation", default="sigmoid", choices=["sigmoid", "softmax", "none"])
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--min-component-pixels", type=int, default=0)
+    p.add_argument("--input-name", default="image", help="the graph's frame input")
     p.add_argument("--output-name", default="logits", help="the task output (boxes, for detection)")
     p.add_argument(
         "--output",
@@ -192,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
             output_name=args.output_name,
             previous_frame_input=args.previous_frame_input,
             state=[StateSpec.parse(s) for s in args.state],
+            input_name=args.input_name,
             frame_source=args.frame_source,
             source_inputs=[SourceInput.parse(s) for s in args.source_input],
             scores_output=args.scores_output,

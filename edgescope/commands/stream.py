@@ -5,19 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from edgescope.commands.options import DEFAULT_TARGET, add_client_security, add_outbox, client_security
 from edgescope.errors import ConfigError
 
-if TYPE_CHECKING:
-    from edgescope.runtime.sources.base import FrameSource
-
-# ``--source NAME=SPEC``: a name as the model's manifest gives its sources.
-_NAMED = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9_-]{0,31})=(?P<spec>.+)$")
 _MODES = ("wait", "newest", "drop")
 
 
@@ -67,46 +60,13 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_client_security(p)
 
 
-def named_sources(values: list[str]) -> dict[str, str]:
-    """``--source`` values: one SPEC, or each NAME=SPEC (names distinct)."""
-    if len(values) == 1 and _NAMED.match(values[0]) is None:
-        return {"": values[0]}
-    named: dict[str, str] = {}
-    for value in values:
-        match = _NAMED.match(value)
-        if match is None:
-            raise ConfigError(
-                f"--source {value[:60]!r}: with several sources, each is NAME=SPEC (e.g. nir=synthetic:fluorescence)"
-            )
-        if match["name"] in named:
-            raise ConfigError(f"--source: source {match['name']!r} is named twice")
-        named[match["name"]] = match["spec"]
-    return named
-
-
-def _open(named: dict[str, str], loop: bool) -> FrameSource:
-    from edgescope.runtime.sources import open_source
-    from edgescope.runtime.sources.merged import MergedSources
-
-    if "" in named:
-        return open_source(named[""], loop=loop)
-    opened: dict[str, FrameSource] = {}
-    try:
-        for name, spec in named.items():
-            opened[name] = open_source(spec, loop=loop)
-    except BaseException:
-        for source in opened.values():
-            source.close()
-        raise
-    return MergedSources(opened)
-
-
 def run(args: argparse.Namespace) -> int:
     from edgescope.runtime.client.stream import StreamOptions, stream_source
+    from edgescope.runtime.sources.merged import describe_sources, named_sources, open_sources
     from edgescope.v1 import stream_pb2
 
     named = named_sources(args.source)
-    spec = " + ".join(f"{name}={value}" if name else value for name, value in named.items())
+    spec = describe_sources(named)
     if args.results_to and len(named) > 1:
         raise ConfigError("--results-to stores the results of one DICOM source; this stream has several sources")
 
@@ -139,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
         sender_for(args.results_to)  # a wrong URL fails before the stream, not after it
         recorder = SegmentationRecorder(dicom_path(spec))
-    with _open(named, args.loop) as source:
+    with open_sources(named, args.loop) as source:
         pace = "as fast as possible" if args.fast else f"at {source.fps:.1f} fps"
         print(f"streaming {spec} to {args.target} {pace}")
         report = asyncio.run(stream_source(source, options, recorder.observe if recorder is not None else None))

@@ -3,12 +3,13 @@
 The summary's ``pairing`` and ``sources`` sections::
 
     {"pairing": {"pairs": N, "skew_ms": {"p50": .., "p99": .., "max": ..}, "unpaired": {"white": n, "nir": n},
-                 "tolerance_ms": .., "clock": "host" | "source"},
+                 "tolerance_ms": .., "clock": "source"},
      "sources": {"white": {"sent": .., "results": .., "paired": .., "dropped": .., "fps": ..}, "nir": {...}}}
 
 ``results`` counts the frames whose answer is a model's result (the sets'
 leading frames), ``paired`` those taken into another frame's set; skew is a
-partner's capture time minus its leading frame's, in absolute value.
+partner's capture time minus its leading frame's, in absolute value. The
+clock is the sources' own: each frame's timestamp from the stream's start.
 """
 
 from __future__ import annotations

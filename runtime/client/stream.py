@@ -152,10 +152,11 @@ async def stream_source(
     window = asyncio.Semaphore(options.max_in_flight) if options.max_in_flight else None
     # Set when the server says it is shutting down: frames sent after that would only be dropped.
     server_stopping = asyncio.Event()
-    # Several sources: paced at each one's rate and stamped at reading (host clock), or, sent as fast as
-    # possible, stamped with their own timestamps (source clock) so that pairing still sees their timing.
+    # Several sources: each frame stamped with its source's own timestamp from the stream's start (the
+    # sources' clock), not the moment it is sent, so a sender that falls behind does not move a frame
+    # away from its partners.
     merged = source if isinstance(source, MergedSources) else None
-    sources = SourcesSummary(merged.names, "host" if options.realtime else "source") if merged else None
+    sources = SourcesSummary(merged.names, "source") if merged else None
     lead = merged.names[0] if merged is not None else ""
 
     error = ""
@@ -181,7 +182,7 @@ async def stream_source(
             if window is not None:
                 await window.acquire()
             in_flight[sent] = source_frame
-            stamp = None if options.realtime or merged is None else start_wall_ns + int(source_frame.timestamp_s * 1e9)
+            stamp = None if merged is None else start_wall_ns + int(source_frame.timestamp_s * 1e9)
             frame = build_frame(
                 source_frame, sent, options, source.kind, with_pixels=sender is None, capture_time_ns=stamp
             )

@@ -288,6 +288,7 @@ class StreamRun:
                 settings = PairingSettings.of(frame.pairing)
             except (EdgescopeError, ValueError) as exc:
                 return FrameError(str(exc))
+            self._model = name
             others = [binding.source for binding in source_inputs(manifest)]
             if not others:
                 return FrameError(
@@ -322,7 +323,9 @@ class StreamRun:
     def _on_unpaired(self, work: Work) -> None:
         # A frame answered meanwhile (the shutdown cut) keeps that answer.
         if not work.answered:
-            self._drop(work, stream_pb2.DROP_REASON_UNPAIRED)
+            result = dropped(work.frame, stream_pb2.DROP_REASON_UNPAIRED)
+            result.pairing.source = work.frame.source
+            self._settle(work, result)
 
     async def _dispatch(self) -> None:
         await self._policy_known.wait()

@@ -9,11 +9,53 @@ that ends leaves the others going; the merge ends when every source has.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 
 from edgescope.errors import ConfigError
 from edgescope.runtime.sources.base import FrameSource, SourceFrame, SourceKind
+
+# ``NAME=SPEC``: a name as the model's manifest gives its sources.
+_NAMED = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9_-]{0,31})=(?P<spec>.+)$")
+
+
+def named_sources(values: Sequence[str]) -> dict[str, str]:
+    """Source arguments: one SPEC (named ""), or each NAME=SPEC with distinct names."""
+    if len(values) == 1 and _NAMED.match(values[0]) is None:
+        return {"": values[0]}
+    named: dict[str, str] = {}
+    for value in values:
+        match = _NAMED.match(value)
+        if match is None:
+            raise ConfigError(
+                f"source {value[:60]!r}: with several sources, each is NAME=SPEC (e.g. nir=synthetic:fluorescence)"
+            )
+        if match["name"] in named:
+            raise ConfigError(f"source {match['name']!r} is named twice")
+        named[match["name"]] = match["spec"]
+    return named
+
+
+def open_sources(named: Mapping[str, str], loop: bool = False) -> FrameSource:
+    """The one source, or the named ones merged (see ``named_sources``)."""
+    from edgescope.runtime.sources import open_source
+
+    if "" in named:
+        return open_source(named[""], loop=loop)
+    opened: dict[str, FrameSource] = {}
+    try:
+        for name, spec in named.items():
+            opened[name] = open_source(spec, loop=loop)
+    except BaseException:
+        for source in opened.values():
+            source.close()
+        raise
+    return MergedSources(opened)
+
+
+def describe_sources(named: Mapping[str, str]) -> str:
+    return " + ".join(f"{name}={spec}" if name else spec for name, spec in named.items())
 
 
 class MergedSources:

@@ -48,6 +48,8 @@ LATENCY_BUCKETS_S = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04,
     0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0,
 )  # fmt: skip
+# Pairing skews: within half a frame period of 15-120 fps sources, and what lies past it.
+SKEW_BUCKETS_S = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.033, 0.05, 0.1)
 SERVER_TOTAL = "server_total"
 # A model's latency alert stays in force this long after the late frame, then lapses if no frame renews it.
 LATENCY_ALERT_HOLD_S = 5.0
@@ -133,6 +135,25 @@ class RuntimeMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self._pair_skew = Histogram(
+            "edgescope_pairing_skew_seconds",
+            "|Capture time of a partner - its leading frame's| in each set of several sources' frames",
+            ["model"],
+            buckets=SKEW_BUCKETS_S,
+            registry=r,
+        )
+        self._paired = Counter(
+            "edgescope_paired_frames",
+            "Frames taken into another frame's set (FRAME_STATUS_CODE_PAIRED)",
+            ["model"],
+            registry=r,
+        )
+        self._unpaired = Counter(
+            "edgescope_unpaired_frames",
+            "Frames of a stream of several sources answered unpaired, by source (a name from the model's manifest)",
+            ["model", "source"],
+            registry=r,
+        )
         self._capture_failures = Counter(
             "edgescope_capture_failures", "Times a capture could not open or read its source", ["capture"], registry=r
         )
@@ -208,6 +229,8 @@ class RuntimeMetrics:
                 reason = drop_label(result.status)
                 stream.latency.count_drop(reason)
                 model_latency.count_drop(reason)
+            elif code == stream_pb2.FRAME_STATUS_CODE_PAIRED:
+                pass  # its set's result, and the time it took, are on the leading frame
             elif code != stream_pb2.FRAME_STATUS_CODE_OK:
                 stream.latency.errors += 1
                 model_latency.errors += 1
@@ -223,8 +246,15 @@ class RuntimeMetrics:
             self._deadline.labels(model).inc()
         if result.domain.checked and not result.domain.in_domain:
             self._out_of_domain.labels(model).inc()
+        if result.pairing.partners:
+            for partner in result.pairing.partners:
+                self._pair_skew.labels(model).observe(abs(partner.skew_ns) / 1e9)
         if code == stream_pb2.FRAME_STATUS_CODE_DROPPED:
             self._drops.labels(model, drop_label(result.status)).inc()
+            if result.status.drop_reason == stream_pb2.DROP_REASON_UNPAIRED and model != UNKNOWN_MODEL:
+                self._unpaired.labels(model, result.pairing.source).inc()
+        elif code == stream_pb2.FRAME_STATUS_CODE_PAIRED:
+            self._paired.labels(model).inc()
         elif code != stream_pb2.FRAME_STATUS_CODE_OK:
             self._failure.labels(model).inc()
         else:
