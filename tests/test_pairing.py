@@ -228,7 +228,7 @@ def _two_sources(model: str, seconds: float, stop_nir_at: float | None = None) -
 def test_a_stream_of_two_sources_gets_one_answer_per_frame_and_sets_within_the_tolerance(
     fusion_server: ServerThread,
 ) -> None:
-    frames = _two_sources("two-source", seconds=1.0, stop_nir_at=0.6)
+    frames = _two_sources("two-source", seconds=1.4, stop_nir_at=0.6)
     results = _stream(fusion_server.target, frames)
     assert [r.seq for r in results] == [f.seq for f in frames]
     by_code: dict[int, list[stream_pb2.Result]] = {}
@@ -245,6 +245,11 @@ def test_a_stream_of_two_sources_gets_one_answer_per_frame_and_sets_within_the_t
     # After nir stops at 0.6 s, every white frame is answered unpaired.
     late_white = [f.seq for f in frames if f.source == "white" and f.capture_time_ns - 1e18 > 0.65e9]
     assert set(late_white) <= {r.seq for r in unpaired}
+    # Half a second after nir's last frame, white's unpaired answers say that nir went silent.
+    silent = stream_pb2.Alert.KIND_SOURCE_SILENT
+    very_late = [r for r in unpaired if r.pairing.source == "white" and r.capture_time_ns - 1e18 > 1.15e9]
+    assert very_late and all(any(a.kind == silent and "nir" in a.message for a in r.alerts) for r in very_late)
+    assert not any(a.kind == silent for r in ok for a in r.alerts)
     assert stream_pb2.FRAME_STATUS_CODE_ERROR not in by_code
     # Prometheus counts what the answers say (the registry is the server's own, read in-process).
     registry = fusion_server.running.telemetry.metrics.registry

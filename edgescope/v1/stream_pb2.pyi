@@ -1263,6 +1263,10 @@ class Alert(_message.Message):
         """A capture the server runs (pull mode) cannot open or read its source."""
         KIND_OUT_OF_DOMAIN: Alert._Kind.ValueType  # 8
         """The frame does not look like what the model was validated on (Result.domain)."""
+        KIND_SOURCE_SILENT: Alert._Kind.ValueType  # 9
+        """A stream of several sources: a source has sent nothing for a while, so the frames of the
+        others are answered unpaired (value: seconds since its last frame; model: the stream's model).
+        """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: Alert.Kind.ValueType  # 0
@@ -1278,6 +1282,10 @@ class Alert(_message.Message):
     """A capture the server runs (pull mode) cannot open or read its source."""
     KIND_OUT_OF_DOMAIN: Alert.Kind.ValueType  # 8
     """The frame does not look like what the model was validated on (Result.domain)."""
+    KIND_SOURCE_SILENT: Alert.Kind.ValueType  # 9
+    """A stream of several sources: a source has sent nothing for a while, so the frames of the
+    others are answered unpaired (value: seconds since its last frame; model: the stream's model).
+    """
 
     KIND_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int

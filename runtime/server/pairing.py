@@ -43,6 +43,8 @@ from edgescope.v1 import stream_pb2
 PARTNERS_KEPT = 4
 # Until each source has shown its period: the tolerance for 30 fps sources.
 DEFAULT_TOLERANCE_MS = 1000.0 / 30 / 2
+# A source whose newest frame is this much older than another's has gone silent (see ``silent``).
+SILENT_S = 0.5
 # Intervals per source that its period is the median of.
 PERIOD_WINDOW = 9
 
@@ -229,6 +231,17 @@ class Pairer(Generic[W]):
             return max(fitting, key=lambda p: p.t_ns, default=None)
         fitting = [p for p in kept if abs(p.t_ns - t_ns) <= tolerance_ns]
         return min(fitting, key=lambda p: abs(p.t_ns - t_ns), default=None)
+
+    def silent(self, item: W) -> dict[str, float]:
+        """Other sources whose newest frame was captured long before ``item`` (seconds before it): stopped,
+        or fallen far behind. Long means 0.5 s, or ten tolerances if that is more."""
+        threshold_ns = max(SILENT_S * 1e9, 10 * self._tolerance_ms * 1e6)
+        t_ns = capture_ns(item)
+        return {
+            name: (t_ns - self._last_ns[name]) / 1e9 if name in self._last_ns else float("inf")
+            for name in self.sources
+            if name != item.frame.source and t_ns - self._last_ns.get(name, 0) > threshold_ns
+        }
 
     def _passed(self, lead: _Lead[W]) -> bool:
         """A source has already sent a frame captured past ``lead``'s reach: no partner can still come."""

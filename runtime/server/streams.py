@@ -325,6 +325,14 @@ class StreamRun:
         if not work.answered:
             result = dropped(work.frame, stream_pb2.DROP_REASON_UNPAIRED)
             result.pairing.source = work.frame.source
+            for source, seconds in (self.pairer.silent(work) if self.pairer is not None else {}).items():
+                result.alerts.add(
+                    kind=stream_pb2.Alert.KIND_SOURCE_SILENT,
+                    model=self._model,
+                    value=min(seconds, 1e9),
+                    message=f"source {source} has sent no frame near this one"
+                    + (f" for {seconds:.1f} s" if seconds < float("inf") else " yet"),
+                )
             self._settle(work, result)
 
     async def _dispatch(self) -> None:
