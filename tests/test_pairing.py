@@ -284,3 +284,37 @@ def test_sources_on_a_model_of_one_source_and_a_lone_frame_on_a_fusion_model_are
     (result,) = _stream(fusion_server.target, [lone])
     assert result.status.code == stream_pb2.FRAME_STATUS_CODE_ERROR
     assert "source 'nir'" in result.status.reason
+
+
+def test_infer_of_one_frame_on_a_fusion_model_is_invalid_argument(fusion_server: ServerThread) -> None:
+    with grpc.insecure_channel(fusion_server.target, options=channel_options(64 << 20)) as channel:
+        stub = stream_pb2_grpc.StreamServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Infer(stream_pb2.Frame(stream_id="u", model="two-source", raw=RGB), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "source 'nir'" in (caught.value.details() or "")
+        # The model still serves streams afterwards.
+        results = _stream(fusion_server.target, _two_sources("two-source", seconds=0.2))
+        assert any(r.status.code == stream_pb2.FRAME_STATUS_CODE_OK for r in results)
+
+
+def test_kserve_lists_every_source_input_and_infers_with_all_of_them(
+    fusion_server: ServerThread, fusion_bundle: Bundle
+) -> None:
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    import onnxruntime as ort
+
+    client = grpcclient.InferenceServerClient(fusion_server.target)
+    metadata = client.get_model_metadata("two-source")
+    assert [(i.name, list(i.shape)) for i in metadata.inputs] == [("image", [-1, 3, 64, 64]), ("nir", [-1, 1, 32, 32])]
+    rng = np.random.default_rng(4)
+    feed = {"image": rng.random((1, 3, 64, 64), dtype=np.float32), "nir": rng.random((1, 1, 32, 32), dtype=np.float32)}
+    inputs = []
+    for name, tensor in feed.items():
+        inputs.append(grpcclient.InferInput(name, list(tensor.shape), "FP32"))
+        inputs[-1].set_data_from_numpy(tensor)
+    result = client.infer("two-source", inputs)
+    session = ort.InferenceSession(str(fusion_bundle.onnx_path), providers=["CPUExecutionProvider"])
+    (expected,) = session.run(None, feed)
+    np.testing.assert_allclose(result.as_numpy(fusion_bundle.manifest.outputs[0].name), expected, rtol=1e-5, atol=1e-5)
+    client.close()
