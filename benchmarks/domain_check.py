@@ -14,8 +14,16 @@ server runs it (the model's input tensor and outputs, ``DomainScorer``), on:
   see: it is in the table to say so.
 
 For each: the share of frames flagged out of domain, and the first flagged
-frame. Also the per-frame cost of the check (p50, p99). Prints a table and
-writes ``benchmarks/results/domain_check.json``.
+frame. Also the per-frame cost of the check (p50, p99).
+
+The stream's drift test (``runtime.pipeline.drift``, at the server's default
+threshold, 24 h at 30 fps) is run on the in-domain frames followed by each
+shift: the frames from the shift's start until the DRIFT alert (milder
+shifts, gain x1.5 and x0.7 and noise of sigma 8, are in the table for it),
+and false drift alerts over the in-domain frames, played forwards and
+backwards 50 times (4,000 frames, the same 40 frames: correlated as video
+is, but no new content). Prints a table and writes
+``benchmarks/results/domain_check.json``.
 Run: ``.venv/bin/python benchmarks/domain_check.py``.
 """
 
@@ -36,7 +44,8 @@ import onnxruntime as ort
 from pydicom.data import get_testdata_file
 
 from edgescope.export import ExportRequest, export_model
-from edgescope.runtime.pipeline.domain import DomainScorer
+from edgescope.runtime.pipeline.domain import DomainScorer, normal_score
+from edgescope.runtime.pipeline.drift import DEFAULT_FALSE_ALARM_HOURS, DriftTest
 from edgescope.runtime.pipeline.preprocess import preprocess
 from edgescope.runtime.sources import open_source
 
@@ -76,6 +85,9 @@ def shifts(xray: Image) -> dict[str, Callable[[Image], Image]]:
         return cv2.resize(xray, (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_AREA)
 
     return {
+        "gain x1.5 (mild)": lambda f: clip(f.astype(np.float32) * 1.5),
+        "gain x0.7 (mild)": lambda f: clip(f * 0.7),
+        "Gaussian noise (sigma 8, mild)": lambda f: clip(f + rng.normal(0, 8, f.shape)),
         "gain x0.3": lambda f: clip(f * 0.3),
         "gain x3": lambda f: clip(f.astype(np.float32) * 3),
         "gamma 0.5": lambda f: clip(255 * (f / 255.0) ** 0.5),
@@ -119,7 +131,7 @@ def main() -> int:
     name, outputs_names = manifest.inputs[0].name, [o.name for o in manifest.outputs]
     costs: list[float] = []
 
-    def flagged(frames: list[Image]) -> list[bool]:
+    def scores(frames: list[Image]) -> list[float]:
         out = []
         for frame in frames:
             tensor, _ = preprocess(frame, manifest.preprocessing)
@@ -127,16 +139,30 @@ def main() -> int:
             started = time.perf_counter()
             score, _ = scorer.score(tensor, outputs)
             costs.append((time.perf_counter() - started) * 1e3)
-            out.append(score > manifest.domain.threshold)
+            out.append(score)
         return out
 
-    def row(frames: list[Image]) -> dict[str, Any]:
-        marks = flagged(frames)
-        return {
+    def drift_alerts(frame_scores: list[float]) -> list[int]:
+        """The frames (indices) whose result would carry a DRIFT alert, as one stream."""
+        test = DriftTest()
+        normal = [normal_score(score, manifest.domain) for score in frame_scores]
+        return [i for i, z in enumerate(normal) if test.update(z, scorer.drift_threshold)]
+
+    in_domain = scores(held_out)
+
+    def row(frames: list[Image], shifted: bool = False) -> dict[str, Any]:
+        frame_scores = scores(frames)
+        marks = [score > manifest.domain.threshold for score in frame_scores]
+        out: dict[str, Any] = {
             "frames": len(marks),
             "flagged_share": round(float(np.mean(marks)), 3),
             "first_flagged": next((i for i, m in enumerate(marks) if m), None),
         }
+        if shifted:
+            # The in-domain frames first, then the shift: how many shifted frames until the alert.
+            alerts = [i - len(in_domain) for i in drift_alerts(in_domain + frame_scores) if i >= len(in_domain)]
+            out["frames_to_drift_alert"] = alerts[0] + 1 if alerts else None
+        return out
 
     report: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, CPU only",
@@ -151,16 +177,26 @@ def main() -> int:
         "other ultrasound recordings (US1_UNCR, gdcm-US-ALOKA-16)": row(other),
     }
     for label, shift in shifts(xray).items():
-        report[label] = row([shift(frame) for frame in held_out])
-    report["frozen frame (one frame, 40 times)"] = row([held_out[0]] * len(held_out))
+        report[label] = row([shift(frame) for frame in held_out], shifted=True)
+    report["frozen frame (one frame, 40 times)"] = row([held_out[0]] * len(held_out), shifted=True)
+    played = (in_domain + in_domain[::-1]) * 50
+    report["drift"] = {
+        "threshold": round(scorer.drift_threshold, 3),
+        "false_alarm_hours": DEFAULT_FALSE_ALARM_HOURS,
+        "in_domain_frames": len(played),
+        "false_drift_alerts": len(drift_alerts(played)),
+        "in_domain_normal_score_mean": round(float(np.mean([normal_score(s, manifest.domain) for s in in_domain])), 3),
+    }
     report["cost_ms"] = {
         "p50": round(float(np.percentile(costs, 50)), 3),
         "p99": round(float(np.percentile(costs, 99)), 3),
     }
-    print(f"{'frames':58} {'flagged':>8} {'first':>6}")
+    print(f"{'frames':58} {'flagged':>8} {'first':>6} {'drift':>6}")
     for key, value in report.items():
         if isinstance(value, dict) and "flagged_share" in value:
-            print(f"{key:58} {value['flagged_share']:8.3f} {value['first_flagged']!s:>6}")
+            drift = value.get("frames_to_drift_alert", "")
+            print(f"{key:58} {value['flagged_share']:8.3f} {value['first_flagged']!s:>6} {drift!s:>6}")
+    print(f"drift test: {report['drift']}")
     print(f"per-frame cost of the check: {report['cost_ms']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "domain_check.json"

@@ -131,6 +131,13 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--telemetry-interval", type=float, default=1.0, help="seconds between device samples")
     p.add_argument("--warmup-frames", type=int, default=0, help="leave each stream's first frames out of latency")
+    p.add_argument(
+        "--drift-false-alarm-hours",
+        type=float,
+        default=24.0,
+        help="expected time between false domain-drift alerts on an in-domain stream, counted at 30 fps "
+        "(sets the drift test's threshold; see docs/input-monitoring.md)",
+    )
     g = p.add_argument_group("security (see README: Security)")
     g.add_argument("--tls-cert", type=Path, help="serve gRPC and the page over TLS with this certificate (PEM)")
     g.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
@@ -166,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         )
     from edgescope.runtime.server.capture import CaptureConfig
     from edgescope.runtime.server.kserve_tensors import TensorLimits
-    from edgescope.runtime.server.registry import WorkerOptions
+    from edgescope.runtime.server.registry import MonitoringOptions, WorkerOptions
     from edgescope.runtime.server.security import SecurityConfig
     from edgescope.runtime.server.streams import SchedulerConfig
     from edgescope.runtime.telemetry.metrics import TelemetryConfig
@@ -180,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         allow_failed_validation=args.allow_failed_validation,
         grace_s=args.grace,
         audit_log=args.audit_log,
+        monitoring=MonitoringOptions(drift_false_alarm_hours=args.drift_false_alarm_hours),
         self_test=not args.skip_self_test,
         scheduling=SchedulerConfig(
             policy=stream_pb2.STREAM_POLICY_LIVE if args.policy == "live" else stream_pb2.STREAM_POLICY_EVERY,

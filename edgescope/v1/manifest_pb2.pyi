@@ -1490,6 +1490,8 @@ class DomainProfile(_message.Message):
     HELD_OUT_FRAMES_FIELD_NUMBER: _builtins.int
     HELD_OUT_ABOVE_FIELD_NUMBER: _builtins.int
     DATA_SOURCE_FIELD_NUMBER: _builtins.int
+    SCORE_SPREAD_FIELD_NUMBER: _builtins.int
+    SCORE_DEGREES_FIELD_NUMBER: _builtins.int
     threshold: _builtins.float
     false_alarm_rate: _builtins.float
     """The share of in-domain frames the threshold was set to call out of domain."""
@@ -1498,6 +1500,12 @@ class DomainProfile(_message.Message):
     """Frames kept out of the fit, and the share of them above the threshold."""
     held_out_above: _builtins.float
     data_source: _builtins.str
+    score_spread: _builtins.float
+    """In-domain squared distances as a scaled chi-square, spread * chi2(degrees), fitted on the reference
+    frames taken in 4 contiguous blocks, each scored by a fit on the other 3: the stream drift test's
+    reference (0: none; no drift test).
+    """
+    score_degrees: _builtins.float
     @_builtins.property
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -1521,10 +1529,12 @@ class DomainProfile(_message.Message):
         held_out_frames: _builtins.int = ...,
         held_out_above: _builtins.float = ...,
         data_source: _builtins.str = ...,
+        score_spread: _builtins.float = ...,
+        score_degrees: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_source", b"data_source", "false_alarm_rate", b"false_alarm_rate", "features", b"features", "fit_frames", b"fit_frames", "held_out_above", b"held_out_above", "held_out_frames", b"held_out_frames", "mean", b"mean", "precision", b"precision", "scale", b"scale", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_source", b"data_source", "false_alarm_rate", b"false_alarm_rate", "features", b"features", "fit_frames", b"fit_frames", "held_out_above", b"held_out_above", "held_out_frames", b"held_out_frames", "mean", b"mean", "precision", b"precision", "scale", b"scale", "score_degrees", b"score_degrees", "score_spread", b"score_spread", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -871,6 +871,7 @@ class Quantity(_message.Message):
     PIXELS_FIELD_NUMBER: _builtins.int
     PIXELS_OUTSIDE_FIELD_NUMBER: _builtins.int
     FRACTION_OUTSIDE_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     value: _builtins.float
     unit: _builtins.str
@@ -883,6 +884,8 @@ class Quantity(_message.Message):
     """Pixels of the same mask outside every calibrated region: not measured in any."""
     fraction_outside: _builtins.float
     """pixels_outside as a fraction of the mask."""
+    confidence: _builtins.float
+    """The confidence of the mask the value was measured on (see Result.confidence); unset: not known."""
     def __init__(
         self,
         *,
@@ -893,12 +896,15 @@ class Quantity(_message.Message):
         pixels: _builtins.int = ...,
         pixels_outside: _builtins.int = ...,
         fraction_outside: _builtins.float = ...,
+        confidence: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "confidence", b"confidence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fraction_outside", b"fraction_outside", "name", b"name", "pixels", b"pixels", "pixels_outside", b"pixels_outside", "region", b"region", "unit", b"unit", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "confidence", b"confidence", "fraction_outside", b"fraction_outside", "name", b"name", "pixels", b"pixels", "pixels_outside", b"pixels_outside", "region", b"region", "unit", b"unit", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__confidence: _TypeAlias = _typing.Literal["confidence"]  # noqa: Y015
+    _WhichOneofArgType__confidence: _TypeAlias = _typing.Literal["_confidence", b"_confidence"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__confidence) -> _WhichOneofReturnType__confidence | None: ...
 
 Global___Quantity: _TypeAlias = Quantity  # noqa: Y015
 
@@ -1076,6 +1082,8 @@ class Result(_message.Message):
     SERVER_SEND_TIME_NS_FIELD_NUMBER: _builtins.int
     DOMAIN_FIELD_NUMBER: _builtins.int
     PAIRING_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    WITHHELD_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     seq: _builtins.int
     capture_time_ns: _builtins.int
@@ -1084,6 +1092,14 @@ class Result(_message.Message):
     so a client on another host can estimate clock offset and round trip NTP-style.
     """
     server_send_time_ns: _builtins.int
+    confidence: _builtins.float
+    """How sure the model is of this answer, 0 to 1 (segmentation: 1 - the mean normalised predictive
+    entropy inside the mask; classification: the largest class probability); unset for other tasks.
+    """
+    withheld: _builtins.str
+    """Why the quantities were withheld (the model's policy is withhold, and the frame was out of domain
+    or below the confidence floor); empty: nothing was withheld.
+    """
     @_builtins.property
     def status(self) -> Global___FrameStatus: ...
     @_builtins.property
@@ -1125,12 +1141,16 @@ class Result(_message.Message):
         server_send_time_ns: _builtins.int = ...,
         domain: Global___DomainCheck | None = ...,
         pairing: Global___Pairing | None = ...,
+        confidence: _builtins.float | None = ...,
+        withheld: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "pairing", b"pairing", "provenance", b"provenance", "status", b"status"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "confidence", b"confidence", "domain", b"domain", "pairing", b"pairing", "provenance", b"provenance", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "capture_time_ns", b"capture_time_ns", "domain", b"domain", "model_results", b"model_results", "outputs", b"outputs", "pairing", b"pairing", "provenance", b"provenance", "quantities", b"quantities", "seq", b"seq", "server_receive_time_ns", b"server_receive_time_ns", "server_send_time_ns", b"server_send_time_ns", "status", b"status", "stream_id", b"stream_id", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "alerts", b"alerts", "capture_time_ns", b"capture_time_ns", "confidence", b"confidence", "domain", b"domain", "model_results", b"model_results", "outputs", b"outputs", "pairing", b"pairing", "provenance", b"provenance", "quantities", b"quantities", "seq", b"seq", "server_receive_time_ns", b"server_receive_time_ns", "server_send_time_ns", b"server_send_time_ns", "status", b"status", "stream_id", b"stream_id", "timings", b"timings", "withheld", b"withheld"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__confidence: _TypeAlias = _typing.Literal["confidence"]  # noqa: Y015
+    _WhichOneofArgType__confidence: _TypeAlias = _typing.Literal["_confidence", b"_confidence"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__confidence) -> _WhichOneofReturnType__confidence | None: ...
 
 Global___Result: _TypeAlias = Result  # noqa: Y015
 
@@ -1210,6 +1230,10 @@ class DomainCheck(_message.Message):
     THRESHOLD_FIELD_NUMBER: _builtins.int
     IN_DOMAIN_FIELD_NUMBER: _builtins.int
     FURTHEST_FIELD_NUMBER: _builtins.int
+    NORMAL_SCORE_FIELD_NUMBER: _builtins.int
+    DRIFT_FIELD_NUMBER: _builtins.int
+    DRIFT_THRESHOLD_FIELD_NUMBER: _builtins.int
+    DRIFTING_FIELD_NUMBER: _builtins.int
     checked: _builtins.bool
     """False when the bundle has no profile: nothing was checked."""
     score: _builtins.float
@@ -1217,6 +1241,15 @@ class DomainCheck(_message.Message):
     threshold: _builtins.float
     """Above it, the frame is out of domain (set at export for the profile's false-alarm rate)."""
     in_domain: _builtins.bool
+    normal_score: _builtins.float
+    """The frame's score on a standard normal scale (in-domain frames: mean 0, deviation 1), which
+    the stream's drift test adds up; and that test, after this frame: its statistic, the threshold
+    above which the stream is drifting (set for the server's expected time between false alarms),
+    and whether it is. drift_threshold is 0 where no drift test runs.
+    """
+    drift: _builtins.float
+    drift_threshold: _builtins.float
+    drifting: _builtins.bool
     @_builtins.property
     def furthest(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The features furthest from the reference, most first (names), for a person to read."""
@@ -1229,10 +1262,14 @@ class DomainCheck(_message.Message):
         threshold: _builtins.float = ...,
         in_domain: _builtins.bool = ...,
         furthest: _abc.Iterable[_builtins.str] | None = ...,
+        normal_score: _builtins.float = ...,
+        drift: _builtins.float = ...,
+        drift_threshold: _builtins.float = ...,
+        drifting: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "furthest", b"furthest", "in_domain", b"in_domain", "score", b"score", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "drift", b"drift", "drift_threshold", b"drift_threshold", "drifting", b"drifting", "furthest", b"furthest", "in_domain", b"in_domain", "normal_score", b"normal_score", "score", b"score", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1267,6 +1304,10 @@ class Alert(_message.Message):
         """A stream of several sources: a source has sent nothing for a while, so the frames of the
         others are answered unpaired (value: seconds since its last frame; model: the stream's model).
         """
+        KIND_DRIFT: Alert._Kind.ValueType  # 10
+        """The stream's recent frames, taken together, have moved away from what the model was validated
+        on (Result.domain.drift; value: the statistic, threshold: its threshold). Once per episode.
+        """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: Alert.Kind.ValueType  # 0
@@ -1285,6 +1326,10 @@ class Alert(_message.Message):
     KIND_SOURCE_SILENT: Alert.Kind.ValueType  # 9
     """A stream of several sources: a source has sent nothing for a while, so the frames of the
     others are answered unpaired (value: seconds since its last frame; model: the stream's model).
+    """
+    KIND_DRIFT: Alert.Kind.ValueType  # 10
+    """The stream's recent frames, taken together, have moved away from what the model was validated
+    on (Result.domain.drift; value: the statistic, threshold: its threshold). Once per episode.
     """
 
     KIND_FIELD_NUMBER: _builtins.int

@@ -19,7 +19,10 @@ reference frames' (covariance shrunk towards the identity, so a few dozen
 frames give a usable inverse). The threshold is set at export for a stated
 false-alarm rate from frames kept out of the fit: their squared distances,
 matched by moments to a scaled chi-square, give the quantile (Wilson and
-Hilferty's approximation). What it cannot see: a shift that leaves these
+Hilferty's approximation). The streams' drift test (``drift``) takes its
+reference from contiguous blocks of the reference frames instead, each
+scored by a fit on the others: a stream's next frames are further from the
+fit than frames interleaved with it. What it cannot see: a shift that leaves these
 statistics as they were (a different anatomy of the same brightness and
 texture, a subtle artefact), and one that the reference frames already
 spanned; the score says the frame is unusual, not that the answer is wrong.
@@ -36,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgescope.runtime.backends.base import Outputs
+from edgescope.runtime.pipeline.drift import DEFAULT_FALSE_ALARM_HOURS, cusum_threshold, false_alarm_frames
 from edgescope.runtime.pipeline.preprocess import input_channels
 from edgescope.v1 import manifest_pb2
 
@@ -44,6 +48,8 @@ _STEP = 4
 _SHRINKAGE = 0.1
 DEFAULT_FALSE_ALARM_RATE = 1e-3
 HELD_OUT_SHARE = 1 / 3
+# Contiguous blocks of the reference frames, for the drift test's reference (see ``fit_profile``).
+DRIFT_BLOCKS = 4
 # How many of the furthest features a result names.
 FURTHEST = 3
 
@@ -128,7 +134,8 @@ def fit_profile(
     data_source: str,
     false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
 ) -> manifest_pb2.DomainProfile:
-    """The profile of reference frames (one row each): fitted on two thirds, thresholded on the rest."""
+    """The profile of reference frames (one row each, in recording order): fitted on two thirds, thresholded
+    on the rest; the drift test's reference from contiguous blocks, each scored by a fit on the others."""
     count = len(features)
     held = max(1, round(count * HELD_OUT_SHARE))
     if count - held < 2:
@@ -136,38 +143,74 @@ def fit_profile(
     # Every third frame held out, so both parts span the whole recording.
     held_out = np.arange(count) % 3 == 2 if count >= 3 else np.zeros(count, dtype=bool)
     fit, rest = features[~held_out], features[held_out]
-    mean = fit.mean(axis=0)
-    scale = np.maximum(fit.std(axis=0), 1e-6)
-    standard = (fit - mean) / scale
-    covariance = np.cov(standard, rowvar=False) if len(standard) > 1 else np.eye(len(names))
-    precision = np.linalg.inv((1 - _SHRINKAGE) * np.atleast_2d(covariance) + _SHRINKAGE * np.eye(len(names)))
+    arrays = _fit(fit)
     profile = manifest_pb2.DomainProfile(
         features=names,
-        mean=mean.tolist(),
-        scale=scale.tolist(),
-        precision=precision.reshape(-1).tolist(),
+        mean=arrays.mean.tolist(),
+        scale=arrays.scale.tolist(),
+        precision=arrays.precision.reshape(-1).tolist(),
         false_alarm_rate=false_alarm_rate,
         fit_frames=len(fit),
         held_out_frames=len(rest),
         data_source=data_source,
     )
-    squared = np.asarray([_distance(profile_arrays(profile), row) ** 2 for row in rest])
-    profile.threshold = _chi_square_quantile(squared, 1.0 - false_alarm_rate)
+    squared = np.asarray([_distance(arrays, row) ** 2 for row in rest])
+    mean = float(squared.mean())
+    if mean > 0:
+        spread, degrees = _scaled_chi_square(squared)
+        profile.threshold = math.sqrt(max(_chi_square_quantile(spread, degrees, 1.0 - false_alarm_rate), mean))
+    else:
+        profile.threshold = 1e-6
     profile.held_out_above = float(np.mean(np.sqrt(squared) > profile.threshold))
+    # Frames interleaved with the fit's are close to their neighbours in it; a stream's next minutes are not.
+    # The drift test adds up many frames, so its reference must be the latter, or in-domain video drifts.
+    if count >= DRIFT_BLOCKS * 3:
+        block = np.arange(count) * DRIFT_BLOCKS // count
+        blocks = np.asarray(
+            [
+                _distance(_fit(features[block != b]), row) ** 2
+                for b in range(DRIFT_BLOCKS)
+                for row in features[block == b]
+            ]
+        )
+        if float(blocks.mean()) > 0:
+            profile.score_spread, profile.score_degrees = _scaled_chi_square(blocks)
     return profile
 
 
-def _chi_square_quantile(squared: Floats, probability: float) -> float:
-    """The ``probability`` quantile of a distance whose square follows a scaled chi-square matched to ``squared``."""
+def _fit(rows: Floats) -> _Arrays:
+    mean = rows.mean(axis=0)
+    scale = np.maximum(rows.std(axis=0), 1e-6)
+    standard = (rows - mean) / scale
+    size = rows.shape[1]
+    covariance = np.cov(standard, rowvar=False) if len(standard) > 1 else np.eye(size)
+    precision = np.linalg.inv((1 - _SHRINKAGE) * np.atleast_2d(covariance) + _SHRINKAGE * np.eye(size))
+    return _Arrays(mean, scale, np.asarray(precision, dtype=np.float64))
+
+
+def _scaled_chi_square(squared: Floats) -> tuple[float, float]:
+    """``spread`` and ``degrees`` of the scaled chi-square, spread * chi2(degrees), with the moments of ``squared``."""
     mean = float(squared.mean())
     variance = float(squared.var()) if len(squared) > 1 else mean
-    if mean <= 0:
-        return 1e-6
     spread = max(variance, 1e-12) / (2 * mean)
-    degrees = max(mean / spread, 0.5)
+    return spread, max(mean / spread, 0.5)
+
+
+def _chi_square_quantile(spread: float, degrees: float, probability: float) -> float:
+    """The ``probability`` quantile of spread * chi2(degrees) (Wilson and Hilferty)."""
     z = NormalDist().inv_cdf(probability)
-    quantile = degrees * (1 - 2 / (9 * degrees) + z * math.sqrt(2 / (9 * degrees))) ** 3
-    return math.sqrt(max(spread * quantile, mean))
+    return float(spread * degrees * (1 - 2 / (9 * degrees) + z * math.sqrt(2 / (9 * degrees))) ** 3)
+
+
+def normal_score(score: float, profile: manifest_pb2.DomainProfile) -> float:
+    """A frame's distance on a standard normal scale against the profile's drift reference (Wilson and
+    Hilferty's cube root of spread * chi2(degrees)): in-domain frames have mean 0 and deviation 1.
+    0 when the profile has no drift reference."""
+    spread, degrees = profile.score_spread, profile.score_degrees
+    if spread <= 0 or degrees <= 0:
+        return 0.0
+    ratio = float(score * score / (spread * degrees)) ** (1 / 3)
+    return float((ratio - (1 - 2 / (9 * degrees))) / math.sqrt(2 / (9 * degrees)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,12 +235,19 @@ def _distance(arrays: _Arrays, features: Floats) -> float:
 
 
 class DomainScorer:
-    """Scores frames against one model's profile (built once per loaded model)."""
+    """Scores frames against one model's profile (built once per loaded model); ``drift_threshold`` is the
+    streams' drift test's (``drift``) for ``drift_false_alarm_frames`` (0 where the profile has no fit for it)."""
 
-    def __init__(self, manifest: manifest_pb2.ModelManifest) -> None:
+    def __init__(
+        self,
+        manifest: manifest_pb2.ModelManifest,
+        drift_false_alarm_frames: float = false_alarm_frames(DEFAULT_FALSE_ALARM_HOURS),
+    ) -> None:
         self.manifest = manifest
         self.profile = manifest.domain
         self._arrays = profile_arrays(self.profile)
+        fitted = self.profile.score_spread > 0 and self.profile.score_degrees > 0
+        self.drift_threshold = cusum_threshold(drift_false_alarm_frames) if fitted else 0.0
 
     def score(self, tensor: npt.NDArray[np.float32], outputs: Outputs) -> tuple[float, list[str]]:
         """The frame's distance from the reference, and its furthest features."""

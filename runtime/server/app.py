@@ -38,7 +38,7 @@ from edgescope.runtime.server.kserve import SERVICE as KSERVE_SERVICE
 from edgescope.runtime.server.kserve import KServeSettings, add_kserve_service
 from edgescope.runtime.server.kserve_tensors import DEFAULT_TENSOR_LIMITS, TensorLimits
 from edgescope.runtime.server.reflection import enable_reflection
-from edgescope.runtime.server.registry import ModelRegistry, WorkerOptions
+from edgescope.runtime.server.registry import ModelRegistry, MonitoringOptions, WorkerOptions
 from edgescope.runtime.server.security import SecurityConfig, open_security
 from edgescope.runtime.server.service import StreamService
 from edgescope.runtime.server.shm import REGIONS
@@ -81,8 +81,9 @@ class ServerConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     kserve_limits: TensorLimits = DEFAULT_TENSOR_LIMITS
-    # Where model loads, refusals, unloads and failovers are recorded (hash-chained JSON lines).
+    # Where model loads, refusals, unloads, failovers and drift alerts are recorded (hash-chained JSON lines).
     audit_log: Path | None = None
+    monitoring: MonitoringOptions = field(default_factory=MonitoringOptions)
 
 
 class RunningServer:
@@ -209,6 +210,7 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
         policy=security.policy,
         run_self_test=config.self_test,
         audit=AuditTrail(config.audit_log) if config.audit_log is not None else None,
+        monitoring=config.monitoring,
     )
     # Carries the caller of each call into the frame threads (shared memory belongs to its registrant).
     frames = CallerExecutor(max_workers=config.frame_threads, thread_name_prefix="edgescope-frame")

@@ -43,6 +43,7 @@ from edgescope.runtime.evaluation.machine import machine_summary
 from edgescope.runtime.evaluation.runners import describe
 from edgescope.runtime.evaluation.selftest import self_test
 from edgescope.runtime.pipeline.domain import DomainScorer
+from edgescope.runtime.pipeline.drift import DEFAULT_FALSE_ALARM_HOURS, false_alarm_frames
 from edgescope.runtime.pipeline.manifest_check import check_manifest
 from edgescope.runtime.pipeline.preprocess import input_channels
 from edgescope.runtime.pipeline.state import ModelState, is_stateful, source_inputs
@@ -65,6 +66,14 @@ class WorkerOptions:
     instances: int = 1
     max_batch: int = 8
     batch_delay_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class MonitoringOptions:
+    """How the server watches its input (``serve --drift-false-alarm-hours``)."""
+
+    # Expected in-domain time between false drift alerts, counted at ``drift.FRAME_RATE``.
+    drift_false_alarm_hours: float = DEFAULT_FALSE_ALARM_HOURS
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -154,10 +163,12 @@ class ModelRegistry:
         warm: bool = True,
         run_self_test: bool = True,
         audit: AuditTrail | None = None,
+        monitoring: MonitoringOptions | None = None,
     ) -> None:
         self.backend = backend
         self.fallback = fallback
         self.options = options or WorkerOptions()
+        self.monitoring = monitoring or MonitoringOptions()
         # The server's own rule for every bundle (integrity, signatures, failed gate); no request relaxes it.
         self.policy = policy or BundlePolicy()
         self._warm = warm
@@ -276,7 +287,8 @@ class ModelRegistry:
             model_name, primary, fallback, lambda: self._open(bundle, self.backend, model_name, statistics)
         )
         route.on_change = self._degraded
-        scorer = DomainScorer(bundle.manifest) if bundle.manifest.HasField("domain") else None
+        drift_frames = false_alarm_frames(self.monitoring.drift_false_alarm_hours)
+        scorer = DomainScorer(bundle.manifest, drift_frames) if bundle.manifest.HasField("domain") else None
         return ServedModel(model_name, bundle, route, scorer)
 
     def _open(self, bundle: Bundle, backend: Backend, name: str, statistics: ModelStatistics) -> ModelWorker:

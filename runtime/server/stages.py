@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from edgescope.errors import FrameError
 from edgescope.runtime.pipeline.decode import DEFAULT_LIMITS, FrameLimits, Pixels, SharedMemoryView, decode_frame
-from edgescope.runtime.pipeline.domain import DomainScorer
+from edgescope.runtime.pipeline.domain import DomainScorer, normal_score
 from edgescope.runtime.pipeline.encode import fill_result
 from edgescope.runtime.pipeline.postprocess import postprocess
 from edgescope.runtime.pipeline.preprocess import Geometry, preprocess
@@ -161,6 +161,9 @@ def _check_domain_result(
     domain.checked, domain.score, domain.threshold = True, score, threshold
     domain.in_domain = score <= threshold
     domain.furthest.extend(furthest)
+    # The stream's drift test adds these up where answers leave, in order (``drift.StreamDrift``).
+    domain.normal_score = normal_score(score, scorer.profile)
+    domain.drift_threshold = scorer.drift_threshold
     if not domain.in_domain:
         result.alerts.add(
             kind=stream_pb2.Alert.KIND_OUT_OF_DOMAIN,

@@ -57,6 +57,7 @@ from edgescope.runtime.pipeline.decode import (
     SharedMemoryView,
     check_frame_fields,
 )
+from edgescope.runtime.pipeline.drift import StreamDrift
 from edgescope.runtime.pipeline.state import StreamState, frame_source, source_inputs
 from edgescope.runtime.server.auth import current_client
 from edgescope.runtime.server.frame_run import run_frame
@@ -139,6 +140,8 @@ class StreamRun:
         self._paired: list[Work] = []
         self.sent = 0
         self.shutdown_drops = 0
+        # The stream's domain drift test, over its answers in order.
+        self._drift = StreamDrift(lane, models.audit)
 
     # -- the answers, in order ---------------------------------------------------------------------
 
@@ -172,6 +175,7 @@ class StreamRun:
                 result.MergeFrom(dropped(frame, stream_pb2.DROP_REASON_DEADLINE))
         if result.status.code == stream_pb2.FRAME_STATUS_CODE_OK:
             result.alerts.extend(self._metrics.alerts_for(self._label(result), residence_ns))
+            self._drift.observe(result)
         result.server_receive_time_ns = work.received_wall_ns
         result.server_send_time_ns = time.time_ns()
         return residence_ns

@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from edgescope.runtime.telemetry.alerts import (
@@ -115,6 +115,18 @@ class RuntimeMetrics:
             ["model"],
             registry=r,
         )
+        self._drift = Gauge(
+            "edgescope_domain_drift",
+            "The drift test's statistic over its threshold, on the model's latest result (>= 1: drifting)",
+            ["model"],
+            registry=r,
+        )
+        self._drift_alerts = Counter(
+            "edgescope_domain_drift_alerts",
+            "Streams found drifting away from the model's domain",
+            ["model"],
+            registry=r,
+        )
         self._warmup = Counter(
             "edgescope_warmup_frames", "Frames answered but left out of latency figures", ["model"], registry=r
         )
@@ -181,6 +193,7 @@ class RuntimeMetrics:
         self._failure.labels(model)
         self._deadline.labels(model)
         self._out_of_domain.labels(model)
+        self._drift_alerts.labels(model)
         self._warmup.labels(model)
         for reason in stream_pb2.DropReason.values():
             if reason != stream_pb2.DROP_REASON_UNSPECIFIED:
@@ -246,6 +259,8 @@ class RuntimeMetrics:
             self._deadline.labels(model).inc()
         if result.domain.checked and not result.domain.in_domain:
             self._out_of_domain.labels(model).inc()
+        if result.domain.drift_threshold > 0:
+            self._drift.labels(model).set(result.domain.drift / result.domain.drift_threshold)
         if result.pairing.partners:
             for partner in result.pairing.partners:
                 self._pair_skew.labels(model).observe(abs(partner.skew_ns) / 1e9)
@@ -270,6 +285,8 @@ class RuntimeMetrics:
                 self._total.labels(model).observe(residence_ns / 1e9)
         for alert in result.alerts:
             self._alerted.labels(model, kind_label(alert.kind)).inc()
+            if alert.kind == stream_pb2.Alert.KIND_DRIFT:
+                self._drift_alerts.labels(model).inc()
 
     def preview_due(self, stream_id: str) -> bool:
         """True when this stream's preview is older than the preview interval (and claims the next one)."""

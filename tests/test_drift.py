@@ -1,0 +1,122 @@
+"""A stream's frames tested together over time: the CUSUM, its threshold, what the server says on drift."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from google.protobuf import json_format
+from prometheus_client import generate_latest
+from pydicom.data import get_testdata_file
+
+from edgescope.bundle import MANIFEST_FILE, Bundle
+from edgescope.export.domain import domain_profile
+from edgescope.runtime.archive.audit import verify
+from edgescope.runtime.pipeline.decode import encode_raw
+from edgescope.runtime.pipeline.drift import CLIP, REFERENCE, DriftTest, cusum_threshold, false_alarm_frames
+from edgescope.runtime.sources import open_source
+from edgescope.v1 import stream_pb2, stream_pb2_grpc
+
+from .conftest import ServerThread
+
+CINE = f"dicom:{get_testdata_file('color3d_jpeg_baseline.dcm')}"
+FIT_FRAMES = 80
+DRIFT = stream_pb2.Alert.KIND_DRIFT
+
+
+def test_the_threshold_grows_with_the_time_between_false_alarms() -> None:
+    day, hour = cusum_threshold(false_alarm_frames(24)), cusum_threshold(false_alarm_frames(1))
+    assert 9 < hour < day < 14
+
+
+def test_one_outlying_frame_cannot_trip_the_test_and_a_run_of_them_does() -> None:
+    threshold = cusum_threshold(false_alarm_frames(24))
+    test = DriftTest()
+    assert not test.update(1000.0, threshold)
+    assert test.statistic == CLIP - REFERENCE
+    trips = [test.update(1000.0, threshold) for _ in range(10)]
+    # One alert per episode, within h / (CLIP - REFERENCE) frames.
+    assert trips.count(True) == 1 and trips.index(True) + 2 <= threshold / (CLIP - REFERENCE) + 1
+    # Back in domain: the statistic returns to 0 and ends the episode; a new shift alerts again.
+    while test.drifting:
+        test.update(0.0, threshold)
+    assert any(test.update(1000.0, threshold) for _ in range(10))
+
+
+def _cine() -> list[np.ndarray]:
+    with open_source(CINE) as source:
+        return [frame.pixels for frame in source]
+
+
+@pytest.fixture(scope="module")
+def cine_bundle(example_bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example model with its domain profile fitted on the echo cine's first 80 frames, as
+    ``export --data`` on that cine would fit it."""
+    bundle = tmp_path_factory.mktemp("cine") / "lesion-unet"
+    shutil.copytree(example_bundle.path, bundle)
+    manifest = example_bundle.manifest
+    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [output.name for output in manifest.outputs]
+
+    def infer(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(None, feed), strict=True))
+
+    profile = domain_profile(infer, manifest, CINE, FIT_FRAMES, 1e-3)
+    written = json.loads((bundle / MANIFEST_FILE).read_text())
+    written["domain"] = json_format.MessageToDict(profile)
+    (bundle / MANIFEST_FILE).write_text(json.dumps(written))
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def cine_server(cine_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    running = ServerThread([cine_bundle], audit_log=tmp_path_factory.mktemp("audit") / "audit.jsonl")
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def _stream(server: ServerThread, stream_id: str, frames: list[np.ndarray]) -> list[stream_pb2.Result]:
+    messages = [stream_pb2.Frame(stream_id=stream_id, seq=i, raw=encode_raw(f)) for i, f in enumerate(frames)]
+    with grpc.insecure_channel(server.target) as channel:
+        return list(stream_pb2_grpc.StreamServiceStub(channel).Stream(iter(messages), timeout=120))
+
+
+def _drift_alerts(results: list[stream_pb2.Result]) -> list[int]:
+    return [r.seq for r in results if DRIFT in [a.kind for a in r.alerts]]
+
+
+SHIFTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "gain x3": lambda f: np.clip(f.astype(np.float32) * 3, 0, 255).astype(np.uint8),
+    "inverted": lambda f: (255 - f).astype(np.uint8),
+    "blur": lambda f: cv2.GaussianBlur(f, (0, 0), 4),
+}
+
+
+def test_an_in_domain_stream_never_drifts_and_a_shifted_one_does_within_a_few_frames(cine_server: ServerThread) -> None:
+    rest = _cine()[FIT_FRAMES:]
+    calm = _stream(cine_server, "calm", rest)
+    assert all(r.status.code == stream_pb2.FRAME_STATUS_CODE_OK for r in calm)
+    assert _drift_alerts(calm) == [] and not any(r.domain.drifting for r in calm)
+    assert all(r.domain.drift_threshold > 0 and r.domain.drift < r.domain.drift_threshold for r in calm)
+    for name, shift in SHIFTS.items():
+        # In domain first, then the shift, on one stream: the alert comes once, soon after the shift starts.
+        results = _stream(cine_server, name, rest[:10] + [shift(f) for f in rest[10:30]])
+        alerts = _drift_alerts(results)
+        assert len(alerts) == 1 and 10 <= alerts[0] < 10 + 8, (name, alerts)
+        assert all(r.domain.drifting for r in results[alerts[0] :])
+    metrics = generate_latest(cine_server.running.telemetry.metrics.registry).decode()
+    assert f'edgescope_domain_drift_alerts_total{{model="lesion-unet"}} {float(len(SHIFTS))}' in metrics
+    assert 'edgescope_domain_drift{model="lesion-unet"} 2.0' in metrics
+    trail = cine_server.running.registry.audit
+    assert trail is not None and verify(trail.path).intact
+    drifts = [json.loads(line) for line in trail.path.read_text().splitlines() if '"domain_drift"' in line]
+    assert len(drifts) == len(SHIFTS) and {d["model"] for d in drifts} == {"lesion-unet"}
