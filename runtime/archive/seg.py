@@ -9,7 +9,10 @@ instance and its Referenced Frame Number (purpose of reference 121322,
 "Segmentation"). Without a frame of reference the frames' one dimension is
 the segment number; the source frame each came from is its reference. Rows and columns are the source's; every source
 frame analysed has one frame per segment (empty where nothing was found), so
-frame k of the source is frame k of each segment's block.
+frame k of the source is frame k of each segment's block. Key images of a
+source that is not DICOM (single-frame Secondary Captures, which have no
+frame of reference either) are referenced the same way, by instance:
+``segmentation_of_images``.
 
 The algorithm is identified as IHE AI Results asks: Segment Algorithm Type
 AUTOMATIC with its name, the Algorithm Identification (family "Artificial
@@ -19,7 +22,7 @@ sha256 and signer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -110,25 +113,64 @@ def segmentation(
     sop_instance_uid: str | None = None,
 ) -> Dataset:
     """A BINARY Segmentation of ``source``: ``masks`` are (source frame number, 1-based; label mask)."""
-    if not masks or not segments:
+    references = [(source, frame_number, mask) for frame_number, mask in masks]
+    return _segmentation(
+        references, segments, algorithm, series_number, sop_instance_uid or generate_uid(), generate_uid
+    )
+
+
+def segmentation_of_images(
+    images: Sequence[Dataset],
+    masks: Sequence[npt.NDArray[np.uint8]],
+    segments: Sequence[Segment],
+    algorithm: Algorithm,
+    *,
+    series_number: int = 900,
+    new_uid: Callable[[], str] = generate_uid,
+) -> Dataset:
+    """A BINARY Segmentation of single-frame ``images`` (key images of one study): mask k is of image k.
+
+    ``new_uid`` makes its UIDs (under the organisation's root, for one).
+    """
+    if len(images) != len(masks):
+        raise FrameError(f"{len(masks)} masks for {len(images)} images: a Segmentation needs one mask per image")
+    references = [(image, None, mask) for image, mask in zip(images, masks, strict=True)]
+    return _segmentation(references, segments, algorithm, series_number, new_uid(), new_uid)
+
+
+# A mask and what it is of: an instance, and its frame number (1-based) when it has several frames.
+_Reference = tuple[Dataset, int | None, npt.NDArray[np.uint8]]
+
+
+def _segmentation(
+    references: Sequence[_Reference],
+    segments: Sequence[Segment],
+    algorithm: Algorithm,
+    series_number: int,
+    sop_instance_uid: str,
+    new_uid: Callable[[], str],
+) -> Dataset:
+    if not references or not segments:
         raise FrameError("a Segmentation needs at least one analysed frame and one segment")
+    source = references[0][0]
     rows, columns = int(source.Rows), int(source.Columns)
-    for frame_number, mask in masks:
-        if mask.shape != (rows, columns):
-            raise FrameError(f"the mask of frame {frame_number} is {mask.shape}; the source is {(rows, columns)}")
+    for image, frame_number, mask in references:
+        if mask.shape != (rows, columns) or (int(image.Rows), int(image.Columns)) != (rows, columns):
+            where = f"frame {frame_number}" if frame_number is not None else f"image {image.SOPInstanceUID}"
+            raise FrameError(f"the mask of {where} is {mask.shape}; the source is {(rows, columns)}")
     now = datetime.now(timezone.utc)
     seg = Dataset()
     seg.file_meta = FileMetaDataset()
     seg.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     seg.file_meta.MediaStorageSOPClassUID = SEGMENTATION_STORAGE
     seg.SOPClassUID = SEGMENTATION_STORAGE
-    seg.SOPInstanceUID = sop_instance_uid or generate_uid()
+    seg.SOPInstanceUID = sop_instance_uid
     seg.file_meta.MediaStorageSOPInstanceUID = seg.SOPInstanceUID
     seg.SpecificCharacterSet = source.get("SpecificCharacterSet", "ISO_IR 192")
     for keyword in _PATIENT_AND_STUDY:
         setattr(seg, keyword, source.get(keyword, ""))
     seg.Modality = "SEG"
-    seg.SeriesInstanceUID = generate_uid()
+    seg.SeriesInstanceUID = new_uid()
     seg.SeriesNumber = series_number
     seg.InstanceNumber = 1
     seg.ContentDate, seg.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
@@ -147,15 +189,17 @@ def segmentation(
     seg.LossyImageCompression = "00"
     # No frame of reference: the orientation is that of the source's own frames.
     seg.PatientOrientation = ""
-    _dimensions(seg)
-    frames = [(segment, number, mask == segment.number) for segment in segments for number, mask in masks]
+    _dimensions(seg, new_uid())
+    frames = [
+        (segment, image, number, mask == segment.number) for segment in segments for image, number, mask in references
+    ]
     seg.NumberOfFrames = len(frames)
     seg.SharedFunctionalGroupsSequence = DicomSequence([Dataset()])
     seg.PerFrameFunctionalGroupsSequence = DicomSequence(
-        [_frame_groups(source, segment.number, number) for segment, number, _ in frames]
+        [_frame_groups(image, segment.number, number) for segment, image, number, _ in frames]
     )
-    seg.PixelData = pack_bits(np.stack([bits for _, _, bits in frames]).astype(np.uint8), pad=True)
-    seg.ReferencedSeriesSequence = DicomSequence([_referenced_series(source)])
+    seg.PixelData = pack_bits(np.stack([bits for *_, bits in frames]).astype(np.uint8), pad=True)
+    seg.ReferencedSeriesSequence = DicomSequence(_referenced_series([image for image, _, _ in references]))
     return seg
 
 
@@ -195,9 +239,8 @@ def _segment(segment: Segment, algorithm: Algorithm) -> Dataset:
     return item
 
 
-def _dimensions(seg: Dataset) -> None:
+def _dimensions(seg: Dataset, organization: str) -> None:
     """Without a frame of reference, the frames' one dimension is the segment (A.51.5.1)."""
-    organization = generate_uid()
     dimension = Dataset()
     dimension.DimensionOrganizationUID = organization
     seg.DimensionOrganizationSequence = DicomSequence([dimension])
@@ -209,11 +252,12 @@ def _dimensions(seg: Dataset) -> None:
     seg.DimensionIndexSequence = DicomSequence([segment_index])
 
 
-def _frame_groups(source: Dataset, segment_number: int, frame_number: int) -> Dataset:
+def _frame_groups(source: Dataset, segment_number: int, frame_number: int | None) -> Dataset:
     source_image = Dataset()
     source_image.ReferencedSOPClassUID = source.SOPClassUID
     source_image.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    source_image.ReferencedFrameNumber = frame_number
+    if frame_number is not None:
+        source_image.ReferencedFrameNumber = frame_number
     # Same rows and columns, pixel for pixel: a viewer may lay the mask over the frame as it is.
     source_image.SpatialLocationsPreserved = "YES"
     source_image.PurposeOfReferenceCodeSequence = DicomSequence(
@@ -233,11 +277,18 @@ def _frame_groups(source: Dataset, segment_number: int, frame_number: int) -> Da
     return groups
 
 
-def _referenced_series(source: Dataset) -> Dataset:
-    instance = Dataset()
-    instance.ReferencedSOPClassUID = source.SOPClassUID
-    instance.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    series = Dataset()
-    series.SeriesInstanceUID = source.SeriesInstanceUID
-    series.ReferencedInstanceSequence = DicomSequence([instance])
-    return series
+def _referenced_series(sources: Sequence[Dataset]) -> list[Dataset]:
+    """Each series the sources are in, with its instances, each once."""
+    by_series: dict[str, dict[str, Dataset]] = {}
+    for source in sources:
+        instance = Dataset()
+        instance.ReferencedSOPClassUID = source.SOPClassUID
+        instance.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        by_series.setdefault(str(source.SeriesInstanceUID), {})[str(source.SOPInstanceUID)] = instance
+    items = []
+    for series_uid, instances in by_series.items():
+        series = Dataset()
+        series.SeriesInstanceUID = series_uid
+        series.ReferencedInstanceSequence = DicomSequence(list(instances.values()))
+        items.append(series)
+    return items

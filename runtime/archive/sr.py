@@ -14,7 +14,7 @@ Identification) and the device in the observation context.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -28,7 +28,13 @@ from pydicom.uid import generate_uid
 from edgescope import __version__
 from edgescope.runtime.archive.seg import MANUFACTURER, Algorithm
 
-_ULTRASONOGRAPHY = hd.sr.CodedConcept("16310003", "SCT", "Ultrasonography")
+# The procedure a report is of, by the kind of source its images came from (SNOMED CT).
+PROCEDURE = {
+    "ultrasound": hd.sr.CodedConcept("16310003", "SCT", "Ultrasonography"),
+    "endoscopy": hd.sr.CodedConcept("423827005", "SCT", "Endoscopy"),
+    "fluoroscopy": hd.sr.CodedConcept("44491008", "SCT", "Fluoroscopy"),
+}
+IMAGING = hd.sr.CodedConcept("363679005", "SCT", "Imaging")
 _AREA = hd.sr.CodedConcept("42798000", "SCT", "Area")
 _DIAMETER = hd.sr.CodedConcept("81827009", "SCT", "Diameter")
 _UNITS = {
@@ -40,7 +46,8 @@ _UNITS = {
 @dataclass(frozen=True, slots=True)
 class FrameMeasurement:
     """One label's measurements on one source frame (1-based), in the frame's physical units, and the
-    outline of what was measured: a closed polygon of (column, row) pixel coordinates on that frame."""
+    outline of what was measured: a closed polygon of (column, row) pixel coordinates on that frame.
+    The frame is a frame of a multi-frame source, or the k-th of several single-frame key images."""
 
     frame: int
     segment: int
@@ -61,28 +68,37 @@ def outline_of(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.float32] | None:
 
 
 def measurement_report(
-    source: Dataset,
+    source: Dataset | Sequence[Dataset],
     segmentation: Dataset,
     measurements: Sequence[FrameMeasurement],
     algorithm: Algorithm,
     *,
+    procedure: hd.sr.CodedConcept = PROCEDURE["ultrasound"],
     series_number: int = 901,
+    new_uid: Callable[[], str] = generate_uid,
 ) -> hd.sr.Comprehensive3DSR:
-    """A TID 1500 report of ``measurements``, referencing ``segmentation`` (of ``source``) frame by frame."""
+    """A TID 1500 report of ``measurements``, referencing ``segmentation`` (of ``source``) frame by frame.
+
+    ``source`` is one multi-frame instance, or single-frame key images (a measurement's frame k is the k-th);
+    ``new_uid`` makes the report's UIDs (under the organisation's root, for one).
+    """
     algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
     groups = []
     for measured in measurements:
-        region = hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=measured.outline,
-            source_image=hd.sr.SourceImageForRegion(
+        if isinstance(source, Dataset):
+            image = hd.sr.SourceImageForRegion(
                 source.SOPClassUID, source.SOPInstanceUID, referenced_frame_numbers=[measured.frame]
-            ),
+            )
+        else:
+            key_image = source[measured.frame - 1]
+            image = hd.sr.SourceImageForRegion(key_image.SOPClassUID, key_image.SOPInstanceUID)
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=measured.outline, source_image=image
         )
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=generate_uid(), identifier=f"segment {measured.segment} frame {measured.frame}"
+                    uid=new_uid(), identifier=f"segment {measured.segment} frame {measured.frame}"
                 ),
                 referenced_region=region,
                 algorithm_id=algorithm_id,
@@ -95,24 +111,26 @@ def measurement_report(
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(), name=f"{MANUFACTURER} {__version__}", model_name=algorithm.name
+            uid=new_uid(), name=f"{MANUFACTURER} {__version__}", model_name=algorithm.name
         ),
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
-        procedure_reported=_ULTRASONOGRAPHY,
+        procedure_reported=procedure,
         imaging_measurements=groups,
     )
     with warnings.catch_warnings():
         # The patient's name is the source's, copied as it is: highdicom's advice on its form is not ours to take.
         warnings.filterwarnings("ignore", message="The string .* is unlikely to represent the intended person name")
         return hd.sr.Comprehensive3DSR(
-            evidence=[source, segmentation],
+            evidence=[source, segmentation] if isinstance(source, Dataset) else [*source, segmentation],
             content=report,
-            series_instance_uid=generate_uid(),
+            series_instance_uid=new_uid(),
             series_number=series_number,
-            sop_instance_uid=generate_uid(),
+            sop_instance_uid=new_uid(),
             instance_number=1,
             manufacturer=MANUFACTURER,
             is_complete=True,
+            # UTF-8: names copied from the evidence are kept in whatever script they are written.
+            specific_character_set="ISO_IR 192",
         )
