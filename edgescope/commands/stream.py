@@ -6,10 +6,19 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgescope.commands.options import DEFAULT_TARGET, add_client_security, add_outbox, client_security
 from edgescope.errors import ConfigError
+from edgescope.runtime.client.key_frames import DEFAULT_MAX_FRAMES, DEFAULT_POLICY
+
+if TYPE_CHECKING:
+    from edgescope.runtime.client.archive import KeyFrameRecorder, SegmentationRecorder
+    from edgescope.runtime.sources.base import SourceKind
+
+    Recorder = SegmentationRecorder | KeyFrameRecorder
 
 _MODES = ("wait", "newest", "drop")
 
@@ -46,11 +55,31 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--loop", action="store_true", help="repeat a finite source")
     p.add_argument("--save", type=Path, help="write an overlay video: .mp4 (H.264), .webm (VP9) or .avi (MJPEG)")
     p.add_argument("--summary", type=Path, help="write the latency summary as JSON")
-    p.add_argument(
+    archive = p.add_argument_group("results to an archive (DICOM)")
+    archive.add_argument(
         "--results-to",
         metavar="URL",
         help="store the results in an archive: dicomweb+http(s)://HOST:PORT/PATH (STOW-RS) or "
-        "dicom://CALLED_AET@HOST:PORT (C-STORE); a dicom: source's masks become a DICOM Segmentation",
+        "dicom://CALLED_AET@HOST:PORT (C-STORE); a dicom: source's masks become a DICOM Segmentation of it, "
+        "another source's key frames Secondary Capture images with their Segmentation",
+    )
+    archive.add_argument(
+        "--study-context",
+        type=Path,
+        metavar="FILE",
+        help="a source that is not DICOM: the patient and study its key frames belong to (.json or .toml)",
+    )
+    archive.add_argument(
+        "--key-frames",
+        metavar="POLICY",
+        help=f"which answered frames to store: every:SECONDS, on-alert, or both comma-separated "
+        f"(default {DEFAULT_POLICY})",
+    )
+    archive.add_argument(
+        "--max-key-frames",
+        type=int,
+        default=DEFAULT_MAX_FRAMES,
+        help=f"store at most this many key frames (default {DEFAULT_MAX_FRAMES})",
     )
     add_outbox(p)
     p.add_argument("--mask-encoding", default="png", choices=["png", "rle"])
@@ -68,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
     named = named_sources(args.source)
     spec = describe_sources(named)
     if args.results_to and len(named) > 1:
-        raise ConfigError("--results-to stores the results of one DICOM source; this stream has several sources")
+        raise ConfigError("--results-to stores the results of one source; this stream has several sources")
+    # Checked before anything is streamed: a wrong study context must not cost the procedure's results.
+    recording = _recording(args, spec)
 
     options = StreamOptions(
         target=args.target,
@@ -92,14 +123,8 @@ def run(args: argparse.Namespace) -> int:
             max_age_ms=args.pair_max_age_ms,
         ),
     )
-    recorder = None
-    if args.results_to:
-        from edgescope.runtime.archive.senders import sender_for
-        from edgescope.runtime.client.archive import SegmentationRecorder, dicom_path
-
-        sender_for(args.results_to)  # a wrong URL fails before the stream, not after it
-        recorder = SegmentationRecorder(dicom_path(spec))
     with open_sources(named, args.loop) as source:
+        recorder = recording(source.kind) if recording is not None else None
         pace = "as fast as possible" if args.fast else f"at {source.fps:.1f} fps"
         print(f"streaming {spec} to {args.target} {pace}")
         report = asyncio.run(stream_source(source, options, recorder.observe if recorder is not None else None))
@@ -111,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"results: {len(archive['delivered'])} object(s) stored at {args.results_to}, {archive['waiting']} waiting"
         )
+        if "key_frames" in archive:
+            kept = archive["key_frames"]
+            print(f"key frames ({kept['policy']}): {kept['kept']} stored, {kept['over_the_limit']} over the limit")
     print(report.latency.format_table())
     if report.sources is not None:
         print(report.sources.format_line())
@@ -139,3 +167,33 @@ def run(args: argparse.Namespace) -> int:
         print(f"edgescope stream: results still in the outbox: {archive['error']}", file=sys.stderr)
     waiting = archive is not None and archive["waiting"]
     return 1 if report.latency.errors or report.error or waiting else 0
+
+
+def _recording(args: argparse.Namespace, spec: str) -> Callable[[SourceKind], Recorder] | None:
+    """What records the results for --results-to, made once the source's kind is known; None without it."""
+    if not args.results_to:
+        if args.study_context is not None or args.key_frames is not None:
+            raise ConfigError("--study-context and --key-frames say how results are stored: give --results-to URL")
+        return None
+    from edgescope.runtime.archive.senders import sender_for
+    from edgescope.runtime.archive.study import load_study_context
+    from edgescope.runtime.client.archive import KeyFrameRecorder, SegmentationRecorder, dicom_source
+    from edgescope.runtime.client.key_frames import KeyFrameChooser, parse_key_frames
+
+    sender_for(args.results_to)  # a wrong URL fails before the stream, not after it
+    cine = dicom_source(spec)
+    if cine is not None:
+        if args.study_context is not None or args.key_frames is not None:
+            raise ConfigError(
+                "a dicom: source's results go into its own study, for every analysed frame: "
+                "leave out --study-context and --key-frames"
+            )
+        return lambda kind: SegmentationRecorder(cine)
+    if args.study_context is None:
+        raise ConfigError(
+            "--results-to with a source that is not DICOM needs --study-context FILE: "
+            "the patient and study its key frames are stored in"
+        )
+    study = load_study_context(args.study_context)
+    policy = parse_key_frames(args.key_frames or DEFAULT_POLICY, args.max_key_frames)
+    return lambda kind: KeyFrameRecorder(study, KeyFrameChooser(policy), kind)
