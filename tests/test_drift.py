@@ -19,6 +19,7 @@ from pydicom.data import get_testdata_file
 from edgescope.bundle import MANIFEST_FILE, Bundle
 from edgescope.export.domain import domain_profile
 from edgescope.runtime.archive.audit import verify
+from edgescope.runtime.pipeline.confidence import classification_confidence
 from edgescope.runtime.pipeline.decode import encode_raw
 from edgescope.runtime.pipeline.drift import CLIP, REFERENCE, DriftTest, cusum_threshold, false_alarm_frames
 from edgescope.runtime.sources import open_source
@@ -120,3 +121,21 @@ def test_an_in_domain_stream_never_drifts_and_a_shifted_one_does_within_a_few_fr
     assert trail is not None and verify(trail.path).intact
     drifts = [json.loads(line) for line in trail.path.read_text().splitlines() if '"domain_drift"' in line]
     assert len(drifts) == len(SHIFTS) and {d["model"] for d in drifts} == {"lesion-unet"}
+
+
+def test_every_segmentation_result_and_quantity_says_how_sure_the_model_is(cine_server: ServerThread) -> None:
+    rest = _cine()[FIT_FRAMES : FIT_FRAMES + 12]
+    calm = _stream(cine_server, "sure", rest)
+    shifted = {"blur": _stream(cine_server, "unsure", [SHIFTS["blur"](f) for f in rest])}
+    for result in calm:
+        assert result.HasField("confidence") and 0.0 <= result.confidence <= 1.0
+        assert result.quantities and all(q.HasField("confidence") for q in result.quantities)
+    # Blur makes the model unsure; a gain or an inversion does not (it answers them confidently: see the
+    # domain check for those).
+    blurred = [r.confidence for r in shifted["blur"]]
+    assert np.mean(blurred) < np.mean([r.confidence for r in calm]) - 0.05
+
+
+def test_a_classification_is_as_sure_as_its_largest_probability() -> None:
+    assert classification_confidence(np.asarray([[0.0, 0.0]], dtype=np.float32)) == pytest.approx(0.5)
+    assert classification_confidence(np.asarray([[10.0, 0.0, 0.0]], dtype=np.float32)) > 0.99

@@ -117,3 +117,5 @@ def fill_result(result: stream_pb2.Result, task: TaskResult, mask_encoding: int)
     for name, values in task.tensors.items():
         _fill_tensor(result.outputs.add(name=name).tensor, name, values)
     result.quantities.extend(task.quantities)
+    if task.confidence is not None:
+        result.confidence = task.confidence

@@ -17,6 +17,7 @@ from edgescope.runtime.pipeline.calibration import (
     max_diameter,
     measured,
 )
+from edgescope.runtime.pipeline.confidence import segmentation_confidence
 from edgescope.runtime.pipeline.preprocess import Geometry
 from edgescope.runtime.pipeline.tasks.anomaly import postprocess_anomaly
 from edgescope.runtime.pipeline.tasks.classification import postprocess_classification
@@ -89,6 +90,7 @@ def postprocess_segmentation(
     if name not in outputs:
         raise BundleError(f"model output {name!r} named in the manifest was not produced")
     params = post.segmentation
+    confidence = segmentation_confidence(outputs[name], params)
     mask = remove_small_components(segmentation_mask(outputs[name], params), params.min_component_pixels)
     mask = to_frame_grid(mask, geometry)
     labels = list(manifest.labels) or ["background", "lesion"]
@@ -99,10 +101,16 @@ def postprocess_segmentation(
         label_mask = mask == index
         count, _ = cv2.connectedComponents(label_mask.astype(np.uint8), connectivity=8)
         total = int(np.count_nonzero(label_mask))
-        quantities.append(stream_pb2.Quantity(name=f"{label}_count", value=float(count - 1), unit="1"))
-        quantities.append(stream_pb2.Quantity(name=f"{label}_area_pixels", value=float(total), unit="px"))
-        quantities.extend(_measured(label, label_mask, total, assigned))
-    return TaskResult(mask=mask, labels=labels, quantities=quantities)
+        made = [
+            stream_pb2.Quantity(name=f"{label}_count", value=float(count - 1), unit="1"),
+            stream_pb2.Quantity(name=f"{label}_area_pixels", value=float(total), unit="px"),
+            *_measured(label, label_mask, total, assigned),
+        ]
+        # A label not found: how sure the model is that nothing is there (the frame's confidence).
+        for quantity in made:
+            quantity.confidence = confidence.labels.get(index, confidence.frame)
+        quantities.extend(made)
+    return TaskResult(mask=mask, labels=labels, quantities=quantities, confidence=confidence.frame)
 
 
 def _measured(

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from edgescope.errors import BackendError, BundleError
 from edgescope.runtime.backends.base import Outputs
+from edgescope.runtime.pipeline.confidence import classification_confidence
 from edgescope.runtime.pipeline.preprocess import Geometry
 from edgescope.runtime.pipeline.tasks.common import FloatArray, TaskResult, activate, task_output
 from edgescope.v1 import manifest_pb2, stream_pb2
@@ -24,8 +25,9 @@ def postprocess_classification(
     geometry: Geometry,
     regions: Sequence[stream_pb2.CalibratedRegion],
 ) -> TaskResult:
-    scores = class_scores(task_output(outputs, manifest), manifest.postprocessing.classification)
+    logits = task_output(outputs, manifest)
+    scores = class_scores(logits, manifest.postprocessing.classification)
     labels = list(manifest.labels) or [f"class_{i}" for i in range(scores.size)]
     if len(labels) != scores.size:
         raise BundleError(f"the manifest names {len(labels)} labels, the model scores {scores.size} classes")
-    return TaskResult(labels=labels, class_scores=scores)
+    return TaskResult(labels=labels, class_scores=scores, confidence=classification_confidence(logits))

@@ -34,6 +34,8 @@ class TaskResult:
     images: dict[str, npt.NDArray[np.uint8]] = field(default_factory=dict)
     # Float tensors sent as they are (displacement fields).
     tensors: dict[str, FloatArray] = field(default_factory=dict)
+    # How sure the model is of this answer (``confidence``); None for tasks without one.
+    confidence: float | None = None
 
 
 def task_output(outputs: Outputs, manifest: manifest_pb2.ModelManifest, name: str = "") -> FloatArray:
