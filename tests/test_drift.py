@@ -17,11 +17,14 @@ from prometheus_client import generate_latest
 from pydicom.data import get_testdata_file
 
 from edgescope.bundle import MANIFEST_FILE, Bundle
+from edgescope.cli import build_parser
 from edgescope.export.domain import domain_profile
 from edgescope.runtime.archive.audit import verify
 from edgescope.runtime.pipeline.confidence import classification_confidence
 from edgescope.runtime.pipeline.decode import encode_raw
 from edgescope.runtime.pipeline.drift import CLIP, REFERENCE, DriftTest, cusum_threshold, false_alarm_frames
+from edgescope.runtime.server.registry import WITHHOLD, ModelPolicy, MonitoringOptions
+from edgescope.runtime.server.stages import withhold_if_unsure
 from edgescope.runtime.sources import open_source
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
@@ -30,6 +33,7 @@ from .conftest import ServerThread
 CINE = f"dicom:{get_testdata_file('color3d_jpeg_baseline.dcm')}"
 FIT_FRAMES = 80
 DRIFT = stream_pb2.Alert.KIND_DRIFT
+OUT_OF_DOMAIN = stream_pb2.Alert.KIND_OUT_OF_DOMAIN
 
 
 def test_the_threshold_grows_with_the_time_between_false_alarms() -> None:
@@ -139,3 +143,40 @@ def test_every_segmentation_result_and_quantity_says_how_sure_the_model_is(cine_
 def test_a_classification_is_as_sure_as_its_largest_probability() -> None:
     assert classification_confidence(np.asarray([[0.0, 0.0]], dtype=np.float32)) == pytest.approx(0.5)
     assert classification_confidence(np.asarray([[10.0, 0.0, 0.0]], dtype=np.float32)) > 0.99
+
+
+def test_a_model_whose_policy_is_withhold_drops_the_quantities_of_frames_out_of_domain(cine_bundle: Path) -> None:
+    rest = _cine()[FIT_FRAMES : FIT_FRAMES + 4]
+    served = ServerThread([cine_bundle], monitoring=MonitoringOptions(out_of_domain={"lesion-unet": WITHHOLD}))
+    try:
+        calm = _stream(served, "calm", rest)
+        inverted = _stream(served, "inverted", [SHIFTS["inverted"](f) for f in rest])
+    finally:
+        served.stop()
+    for result in calm:
+        assert result.domain.in_domain and result.quantities and not result.withheld
+    for result in inverted:
+        assert not result.domain.in_domain and not result.quantities
+        assert result.withheld.startswith("quantities withheld: out of domain")
+        # The mask and the alert stay, for a person to see what was not measured.
+        assert result.outputs and OUT_OF_DOMAIN in [a.kind for a in result.alerts]
+
+
+def test_under_withhold_an_unsure_answer_is_withheld_too() -> None:
+    result = stream_pb2.Result(confidence=0.4, quantities=[stream_pb2.Quantity(name="lesion_area", value=3.0)])
+    withhold_if_unsure(result, ModelPolicy(out_of_domain=WITHHOLD, min_confidence=0.6))
+    assert not result.quantities and result.withheld == "quantities withheld: confidence 0.400 < 0.6"
+    sure = stream_pb2.Result(confidence=0.9, quantities=[stream_pb2.Quantity(name="lesion_area", value=3.0)])
+    withhold_if_unsure(sure, ModelPolicy(out_of_domain=WITHHOLD, min_confidence=0.6))
+    assert sure.quantities and not sure.withheld
+
+
+def test_the_policy_is_set_per_model_with_a_default_for_the_rest() -> None:
+    args = build_parser().parse_args(
+        ["serve", "b", "--out-of-domain", "withhold", "--out-of-domain", "other=annotate", "--min-confidence", "0.5"]
+    )
+    options = MonitoringOptions(out_of_domain=dict(args.out_of_domain), min_confidence=dict(args.min_confidence))
+    assert options.policy("lesion-unet") == ModelPolicy(WITHHOLD, 0.5)
+    assert options.policy("other") == ModelPolicy("annotate", 0.5)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "b", "--out-of-domain", "drop"])

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from edgescope.errors import ConfigError
 
 if TYPE_CHECKING:
     from edgescope.runtime.backends.base import Backend
+
+T = TypeVar("T")
 
 
 def _budget(text: str) -> tuple[str, float]:
@@ -22,6 +24,25 @@ def _budget(text: str) -> tuple[str, float]:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r} must be MS or MODEL=MS, e.g. 40 or lesion-unet=40") from exc
     return (model if sep else "*"), budget
+
+
+def _per_model(convert: Callable[[str], T], example: str) -> Callable[[str], tuple[str, T]]:
+    """A VALUE or MODEL=VALUE option: (model, value), model "*" for every model without its own."""
+
+    def parse(text: str) -> tuple[str, T]:
+        model, sep, value = text.rpartition("=")
+        try:
+            return (model if sep else "*"), convert(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} must be VALUE or MODEL=VALUE, e.g. {example}") from exc
+
+    return parse
+
+
+def _policy(text: str) -> str:
+    if text not in ("annotate", "withhold"):
+        raise ValueError(text)
+    return text
 
 
 def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -138,6 +159,23 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="expected time between false domain-drift alerts on an in-domain stream, counted at 30 fps "
         "(sets the drift test's threshold; see docs/input-monitoring.md)",
     )
+    p.add_argument(
+        "--out-of-domain",
+        type=_per_model(_policy, "withhold or lesion-unet=withhold"),
+        action="append",
+        default=[],
+        metavar="[MODEL=]POLICY",
+        help="annotate (default: flag and alert) or withhold (also remove the quantities of a frame out of domain "
+        "or below --min-confidence; Result.withheld says why); repeat per model",
+    )
+    p.add_argument(
+        "--min-confidence",
+        type=_per_model(float, "0.6 or lesion-unet=0.6"),
+        action="append",
+        default=[],
+        metavar="[MODEL=]VALUE",
+        help="under --out-of-domain withhold, also withhold answers less sure than this (Result.confidence, 0-1)",
+    )
     g = p.add_argument_group("security (see README: Security)")
     g.add_argument("--tls-cert", type=Path, help="serve gRPC and the page over TLS with this certificate (PEM)")
     g.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
@@ -187,7 +225,11 @@ def run(args: argparse.Namespace) -> int:
         allow_failed_validation=args.allow_failed_validation,
         grace_s=args.grace,
         audit_log=args.audit_log,
-        monitoring=MonitoringOptions(drift_false_alarm_hours=args.drift_false_alarm_hours),
+        monitoring=MonitoringOptions(
+            drift_false_alarm_hours=args.drift_false_alarm_hours,
+            out_of_domain=dict(args.out_of_domain),
+            min_confidence=dict(args.min_confidence),
+        ),
         self_test=not args.skip_self_test,
         scheduling=SchedulerConfig(
             policy=stream_pb2.STREAM_POLICY_LIVE if args.policy == "live" else stream_pb2.STREAM_POLICY_EVERY,

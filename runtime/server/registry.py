@@ -27,8 +27,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -68,12 +68,36 @@ class WorkerOptions:
     batch_delay_s: float = 0.0
 
 
+ANNOTATE, WITHHOLD = "annotate", "withhold"
+# The key of a setting for every model without one of its own.
+ALL_MODELS = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPolicy:
+    """What a model's results do when the frame is out of domain or the answer unsure."""
+
+    # annotate: flag and alert, quantities kept; withhold: the quantities removed, Result.withheld says why.
+    out_of_domain: str = ANNOTATE
+    # Under withhold, an answer less sure than this (Result.confidence) is withheld too; 0: never.
+    min_confidence: float = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class MonitoringOptions:
-    """How the server watches its input (``serve --drift-false-alarm-hours``)."""
+    """How the server watches its input (``serve --drift-false-alarm-hours``, ``--out-of-domain``,
+    ``--min-confidence``); the per-model settings by model name, ``ALL_MODELS`` for the rest."""
 
     # Expected in-domain time between false drift alerts, counted at ``drift.FRAME_RATE``.
     drift_false_alarm_hours: float = DEFAULT_FALSE_ALARM_HOURS
+    out_of_domain: Mapping[str, str] = field(default_factory=dict)
+    min_confidence: Mapping[str, float] = field(default_factory=dict)
+
+    def policy(self, model: str) -> ModelPolicy:
+        return ModelPolicy(
+            self.out_of_domain.get(model, self.out_of_domain.get(ALL_MODELS, ANNOTATE)),
+            self.min_confidence.get(model, self.min_confidence.get(ALL_MODELS, 0.0)),
+        )
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -85,6 +109,7 @@ class ServedModel:
     route: ModelRoute
     # Scores every frame against the bundle's domain profile (None: the bundle has none; not checked).
     domain: DomainScorer | None = None
+    policy: ModelPolicy = ModelPolicy()
 
     @property
     def manifest(self) -> manifest_pb2.ModelManifest:
@@ -289,7 +314,7 @@ class ModelRegistry:
         route.on_change = self._degraded
         drift_frames = false_alarm_frames(self.monitoring.drift_false_alarm_hours)
         scorer = DomainScorer(bundle.manifest, drift_frames) if bundle.manifest.HasField("domain") else None
-        return ServedModel(model_name, bundle, route, scorer)
+        return ServedModel(model_name, bundle, route, scorer, self.monitoring.policy(model_name))
 
     def _open(self, bundle: Bundle, backend: Backend, name: str, statistics: ModelStatistics) -> ModelWorker:
         """A started worker for ``bundle`` on ``backend``: sessions open, warmed up, self-tested."""

@@ -27,7 +27,7 @@ from edgescope.runtime.pipeline.postprocess import postprocess
 from edgescope.runtime.pipeline.preprocess import Geometry, preprocess
 from edgescope.runtime.pipeline.state import StreamState, frame_input, frame_source, is_stateful, source_inputs
 from edgescope.runtime.render.preview import preview_jpeg, thumbnail
-from edgescope.runtime.server.registry import ServedModel
+from edgescope.runtime.server.registry import WITHHOLD, ModelPolicy, ServedModel
 from edgescope.runtime.server.workers import Job, JobResult
 from edgescope.v1 import stream_pb2
 
@@ -145,6 +145,8 @@ class FrameJob:
         if model.domain is not None and self.tensor is not None:
             _check_domain_result(result, model.domain, self.tensor, inferred)
             result.timings.add(stage="domain", duration_ns=time.perf_counter_ns() - checked)
+        if model.policy.out_of_domain == WITHHOLD:
+            withhold_if_unsure(result, model.policy)
         preview = None
         if self.thumb is not None:
             preview = preview_jpeg(self.thumb, task.mask, [f"{frame.stream_id} seq {frame.seq} {model.name}"])
@@ -172,6 +174,19 @@ def _check_domain_result(
             threshold=threshold,
             message=f"the frame does not look like what the model was validated on (furthest: {', '.join(furthest)})",
         )
+
+
+def withhold_if_unsure(result: stream_pb2.Result, policy: ModelPolicy) -> None:
+    """A model whose policy is withhold: an out-of-domain frame or an unsure answer loses its quantities,
+    and the result says why (its mask and alerts stay, for a person to see)."""
+    reasons = []
+    if result.domain.checked and not result.domain.in_domain:
+        reasons.append(f"out of domain (score {result.domain.score:.2f} > {result.domain.threshold:.2f})")
+    if result.HasField("confidence") and result.confidence < policy.min_confidence:
+        reasons.append(f"confidence {result.confidence:.3f} < {policy.min_confidence:g}")
+    if reasons:
+        del result.quantities[:]
+        result.withheld = "quantities withheld: " + "; ".join(reasons)
 
 
 def frame_jobs(
