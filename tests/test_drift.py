@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,12 +21,15 @@ from edgescope.bundle import MANIFEST_FILE, Bundle
 from edgescope.cli import build_parser
 from edgescope.export.domain import domain_profile
 from edgescope.runtime.archive.audit import verify
+from edgescope.runtime.client.clock import ClockEstimator
+from edgescope.runtime.client.stream import _record
 from edgescope.runtime.pipeline.confidence import classification_confidence
 from edgescope.runtime.pipeline.decode import encode_raw
 from edgescope.runtime.pipeline.drift import CLIP, REFERENCE, DriftTest, cusum_threshold, false_alarm_frames
 from edgescope.runtime.server.registry import WITHHOLD, ModelPolicy, MonitoringOptions
 from edgescope.runtime.server.stages import withhold_if_unsure
 from edgescope.runtime.sources import open_source
+from edgescope.runtime.telemetry.latency import LatencyRecorder
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 from .conftest import ServerThread
@@ -180,3 +184,14 @@ def test_the_policy_is_set_per_model_with_a_default_for_the_rest() -> None:
     assert options.policy("other") == ModelPolicy("annotate", 0.5)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "b", "--out-of-domain", "drop"])
+
+
+def test_the_client_summary_counts_drift_alerts_and_withheld_frames() -> None:
+    latency = LatencyRecorder()
+    drifted = stream_pb2.Result(status=stream_pb2.FrameStatus(code=stream_pb2.FRAME_STATUS_CODE_OK))
+    drifted.alerts.add(kind=DRIFT)
+    withheld = stream_pb2.Result(status=drifted.status, withheld="quantities withheld: out of domain")
+    for result in (drifted, withheld, stream_pb2.Result(status=drifted.status)):
+        _record(latency, ClockEstimator(), result, time.perf_counter_ns())
+    summary = latency.as_dict()
+    assert (summary["drift_alerts"], summary["withheld_frames"]) == (1, 1)

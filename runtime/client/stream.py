@@ -278,6 +278,9 @@ def _record(latency: LatencyRecorder, clock: ClockEstimator, result: stream_pb2.
         latency.deadline_misses += 1
     if result.domain.checked and not result.domain.in_domain:
         latency.out_of_domain_frames += 1
+    latency.drift_alerts += sum(1 for alert in result.alerts if alert.kind == stream_pb2.Alert.KIND_DRIFT)
+    if result.withheld:
+        latency.withheld_frames += 1
     if code == stream_pb2.FRAME_STATUS_CODE_DROPPED:
         latency.count_drop(drop_label(result.status))
         return

@@ -102,6 +102,10 @@ class LatencyRecorder:
         self.deadline_misses = 0
         # Answered frames whose input did not look like what the model was validated on.
         self.out_of_domain_frames = 0
+        # DRIFT alerts: each starts an episode of the stream drifting away from the model's domain.
+        self.drift_alerts = 0
+        # Answered frames whose quantities the model's policy withheld (Result.withheld).
+        self.withheld_frames = 0
         self.warmup_frames = 0
         self.drops: Counter[str] = Counter()
         self.first_s: float | None = None
@@ -159,6 +163,8 @@ class LatencyRecorder:
             "errors": self.errors,
             "deadline_misses": self.deadline_misses,
             "out_of_domain_frames": self.out_of_domain_frames,
+            "drift_alerts": self.drift_alerts,
+            "withheld_frames": self.withheld_frames,
             "warmup_frames": self.warmup_frames,
             "fps": round(self.fps, 2),
             "stages_ms": {
@@ -179,6 +185,8 @@ class LatencyRecorder:
             + (f" ({drops})" if drops else "")
             + f"  deadline misses {self.deadline_misses}  errors {self.errors}"
             + (f"  out of domain {self.out_of_domain_frames}" if self.out_of_domain_frames else "")
+            + (f"  drift alerts {self.drift_alerts}" if self.drift_alerts else "")
+            + (f"  withheld {self.withheld_frames}" if self.withheld_frames else "")
             + (f"  warm-up excluded {self.warmup_frames}" if self.warmup_frames else "")
         )
         return "\n".join(lines)
