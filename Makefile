@@ -26,8 +26,8 @@ demo: $(STAMP)
 	$(PY) -m edgescope.runtime.client.demo --bundle $(DEMO_BUNDLE) --source "dicom:$(ECHO_CINE)" \
 		--save $(OUT)/demo_overlay.mp4 --summary $(OUT)/demo_summary.json
 
-# Two registered synthetic sources (white light at 30 fps, NIR fluorescence at 25 fps) into the
-# example fusion model; the server pairs their frames by capture time.
+# Two registered synthetic sources (white light at 30 fps, NIR fluorescence at 25 fps, 960x540 so that
+# both fit a 2-core machine) into the example fusion model; the server pairs their frames by capture time.
 FUSION_BUNDLE := bundles/fluorescence-fusion
 demo-fusion: $(STAMP)
 	$(VENV)/bin/edgescope export --name fluorescence-fusion --out $(FUSION_BUNDLE) --overwrite \
@@ -37,7 +37,8 @@ demo-fusion: $(STAMP)
 		--labels background,perfused --frame-source white \
 		--source-input nir:128x128:gray=synthetic:fluorescence
 	$(PY) -m edgescope.runtime.client.demo --bundle $(FUSION_BUNDLE) \
-		--source "white=synthetic:endoscopy?frames=300&fps=30" --source "nir=synthetic:fluorescence?frames=250&fps=25" \
+		--source "white=synthetic:endoscopy?frames=300&fps=30&height=540&width=960" \
+		--source "nir=synthetic:fluorescence?frames=250&fps=25&height=540&width=960" \
 		--save $(OUT)/fusion_overlay.mp4 --summary $(OUT)/fusion_summary.json
 
 lint: $(STAMP)

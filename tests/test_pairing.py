@@ -145,6 +145,35 @@ def test_newest_takes_the_newest_older_partner_and_drop_never_waits() -> None:
     assert dropped.sets == [] and set(dropped.answers.values()) == {"unpaired"}
 
 
+def test_waits_do_not_run_out_while_the_stream_holds_frames_back_itself() -> None:
+    """A busy model stops the stream's reading: a leading frame's partner is already sent, right behind it."""
+
+    async def scenario() -> Recorder:
+        recorder = Recorder()
+        reading = [False]
+        pairer: Pairer[Item] = Pairer(
+            "white",
+            ["nir"],
+            PairingSettings(mode=WAIT, tolerance_ms=10, wait_ms=10),
+            recorder.on_set,
+            recorder.on_taken,
+            recorder.on_unpaired,
+            lambda: reading[0],
+        )
+        base = int(1e18)
+        pairer.add(Item(stream_pb2.Frame(seq=0, source="white", capture_time_ns=base)))
+        await asyncio.sleep(0.05)  # five waits, none of them spent waiting on the client
+        assert recorder.answers == {}
+        pairer.add(Item(stream_pb2.Frame(seq=1, source="nir", capture_time_ns=base + 3 * MS)))
+        pairer.add(Item(stream_pb2.Frame(seq=2, source="white", capture_time_ns=base + 200 * MS)))
+        reading[0] = True  # now the stream waits on its client: white@200 ms waits 10 ms, then goes unpaired
+        await asyncio.sleep(0.05)
+        return recorder
+
+    recorder = asyncio.run(scenario())
+    assert recorder.answers == {("white", 0): "set", ("nir", 1): "paired", ("white", 2): "unpaired"}
+
+
 def test_pairing_settings_out_of_range_are_refused() -> None:
     with pytest.raises(ValueError, match="tolerance_ms"):
         PairingSettings.of(stream_pb2.PairingPolicy(tolerance_ms=-1))

@@ -46,7 +46,7 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pairing.add_argument(
         "--pair-tolerance-ms", type=float, default=0.0, help="largest skew of a set (default: half the faster period)"
     )
-    pairing.add_argument("--pair-wait-ms", type=float, default=0.0, help="wait policy (default: the tolerance)")
+    pairing.add_argument("--pair-wait-ms", type=float, default=0.0, help="wait policy (default: three tolerances)")
     pairing.add_argument("--pair-max-age-ms", type=float, default=0.0, help="newest policy (default: two tolerances)")
     p.add_argument("--model", default="", help="model name (optional when the server has one)")
     p.add_argument("--target", default=DEFAULT_TARGET)

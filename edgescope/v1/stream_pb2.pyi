@@ -421,7 +421,7 @@ class PairingPolicy(_message.Message):
     tolerance_ms: _builtins.float
     """Largest |capture time difference| of a pair; 0: half the faster source's frame period."""
     wait_ms: _builtins.float
-    """MODE_WAIT: how long a leading frame waits for its partners; 0: the tolerance."""
+    """MODE_WAIT: how long a leading frame waits for its partners; 0: three tolerances."""
     max_age_ms: _builtins.float
     """MODE_NEWEST: how old a partner may be relative to the leading frame; 0: two tolerances."""
     def __init__(

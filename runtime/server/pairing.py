@@ -8,7 +8,7 @@ captured nearest to it; the policy (``Frame.pairing``) says what is near
 enough and whether to wait:
 
 - ``wait`` (default): a partner within the tolerance; when none has arrived
-  yet, the lead waits up to ``wait_ms`` for one.
+  yet, the lead waits up to ``wait_ms`` (default three tolerances) for one.
 - ``newest``: the newest partner already read that is not older than
   ``max_age_ms`` relative to the lead (nor newer than the tolerance); never waits.
 - ``drop``: a partner already read within the tolerance; never waits.
@@ -43,6 +43,9 @@ from edgescope.v1 import stream_pb2
 PARTNERS_KEPT = 4
 # Until each source has shown its period: the tolerance for 30 fps sources.
 DEFAULT_TOLERANCE_MS = 1000.0 / 30 / 2
+# The default wait, in tolerances: room for a partner sent just after its leading frame to be delayed
+# on the way. A wait costs only when the partner never comes: one sent past the reach ends it at once.
+WAIT_TOLERANCES = 3
 # A source whose newest frame is this much older than another's has gone silent (see ``silent``).
 SILENT_S = 0.5
 # Intervals per source that its period is the median of.
@@ -128,8 +131,12 @@ class Pairer(Generic[W]):
         on_set: Callable[[W, dict[str, W]], None],
         on_taken: Callable[[W, W], None],
         on_unpaired: Callable[[W], None],
+        may_expire: Callable[[], bool] = lambda: True,
     ) -> None:
         self.lead = lead
+        # Waits stand still while this is False: the stream is holding frames back itself (a busy model),
+        # and the partners of those waiting are already sent, right behind them.
+        self._may_expire = may_expire
         self.others = tuple(others)
         self.settings = settings
         self._on_set = on_set
@@ -169,7 +176,7 @@ class Pairer(Generic[W]):
     def _wait_s(self) -> float:
         if self.settings.mode != stream_pb2.PairingPolicy.MODE_WAIT:
             return 0.0
-        return (self.settings.wait_ms or self.tolerance_ms()) / 1e3
+        return (self.settings.wait_ms or WAIT_TOLERANCES * self.tolerance_ms()) / 1e3
 
     def add(self, item: W) -> None:
         """A frame of one of ``sources`` (the caller refuses any other)."""
@@ -201,7 +208,7 @@ class Pairer(Generic[W]):
             if wait_s <= 0:
                 self._unpaired_lead(lead)
             else:
-                lead.expiry = asyncio.get_running_loop().call_later(wait_s, self._expire_lead, lead)
+                lead.expiry = asyncio.get_running_loop().call_later(wait_s, self._expire_lead, lead, wait_s)
                 self._waiting.append(lead)
         self._forget_unreachable()
 
@@ -248,7 +255,10 @@ class Pairer(Generic[W]):
         horizon_ns = lead.t_ns + self._tolerance_ms * 1e6
         return any(self._last_ns.get(name, 0) > horizon_ns for name in self.others)
 
-    def _expire_lead(self, lead: _Lead[W]) -> None:
+    def _expire_lead(self, lead: _Lead[W], wait_s: float) -> None:
+        if not self._may_expire():
+            lead.expiry = asyncio.get_running_loop().call_later(wait_s, self._expire_lead, lead, wait_s)
+            return
         if lead in self._waiting:
             self._waiting.remove(lead)
             self._unpaired_lead(lead)
@@ -266,7 +276,7 @@ class Pairer(Generic[W]):
         kept.append(partner)
         # Held at most as long as a lead could still want it: its reach, plus the wait of a lead behind it.
         hold_s = self._reach_ns() / 1e9 + self._wait_s() + self.tolerance_ms() / 1e3
-        partner.expiry = asyncio.get_running_loop().call_later(hold_s, self._expire_partner, source, partner)
+        partner.expiry = asyncio.get_running_loop().call_later(hold_s, self._expire_partner, source, partner, hold_s)
         for lead in list(self._waiting):
             if self._complete(lead):
                 self._waiting.remove(lead)
@@ -279,7 +289,12 @@ class Pairer(Generic[W]):
             self._release(kept.popleft())
         self._forget_unreachable()
 
-    def _expire_partner(self, source: str, partner: _Partner[W]) -> None:
+    def _expire_partner(self, source: str, partner: _Partner[W], hold_s: float) -> None:
+        if not self._may_expire():
+            partner.expiry = asyncio.get_running_loop().call_later(
+                hold_s, self._expire_partner, source, partner, hold_s
+            )
+            return
         kept = self._partners[source]
         if partner in kept:
             kept.remove(partner)

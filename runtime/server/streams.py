@@ -137,6 +137,9 @@ class StreamRun:
         self.stream_ids: set[str] = set()
         # A stream of several sources for one model: made on its first frame that names a source.
         self.pairer: Pairer[Work] | None = None
+        # True while the reader waits for a busy model to take a frame: pairing's waits stand still then,
+        # since the frames behind are already sent (waiting for the client or the window, they run).
+        self._held_back = False
         self._paired: list[Work] = []
         self.sent = 0
         self.shutdown_drops = 0
@@ -261,8 +264,12 @@ class StreamRun:
                     self._drop(work, stream_pb2.DROP_REASON_SHUTDOWN)
                 elif self.pairer is not None and frame.source:
                     self.pairer.add(work)
-                    while self._paired:
-                        await self._schedule(self._paired.pop(0))
+                    self._held_back = True
+                    try:
+                        while self._paired:
+                            await self._schedule(self._paired.pop(0))
+                    finally:
+                        self._held_back = False
                 else:
                     await self._schedule(work)
         finally:
@@ -300,7 +307,13 @@ class StreamRun:
                     f"(it names the source of a frame for a model fed by several)"
                 )
             self.pairer = Pairer(
-                frame_source(manifest), others, settings, self._on_set, self._on_taken, self._on_unpaired
+                frame_source(manifest),
+                others,
+                settings,
+                self._on_set,
+                self._on_taken,
+                self._on_unpaired,
+                lambda: not self._held_back,
             )
         if frame.source not in self.pairer.sources:
             return FrameError(
