@@ -8,7 +8,7 @@ OUT := out
 DEMO_BUNDLE := $(OUT)/bundles/lesion-unet
 ECHO_CINE = $$($(PY) -c "from pydicom.data import get_testdata_file; print(get_testdata_file('color3d_jpeg_baseline.dcm'))")
 
-.PHONY: demo demo-fusion test test-py310 lint typecheck pytest docs proto train clean
+.PHONY: demo demo-fusion demo-archive test test-py310 lint typecheck pytest docs proto train clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ demo: $(STAMP)
 		--input-size 256x256 --color gray --data synthetic:ultrasound --samples 16
 	$(PY) -m edgescope.runtime.client.demo --bundle $(DEMO_BUNDLE) --source "dicom:$(ECHO_CINE)" \
 		--save $(OUT)/demo_overlay.mp4 --summary $(OUT)/demo_summary.json
+
+# The echo cine's Segmentation and Measurement Report stored in a local Orthanc (Debian: orthanc
+# orthanc-dicomweb) by STOW-RS, and read back from it.
+demo-archive: $(STAMP)
+	test -d $(DEMO_BUNDLE) || $(MAKE) demo
+	$(PY) -m edgescope.runtime.client.demo_archive --bundle $(DEMO_BUNDLE) --source "dicom:$(ECHO_CINE)" \
+		--summary $(OUT)/archive_summary.json
 
 # Two registered synthetic sources (white light at 30 fps, NIR fluorescence at 25 fps, 960x540 so that
 # both fit a 2-core machine) into the example fusion model; the server pairs their frames by capture time.

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,87 +15,19 @@ from pydicom.data import get_testdata_file
 
 from edgescope.bundle import Bundle
 from edgescope.errors import ConfigError
+from edgescope.runtime.archive.local_orthanc import LocalOrthanc, orthanc_missing
 from edgescope.runtime.archive.outbox import Outbox
 from edgescope.runtime.archive.seg import Algorithm, segmentation, segments_for
 from edgescope.runtime.archive.senders import sender_for
 from edgescope.runtime.client.demo import start_server, stop_server
 
-ORTHANC = shutil.which("Orthanc")
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-pytestmark = pytest.mark.skipif(
-    ORTHANC is None or not DICOMWEB_PLUGIN.exists(),
-    reason="Orthanc with its DICOMweb plugin is not installed (Debian: orthanc orthanc-dicomweb)",
-)
+pytestmark = pytest.mark.skipif(bool(orthanc_missing()), reason=orthanc_missing() or "-")
 CINE = get_testdata_file("color3d_jpeg_baseline.dcm")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-@dataclass
-class Archive:
-    """An Orthanc this test started, on loopback, with its own storage."""
-
-    directory: Path
-    http: int
-    dicom: int
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def stow(self) -> str:
-        return f"dicomweb+http://127.0.0.1:{self.http}/dicom-web"
-
-    def start(self) -> None:
-        config = {
-            "Name": "edgescope-test",
-            "StorageDirectory": str(self.directory / "storage"),
-            "IndexDirectory": str(self.directory / "storage"),
-            "HttpPort": self.http,
-            "DicomPort": self.dicom,
-            "DicomAet": "ARCHIVE",
-            "DicomCheckCalledAet": True,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "Plugins": [str(DICOMWEB_PLUGIN)],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-        }
-        (self.directory / "orthanc.json").write_text(json.dumps(config))
-        with (self.directory / "orthanc.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [str(ORTHANC), str(self.directory / "orthanc.json")], stdout=log, stderr=log
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                self.get("/system")
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise TimeoutError("Orthanc did not answer in 30 s")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
-
-    def get(self, path: str) -> object:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as answer:
-            return json.loads(answer.read())
-
-    def instances(self) -> list[dict[str, str]]:
-        ids = self.get("/instances")
-        assert isinstance(ids, list)
-        return [self.get(f"/instances/{i}/simplified-tags") for i in ids]  # type: ignore[misc]
-
-
 @pytest.fixture
-def archive(tmp_path: Path) -> Iterator[Archive]:
-    running = Archive(tmp_path / "orthanc", _free_port(), _free_port())
-    running.directory.mkdir()
+def archive(tmp_path: Path) -> Iterator[LocalOrthanc]:
+    running = LocalOrthanc.on_free_ports(tmp_path / "orthanc")
     running.start()
     try:
         yield running
@@ -118,7 +45,7 @@ def _seg() -> pydicom.Dataset:
 
 
 def test_the_cines_segmentation_is_stored_by_stow_rs_from_edgescope_stream(
-    archive: Archive, example_bundle: Bundle, tmp_path: Path
+    archive: LocalOrthanc, example_bundle: Bundle, tmp_path: Path
 ) -> None:
     server, target = start_server([example_bundle.path], tmp_path / "port")
     summary = tmp_path / "summary.json"
@@ -144,7 +71,7 @@ def test_the_cines_segmentation_is_stored_by_stow_rs_from_edgescope_stream(
 
 
 def test_an_archive_that_is_down_gets_every_object_exactly_once_when_it_is_back(
-    archive: Archive, tmp_path: Path
+    archive: LocalOrthanc, tmp_path: Path
 ) -> None:
     outbox = Outbox(tmp_path / "outbox")
     archive.stop()
@@ -167,7 +94,7 @@ def test_an_archive_that_is_down_gets_every_object_exactly_once_when_it_is_back(
     )
 
 
-def test_c_store_is_confirmed_and_a_wrong_ae_title_keeps_the_object(archive: Archive, tmp_path: Path) -> None:
+def test_c_store_is_confirmed_and_a_wrong_ae_title_keeps_the_object(archive: LocalOrthanc, tmp_path: Path) -> None:
     outbox = Outbox(tmp_path / "outbox")
     outbox.put(_seg())
     refused = outbox.deliver(sender_for(f"dicom://NOT-IT@127.0.0.1:{archive.dicom}"), timeout_s=1.0)

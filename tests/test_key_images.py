@@ -20,6 +20,7 @@ import pydicom
 import pytest
 
 from edgescope.errors import ConfigError
+from edgescope.runtime.archive.local_orthanc import LocalOrthanc, orthanc_missing
 from edgescope.runtime.archive.outbox import Outbox
 from edgescope.runtime.archive.study import load_study_context, parse_study_context
 from edgescope.runtime.client.archive import KeyFrameRecorder
@@ -30,7 +31,6 @@ from edgescope.runtime.sources import SourceFrame, open_source
 from edgescope.v1 import stream_pb2
 
 from .conftest import ServerThread
-from .test_archive_delivery import DICOMWEB_PLUGIN, ORTHANC, Archive, _free_port
 
 PATIENT_ID = "EDGE-PAT-7731"
 PATIENT_NAME = "Kowalska^Zofia"
@@ -182,11 +182,10 @@ def test_a_dicom_source_keeps_its_own_study(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def archive(tmp_path: Path) -> Iterator[Archive]:
-    if ORTHANC is None or not DICOMWEB_PLUGIN.exists():
+def archive(tmp_path: Path) -> Iterator[LocalOrthanc]:
+    if orthanc_missing():
         pytest.skip("Orthanc with its DICOMweb plugin is not installed (Debian: orthanc orthanc-dicomweb)")
-    running = Archive(tmp_path / "orthanc", _free_port(), _free_port())
-    running.directory.mkdir()
+    running = LocalOrthanc.on_free_ports(tmp_path / "orthanc")
     running.start()
     try:
         yield running
@@ -210,7 +209,7 @@ def _runtime_masks(server: ServerThread) -> tuple[list[np.ndarray], list[np.ndar
 
 
 def test_key_frames_of_a_synthetic_ultrasound_stream_reach_the_archive_as_sc_seg_and_sr(
-    server: ServerThread, archive: Archive, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    server: ServerThread, archive: LocalOrthanc, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     summary = tmp_path / "summary.json"
