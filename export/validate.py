@@ -35,6 +35,7 @@ from edgescope.runtime.evaluation.machine import describe_machine
 from edgescope.runtime.evaluation.report import format_report
 from edgescope.runtime.evaluation.runners import FAKE_QUANT, INTEGER, onnxruntime_runner, run
 from edgescope.runtime.evaluation.selftest import format_self_test, onnxruntime_self_test
+from edgescope.runtime.pipeline.state import source_inputs
 from edgescope.v1 import manifest_pb2
 
 Log = Callable[[str], None]
@@ -70,6 +71,12 @@ def validate_bundle(request: ValidateRequest, log: Log = print) -> Bundle:
         )
     bundle = load_bundle(request.bundle)
     manifest = bundle.manifest
+    if source_inputs(manifest):
+        # The gate's frames of each other source are named at export only (--source-input).
+        raise ConfigError(
+            f"{manifest.name} is fed by several sources: its gate is re-run by exporting it again; "
+            "`edgescope validate BUNDLE` without --factory still replays its golden frames"
+        )
     precision = PRECISION_NAMES.get(manifest.precision, "fp32")
     thresholds = gate_thresholds(precision, request.limits)
     weights = _weights(request, manifest)

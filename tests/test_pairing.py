@@ -347,3 +347,16 @@ def test_kserve_lists_every_source_input_and_infers_with_all_of_them(
     (expected,) = session.run(None, feed)
     np.testing.assert_allclose(result.as_numpy(fusion_bundle.manifest.outputs[0].name), expected, rtol=1e-5, atol=1e-5)
     client.close()
+
+
+def test_validate_replays_a_fusion_bundle_and_refuses_to_rerun_its_gate_without_its_sources(
+    fusion_bundle: Bundle,
+) -> None:
+    from edgescope.errors import ConfigError
+    from edgescope.export.validate import ValidateRequest, validate_bundle
+
+    with pytest.raises(ConfigError, match="several sources"):
+        validate_bundle(
+            ValidateRequest(bundle=fusion_bundle.path, factory="examples/families/models.py:build_two_source"),
+            log=lambda _line: None,
+        )
