@@ -123,7 +123,31 @@ def self_test_bundle(path: Path, log: Log = print) -> list[manifest_pb2.SelfTest
     for report in reports:
         log(format_self_test(report))
     _log_engine_self_tests(bundle.manifest, log)
+    log(format_domain_profile(bundle.manifest))
     return reports
+
+
+def format_domain_profile(manifest: manifest_pb2.ModelManifest) -> str:
+    """What the server's out-of-domain check and drift test compare frames with, or that it is off."""
+    if not manifest.HasField("domain"):
+        return "domain profile: none; the out-of-domain check and the drift test are off for this bundle"
+    profile = manifest.domain
+    lines = [
+        f"domain profile: fitted on {profile.fit_frames} frames of {profile.data_source or '(source not recorded)'}"
+        f" ({profile.held_out_frames} held out, {profile.held_out_above:.1%} of them above the threshold)",
+        f"  threshold {profile.threshold:.3f} (distance) for a false-alarm rate of {profile.false_alarm_rate:g}",
+    ]
+    if profile.score_spread > 0:
+        lines.append(
+            f"  drift reference: squared distances ~ {profile.score_spread:.4g} * chi2({profile.score_degrees:.4g})"
+        )
+    else:
+        lines.append("  drift reference: none (no drift test on streams)")
+    width = max((len(name) for name in profile.features), default=7)
+    lines.append(f"  {'feature':<{width}} {'mean':>11} {'spread':>11}")
+    for name, mean, scale in zip(profile.features, profile.mean, profile.scale, strict=False):
+        lines.append(f"  {name:<{width}} {mean:>11.4g} {scale:>11.4g}")
+    return "\n".join(lines)
 
 
 def _log_engine_self_tests(manifest: manifest_pb2.ModelManifest, log: Log) -> None:

@@ -35,6 +35,27 @@ def test_validate_without_a_model_runs_the_golden_frames_and_changes_nothing(
     assert (bundle_copy.path / "manifest.json").read_bytes() == before
 
 
+def test_validate_prints_the_domain_profile_or_that_the_check_is_off(
+    bundle_copy: Bundle, capsys: pytest.CaptureFixture[str]
+) -> None:
+    profile = bundle_copy.manifest.domain
+    assert bundle_copy.manifest.HasField("domain") and profile.features
+    assert main(["validate", str(bundle_copy.path)]) == 0
+    out = capsys.readouterr().out
+    assert f"domain profile: fitted on {profile.fit_frames} frames of {profile.data_source}" in out
+    assert f"threshold {profile.threshold:.3f}" in out and f"false-alarm rate of {profile.false_alarm_rate:g}" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  input0_")}
+    assert rows["input0_p50"] == [f"{profile.mean[1]:.4g}", f"{profile.scale[1]:.4g}"]
+    assert all(name in out for name in profile.features)
+    assert f"{profile.score_spread:.4g} * chi2({profile.score_degrees:.4g})" in out
+
+    manifest = bundle_copy.manifest
+    manifest.ClearField("domain")
+    write_manifest(bundle_copy.path, manifest)
+    assert main(["validate", str(bundle_copy.path)]) == 0
+    assert "domain profile: none; the out-of-domain check and the drift test are off" in capsys.readouterr().out
+
+
 def test_validate_with_the_model_reruns_the_gate_and_saves_it(
     bundle_copy: Bundle, capsys: pytest.CaptureFixture[str]
 ) -> None:
