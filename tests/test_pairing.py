@@ -292,6 +292,10 @@ def test_a_stream_of_two_sources_gets_one_answer_per_frame_and_sets_within_the_t
     assert white_unpaired >= len(late_white)
     assert sample("edgescope_unpaired_frames_total", source="white") == white_unpaired
     assert sample("edgescope_inference_failure_total") == 0
+    # The telemetry snapshot (the dashboard's data) carries the same.
+    (group,) = [g for g in fusion_server.running.telemetry.metrics.snapshot().models if g.model == "two-source"]
+    assert group.pairing_skew.count == len(ok) and group.pairing_skew.max_ms <= ok[0].pairing.tolerance_ms
+    assert {u.reason: u.count for u in group.unpaired}["white"] == white_unpaired
 
 
 def test_a_source_the_model_does_not_take_fails_that_frame_only(fusion_server: ServerThread) -> None:

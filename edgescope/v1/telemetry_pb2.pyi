@@ -102,6 +102,8 @@ class LatencyGroup(_message.Message):
     WARMUP_FRAMES_FIELD_NUMBER: _builtins.int
     FPS_FIELD_NUMBER: _builtins.int
     STAGES_FIELD_NUMBER: _builtins.int
+    PAIRING_SKEW_FIELD_NUMBER: _builtins.int
+    UNPAIRED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     stream_id: _builtins.str
     frames: _builtins.int
@@ -114,6 +116,14 @@ class LatencyGroup(_message.Message):
     def drops(self) -> _containers.RepeatedCompositeFieldContainer[Global___DropCount]: ...
     @_builtins.property
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageLatency]: ...
+    @_builtins.property
+    def pairing_skew(self) -> Global___StageLatency:
+        """Streams of several sources: |skew| of each partner in the sets made (stage "pairing_skew"),
+        and the frames answered unpaired, by source.
+        """
+
+    @_builtins.property
+    def unpaired(self) -> _containers.RepeatedCompositeFieldContainer[Global___DropCount]: ...
     def __init__(
         self,
         *,
@@ -126,10 +136,12 @@ class LatencyGroup(_message.Message):
         warmup_frames: _builtins.int = ...,
         fps: _builtins.float = ...,
         stages: _abc.Iterable[Global___StageLatency] | None = ...,
+        pairing_skew: Global___StageLatency | None = ...,
+        unpaired: _abc.Iterable[Global___DropCount] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pairing_skew", b"pairing_skew"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_misses", b"deadline_misses", "drops", b"drops", "errors", b"errors", "fps", b"fps", "frames", b"frames", "model", b"model", "stages", b"stages", "stream_id", b"stream_id", "warmup_frames", b"warmup_frames"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_misses", b"deadline_misses", "drops", b"drops", "errors", b"errors", "fps", b"fps", "frames", b"frames", "model", b"model", "pairing_skew", b"pairing_skew", "stages", b"stages", "stream_id", b"stream_id", "unpaired", b"unpaired", "warmup_frames", b"warmup_frames"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

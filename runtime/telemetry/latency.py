@@ -108,6 +108,10 @@ class LatencyRecorder:
         self.withheld_frames = 0
         self.warmup_frames = 0
         self.drops: Counter[str] = Counter()
+        # Streams of several sources: each partner's |capture skew| from its set's leading frame, and
+        # the frames answered unpaired by source.
+        self.pairing_skew = StageHistogram()
+        self.unpaired: Counter[str] = Counter()
         self.first_s: float | None = None
         self.last_s: float | None = None
         self._recent: deque[float] = deque(maxlen=256)

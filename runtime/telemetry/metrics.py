@@ -238,10 +238,16 @@ class RuntimeMetrics:
             if late:
                 stream.latency.deadline_misses += 1
                 model_latency.deadline_misses += 1
+            for partner in result.pairing.partners:
+                stream.latency.pairing_skew.record(abs(partner.skew_ns))
+                model_latency.pairing_skew.record(abs(partner.skew_ns))
             if code == stream_pb2.FRAME_STATUS_CODE_DROPPED:
                 reason = drop_label(result.status)
                 stream.latency.count_drop(reason)
                 model_latency.count_drop(reason)
+                if result.status.drop_reason == stream_pb2.DROP_REASON_UNPAIRED:
+                    stream.latency.unpaired[result.pairing.source] += 1
+                    model_latency.unpaired[result.pairing.source] += 1
             elif code == stream_pb2.FRAME_STATUS_CODE_PAIRED:
                 pass  # its set's result, and the time it took, are on the leading frame
             elif code != stream_pb2.FRAME_STATUS_CODE_OK:

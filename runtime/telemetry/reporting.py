@@ -11,7 +11,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from edgescope.runtime.telemetry.alerts import Alert, kind_label
 from edgescope.runtime.telemetry.device import DeviceSample
 from edgescope.runtime.telemetry.gpu import THROTTLE_REASONS
-from edgescope.runtime.telemetry.latency import LatencyRecorder
+from edgescope.runtime.telemetry.latency import LatencyRecorder, StageStats
 from edgescope.v1 import stream_pb2, telemetry_pb2
 
 
@@ -26,19 +26,25 @@ def latency_group(model: str, stream_id: str, latency: LatencyRecorder, now_s: f
         fps=latency.recent_fps(now_s),
         drops=[telemetry_pb2.DropCount(reason=r, count=n) for r, n in sorted(latency.drops.items())],
     )
-    for stage, s in latency.summary().items():
-        group.stages.add(
-            stage=stage,
-            count=s.count,
-            p50_ms=s.p50_ms,
-            p90_ms=s.p90_ms,
-            p99_ms=s.p99_ms,
-            p999_ms=s.p999_ms,
-            max_ms=s.max_ms,
-            mean_ms=s.mean_ms,
-            jitter_ms=s.jitter_ms,
-        )
+    if latency.pairing_skew.count:
+        group.pairing_skew.CopyFrom(_stage_latency("pairing_skew", latency.pairing_skew.stats()))
+        group.unpaired.extend(telemetry_pb2.DropCount(reason=s, count=n) for s, n in sorted(latency.unpaired.items()))
+    group.stages.extend(_stage_latency(stage, stats) for stage, stats in latency.summary().items())
     return group
+
+
+def _stage_latency(stage: str, s: StageStats) -> telemetry_pb2.StageLatency:
+    return telemetry_pb2.StageLatency(
+        stage=stage,
+        count=s.count,
+        p50_ms=s.p50_ms,
+        p90_ms=s.p90_ms,
+        p99_ms=s.p99_ms,
+        p999_ms=s.p999_ms,
+        max_ms=s.max_ms,
+        mean_ms=s.mean_ms,
+        jitter_ms=s.jitter_ms,
+    )
 
 
 def device_health(sample: DeviceSample | None) -> telemetry_pb2.DeviceHealth:
