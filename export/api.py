@@ -39,6 +39,7 @@ from edgescope.errors import ConfigError, ExportError, MissingDependencyError, V
 from edgescope.export import tasks
 from edgescope.export.domain import domain_profile, profiled
 from edgescope.export.gate import judge, keep_golden, representative_inputs
+from edgescope.export.label_codes import load_label_codes
 from edgescope.export.loading import load_model
 from edgescope.export.onnx_export import DEFAULT_OPSET, export_onnx
 from edgescope.export.outputs import task_model
@@ -128,6 +129,9 @@ class ExportRequest:
     # The window or VOI LUT the model was trained with: an explanation, or a position; "" the frame's own.
     voi: str = ""
     labels: list[str] = field(default_factory=lambda: ["background", "lesion"])
+    # Segmentation: each label's DICOM codes (export/label_codes.py), a .json or .toml file; None: the
+    # Segmentation writer's own rule ("lesion" a lesion, other labels tissue).
+    label_codes: Path | None = None
     activation: str = "sigmoid"
     threshold: float = 0.5
     min_component_pixels: int = 0
@@ -271,6 +275,10 @@ def build_manifest(request: ExportRequest) -> manifest_pb2.ModelManifest:
         manifest.preprocessing.voi_explanation = request.voi
     add_source_inputs(manifest, request.frame_source, request.source_inputs, tasks.batch_dim(request), request.scale)
     tasks.add_inputs(manifest, request)
+    if request.label_codes is not None:
+        if task != manifest_pb2.TASK_SEGMENTATION:
+            raise ConfigError(f"--label-codes code a Segmentation's segments; task {request.task} makes none")
+        manifest.label_codes.extend(load_label_codes(request.label_codes, request.labels))
     return manifest
 
 

@@ -65,6 +65,13 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--voi", default="", help="DICOM window or VOI LUT the model expects: explanation or position")
     p.add_argument("--labels", default="background,lesion", help="comma-separated, background first")
+    p.add_argument(
+        "--label-codes",
+        type=Path,
+        metavar="FILE",
+        help="segmentation: each label's DICOM Segmented Property Category and Type (.json or .toml: "
+        "label -> {category: [value, scheme, meaning], type: [...]}); default: lesion as a lesion, others as tissue",
+    )
     p.add_argument("--activation", default="sigmoid", choices=["sigmoid", "softmax", "none"])
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--min-component-pixels", type=int, default=0)
@@ -187,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
             intensity=args.intensity,
             voi=args.voi,
             labels=[v for v in args.labels.split(",") if v],
+            label_codes=args.label_codes,
             activation=args.activation,
             threshold=args.threshold,
             min_component_pixels=args.min_component_pixels,

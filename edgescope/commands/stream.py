@@ -188,7 +188,7 @@ def _recording(args: argparse.Namespace, spec: str) -> Callable[[SourceKind], Re
                 "a dicom: source's results go into its own study, for every analysed frame: "
                 "leave out --study-context and --key-frames"
             )
-        return lambda kind: SegmentationRecorder(cine)
+        return lambda kind: SegmentationRecorder(cine, target=args.target, security=client_security(args))
     if args.study_context is None:
         raise ConfigError(
             "--results-to with a source that is not DICOM needs --study-context FILE: "
@@ -196,4 +196,6 @@ def _recording(args: argparse.Namespace, spec: str) -> Callable[[SourceKind], Re
         )
     study = load_study_context(args.study_context)
     policy = parse_key_frames(args.key_frames or DEFAULT_POLICY, args.max_key_frames)
-    return lambda kind: KeyFrameRecorder(study, KeyFrameChooser(policy), kind)
+    return lambda kind: KeyFrameRecorder(
+        study, KeyFrameChooser(policy), kind, target=args.target, security=client_security(args)
+    )

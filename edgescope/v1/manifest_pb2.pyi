@@ -1188,6 +1188,7 @@ class ModelManifest(_message.Message):
     MODEL_SOURCE_FIELD_NUMBER: _builtins.int
     GOLDEN_FIELD_NUMBER: _builtins.int
     DOMAIN_FIELD_NUMBER: _builtins.int
+    LABEL_CODES_FIELD_NUMBER: _builtins.int
     schema_version: _builtins.int
     name: _builtins.str
     version: _builtins.str
@@ -1245,6 +1246,12 @@ class ModelManifest(_message.Message):
     def domain(self) -> Global___DomainProfile:
         """What the frames it was validated on look like, to check every frame against (absent: not checked)."""
 
+    @_builtins.property
+    def label_codes(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelCode]:
+        """How each label's segments are coded in a DICOM Segmentation (absent: "lesion" as a lesion, other labels
+        as tissue).
+        """
+
     def __init__(
         self,
         *,
@@ -1272,14 +1279,75 @@ class ModelManifest(_message.Message):
         model_source: Global___ModelSource | None = ...,
         golden: Global___GoldenFrames | None = ...,
         domain: Global___DomainProfile | None = ...,
+        label_codes: _abc.Iterable[Global___LabelCode] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "golden", b"golden", "model_source", b"model_source", "postprocessing", b"postprocessing", "precision_settings", b"precision_settings", "preprocessing", b"preprocessing", "validation", b"validation", "versions", b"versions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "domain", b"domain", "engines", b"engines", "extra_validation", b"extra_validation", "files", b"files", "golden", b"golden", "input_bindings", b"input_bindings", "inputs", b"inputs", "labels", b"labels", "model_source", b"model_source", "name", b"name", "outputs", b"outputs", "postprocessing", b"postprocessing", "precision", b"precision", "precision_settings", b"precision_settings", "preprocessing", b"preprocessing", "schema_version", b"schema_version", "source_sha256", b"source_sha256", "state", b"state", "task", b"task", "validation", b"validation", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "domain", b"domain", "engines", b"engines", "extra_validation", b"extra_validation", "files", b"files", "golden", b"golden", "input_bindings", b"input_bindings", "inputs", b"inputs", "label_codes", b"label_codes", "labels", b"labels", "model_source", b"model_source", "name", b"name", "outputs", b"outputs", "postprocessing", b"postprocessing", "precision", b"precision", "precision_settings", b"precision_settings", "preprocessing", b"preprocessing", "schema_version", b"schema_version", "source_sha256", b"source_sha256", "state", b"state", "task", b"task", "validation", b"validation", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelManifest: _TypeAlias = ModelManifest  # noqa: Y015
+
+@_typing.final
+class CodedConcept(_message.Message):
+    """A coded concept (PS3.3 8.8): code value and coding scheme designator (SH, at most 16 characters each, e.g.
+    "52988006" and "SCT") and code meaning (LO, at most 64).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUE_FIELD_NUMBER: _builtins.int
+    SCHEME_FIELD_NUMBER: _builtins.int
+    MEANING_FIELD_NUMBER: _builtins.int
+    value: _builtins.str
+    scheme: _builtins.str
+    meaning: _builtins.str
+    def __init__(
+        self,
+        *,
+        value: _builtins.str = ...,
+        scheme: _builtins.str = ...,
+        meaning: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["meaning", b"meaning", "scheme", b"scheme", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CodedConcept: _TypeAlias = CodedConcept  # noqa: Y015
+
+@_typing.final
+class LabelCode(_message.Message):
+    """A label's Segmented Property Category and Type (PS3.3 C.8.20.4), e.g. SCT 49755003 "Morphologically
+    Altered Structure" and SCT 52988006 "Lesion".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    @_builtins.property
+    def category(self) -> Global___CodedConcept: ...
+    @_builtins.property
+    def type(self) -> Global___CodedConcept: ...
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+        category: Global___CodedConcept | None = ...,
+        type: Global___CodedConcept | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "type", b"type"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "label", b"label", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelCode: _TypeAlias = LabelCode  # noqa: Y015
 
 @_typing.final
 class ModelSource(_message.Message):

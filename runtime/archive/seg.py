@@ -14,6 +14,11 @@ source that is not DICOM (single-frame Secondary Captures, which have no
 frame of reference either) are referenced the same way, by instance:
 ``segmentation_of_images``.
 
+Each segment's Segmented Property Category and Type are the codes the bundle
+gives its label (``edgescope export --label-codes``; the manifest's
+``label_codes``), or without them: a label ``lesion`` is SCT "Morphologically
+Altered Structure" / "Lesion", any other SCT "Tissue".
+
 The algorithm is identified as IHE AI Results asks: Segment Algorithm Type
 AUTOMATIC with its name, the Algorithm Identification (family "Artificial
 Intelligence", name and version), and Contributing Equipment naming the bundle's
@@ -22,7 +27,7 @@ sha256 and signer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -36,6 +41,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from edgescope import __version__
 from edgescope.errors import FrameError
+from edgescope.v1 import manifest_pb2
 
 SEGMENTATION_STORAGE = UID("1.2.840.10008.5.1.4.1.1.66.4")
 MANUFACTURER = "edgescope"
@@ -84,10 +90,27 @@ class Segment:
     type: Code
 
 
-def segments_for(labels: Sequence[str]) -> list[Segment]:
-    """Segments for a model's labels (label 0 is background): "lesion" coded as one, the rest as tissue."""
+# A label's Segmented Property Category and Type.
+LabelCodes = Mapping[str, tuple[Code, Code]]
+
+
+def label_codes_of(manifest: manifest_pb2.ModelManifest) -> dict[str, tuple[Code, Code]]:
+    """The codes a bundle gives its labels (``edgescope export --label-codes``); empty when it gives none."""
+    return {
+        entry.label: (
+            Code(entry.category.value, entry.category.scheme, entry.category.meaning),
+            Code(entry.type.value, entry.type.scheme, entry.type.meaning),
+        )
+        for entry in manifest.label_codes
+    }
+
+
+def segments_for(labels: Sequence[str], codes: LabelCodes | None = None) -> list[Segment]:
+    """Segments for a model's labels (label 0 is background), coded as ``codes`` (the bundle's) give them;
+    a label without: "lesion" coded as a lesion, the rest as tissue."""
+    codes = codes or {}
     return [
-        Segment(number, label, *(LESION if label.lower() == "lesion" else TISSUE))
+        Segment(number, label, *codes.get(label, LESION if label.lower() == "lesion" else TISSUE))
         for number, label in enumerate(labels)
         if number > 0
     ]

@@ -11,6 +11,11 @@
   (``archive.sc``), with a Segmentation of those images and, where the source
   was calibrated, a Measurement Report.
 
+Each segment is coded as the bundle codes its label (its manifest's
+``label_codes``, asked of the server by GetModel when the stream ends, and
+used only when the server still serves the bundle the results came from),
+else by the Segmentation writer's own rule.
+
 Either way the objects go into the durable outbox and are delivered (bounded
 in time); what could not be delivered waits there for ``edgescope outbox send``.
 """
@@ -23,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 import pydicom
@@ -30,14 +36,22 @@ from pydicom import Dataset
 
 from edgescope.runtime.archive.outbox import Outbox
 from edgescope.runtime.archive.sc import KeyFrame, key_images
-from edgescope.runtime.archive.seg import Algorithm, segmentation, segmentation_of_images, segments_for
+from edgescope.runtime.archive.seg import (
+    Algorithm,
+    Code,
+    label_codes_of,
+    segmentation,
+    segmentation_of_images,
+    segments_for,
+)
 from edgescope.runtime.archive.senders import sender_for
 from edgescope.runtime.archive.sr import IMAGING, PROCEDURE, FrameMeasurement, measurement_report, outline_of
 from edgescope.runtime.archive.study import StudyContext
 from edgescope.runtime.client.key_frames import KeyFrameChooser
 from edgescope.runtime.pipeline.encode import decode_mask
 from edgescope.runtime.sources.base import SourceFrame, SourceKind
-from edgescope.v1 import stream_pb2
+from edgescope.runtime.transport import ClientSecurity, sync_channel
+from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 
 def dicom_source(spec: str) -> Path | None:
@@ -73,6 +87,26 @@ def _algorithm(provenance: stream_pb2.Provenance) -> Algorithm:
     return Algorithm(provenance.model, provenance.version, provenance.sha256, provenance.signer)
 
 
+def bundle_label_codes(
+    target: str, security: ClientSecurity | None, provenance: stream_pb2.Provenance, timeout_s: float = 5.0
+) -> tuple[dict[str, tuple[Code, Code]], str]:
+    """The label codes of the bundle the results came from, asked of the server (GetModel), and where the
+    segments' codes came from in words; no codes when the server cannot say, or now serves another bundle."""
+    if not target or not provenance.model:
+        return {}, "default rule (no server to ask for the bundle's label codes)"
+    try:
+        with sync_channel(target, security or ClientSecurity()) as channel:
+            info = stream_pb2_grpc.StreamServiceStub(channel).GetModel(
+                stream_pb2.GetModelRequest(name=provenance.model), timeout=timeout_s
+            )
+    except grpc.RpcError as exc:
+        return {}, f"default rule (GetModel {provenance.model}: {exc.code().name}: {exc.details()})"
+    if provenance.sha256 and info.provenance.sha256 and info.provenance.sha256 != provenance.sha256:
+        return {}, f"default rule (the server now serves another bundle of {provenance.model})"
+    codes = label_codes_of(info.manifest)
+    return codes, "bundle" if codes else "default rule (the bundle gives no label codes)"
+
+
 def _put(outbox: Outbox, report: dict[str, Any], dataset: Dataset, sop_class: str) -> None:
     outbox.put(dataset)
     report["written"].append({"sop_class": sop_class, "sop_instance_uid": str(dataset.SOPInstanceUID)})
@@ -93,6 +127,9 @@ class SegmentationRecorder:
     measurements: list[FrameMeasurement] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     provenance: stream_pb2.Provenance = field(default_factory=stream_pb2.Provenance)
+    # The server the results came from: asked for the bundle's label codes ("": the default rule).
+    target: str = ""
+    security: ClientSecurity | None = None
 
     def observe(self, frame: SourceFrame, result: stream_pb2.Result) -> None:
         mask_message = first_mask(result)
@@ -111,7 +148,9 @@ class SegmentationRecorder:
         if self.masks:
             source = pydicom.dcmread(self.source, stop_before_pixels=True)
             algorithm = _algorithm(self.provenance)
-            seg = segmentation(source, self.masks, segments_for(self.labels or ["background", "lesion"]), algorithm)
+            codes, report["segment_codes"] = bundle_label_codes(self.target, self.security, self.provenance)
+            segments = segments_for(self.labels or ["background", "lesion"], codes)
+            seg = segmentation(source, self.masks, segments, algorithm)
             _put(outbox, report, seg, "Segmentation")
             if self.measurements:
                 sr = measurement_report(source, seg, self.measurements, algorithm)
@@ -132,6 +171,8 @@ class KeyFrameRecorder:
     measurements: list[FrameMeasurement] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     provenance: stream_pb2.Provenance = field(default_factory=stream_pb2.Provenance)
+    target: str = ""
+    security: ClientSecurity | None = None
 
     def observe(self, frame: SourceFrame, result: stream_pb2.Result) -> None:
         mask_message = first_mask(result)
@@ -167,8 +208,9 @@ class KeyFrameRecorder:
                 _put(outbox, report, image, "Secondary Capture")
             algorithm = _algorithm(self.provenance)
             labels = self.labels or ["background", "lesion"]
+            codes, report["segment_codes"] = bundle_label_codes(self.target, self.security, self.provenance)
             seg = segmentation_of_images(
-                images, self.masks, segments_for(labels), algorithm, new_uid=self.study.new_uid
+                images, self.masks, segments_for(labels, codes), algorithm, new_uid=self.study.new_uid
             )
             _put(outbox, report, seg, "Segmentation")
             if self.measurements:
