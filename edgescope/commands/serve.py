@@ -39,6 +39,12 @@ def _per_model(convert: Callable[[str], T], example: str) -> Callable[[str], tup
     return parse
 
 
+def _tta(text: str) -> str:
+    if text not in ("off", "flip"):
+        raise ValueError(text)
+    return text
+
+
 def _policy(text: str) -> str:
     if text not in ("annotate", "withhold"):
         raise ValueError(text)
@@ -176,6 +182,15 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="[MODEL=]VALUE",
         help="under --out-of-domain withhold, also withhold answers less sure than this (Result.confidence, 0-1)",
     )
+    p.add_argument(
+        "--tta",
+        type=_per_model(_tta, "flip or lesion-unet=flip"),
+        action="append",
+        default=[],
+        metavar="[MODEL=]MODE",
+        help="test-time augmentation: off (default) or flip (segmentation and classification: the frame and its "
+        "mirror image in one inference of batch 2, averaged; needs a dynamic batch axis); repeat per model",
+    )
     g = p.add_argument_group("security (see README: Security)")
     g.add_argument("--tls-cert", type=Path, help="serve gRPC and the page over TLS with this certificate (PEM)")
     g.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
@@ -229,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
             drift_false_alarm_hours=args.drift_false_alarm_hours,
             out_of_domain=dict(args.out_of_domain),
             min_confidence=dict(args.min_confidence),
+            tta=dict(args.tta),
         ),
         self_test=not args.skip_self_test,
         scheduling=SchedulerConfig(

@@ -47,6 +47,8 @@ from edgescope.runtime.pipeline.drift import DEFAULT_FALSE_ALARM_HOURS, false_al
 from edgescope.runtime.pipeline.manifest_check import check_manifest
 from edgescope.runtime.pipeline.preprocess import input_channels
 from edgescope.runtime.pipeline.state import ModelState, is_stateful, source_inputs
+from edgescope.runtime.pipeline.tta import FLIP, tta_refusal
+from edgescope.runtime.pipeline.tta import OFF as TTA_OFF
 from edgescope.runtime.server.failover import ModelRoute
 from edgescope.runtime.server.grpc_status import echo
 from edgescope.runtime.server.repository import BundlePolicy, ModelRepository
@@ -81,22 +83,26 @@ class ModelPolicy:
     out_of_domain: str = ANNOTATE
     # Under withhold, an answer less sure than this (Result.confidence) is withheld too; 0: never.
     min_confidence: float = 0.0
+    # Test-time augmentation: off, or flip (the frame and its mirror image in one inference, averaged).
+    tta: str = TTA_OFF
 
 
 @dataclass(frozen=True, slots=True)
 class MonitoringOptions:
-    """How the server watches its input (``serve --drift-false-alarm-hours``, ``--out-of-domain``,
-    ``--min-confidence``); the per-model settings by model name, ``ALL_MODELS`` for the rest."""
+    """How the server watches its input and answers (``serve --drift-false-alarm-hours``, ``--out-of-domain``,
+    ``--min-confidence``, ``--tta``); the per-model settings by model name, ``ALL_MODELS`` for the rest."""
 
     # Expected in-domain time between false drift alerts, counted at ``drift.FRAME_RATE``.
     drift_false_alarm_hours: float = DEFAULT_FALSE_ALARM_HOURS
     out_of_domain: Mapping[str, str] = field(default_factory=dict)
     min_confidence: Mapping[str, float] = field(default_factory=dict)
+    tta: Mapping[str, str] = field(default_factory=dict)
 
     def policy(self, model: str) -> ModelPolicy:
         return ModelPolicy(
             self.out_of_domain.get(model, self.out_of_domain.get(ALL_MODELS, ANNOTATE)),
             self.min_confidence.get(model, self.min_confidence.get(ALL_MODELS, 0.0)),
+            self.tta.get(model, self.tta.get(ALL_MODELS, TTA_OFF)),
         )
 
 
@@ -314,7 +320,16 @@ class ModelRegistry:
         route.on_change = self._degraded
         drift_frames = false_alarm_frames(self.monitoring.drift_false_alarm_hours)
         scorer = DomainScorer(bundle.manifest, drift_frames) if bundle.manifest.HasField("domain") else None
-        return ServedModel(model_name, bundle, route, scorer, self.monitoring.policy(model_name))
+        policy = self.monitoring.policy(model_name)
+        if policy.tta == FLIP:
+            workers = [primary] if fallback is None else [primary, fallback]
+            dynamic = all(w.capabilities is not None and w.capabilities.dynamic_batch for w in workers)
+            refusal = tta_refusal(bundle.manifest, dynamic)
+            if refusal is not None:
+                for worker in workers:
+                    worker.retire()
+                raise ConfigError(f"--tta flip cannot run on {echo(model_name)}: {refusal}")
+        return ServedModel(model_name, bundle, route, scorer, policy)
 
     def _open(self, bundle: Bundle, backend: Backend, name: str, statistics: ModelStatistics) -> ModelWorker:
         """A started worker for ``bundle`` on ``backend``: sessions open, warmed up, self-tested."""

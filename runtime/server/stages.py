@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +26,7 @@ from edgescope.runtime.pipeline.encode import fill_result
 from edgescope.runtime.pipeline.postprocess import postprocess
 from edgescope.runtime.pipeline.preprocess import Geometry, preprocess
 from edgescope.runtime.pipeline.state import StreamState, frame_input, frame_source, is_stateful, source_inputs
+from edgescope.runtime.pipeline.tta import FLIP, flip_batch, merge_flip
 from edgescope.runtime.render.preview import preview_jpeg, thumbnail
 from edgescope.runtime.server.registry import WITHHOLD, ModelPolicy, ServedModel
 from edgescope.runtime.server.workers import Job, JobResult
@@ -117,6 +118,9 @@ class FrameJob:
                 )
             own = partner.frame.pixel_transform if partner.frame.HasField("pixel_transform") else None
             self.side[binding.input] = preprocess(partner.get(), binding.preprocessing, own)[0]
+        if self.model.policy.tta == FLIP:
+            # The frame and its mirror image, one inference (the domain check scores the frame's own input).
+            tensor = flip_batch(tensor, self.model.manifest.preprocessing.layout)
         self.preprocess_ns = time.perf_counter_ns() - begin
         if self.want_thumbnail:
             self.thumb = thumbnail(pixels, transform)
@@ -134,6 +138,8 @@ class FrameJob:
         result.timings.add(stage="preprocess", duration_ns=self.preprocess_ns)
         result.timings.add(stage="infer", duration_ns=inferred.infer_ns)
         start = time.perf_counter_ns()
+        if model.policy.tta == FLIP:
+            inferred = replace(inferred, outputs=merge_flip(inferred.outputs, model.manifest))
         task = postprocess(inferred.outputs, model.manifest, self.geometry, _spacing(frame), frame.regions)
         encoded = time.perf_counter_ns()
         result.timings.add(stage="postprocess", duration_ns=encoded - start)
@@ -229,6 +235,7 @@ def job_for(
         state=state,
         reset_state=reset,
         batchable=state is None and model.batchable,
+        rows=2 if model.policy.tta == FLIP else 1,
         deadline_ns=deadline_ns,
     )
 

@@ -90,6 +90,8 @@ class Job(Generic[T]):
     reset_state: bool = False
     feed: Feed | None = None
     batchable: bool = False
+    # Rows of the tensor ``prepare`` will make (2: a frame and its mirror image, flip test-time augmentation).
+    rows: int = 1
     # Inferences this job makes (a KServe request of batch 4 makes 4), for the statistics.
     inferences: int = 1
     # Past this (perf_counter ns) the job is answered DeadlineExpiredError instead of run.
@@ -357,7 +359,7 @@ class ModelWorker:
 
     @staticmethod
     def _rows(job: Job[Any]) -> int:
-        return 1 if job.tensor is None else int(job.tensor.shape[0])
+        return job.rows if job.tensor is None else int(job.tensor.shape[0])
 
     def _batchable_waiting(self, first: Job[Any]) -> int:
         return sum(1 for key, lane in self._lanes.items() if key != first.lane and lane and self._fits(lane[0], first))
