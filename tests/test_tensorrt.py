@@ -120,3 +120,88 @@ def test_a_bundle_without_an_engine_for_this_gpu_is_a_device_failure_not_a_bundl
     with pytest.raises(BackendError, match="no fp32 TensorRT engine for NVIDIA RTX A4000") as caught:
         tensorrt.TensorRTBackend().load(example_bundle)
     assert not isinstance(caught.value, BundleError)
+
+
+class _FakeCuda:
+    """Stands in for the CUDA adapter: the engine-sharing logic needs no device."""
+
+    def __init__(self, device: int = 0) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _fake_tensorrt(deserialised: list[object], contexts: list[object]) -> object:
+    """Just enough of TensorRT's Python API for a session to open and close on an engine."""
+    from types import SimpleNamespace
+
+    class Engine:
+        num_io_tensors = 2
+        names = ("image", "logits")
+
+        def get_tensor_name(self, index: int) -> str:
+            return self.names[index]
+
+        def get_tensor_mode(self, name: str) -> str:
+            return "input" if name == "image" else "output"
+
+        def get_tensor_dtype(self, name: str) -> str:
+            return "float"
+
+        def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+            return (-1, 1, 64, 64)
+
+        def create_execution_context(self) -> object:
+            contexts.append(object())
+            return contexts[-1]
+
+    class Runtime:
+        def __init__(self, logger: object) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, plan: bytes) -> Engine:
+            deserialised.append(plan)
+            return Engine()
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level: int) -> None:
+            pass
+
+    return SimpleNamespace(
+        Logger=Logger,
+        Runtime=Runtime,
+        TensorIOMode=SimpleNamespace(INPUT="input"),
+        nptype=lambda dtype: np.float32,
+    )
+
+
+def test_instances_share_one_engine_per_plan_and_device_each_with_its_own_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from edgescope.runtime.backends import tensorrt as backend
+    from edgescope.v1 import manifest_pb2
+
+    deserialised: list[object] = []
+    contexts: list[object] = []
+    monkeypatch.setattr(backend, "_tensorrt", lambda: _fake_tensorrt(deserialised, contexts))
+    monkeypatch.setattr(backend, "CudaAdapter", _FakeCuda)
+    cache = backend.EngineCache()
+    entry = manifest_pb2.EngineEntry(plan="engines/a.plan", max_batch=4)
+    manifest = manifest_pb2.ModelManifest(name="m")
+    first = backend.TensorRTSession(manifest, b"plan-a", entry, engines=cache)
+    second = backend.TensorRTSession(manifest, b"plan-a", entry, engines=cache)
+    other_device = backend.TensorRTSession(manifest, b"plan-a", entry, device=1, engines=cache)
+    # One deserialisation per device, one context per session.
+    assert len(deserialised) == 2 and len(contexts) == 3 and len(cache) == 2
+    assert first.capabilities.max_batch == 4 and first.capabilities.dynamic_batch
+    first.close()
+    other_device.close()
+    assert len(cache) == 1
+    second.close()
+    assert len(cache) == 0
+    # A later session deserialises the plan again: nothing was kept past the last one.
+    backend.TensorRTSession(manifest, b"plan-a", entry, engines=cache).close()
+    assert len(deserialised) == 3

@@ -370,3 +370,22 @@ def test_a_batch_whose_outputs_cannot_be_split_by_row_runs_its_jobs_one_by_one()
     # The pooled output has one row for the whole batch: splitting it would hand one job another's value.
     totals = [float(r.outputs["total"][0]) for r in results if isinstance(r, JobResult)]
     assert totals == [4.0, 8.0] and sizes == [2, 1, 1]
+
+
+def test_batches_never_exceed_what_the_session_can_take() -> None:
+    """A TensorRT engine's profile caps its batch: the worker stacks no more frames than that."""
+    sizes: list[int] = []
+
+    class Capped(_batching(sizes)):  # type: ignore[misc]
+        @property
+        def capabilities(self) -> SessionCapabilities:
+            return SessionCapabilities(True, False, "cpu", max_concurrency=1, max_batch=3)
+
+    worker = _worker(Capped, max_batch=8, batch_delay_s=0.05)
+    jobs = [_job(f"lane-{i}", float(i), batchable=True) for i in range(7)]
+    try:
+        results = asyncio.run(_run_all(worker, jobs))
+    finally:
+        _stop(worker)
+    assert all(isinstance(result, JobResult) for result in results)
+    assert sum(sizes) == 7 and max(sizes) == 3, sizes

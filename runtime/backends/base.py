@@ -49,6 +49,8 @@ class SessionCapabilities:
     device: str
     # Callers it can take at once; None: any number (a thread-safe client of a remote server).
     max_concurrency: int | None = 1
+    # Rows one inference may take (a TensorRT engine's optimization profile); None: as many as sent.
+    max_batch: int | None = None
 
 
 class Session(ABC):

@@ -8,6 +8,14 @@ the session's own stream, then wait once. Buffers are kept between frames
 and grown only when a larger shape arrives. With ``cuda_graph`` and a
 static-shape engine, the enqueued work is captured once and replayed.
 
+One engine per plan and device, as Triton keeps: a backend's sessions of
+one model (its instances) share the deserialised engine, and so one copy of
+its weights on the GPU; each session has its own execution context, stream
+and buffers. The engine goes when its last session closes. A session takes
+at most the engine profile's largest batch in one inference
+(``SessionCapabilities.max_batch``), which the model's worker and KServe
+respect.
+
 tensorrt and cuda-python are imported when a backend or session is built,
 never with this module.
 """
@@ -15,6 +23,7 @@ never with this module.
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +60,51 @@ class _Tensor:
     host: npt.NDArray[Any] = field(default_factory=lambda: np.empty(0))
 
 
+class _Engine:
+    """A deserialised engine and the runtime that owns it, shared by the sessions that hold it."""
+
+    def __init__(self, plan: bytes, name: str) -> None:
+        trt = _tensorrt()
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise BackendError(f"TensorRT could not deserialize {name} (built for another GPU or TensorRT?)")
+        self.users = 0
+
+    def close(self) -> None:
+        # The engine before the runtime that deserialised it.
+        del self.engine
+        del self.runtime
+
+
+class EngineCache:
+    """Engines by (plan sha256, device); each deserialised once, freed when its last session lets go."""
+
+    def __init__(self) -> None:
+        self._engines: dict[tuple[str, int], _Engine] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, plan: bytes, sha256: str, device: int, name: str) -> _Engine:
+        with self._lock:
+            engine = self._engines.get((sha256, device))
+            if engine is None:
+                engine = self._engines[(sha256, device)] = _Engine(plan, name)
+            engine.users += 1
+            return engine
+
+    def release(self, engine: _Engine) -> None:
+        with self._lock:
+            engine.users -= 1
+            if engine.users == 0:
+                self._engines = {key: held for key, held in self._engines.items() if held is not engine}
+                engine.close()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._engines)
+
+
 class TensorRTSession(Session):
     backend_name = "tensorrt"
 
@@ -62,21 +116,27 @@ class TensorRTSession(Session):
         *,
         device: int = 0,
         cuda_graph: bool = False,
+        engines: EngineCache | None = None,
     ) -> None:
         super().__init__(manifest)
-        self._info = tensorrt_info(entry, hashlib.sha256(plan).hexdigest(), device)
+        sha256 = hashlib.sha256(plan).hexdigest()
+        self._info = tensorrt_info(entry, sha256, device)
         trt = _tensorrt()
+        # The device is made current on this thread before the engine is touched.
         self._cuda = CudaAdapter(device)
+        self._cache = engines if engines is not None else EngineCache()
         try:
-            self._logger = trt.Logger(trt.Logger.WARNING)
-            self._runtime = trt.Runtime(self._logger)
-            self._engine = self._runtime.deserialize_cuda_engine(plan)
-            if self._engine is None:
-                raise BackendError(f"TensorRT could not deserialize {entry.plan} (built for another GPU or TensorRT?)")
+            self._shared = self._cache.acquire(plan, sha256, device, entry.plan)
+        except BaseException:
+            self._cuda.close()
+            raise
+        self._engine = self._shared.engine
+        try:
             self._context = self._engine.create_execution_context()
             if self._context is None:
                 raise BackendError(f"TensorRT could not create an execution context for {entry.plan}")
         except BaseException:
+            self._cache.release(self._shared)
             self._cuda.close()
             raise
         self._plan = Path(entry.plan)
@@ -88,6 +148,7 @@ class TensorRTSession(Session):
             dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
             self._tensors[name] = _Tensor(name, is_input, dtype)
         self._static = all(-1 not in tuple(self._engine.get_tensor_shape(n)) for n in self._tensors)
+        self._max_batch = None if self._static or entry.max_batch == 0 else int(entry.max_batch)
         self._use_graph = cuda_graph and self._static
         self._graph: Any = None
 
@@ -95,7 +156,11 @@ class TensorRTSession(Session):
     def capabilities(self) -> SessionCapabilities:
         # One execution context, one stream, one set of buffers: one caller at a time.
         return SessionCapabilities(
-            dynamic_batch=not self._static, device_buffers=True, device=f"cuda:{self._device}", max_concurrency=1
+            dynamic_batch=not self._static,
+            device_buffers=True,
+            device=f"cuda:{self._device}",
+            max_concurrency=1,
+            max_batch=self._max_batch,
         )
 
     def _ensure(self, tensor: _Tensor, shape: tuple[int, ...]) -> bool:
@@ -159,9 +224,11 @@ class TensorRTSession(Session):
         return self._info
 
     def _close_impl(self) -> None:
-        # The context and engine go before the memory they point into.
+        # The context goes before the buffers it points into; the engine with its last session.
         del self._context
         del self._engine
+        self._cache.release(self._shared)
+        del self._shared
         self._cuda.close()
 
 
@@ -177,6 +244,7 @@ class TensorRTBackend:
         self.precision = precision
         self.device = device
         self.cuda_graph = cuda_graph
+        self.engines = EngineCache()
 
     def load(self, bundle: Bundle) -> TensorRTSession:
         # The bundle's own precision unless asked otherwise: never a silent change.
@@ -191,7 +259,9 @@ class TensorRTBackend:
         entry = read_sidecar(plan.with_suffix(".json"))
         # The plan's bytes as checked against the manifest's sha256, not the file read again later.
         data = bundle.read_file(plan.relative_to(bundle.path).as_posix())
-        return TensorRTSession(bundle.manifest, data, entry, device=self.device, cuda_graph=self.cuda_graph)
+        return TensorRTSession(
+            bundle.manifest, data, entry, device=self.device, cuda_graph=self.cuda_graph, engines=self.engines
+        )
 
 
 def tensorrt_info(entry: manifest_pb2.EngineEntry, plan_sha256: str, device: int) -> manifest_pb2.RunnerInfo:

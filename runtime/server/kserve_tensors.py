@@ -161,9 +161,11 @@ def check_feed(model: ServedModel, feed: Feed, limits: TensorLimits = DEFAULT_TE
             raise FrameError(
                 f"input {name!r} must have shape {list(expected.shape)}, the request gives {list(array.shape)}"
             )
-        if expected.shape and expected.shape[0] == -1 and array.shape[0] > limits.max_batch:
+        # The server's cap, and the session's own (a TensorRT engine's optimization profile) where lower.
+        most = min(limits.max_batch, model.capabilities.max_batch or limits.max_batch)
+        if expected.shape and expected.shape[0] == -1 and array.shape[0] > most:
             raise FrameError(
-                f"input {name!r}: batch of {array.shape[0]}; this server runs at most {limits.max_batch} per request"
+                f"input {name!r}: batch of {array.shape[0]}; model {model.name!r} runs at most {most} per request"
             )
 
 

@@ -52,6 +52,8 @@ def model_config(model: ServedModel, *, max_batch: int, batch_delay_us: int) -> 
     manifest = model.manifest
     batched = batches(manifest)
     backend = model.provenance.backend
+    if model.capabilities.max_batch is not None:
+        max_batch = min(max_batch, model.capabilities.max_batch)
     config = mc.ModelConfig(
         name=model.name,
         platform=PLATFORMS.get(backend, ""),

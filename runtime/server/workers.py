@@ -190,6 +190,9 @@ class ModelWorker:
             raise first.error
         assert first.session is not None  # set with ready when there is no error
         self.capabilities = first.session.capabilities
+        if self.capabilities.max_batch is not None:
+            # Never stack more frames than the session can take in one inference.
+            self._max_batch = max(1, min(self._max_batch, self.capabilities.max_batch))
         limit = self.capabilities.max_concurrency
         shared = limit is None or limit >= len(self._instances)
         for instance in self._instances[1:]:
