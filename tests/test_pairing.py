@@ -364,3 +364,31 @@ def test_validate_replays_a_fusion_bundle_and_refuses_to_rerun_its_gate_without_
             ValidateRequest(bundle=fusion_bundle.path, factory="examples/families/models.py:build_two_source"),
             log=lambda _line: None,
         )
+
+
+def test_a_capture_of_two_sources_pairs_them_on_the_server(fusion_bundle: Bundle) -> None:
+    from edgescope.runtime.server.capture import CaptureConfig
+
+    white = "white=synthetic:endoscopy?height=96&width=96&fps=30"
+    nir = "nir=synthetic:fluorescence?height=64&width=64&fps=25"
+    capture = CaptureConfig.parse(f"fused={white}|{nir}@two-source")
+    running = ServerThread([fusion_bundle.path], captures=[capture])
+    results: list[stream_pb2.Result] = []
+    try:
+        with grpc.insecure_channel(running.target, options=channel_options(64 << 20)) as channel:
+            call = stream_pb2_grpc.StreamServiceStub(channel).Subscribe(
+                stream_pb2.SubscribeRequest(capture="fused"), timeout=60
+            )
+            for result in call:
+                results.append(result)
+                if len(results) == 40:
+                    call.cancel()
+                    break
+    finally:
+        running.stop()
+    ok = [r for r in results if r.status.code == stream_pb2.FRAME_STATUS_CODE_OK]
+    paired = [r for r in results if r.status.code == stream_pb2.FRAME_STATUS_CODE_PAIRED]
+    assert ok and paired, [stream_pb2.FrameStatusCode.Name(r.status.code) for r in results]
+    assert all(r.pairing.partners[0].source == "nir" for r in ok)
+    assert all(abs(r.pairing.partners[0].skew_ns) <= r.pairing.tolerance_ms * MS for r in ok)
+    assert not any(r.status.code == stream_pb2.FRAME_STATUS_CODE_ERROR for r in results)

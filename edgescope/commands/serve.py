@@ -144,7 +144,8 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="append",
         default=[],
         metavar="NAME=SOURCE@MODEL",
-        help="read a source on the server (pull mode); clients call Subscribe",
+        help="read a source on the server (pull mode); clients call Subscribe. For a model fed by several "
+        "sources, SOURCE is each SOURCE_NAME=SPEC joined by | (white=synthetic:endoscopy|nir=synthetic:fluorescence)",
     )
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of the telemetry page and /metrics")
     p.add_argument("--metrics-port", type=int, default=8732, help="telemetry page and /metrics (0: any, -1: off)")

@@ -15,6 +15,11 @@ source again, waiting ``RETRY_BACKOFF_S`` between tries and doubling up to
 ``MAX_RETRY_BACKOFF_S``; health turns SERVING again with its first result.
 A finite source (a file without ``loop``) that simply ends is finished, not
 failed: its subscribers' streams end normally.
+
+A capture of a model fed by several sources reads them all
+(``NAME=white=SPEC|nir=SPEC@MODEL``): their frames go in presentation-time
+order, each stamped on the sources' clock from the capture's start, and
+are paired as a client's streams are (``pairing``).
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from grpc_health.v1 import health_pb2
 
 from edgescope.errors import ConfigError, EdgescopeError, ModelNotFoundError, SourceError
 from edgescope.runtime.pipeline.decode import encode_raw_into
-from edgescope.runtime.sources import FrameSource, SourceFrame, open_source
+from edgescope.runtime.sources import FrameSource, SourceFrame
+from edgescope.runtime.sources.merged import named_sources, open_sources
 from edgescope.runtime.telemetry.metrics import RuntimeMetrics
 from edgescope.v1 import stream_pb2
 
@@ -80,7 +86,8 @@ class CaptureConfig:
 
     @classmethod
     def parse(cls, text: str) -> CaptureConfig:
-        """``NAME=SOURCE@MODEL``, e.g. ``probe=v4l2:/dev/video0@lesion-unet``."""
+        """``NAME=SOURCE@MODEL``, e.g. ``probe=v4l2:/dev/video0@lesion-unet``; SOURCE may be several
+        ``SOURCE_NAME=SPEC`` joined by ``|`` for a model fed by several sources."""
         name, eq, rest = text.partition("=")
         source, at, model = rest.rpartition("@")
         if not eq or not at or not name or not source or not model:
@@ -203,7 +210,7 @@ class CaptureHub:
         backoff, max_backoff = self._retry
         while not self._stopping.is_set():
             try:
-                source = await asyncio.to_thread(open_source, config.source, loop=config.loop)
+                source = await asyncio.to_thread(open_sources, named_sources(config.source.split("|")), config.loop)
             except EdgescopeError as exc:
                 await self._down(config, f"cannot open {config.source}: {exc}")
                 await self._pause(backoff)
@@ -285,6 +292,7 @@ async def _paced_frames(
     ``stopping`` ends them at once (a read still blocked ends when the source is closed).
     """
     start = time.monotonic()
+    start_wall_ns = time.time_ns()
     seq = 0
     source_kind = stream_pb2.SourceKind.Value(f"SOURCE_KIND_{kind.upper()}")
     stop = asyncio.ensure_future(stopping.wait())
@@ -307,19 +315,25 @@ async def _paced_frames(
                 await asyncio.wait((stop,), timeout=delay)
             if stopping.is_set():
                 return
-            yield _frame(source_frame, seq, source_kind, config)
+            # Frames of several sources carry their source's own time, so pairing sees when each was taken.
+            stamp = start_wall_ns + int(source_frame.timestamp_s * 1e9) if source_frame.source else time.time_ns()
+            yield _frame(source_frame, seq, source_kind, config, stamp)
             seq += 1
     finally:
         stop.cancel()
 
 
 def _frame(
-    source_frame: SourceFrame, seq: int, source_kind: stream_pb2.SourceKind.ValueType, config: CaptureConfig
+    source_frame: SourceFrame,
+    seq: int,
+    source_kind: stream_pb2.SourceKind.ValueType,
+    config: CaptureConfig,
+    capture_time_ns: int,
 ) -> stream_pb2.Frame:
     frame = stream_pb2.Frame(
         stream_id=f"capture:{config.name}",
         seq=seq,
-        capture_time_ns=time.time_ns(),
+        capture_time_ns=capture_time_ns,
         model=config.model,
         source_kind=source_kind,
         policy=stream_pb2.STREAM_POLICY_LIVE,
