@@ -195,3 +195,45 @@ def test_the_client_summary_counts_drift_alerts_and_withheld_frames() -> None:
         _record(latency, ClockEstimator(), result, time.perf_counter_ns())
     summary = latency.as_dict()
     assert (summary["drift_alerts"], summary["withheld_frames"]) == (1, 1)
+
+
+def test_a_model_whose_policy_is_fallback_has_its_frames_out_of_domain_answered_by_the_other(
+    cine_bundle: Path, example_bundle: Bundle, tmp_path: Path
+) -> None:
+    other = tmp_path / "synthetic-unet"
+    shutil.copytree(example_bundle.path, other)
+    written = json.loads((other / MANIFEST_FILE).read_text())
+    written["name"] = "synthetic-unet"
+    (other / MANIFEST_FILE).write_text(json.dumps(written))
+    rest = _cine()[FIT_FRAMES : FIT_FRAMES + 3]
+    policy = MonitoringOptions(out_of_domain={"lesion-unet": "fallback:synthetic-unet"})
+    served = ServerThread([cine_bundle, other], monitoring=policy)
+
+    def stream(stream_id: str, frames: list[np.ndarray]) -> list[stream_pb2.Result]:
+        messages = [
+            stream_pb2.Frame(stream_id=stream_id, seq=i, model="lesion-unet", raw=encode_raw(f))
+            for i, f in enumerate(frames)
+        ]
+        with grpc.insecure_channel(served.target) as channel:
+            return list(stream_pb2_grpc.StreamServiceStub(channel).Stream(iter(messages), timeout=120))
+
+    try:
+        calm = stream("calm", rest)
+        inverted = stream("inverted", [SHIFTS["inverted"](f) for f in rest])
+    finally:
+        served.stop()
+    for result in calm:
+        assert result.provenance.model == "lesion-unet" and not result.fallback_from and not result.model_results
+    for result in inverted:
+        assert result.provenance.model == "synthetic-unet" and result.fallback_from == "lesion-unet"
+        (own,) = result.model_results
+        assert own.model == "lesion-unet" and own.outputs
+        assert any(a.kind == OUT_OF_DOMAIN and a.model == "lesion-unet" for a in result.alerts)
+    # A fallback that is not loaded leaves the first model's own answer, and says so.
+    alone = ServerThread([cine_bundle], monitoring=MonitoringOptions(out_of_domain={"*": "fallback:absent"}))
+    try:
+        (result,) = _stream(alone, "alone", [SHIFTS["inverted"](rest[0])])
+    finally:
+        alone.stop()
+    assert result.provenance.model == "lesion-unet" and not result.fallback_from
+    assert any("absent" in a.message and "not loaded" in a.message for a in result.alerts)

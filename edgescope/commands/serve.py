@@ -46,7 +46,8 @@ def _tta(text: str) -> str:
 
 
 def _policy(text: str) -> str:
-    if text not in ("annotate", "withhold"):
+    other = text.removeprefix("fallback:")
+    if text not in ("annotate", "withhold") and not (text.startswith("fallback:") and other and "/" not in other):
         raise ValueError(text)
     return text
 
@@ -168,12 +169,13 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--out-of-domain",
-        type=_per_model(_policy, "withhold or lesion-unet=withhold"),
+        type=_per_model(_policy, "withhold, lesion-unet=withhold or lesion-unet=fallback:other-model"),
         action="append",
         default=[],
         metavar="[MODEL=]POLICY",
-        help="annotate (default: flag and alert) or withhold (also remove the quantities of a frame out of domain "
-        "or below --min-confidence; Result.withheld says why); repeat per model",
+        help="annotate (default: flag and alert), withhold (also remove the quantities of a frame out of domain "
+        "or below --min-confidence; Result.withheld says why) or fallback:OTHER (a frame out of domain is answered "
+        "by model OTHER; Result.fallback_from names the first); repeat per model",
     )
     p.add_argument(
         "--min-confidence",

@@ -1084,6 +1084,7 @@ class Result(_message.Message):
     PAIRING_FIELD_NUMBER: _builtins.int
     CONFIDENCE_FIELD_NUMBER: _builtins.int
     WITHHELD_FIELD_NUMBER: _builtins.int
+    FALLBACK_FROM_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     seq: _builtins.int
     capture_time_ns: _builtins.int
@@ -1099,6 +1100,11 @@ class Result(_message.Message):
     withheld: _builtins.str
     """Why the quantities were withheld (the model's policy is withhold, and the frame was out of domain
     or below the confidence floor); empty: nothing was withheld.
+    """
+    fallback_from: _builtins.str
+    """The model this frame was out of domain for, when its policy sent the frame to another model
+    (`serve --out-of-domain MODEL=fallback:OTHER`): this result is the other's, and the first
+    model's own is in model_results.
     """
     @_builtins.property
     def status(self) -> Global___FrameStatus: ...
@@ -1143,10 +1149,11 @@ class Result(_message.Message):
         pairing: Global___Pairing | None = ...,
         confidence: _builtins.float | None = ...,
         withheld: _builtins.str = ...,
+        fallback_from: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "confidence", b"confidence", "domain", b"domain", "pairing", b"pairing", "provenance", b"provenance", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "alerts", b"alerts", "capture_time_ns", b"capture_time_ns", "confidence", b"confidence", "domain", b"domain", "model_results", b"model_results", "outputs", b"outputs", "pairing", b"pairing", "provenance", b"provenance", "quantities", b"quantities", "seq", b"seq", "server_receive_time_ns", b"server_receive_time_ns", "server_send_time_ns", b"server_send_time_ns", "status", b"status", "stream_id", b"stream_id", "timings", b"timings", "withheld", b"withheld"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "alerts", b"alerts", "capture_time_ns", b"capture_time_ns", "confidence", b"confidence", "domain", b"domain", "fallback_from", b"fallback_from", "model_results", b"model_results", "outputs", b"outputs", "pairing", b"pairing", "provenance", b"provenance", "quantities", b"quantities", "seq", b"seq", "server_receive_time_ns", b"server_receive_time_ns", "server_send_time_ns", b"server_send_time_ns", "status", b"status", "stream_id", b"stream_id", "timings", b"timings", "withheld", b"withheld"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__confidence: _TypeAlias = _typing.Literal["confidence"]  # noqa: Y015
     _WhichOneofArgType__confidence: _TypeAlias = _typing.Literal["_confidence", b"_confidence"]  # noqa: Y015

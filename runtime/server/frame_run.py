@@ -13,12 +13,12 @@ import time
 from collections.abc import Awaitable, Mapping
 from typing import TypeVar
 
-from edgescope.errors import DeadlineExpiredError
+from edgescope.errors import DeadlineExpiredError, ModelNotFoundError
 from edgescope.runtime.pipeline.decode import DEFAULT_LIMITS, FrameLimits, SharedMemoryView, check_frame_fields
 from edgescope.runtime.pipeline.state import StreamState, is_stateful
 from edgescope.runtime.server.auth import current_client
-from edgescope.runtime.server.registry import ModelRegistry, ServedModel
-from edgescope.runtime.server.stages import Finished, FramePixels, answer, frame_jobs, job_for
+from edgescope.runtime.server.registry import ModelRegistry, ServedModel, fallback_model
+from edgescope.runtime.server.stages import Finished, FramePixels, answer, as_model_result, frame_jobs, job_for
 from edgescope.v1 import stream_pb2
 
 T = TypeVar("T")
@@ -54,10 +54,54 @@ async def run_frame(
                 await _in_time(job.model.infer(job_for(job, lane, state, frame.reset_state, deadline_ns)), deadline_ns)
                 for job in jobs
             ]
-        return answer(jobs, finished)
+        first = answer(jobs, finished)
+        other = fallback_model(leases[0].policy.out_of_domain)
+        domain = first.result.domain
+        if not other or not domain.checked or domain.in_domain:
+            return first
+        return await _fall_back(models, other, first, frame, pixels, received_ns, lane, state, deadline_ns, partners)
     finally:
         for leased in leases:
             models.release(leased)
+
+
+async def _fall_back(
+    models: ModelRegistry,
+    other: str,
+    first: Finished,
+    frame: stream_pb2.Frame,
+    pixels: FramePixels,
+    received_ns: int,
+    lane: str,
+    state: StreamState,
+    deadline_ns: int | None,
+    partners: Mapping[str, FramePixels] | None,
+) -> Finished:
+    """The answer of model ``other`` to a frame out of the first model's domain, the first's own beside it."""
+    primary = first.result.provenance.model
+    try:
+        fallback = models.lease(other)
+    except ModelNotFoundError:
+        first.result.alerts.add(
+            kind=stream_pb2.Alert.KIND_OUT_OF_DOMAIN,
+            model=primary,
+            message=f"model {other}, this model's fallback for frames out of its domain, is not loaded: "
+            "this is the first model's own answer",
+        )
+        return first
+    try:
+        (job,) = frame_jobs(frame, [fallback], pixels, received_ns, False, partners)
+        finished = await _in_time(
+            fallback.infer(job_for(job, lane, state, frame.reset_state, deadline_ns)), deadline_ns
+        )
+    finally:
+        models.release(fallback)
+    finished.result.fallback_from = primary
+    finished.result.alerts.extend(first.result.alerts)
+    finished.result.model_results.append(as_model_result(primary, first.result))
+    finished.result.model_results.extend(first.result.model_results)
+    finished.preview = first.preview
+    return finished
 
 
 async def _in_time(answer: Awaitable[T], deadline_ns: int | None) -> T:

@@ -71,6 +71,15 @@ class WorkerOptions:
 
 
 ANNOTATE, WITHHOLD = "annotate", "withhold"
+# ``fallback:OTHER``: a frame out of the model's domain is answered by model OTHER.
+FALLBACK = "fallback:"
+
+
+def fallback_model(policy: str) -> str:
+    """The model a ``fallback:OTHER`` policy names; empty for any other policy."""
+    return policy.removeprefix(FALLBACK) if policy.startswith(FALLBACK) else ""
+
+
 # The key of a setting for every model without one of its own.
 ALL_MODELS = "*"
 
