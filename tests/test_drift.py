@@ -125,6 +125,13 @@ def test_an_in_domain_stream_never_drifts_and_a_shifted_one_does_within_a_few_fr
     metrics = generate_latest(cine_server.running.telemetry.metrics.registry).decode()
     assert f'edgescope_domain_drift_alerts_total{{model="lesion-unet"}} {float(len(SHIFTS))}' in metrics
     assert 'edgescope_domain_drift{model="lesion-unet"} 2.0' in metrics
+    # The telemetry snapshot (the page's data) counts the same, per model and per stream.
+    snapshot = cine_server.running.telemetry.metrics.snapshot()
+    (model,) = [g for g in snapshot.models if g.model == "lesion-unet"]
+    assert model.drift_alerts == len(SHIFTS)
+    out_of_domain = sum(1 for r in results if r.domain.checked and not r.domain.in_domain)
+    (last,) = [g for g in snapshot.streams if g.stream_id == name]
+    assert last.out_of_domain_frames == out_of_domain > 0 and last.drift_alerts == 1
     trail = cine_server.running.registry.audit
     assert trail is not None and verify(trail.path).intact
     drifts = [json.loads(line) for line in trail.path.read_text().splitlines() if '"domain_drift"' in line]

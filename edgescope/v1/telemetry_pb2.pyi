@@ -104,6 +104,9 @@ class LatencyGroup(_message.Message):
     STAGES_FIELD_NUMBER: _builtins.int
     PAIRING_SKEW_FIELD_NUMBER: _builtins.int
     UNPAIRED_FIELD_NUMBER: _builtins.int
+    OUT_OF_DOMAIN_FRAMES_FIELD_NUMBER: _builtins.int
+    DRIFT_ALERTS_FIELD_NUMBER: _builtins.int
+    WITHHELD_FRAMES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     stream_id: _builtins.str
     frames: _builtins.int
@@ -112,6 +115,12 @@ class LatencyGroup(_message.Message):
     warmup_frames: _builtins.int
     """Warm-up frames answered but left out of the latency figures."""
     fps: _builtins.float
+    out_of_domain_frames: _builtins.int
+    """Answers whose frame did not look like what the model was validated on, DRIFT alerts raised,
+    and answers whose quantities the model's policy withheld.
+    """
+    drift_alerts: _builtins.int
+    withheld_frames: _builtins.int
     @_builtins.property
     def drops(self) -> _containers.RepeatedCompositeFieldContainer[Global___DropCount]: ...
     @_builtins.property
@@ -138,10 +147,13 @@ class LatencyGroup(_message.Message):
         stages: _abc.Iterable[Global___StageLatency] | None = ...,
         pairing_skew: Global___StageLatency | None = ...,
         unpaired: _abc.Iterable[Global___DropCount] | None = ...,
+        out_of_domain_frames: _builtins.int = ...,
+        drift_alerts: _builtins.int = ...,
+        withheld_frames: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pairing_skew", b"pairing_skew"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_misses", b"deadline_misses", "drops", b"drops", "errors", b"errors", "fps", b"fps", "frames", b"frames", "model", b"model", "pairing_skew", b"pairing_skew", "stages", b"stages", "stream_id", b"stream_id", "unpaired", b"unpaired", "warmup_frames", b"warmup_frames"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_misses", b"deadline_misses", "drift_alerts", b"drift_alerts", "drops", b"drops", "errors", b"errors", "fps", b"fps", "frames", b"frames", "model", b"model", "out_of_domain_frames", b"out_of_domain_frames", "pairing_skew", b"pairing_skew", "stages", b"stages", "stream_id", b"stream_id", "unpaired", b"unpaired", "warmup_frames", b"warmup_frames", "withheld_frames", b"withheld_frames"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -29,7 +29,7 @@ from edgescope.runtime.render.overlay import load_fonts, render_result
 from edgescope.runtime.sources.base import FrameSource, SourceFrame
 from edgescope.runtime.sources.display import to_display_rgb8
 from edgescope.runtime.sources.merged import MergedSources
-from edgescope.runtime.telemetry.latency import LatencyRecorder, drop_label, missed_deadline
+from edgescope.runtime.telemetry.latency import LatencyRecorder, count_monitoring, drop_label, missed_deadline
 from edgescope.runtime.transport import DEFAULT_MAX_MESSAGE_BYTES, ClientSecurity, aio_channel, channel_options
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
@@ -276,11 +276,7 @@ def _record(latency: LatencyRecorder, clock: ClockEstimator, result: stream_pb2.
     code = result.status.code
     if missed_deadline(result.status):
         latency.deadline_misses += 1
-    if result.domain.checked and not result.domain.in_domain:
-        latency.out_of_domain_frames += 1
-    latency.drift_alerts += sum(1 for alert in result.alerts if alert.kind == stream_pb2.Alert.KIND_DRIFT)
-    if result.withheld:
-        latency.withheld_frames += 1
+    count_monitoring(latency, result)
     if code == stream_pb2.FRAME_STATUS_CODE_DROPPED:
         latency.count_drop(drop_label(result.status))
         return

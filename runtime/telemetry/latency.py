@@ -203,6 +203,15 @@ def reason_code(reason: str) -> str:
     return code or "unspecified"
 
 
+def count_monitoring(latency: LatencyRecorder, result: stream_pb2.Result) -> None:
+    """Count what the input monitoring said of one answer: out of domain, drift alerts, withheld."""
+    if result.domain.checked and not result.domain.in_domain:
+        latency.out_of_domain_frames += 1
+    latency.drift_alerts += sum(1 for alert in result.alerts if alert.kind == stream_pb2.Alert.KIND_DRIFT)
+    if result.withheld:
+        latency.withheld_frames += 1
+
+
 def drop_label(status: stream_pb2.FrameStatus) -> str:
     """The drop reason of a DROPPED status as a label: "stale", "deadline", "shutdown"."""
     if status.drop_reason != stream_pb2.DROP_REASON_UNSPECIFIED:

@@ -39,7 +39,13 @@ from edgescope.runtime.telemetry.alerts import (
     latency_alert,
 )
 from edgescope.runtime.telemetry.device import DeviceSample
-from edgescope.runtime.telemetry.latency import PERCENTILES, LatencyRecorder, drop_label, missed_deadline
+from edgescope.runtime.telemetry.latency import (
+    PERCENTILES,
+    LatencyRecorder,
+    count_monitoring,
+    drop_label,
+    missed_deadline,
+)
 from edgescope.runtime.telemetry.reporting import alert_families, device_families, device_health, latency_group
 from edgescope.v1 import manifest_pb2, stream_pb2, telemetry_pb2
 
@@ -241,6 +247,8 @@ class RuntimeMetrics:
             for partner in result.pairing.partners:
                 stream.latency.pairing_skew.record(abs(partner.skew_ns))
                 model_latency.pairing_skew.record(abs(partner.skew_ns))
+            for recorder in (stream.latency, model_latency):
+                count_monitoring(recorder, result)
             if code == stream_pb2.FRAME_STATUS_CODE_DROPPED:
                 reason = drop_label(result.status)
                 stream.latency.count_drop(reason)

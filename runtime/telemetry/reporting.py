@@ -24,6 +24,9 @@ def latency_group(model: str, stream_id: str, latency: LatencyRecorder, now_s: f
         deadline_misses=latency.deadline_misses,
         warmup_frames=latency.warmup_frames,
         fps=latency.recent_fps(now_s),
+        out_of_domain_frames=latency.out_of_domain_frames,
+        drift_alerts=latency.drift_alerts,
+        withheld_frames=latency.withheld_frames,
         drops=[telemetry_pb2.DropCount(reason=r, count=n) for r, n in sorted(latency.drops.items())],
     )
     if latency.pairing_skew.count:
