@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -152,33 +153,44 @@ def options_of(parser: argparse.ArgumentParser, *, skip: Sequence[str] = ()) -> 
     }
 
 
-def read_config_file(path: Path) -> dict[str, object]:
-    """A TOML (.toml) or YAML (.yaml, .yml) file's top-level table."""
+def read_table(
+    path: Path, what: str, contents: str, suffixes: Sequence[str] = (".toml", ".yaml", ".yml")
+) -> dict[str, object]:
+    """The top-level table of a TOML, JSON or YAML file (by its suffix, one of ``suffixes``); ``what`` names
+    the file in errors ("config file", "study context"), ``contents`` what its table holds. Parse errors
+    say where, never what was there."""
     suffix = path.suffix.lower()
+    if suffix not in suffixes:
+        named = " or ".join([", ".join(suffixes[:-1]), suffixes[-1]] if len(suffixes) > 1 else suffixes)
+        raise ConfigError(f"{what} {path}: name it {named} so its format is known")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
-    if suffix == ".toml":
-        try:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    try:
+        if suffix == ".toml":
             data: object = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    elif suffix in (".yaml", ".yml"):
-        import yaml
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
 
-        try:
             data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-    else:
-        raise ConfigError(f"config file {path}: name it .toml, .yaml or .yml so its format is known")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{what} {path} is not valid {suffix[1:].upper()}: {exc}") from exc
+    except Exception as exc:  # yaml.YAMLError, imported only where YAML is read
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a table of options (key: value), not {type(data).__name__}")
-    # YAML allows keys that are not text (numbers, booleans); options are named by text.
+        raise ConfigError(f"{what} {path} must hold a table of {contents} (key: value), not {type(data).__name__}")
+    # YAML allows keys that are not text (numbers, booleans); these files name things by text.
     return {str(key): value for key, value in data.items()}
+
+
+def read_config_file(path: Path) -> dict[str, object]:
+    """A TOML (.toml) or YAML (.yaml, .yml) file's top-level table."""
+    return read_table(path, "config file", "options")
 
 
 def file_values(options: Mapping[str, Option], data: Mapping[str, object], path: Path) -> dict[str, Any]:

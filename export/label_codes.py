@@ -15,41 +15,20 @@ character). The codes go into the manifest (``label_codes``), which the bundle's
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from edgescope.config import read_table
 from edgescope.errors import ConfigError
 from edgescope.v1 import manifest_pb2
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 (JetPack 6)
-    import tomli as tomllib
 
 # (part, its DICOM element's value representation's length limit)
 _PARTS = (("code value", 16), ("coding scheme designator", 16), ("code meaning", 64))
 
 
 def load_label_codes(path: Path, labels: Sequence[str]) -> list[manifest_pb2.LabelCode]:
-    """The label codes in ``path`` for a model with ``labels`` (background first), checked."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read the label codes {path}: {exc.strerror or exc}") from exc
-    try:
-        if path.suffix.lower() == ".json":
-            data: object = json.loads(text)
-        elif path.suffix.lower() == ".toml":
-            data = tomllib.loads(text)
-        else:
-            raise ConfigError(f"label codes {path}: name it .json or .toml so its format is known")
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"label codes {path} are not valid {path.suffix[1:].upper()}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"label codes {path} must hold one table: label -> {{category, type}}")
-    return parse_label_codes(data, labels, str(path))
+    """The label codes in ``path`` (``.json`` or ``.toml``) for a model with ``labels`` (background first), checked."""
+    return parse_label_codes(read_table(path, "label codes", "labels", (".json", ".toml")), labels, str(path))
 
 
 def parse_label_codes(data: dict[str, object], labels: Sequence[str], where: str) -> list[manifest_pb2.LabelCode]:

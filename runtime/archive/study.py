@@ -17,9 +17,7 @@ Errors name the field and the rule, never the value: the values identify a patie
 
 from __future__ import annotations
 
-import json
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime
@@ -27,12 +25,8 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
+from edgescope.config import read_table
 from edgescope.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10 (JetPack 6)
-    import tomli as tomllib
 
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 UID_MAX = 64
@@ -118,23 +112,7 @@ def parse_study_context(data: Mapping[str, object], origin: str) -> StudyContext
 
 def load_study_context(path: Path) -> StudyContext:
     """The study context in ``path`` (``.json`` or ``.toml``), checked."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read the study context {path}: {exc.strerror or exc}") from exc
-    try:
-        if path.suffix.lower() == ".json":
-            data: object = json.loads(text)
-        elif path.suffix.lower() == ".toml":
-            data = tomllib.loads(text)
-        else:
-            raise ConfigError(f"study context {path}: name it .json or .toml so its format is known")
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        # Both parsers say where, not what: a patient's name is not repeated in the message.
-        raise ConfigError(f"study context {path} is not valid {path.suffix[1:].upper()}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"study context {path} must hold one table of fields (key: value)")
-    return parse_study_context(data, str(path))
+    return parse_study_context(read_table(path, "study context", "fields", (".json", ".toml")), str(path))
 
 
 def _check_format(value: str, form: str, message: str) -> None:
