@@ -144,20 +144,25 @@ def _lit_glints(seed: int, t: float, count: int) -> npt.NDArray[np.bool_]:
     return np.random.default_rng([seed, 2, slot]).random(count) < 0.85
 
 
+def check_settings(what: str, seed: int, n_frames: int | None, fps: float, height: int, width: int) -> None:
+    """A simulated video's settings, each refused with what is wrong (``what`` names the video)."""
+    if height < MIN_SIZE or width < MIN_SIZE:
+        raise ConfigError(f"{what} frames must be at least {MIN_SIZE}x{MIN_SIZE}, got {height}x{width}")
+    if n_frames is not None and n_frames < 0:
+        raise ConfigError(f"n_frames must be >= 0 or None, got {n_frames}")
+    if not (math.isfinite(fps) and fps > 0):
+        raise ConfigError(f"fps must be a positive number, got {fps}")
+    if seed < 0:
+        raise ConfigError(f"seed must be >= 0, got {seed}")
+
+
 class SyntheticEndoscopySource:
     """Simulated endoscope video (RGB uint8), endless when ``n_frames`` is None."""
 
     def __init__(
         self, seed: int = 0, n_frames: int | None = None, fps: float = 30.0, height: int = 1080, width: int = 1920
     ) -> None:
-        if height < MIN_SIZE or width < MIN_SIZE:
-            raise ConfigError(f"endoscopy frames must be at least {MIN_SIZE}x{MIN_SIZE}, got {height}x{width}")
-        if n_frames is not None and n_frames < 0:
-            raise ConfigError(f"n_frames must be >= 0 or None, got {n_frames}")
-        if not (math.isfinite(fps) and fps > 0):
-            raise ConfigError(f"fps must be a positive number, got {fps}")
-        if seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {seed}")
+        check_settings("endoscopy", seed, n_frames, fps, height, width)
         self._seed, self._n_frames, self._fps = seed, n_frames, float(fps)
         self._height, self._width = height, width
         self._closed = False

@@ -34,9 +34,9 @@ from edgescope.errors import ConfigError, SourceError
 from edgescope.runtime.sources.base import SourceFrame, SourceKind
 from edgescope.runtime.sources.endoscopy import (
     CANVAS_SCALE,
-    MIN_SIZE,
     ByteArray,
     camera_to_canvas,
+    check_settings,
     field_of_view,
     instrument_mask,
 )
@@ -142,14 +142,7 @@ class SyntheticFluorescenceSource:
     def __init__(
         self, seed: int = 0, n_frames: int | None = None, fps: float = 25.0, height: int = 1080, width: int = 1920
     ) -> None:
-        if height < MIN_SIZE or width < MIN_SIZE:
-            raise ConfigError(f"fluorescence frames must be at least {MIN_SIZE}x{MIN_SIZE}, got {height}x{width}")
-        if n_frames is not None and n_frames < 0:
-            raise ConfigError(f"n_frames must be >= 0 or None, got {n_frames}")
-        if not (math.isfinite(fps) and fps > 0):
-            raise ConfigError(f"fps must be a positive number, got {fps}")
-        if seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {seed}")
+        check_settings("fluorescence", seed, n_frames, fps, height, width)
         self._seed, self._n_frames, self._fps = seed, n_frames, float(fps)
         self._height, self._width = height, width
         self._closed = False
