@@ -697,6 +697,7 @@ class InputBinding(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     PREPROCESSING_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
     input: _builtins.str
     role: Global___InputRole.ValueType
     source: _builtins.str
@@ -705,6 +706,12 @@ class InputBinding(_message.Message):
     def preprocessing(self) -> Global___Preprocessing:
         """INPUT_ROLE_SOURCE: how that source's frames become the input (the frame's is `preprocessing`)."""
 
+    @_builtins.property
+    def signal(self) -> Global___SignalSpec:
+        """INPUT_ROLE_SOURCE of a 1-D signal (an ECG lead): the window the input takes, in place of
+        `preprocessing`; the input's shape is [N, channels, samples].
+        """
+
     def __init__(
         self,
         *,
@@ -712,14 +719,56 @@ class InputBinding(_message.Message):
         role: Global___InputRole.ValueType = ...,
         source: _builtins.str = ...,
         preprocessing: Global___Preprocessing | None = ...,
+        signal: Global___SignalSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing", "signal", b"signal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "preprocessing", b"preprocessing", "role", b"role", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "preprocessing", b"preprocessing", "role", b"role", "signal", b"signal", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InputBinding: _TypeAlias = InputBinding  # noqa: Y015
+
+@_typing.final
+class SignalSpec(_message.Message):
+    """A window of a sampled signal, as a model takes it: each frame of its source carries one
+    (Frame.signal), which must match this in channels, samples and rate.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    SAMPLE_RATE_HZ_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    STD_FIELD_NUMBER: _builtins.int
+    channels: _builtins.int
+    samples: _builtins.int
+    """Samples per channel in one window."""
+    sample_rate_hz: _builtins.float
+    units: _builtins.str
+    """UCUM units of the samples (e.g. "mV"); a window that names other units is refused."""
+    mean: _builtins.float
+    """The input is (sample - mean) / std, per sample; std 0 reads as 1."""
+    std: _builtins.float
+    def __init__(
+        self,
+        *,
+        channels: _builtins.int = ...,
+        samples: _builtins.int = ...,
+        sample_rate_hz: _builtins.float = ...,
+        units: _builtins.str = ...,
+        mean: _builtins.float = ...,
+        std: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "mean", b"mean", "sample_rate_hz", b"sample_rate_hz", "samples", b"samples", "std", b"std", "units", b"units"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignalSpec: _TypeAlias = SignalSpec  # noqa: Y015
 
 @_typing.final
 class FileEntry(_message.Message):

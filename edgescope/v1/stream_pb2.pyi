@@ -300,6 +300,7 @@ class Frame(_message.Message):
     RAW_FIELD_NUMBER: _builtins.int
     ENCODED_FIELD_NUMBER: _builtins.int
     SHM_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     seq: _builtins.int
     capture_time_ns: _builtins.int
@@ -348,6 +349,12 @@ class Frame(_message.Message):
     def shm(self) -> Global___SharedMemoryFrame:
         """Pixels in a shared-memory slot the client registered (same host only)."""
 
+    @_builtins.property
+    def signal(self) -> Global___SignalWindow:
+        """A window of a 1-D signal (an ECG lead) for a model's signal source (its manifest's
+        InputBinding.signal); `capture_time_ns` is the time of the window's last sample.
+        """
+
     def __init__(
         self,
         *,
@@ -370,16 +377,52 @@ class Frame(_message.Message):
         raw: Global___RawImage | None = ...,
         encoded: Global___EncodedImage | None = ...,
         shm: Global___SharedMemoryFrame | None = ...,
+        signal: Global___SignalWindow | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["encoded", b"encoded", "pairing", b"pairing", "pixel_transform", b"pixel_transform", "pixels", b"pixels", "raw", b"raw", "shm", b"shm", "spacing", b"spacing"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["encoded", b"encoded", "pairing", b"pairing", "pixel_transform", b"pixel_transform", "pixels", b"pixels", "raw", b"raw", "shm", b"shm", "signal", b"signal", "spacing", b"spacing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_time_ns", b"capture_time_ns", "deadline_ms", b"deadline_ms", "encoded", b"encoded", "extra_models", b"extra_models", "mask_encoding", b"mask_encoding", "model", b"model", "pairing", b"pairing", "pixel_transform", b"pixel_transform", "pixels", b"pixels", "policy", b"policy", "process_late", b"process_late", "raw", b"raw", "regions", b"regions", "reset_state", b"reset_state", "seq", b"seq", "shm", b"shm", "source", b"source", "source_kind", b"source_kind", "spacing", b"spacing", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_time_ns", b"capture_time_ns", "deadline_ms", b"deadline_ms", "encoded", b"encoded", "extra_models", b"extra_models", "mask_encoding", b"mask_encoding", "model", b"model", "pairing", b"pairing", "pixel_transform", b"pixel_transform", "pixels", b"pixels", "policy", b"policy", "process_late", b"process_late", "raw", b"raw", "regions", b"regions", "reset_state", b"reset_state", "seq", b"seq", "shm", b"shm", "signal", b"signal", "source", b"source", "source_kind", b"source_kind", "spacing", b"spacing", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_pixels: _TypeAlias = _typing.Literal["raw", "encoded", "shm"]  # noqa: Y015
+    _WhichOneofReturnType_pixels: _TypeAlias = _typing.Literal["raw", "encoded", "shm", "signal"]  # noqa: Y015
     _WhichOneofArgType_pixels: _TypeAlias = _typing.Literal["pixels", b"pixels"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_pixels) -> _WhichOneofReturnType_pixels | None: ...
 
 Global___Frame: _TypeAlias = Frame  # noqa: Y015
+
+@_typing.final
+class SignalWindow(_message.Message):
+    """The last `samples` samples of each of `channels` channels, taken at `sample_rate_hz`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    SAMPLE_RATE_HZ_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
+    channels: _builtins.int
+    samples: _builtins.int
+    sample_rate_hz: _builtins.float
+    data: _builtins.bytes
+    """float32 little-endian, channel after channel: channels x samples values (4 bytes each)."""
+    units: _builtins.str
+    """UCUM units of the samples (e.g. "mV"); empty: the model's."""
+    def __init__(
+        self,
+        *,
+        channels: _builtins.int = ...,
+        samples: _builtins.int = ...,
+        sample_rate_hz: _builtins.float = ...,
+        data: _builtins.bytes = ...,
+        units: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "data", b"data", "sample_rate_hz", b"sample_rate_hz", "samples", b"samples", "units", b"units"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignalWindow: _TypeAlias = SignalWindow  # noqa: Y015
 
 @_typing.final
 class PairingPolicy(_message.Message):
