@@ -45,7 +45,7 @@ from edgescope.export.onnx_export import DEFAULT_OPSET, export_onnx
 from edgescope.export.outputs import task_model
 from edgescope.export.precision import FP16_FP32_OPS, PrecisionOptions, check_options, reduce_precision
 from edgescope.export.runs import check_batch, example_inputs, torch_runner
-from edgescope.export.sources import SourceInput, add_source_inputs, gate_source_frames
+from edgescope.export.sources import SignalInput, SourceInput, add_source_inputs, gate_source_frames
 from edgescope.export.tasks import StateSpec
 from edgescope.export.tensorrt import EngineOptions, build_engine
 from edgescope.export.triton import write_repository
@@ -163,7 +163,7 @@ class ExportRequest:
     # A model fed by several sources: the frame's source name, and each other source's input
     # (export/sources.py), fed to the graph after the frame in this order.
     frame_source: str = ""
-    source_inputs: list[SourceInput] = field(default_factory=list)
+    source_inputs: list[SourceInput | SignalInput] = field(default_factory=list)
     scores_output: str = "scores"
     box_format: str = "xyxy"
     score_threshold: float = 0.5

@@ -8,6 +8,12 @@ named after it, with its own size and colour, declared in the manifest as an
 
     --frame-source white --source-input nir:128x128:gray=synthetic:fluorescence
 
+A source may instead be a 1-D signal (an ECG lead): its input is a window of
+``SAMPLES`` samples of each of ``CHANNELS`` channels at ``RATE`` Hz, shaped
+``[N, CHANNELS, SAMPLES]`` (``edgescope.runtime.pipeline.signal``)::
+
+    --source-input ecg:signal:1x256@250Hz=synthetic:ecg
+
 The graph's inputs are, in order: the frame, then these sources as given
 (the model's ``forward`` takes them in that order). The gate runs each
 source's frames alongside the frame source's, the i-th with the i-th: the
@@ -23,10 +29,11 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from edgescope.errors import ConfigError, ExportError
+from edgescope.errors import ConfigError, ExportError, FrameError
 from edgescope.runtime.pipeline.preprocess import input_channels, preprocess
+from edgescope.runtime.pipeline.signal import signal_tensor
 from edgescope.runtime.pipeline.state import source_inputs
-from edgescope.runtime.sources import open_source
+from edgescope.runtime.sources import SourceFrame, open_source
 from edgescope.v1 import manifest_pb2
 
 Tensor = npt.NDArray[np.float32]
@@ -35,6 +42,12 @@ SourceFrames = Mapping[str, Tensor]
 
 _SPEC = re.compile(
     r"^(?P<name>[A-Za-z][A-Za-z0-9_-]{0,31}):(?P<height>\d+)x(?P<width>\d+):(?P<color>gray|rgb|bgr)=(?P<data>.+)$"
+)
+_NUMBER = r"\d+(?:\.\d+)?"
+_SIGNAL_SPEC = re.compile(
+    r"^(?P<name>[A-Za-z][A-Za-z0-9_-]{0,31}):signal:(?P<channels>\d+)x(?P<samples>\d+)"
+    rf"@(?P<rate>{_NUMBER})Hz(?::(?P<units>[A-Za-z][A-Za-z0-9.\[\]]{{0,15}}))?"
+    rf"(?::(?P<mean>-?{_NUMBER})/(?P<std>{_NUMBER}))?=(?P<data>.+)$"
 )
 _COLORS = {
     "gray": manifest_pb2.COLOR_MODE_GRAY,
@@ -68,10 +81,60 @@ class SourceInput:
         return cls(match["name"], height, width, match["color"], match["data"])
 
 
+@dataclass(frozen=True, slots=True)
+class SignalInput:
+    """Another source that is a 1-D signal: its name (also the graph input's), window, normalisation, gate data."""
+
+    name: str
+    channels: int
+    samples: int
+    rate_hz: float
+    units: str
+    mean: float
+    std: float
+    data: str
+
+    @classmethod
+    def parse(cls, text: str) -> SignalInput:
+        """``NAME:signal:CHANNELSxSAMPLES@RATEHz[:UNITS][:MEAN/STD]=DATA`` (``ecg:signal:1x256@250Hz=synthetic:ecg``).
+
+        Units are UCUM (mV unless given); the input is (sample - MEAN) / STD (0 and 1 unless given).
+        """
+        match = _SIGNAL_SPEC.match(text.strip())
+        if match is None:
+            raise ConfigError(
+                f"signal input {text[:80]!r}: expected NAME:signal:CHANNELSxSAMPLES@RATEHz[:UNITS][:MEAN/STD]=DATA "
+                "(e.g. ecg:signal:1x256@250Hz=synthetic:ecg; units mV unless given)"
+            )
+        channels, samples, rate = int(match["channels"]), int(match["samples"]), float(match["rate"])
+        std = float(match["std"] or 1.0)
+        if channels <= 0 or samples <= 0 or rate <= 0 or std <= 0:
+            raise ConfigError(f"signal input {match['name']}: channels, samples, rate and std must be positive")
+        mean = float(match["mean"] or 0.0)
+        return cls(match["name"], channels, samples, rate, match["units"] or "mV", mean, std, match["data"])
+
+    def spec(self) -> manifest_pb2.SignalSpec:
+        return manifest_pb2.SignalSpec(
+            channels=self.channels,
+            samples=self.samples,
+            sample_rate_hz=self.rate_hz,
+            units=self.units,
+            mean=self.mean,
+            std=self.std,
+        )
+
+
+def parse_source_input(text: str) -> SourceInput | SignalInput:
+    """An image source (``NAME:HxW:COLOR=DATA``) or a signal source (``NAME:signal:...=DATA``)."""
+    if text.strip().partition(":")[2].startswith("signal:"):
+        return SignalInput.parse(text)
+    return SourceInput.parse(text)
+
+
 def add_source_inputs(
     manifest: manifest_pb2.ModelManifest,
     frame_source: str,
-    sources: Sequence[SourceInput],
+    sources: Sequence[SourceInput | SignalInput],
     batch: manifest_pb2.Dim,
     scale: float,
 ) -> None:
@@ -88,6 +151,13 @@ def add_source_inputs(
     frame = manifest.inputs[0]
     manifest.input_bindings.add(input=frame.name, role=manifest_pb2.INPUT_ROLE_FRAME, source=frame_source)
     for source in sources:
+        if isinstance(source, SignalInput):
+            shape = [batch, manifest_pb2.Dim(size=source.channels), manifest_pb2.Dim(size=source.samples)]
+            manifest.inputs.add(name=source.name, dtype=manifest_pb2.DATA_TYPE_FLOAT32, shape=shape)
+            manifest.input_bindings.add(
+                input=source.name, role=manifest_pb2.INPUT_ROLE_SOURCE, source=source.name, signal=source.spec()
+            )
+            continue
         pre = manifest_pb2.Preprocessing(
             height=source.height,
             width=source.width,
@@ -104,7 +174,7 @@ def add_source_inputs(
 
 
 def gate_source_frames(
-    manifest: manifest_pb2.ModelManifest, sources: Sequence[SourceInput], samples: int
+    manifest: manifest_pb2.ModelManifest, sources: Sequence[SourceInput | SignalInput], samples: int
 ) -> list[SourceFrames] | None:
     """The other sources' inputs for each of the gate's ``samples`` frames; None for a model of one source."""
     bindings = {b.input: b for b in source_inputs(manifest)}
@@ -112,14 +182,28 @@ def gate_source_frames(
         return None
     per_source: dict[str, list[Tensor]] = {}
     for source in sources:
-        spec = bindings[source.name].preprocessing
+        binding = bindings[source.name]
         frames: list[Tensor] = []
         with open_source(source.data) as opened:
             for frame in opened:
-                frames.append(preprocess(frame.pixels, spec, frame.pixel_transform)[0])
+                frames.append(_gate_input(binding, frame, source.data))
                 if len(frames) == samples:
                     break
         if len(frames) < samples:
             raise ExportError(f"source {source.name}: {source.data} gave {len(frames)} frames; the gate runs {samples}")
         per_source[source.name] = frames
     return [{name: frames[i] for name, frames in per_source.items()} for i in range(samples)]
+
+
+def _gate_input(binding: manifest_pb2.InputBinding, frame: SourceFrame, data: str) -> Tensor:
+    """One gate frame's input for a source: its window, or its preprocessed image."""
+    if not binding.HasField("signal"):
+        if frame.signal is not None:
+            raise ExportError(f"source {binding.source}: {data} gives signal windows; this input takes images")
+        return preprocess(frame.pixels, binding.preprocessing, frame.pixel_transform)[0]
+    if frame.signal is None:
+        raise ExportError(f"source {binding.source}: {data} gives images; this input takes a signal window")
+    try:
+        return signal_tensor(frame.signal, binding.signal, binding.source)
+    except FrameError as exc:
+        raise ExportError(f"{exc} ({data}: give it the window the model takes)") from exc

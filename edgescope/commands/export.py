@@ -107,7 +107,8 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="NAME:HxW:COLOR=DATA",
         help="another source's input, after the frame input in the model's arguments (repeatable): its name, "
         "input size, colour (gray, rgb, bgr) and the frames the gate runs it on, e.g. "
-        "nir:128x128:gray=synthetic:fluorescence",
+        "nir:128x128:gray=synthetic:fluorescence; or a 1-D signal, NAME:signal:CHANNELSxSAMPLES@RATEHz"
+        "[:UNITS][:MEAN/STD]=DATA, e.g. ecg:signal:1x256@250Hz=synthetic:ecg",
     )
     p.add_argument("--scores-output", default="scores", help="detection: the class-score output")
     p.add_argument("--box-format", default="xyxy", choices=["xyxy", "xywh", "cxcywh"])
@@ -166,7 +167,7 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     from edgescope.export import ExportRequest, export_model
     from edgescope.export.precision import FP16_FP32_OPS
-    from edgescope.export.sources import SourceInput
+    from edgescope.export.sources import parse_source_input
     from edgescope.export.tasks import StateSpec
 
     export_model(
@@ -203,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
             state=[StateSpec.parse(s) for s in args.state],
             input_name=args.input_name,
             frame_source=args.frame_source,
-            source_inputs=[SourceInput.parse(s) for s in args.source_input],
+            source_inputs=[parse_source_input(s) for s in args.source_input],
             scores_output=args.scores_output,
             box_format=args.box_format,
             score_threshold=args.score_threshold,

@@ -364,3 +364,26 @@ class TwoSourceNet(nn.Module):
 
 def build_two_source() -> nn.Module:
     return _seeded(TwoSourceNet)
+
+
+# --- Image with a 1-D signal window (ultrasound gated by ECG) ---------------------------------------
+
+
+class ImageAndSignalNet(nn.Module):
+    """Scores of two classes from a gray frame and a window of one ECG lead (1 x samples)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.signal = nn.Conv1d(1, 4, 9, stride=4, padding=4)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, frame: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+        seen = torch.relu(self.image(frame)).mean(dim=(2, 3))
+        heard = torch.tanh(self.signal(signal)).mean(dim=2)
+        logits: torch.Tensor = self.head(torch.cat([seen, heard], dim=1))
+        return logits
+
+
+def build_image_and_signal() -> nn.Module:
+    return _seeded(ImageAndSignalNet)

@@ -107,7 +107,7 @@ def build_frame(
         policy=options.policy,
         deadline_ms=options.deadline_ms,
     )
-    if with_pixels:
+    if with_pixels and source_frame.signal is None:
         encode_raw_into(frame.raw, source_frame.pixels)
     source_frame.describe(frame)
     if seq == 0 and options.pairing is not None:
@@ -188,7 +188,7 @@ async def stream_source(
             )
             if sources is not None:
                 sources.sent(frame)
-            if sender is not None:
+            if sender is not None and source_frame.signal is None:
                 await sender.place(frame, source_frame.pixels)
             yield frame
             sent += 1

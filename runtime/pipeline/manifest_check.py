@@ -14,6 +14,7 @@ import math
 
 from edgescope.errors import BundleError
 from edgescope.runtime.pipeline.preprocess import input_channels
+from edgescope.runtime.pipeline.signal import spec_problems
 from edgescope.runtime.pipeline.state import frame_input, frame_source, source_inputs
 from edgescope.v1 import manifest_pb2
 
@@ -85,7 +86,9 @@ def _source_problems(manifest: manifest_pb2.ModelManifest, inputs: set[str]) -> 
     for binding in bindings:
         if binding.input not in inputs:
             problems.append(f"source {binding.source!r} feeds {binding.input!r}, which is not one of its inputs")
-        if binding.preprocessing.height <= 0 or binding.preprocessing.width <= 0:
+        if binding.HasField("signal"):
+            problems.extend(spec_problems(binding.source, binding.signal))
+        elif binding.preprocessing.height <= 0 or binding.preprocessing.width <= 0:
             problems.append(
                 f"source {binding.source!r} has input size {binding.preprocessing.width}x{binding.preprocessing.height}"
             )

@@ -186,7 +186,12 @@ def warm_up(session: Session, manifest: manifest_pb2.ModelManifest) -> None:
         )
 
     # Stateful models also take their initial state (and a previous frame); fusion models their other sources.
-    sources = {binding.input: zeros(binding.preprocessing) for binding in source_inputs(manifest)}
+    sources = {
+        binding.input: np.zeros((1, binding.signal.channels, binding.signal.samples), np.float32)
+        if binding.HasField("signal")
+        else zeros(binding.preprocessing)
+        for binding in source_inputs(manifest)
+    }
     session.infer(ModelState(manifest).feed(zeros(manifest.preprocessing), sources))
 
 

@@ -25,6 +25,7 @@ from edgescope.runtime.pipeline.domain import DomainScorer, normal_score
 from edgescope.runtime.pipeline.encode import fill_result
 from edgescope.runtime.pipeline.postprocess import postprocess
 from edgescope.runtime.pipeline.preprocess import Geometry, preprocess
+from edgescope.runtime.pipeline.signal import signal_tensor
 from edgescope.runtime.pipeline.state import StreamState, frame_input, frame_source, is_stateful, source_inputs
 from edgescope.runtime.pipeline.tta import FLIP, flip_batch, merge_flip
 from edgescope.runtime.render.preview import preview_jpeg, thumbnail
@@ -116,6 +117,9 @@ class FrameJob:
                     f"model {self.model.name} takes a frame of source {binding.source!r} with each frame of "
                     f"source {frame_source(self.model.manifest)!r}; none came with this one (send both on one stream)"
                 )
+            if binding.HasField("signal"):
+                self.side[binding.input] = signal_tensor(partner.frame.signal, binding.signal, binding.source)
+                continue
             own = partner.frame.pixel_transform if partner.frame.HasField("pixel_transform") else None
             self.side[binding.input] = preprocess(partner.get(), binding.preprocessing, own)[0]
         if self.model.policy.tta == FLIP:
@@ -219,10 +223,16 @@ def frame_jobs(
 
 
 def job_for(
-    frame_job: FrameJob, lane: str, stream: StreamState, reset: bool, deadline_ns: int | None = None
+    frame_job: FrameJob,
+    lane: str,
+    stream: StreamState,
+    reset: bool,
+    deadline_ns: int | None = None,
+    live: bool = False,
 ) -> Job[Finished]:
     """The worker job for one model on one frame, carrying the stream's state if the model has any,
-    and the frame's deadline (perf_counter ns), past which the worker does not run it."""
+    and the frame's deadline (perf_counter ns), past which the worker does not run it; ``live`` for a
+    frame of a stream or capture."""
     model = frame_job.model
     manifest = model.manifest
     state = stream.for_model(model.name, manifest) if is_stateful(manifest) else None
@@ -237,6 +247,7 @@ def job_for(
         batchable=state is None and model.batchable,
         rows=2 if model.policy.tta == FLIP else 1,
         deadline_ns=deadline_ns,
+        live=live,
     )
 
 

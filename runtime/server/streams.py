@@ -58,6 +58,7 @@ from edgescope.runtime.pipeline.decode import (
     check_frame_fields,
 )
 from edgescope.runtime.pipeline.drift import StreamDrift
+from edgescope.runtime.pipeline.signal import signal_refusal, signal_specs
 from edgescope.runtime.pipeline.state import StreamState, frame_source, source_inputs
 from edgescope.runtime.server.auth import current_client
 from edgescope.runtime.server.frame_run import run_frame
@@ -66,7 +67,7 @@ from edgescope.runtime.server.registry import ModelRegistry
 from edgescope.runtime.server.stages import FramePixels
 from edgescope.runtime.server.stream_work import CaptureClock, LiveSlot, TaskSet, Work, answer_for, dropped, failed
 from edgescope.runtime.telemetry.metrics import RuntimeMetrics
-from edgescope.v1 import stream_pb2
+from edgescope.v1 import manifest_pb2, stream_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,8 @@ class StreamRun:
         self.stream_ids: set[str] = set()
         # A stream of several sources for one model: made on its first frame that names a source.
         self.pairer: Pairer[Work] | None = None
+        # The model's signal sources (ECG), whose windows are checked as they are read.
+        self._signals: dict[str, manifest_pb2.SignalSpec] = {}
         # True while the reader waits for a busy model to take a frame: pairing's waits stand still then,
         # since the frames behind are already sent (waiting for the client or the window, they run).
         self._held_back = False
@@ -306,6 +309,7 @@ class StreamRun:
                     f"model {name} takes frames of one source; send them without Frame.source "
                     f"(it names the source of a frame for a model fed by several)"
                 )
+            self._signals = signal_specs(manifest)
             self.pairer = Pairer(
                 frame_source(manifest),
                 others,
@@ -320,7 +324,7 @@ class StreamRun:
                 f"source {frame.source[:MAX_NAME_CHARS]!r} is not one the model takes "
                 f"(its sources: {', '.join(self.pairer.sources)})"
             )
-        return None
+        return signal_refusal(frame, self._signals)
 
     def _on_set(self, lead: Work, partners: dict[str, Work]) -> None:
         lead.partners = partners
@@ -390,6 +394,7 @@ class StreamRun:
                 deadline_ns=None if frame.process_late else work.deadline_ns,
                 sequential=self._sequential,
                 partners=self._partner_pixels(work),
+                live=True,
             )
             if work.partners is not None:
                 _describe_set(finished.result, work, self.pairer)

@@ -23,6 +23,7 @@ import numpy.typing as npt
 from edgescope.errors import EdgescopeError
 from edgescope.runtime.pipeline.decode import encode_raw_into
 from edgescope.runtime.pipeline.preprocess import input_channels
+from edgescope.runtime.pipeline.signal import window_of
 from edgescope.runtime.pipeline.state import StreamState, source_inputs
 from edgescope.runtime.server.registry import ServedModel
 from edgescope.runtime.server.stages import FramePixels, frame_jobs, job_for
@@ -44,6 +45,15 @@ def synthetic_frame(height: int, width: int, channels: int, seq: int) -> npt.NDA
     return image if channels == 1 else np.repeat(image[:, :, None], channels, axis=2)
 
 
+def _partner(model: str, binding: manifest_pb2.InputBinding, scale: int, seq: int) -> FramePixels:
+    """A frame of another source: a window of a signal source (silence), or an image at its input size."""
+    if not binding.HasField("signal"):
+        return FramePixels(_frame(model, binding.preprocessing, scale, seq))
+    spec = binding.signal
+    window = window_of(np.zeros((spec.channels, spec.samples)), spec.sample_rate_hz, spec.units)
+    return FramePixels(stream_pb2.Frame(stream_id=LANE, seq=seq, model=model, source=binding.source, signal=window))
+
+
 def _frame(model: str, spec: manifest_pb2.Preprocessing, scale: int, seq: int) -> stream_pb2.Frame:
     frame = stream_pb2.Frame(stream_id=LANE, seq=seq, model=model)
     encode_raw_into(frame.raw, synthetic_frame(spec.height * scale, spec.width * scale, input_channels(spec), seq))
@@ -60,10 +70,8 @@ async def warm_up(model: ServedModel) -> None:
             for seq in range(FRAMES_PER_SIZE):
                 frame = _frame(model.name, spec, scale, seq)
                 # A model fed by several sources gets a frame of each at its own input size.
-                partners = {
-                    binding.source: FramePixels(_frame(model.name, binding.preprocessing, scale, seq))
-                    for binding in source_inputs(model.manifest)
-                }
+                bindings = source_inputs(model.manifest)
+                partners = {binding.source: _partner(model.name, binding, scale, seq) for binding in bindings}
                 (job,) = frame_jobs(
                     frame, [model], FramePixels(frame), time.perf_counter_ns(), want_thumbnail=False, partners=partners
                 )

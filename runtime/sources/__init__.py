@@ -28,6 +28,7 @@ SPEC_FORMS = (
     "synthetic:ultrasound[?frames=N&seed=S&fps=F&height=H&width=W]",
     "synthetic:endoscopy[?frames=N&seed=S&fps=F&height=H&width=W]",
     "synthetic:fluorescence[?frames=N&seed=S&fps=F&height=H&width=W]",
+    "synthetic:ecg[?frames=N&seed=S&fps=F&bpm=B&rate=HZ&window=SAMPLES]",
 )
 """The source specs :func:`open_source` accepts."""
 
@@ -37,7 +38,13 @@ _SYNTHETIC_PARAMS: dict[str, tuple[str, type[int] | type[float]]] = {
     "fps": ("fps", float),
     "height": ("height", int),
     "width": ("width", int),
+    "bpm": ("bpm", float),
+    "rate": ("rate_hz", float),
+    "window": ("window", int),
 }
+# The simulated images have a size; the simulated ECG a heart rate, a sample rate and a window.
+_SIGNAL_ONLY = {"bpm", "rate", "window"}
+_IMAGE_ONLY = {"height", "width"}
 
 
 def open_source(spec: str, *, loop: bool = False) -> FrameSource:
@@ -127,6 +134,7 @@ def _split_options(spec: str, rest: str, known: dict[str, type[str] | type[float
 
 
 def _open_synthetic(spec: str, rest: str, *, loop: bool) -> FrameSource:
+    from edgescope.runtime.sources.ecg import SyntheticEcgSource
     from edgescope.runtime.sources.endoscopy import SyntheticEndoscopySource
     from edgescope.runtime.sources.fluorescence import SyntheticFluorescenceSource
     from edgescope.runtime.sources.synthetic import SyntheticUltrasoundSource
@@ -136,6 +144,7 @@ def _open_synthetic(spec: str, rest: str, *, loop: bool) -> FrameSource:
         "ultrasound": SyntheticUltrasoundSource,
         "endoscopy": SyntheticEndoscopySource,
         "fluorescence": SyntheticFluorescenceSource,
+        "ecg": SyntheticEcgSource,
     }
     if simulated not in simulators:
         expected = ", ".join(form for form in SPEC_FORMS if form.startswith("synthetic:"))
@@ -146,8 +155,9 @@ def _open_synthetic(spec: str, rest: str, *, loop: bool) -> FrameSource:
         raise ConfigError(f"malformed parameters in {spec!r}: {exc}") from exc
     kwargs: dict[str, Any] = {}
     for key, value in pairs:
-        if key not in _SYNTHETIC_PARAMS:
-            raise ConfigError(f"unknown parameter {key!r} in {spec!r}; known: {', '.join(_SYNTHETIC_PARAMS)}")
+        known = [k for k in _SYNTHETIC_PARAMS if k not in (_IMAGE_ONLY if simulated == "ecg" else _SIGNAL_ONLY)]
+        if key not in known:
+            raise ConfigError(f"unknown parameter {key!r} in {spec!r}; known: {', '.join(known)}")
         name, convert = _SYNTHETIC_PARAMS[key]
         if name in kwargs:
             raise ConfigError(f"parameter {key!r} is given twice in {spec!r}")

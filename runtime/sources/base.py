@@ -41,10 +41,14 @@ class SourceFrame:
     pixel_transform: stream_pb2.PixelTransform | None = None
     # The name of the source it came from, among several streamed together (``MergedSources``).
     source: str = ""
+    # A signal source's window (``synthetic:ecg``): sent in place of the pixels, which are then empty.
+    signal: stream_pb2.SignalWindow | None = None
 
     def describe(self, frame: stream_pb2.Frame) -> None:
         """Put what the server needs to know about these pixels (spacing, regions, transform) into ``frame``."""
         frame.source = self.source
+        if self.signal is not None:
+            frame.signal.CopyFrom(self.signal)
         if self.spacing_mm is not None:
             frame.spacing.row_mm, frame.spacing.column_mm = self.spacing_mm
         frame.regions.extend(self.regions)
