@@ -32,8 +32,8 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="[NAME=]SPEC",
         help="dicom:PATH[?voi=..] | video:PATH | images:GLOB[?fps=F] | v4l2:/dev/videoN[?width=&height=&fps=&fourcc=] "
         "| rtsp:// rtsps:// http(s):// udp:// srt:// URL | gst:PIPELINE | synthetic:ultrasound | synthetic:endoscopy "
-        "| synthetic:fluorescence; repeat as NAME=SPEC for a model fed by several sources (the names its manifest "
-        "gives them, e.g. --source white=synthetic:endoscopy --source nir=synthetic:fluorescence)",
+        "| synthetic:fluorescence | synthetic:ecg; repeat as NAME=SPEC for a model fed by several sources (the "
+        "names its manifest gives them, e.g. --source white=synthetic:endoscopy --source nir=synthetic:fluorescence)",
     )
     pairing = p.add_argument_group("several sources (the server pairs their frames by capture time)")
     pairing.add_argument(
