@@ -228,3 +228,29 @@ def test_a_window_of_the_wrong_length_or_channels_fails_that_frame_only(gated_se
     lead_codes = {r.seq: r.status.code for r in results if r.seq % 2 == 0 and r.seq not in errors}
     assert lead_codes[0] == OK and lead_codes[16] == OK
     assert sum(code == OK for code in lead_codes.values()) >= 6
+
+
+def test_a_server_capture_of_an_image_source_and_an_ecg_source_pairs_them(gated_bundle: Bundle) -> None:
+    from edgescope.runtime.server.capture import CaptureConfig
+
+    us = "us=synthetic:ultrasound?height=96&width=96&fps=30"
+    lead = f"ecg=synthetic:ecg?window={WINDOW}&fps=30"
+    running = ServerThread([gated_bundle.path], captures=[CaptureConfig.parse(f"gated={us}|{lead}@ecg-gated")])
+    results: list[stream_pb2.Result] = []
+    try:
+        with grpc.insecure_channel(running.target, options=channel_options(16 << 20)) as channel:
+            call = stream_pb2_grpc.StreamServiceStub(channel).Subscribe(
+                stream_pb2.SubscribeRequest(capture="gated"), timeout=60
+            )
+            for result in call:
+                results.append(result)
+                if len(results) == 30:
+                    call.cancel()
+                    break
+    finally:
+        running.stop()
+    codes = [stream_pb2.FrameStatusCode.Name(r.status.code) for r in results]
+    ok = [r for r in results if r.status.code == OK]
+    assert ok and all(r.pairing.partners[0].source == "ecg" for r in ok), codes
+    assert any(r.status.code == stream_pb2.FRAME_STATUS_CODE_PAIRED for r in results), codes
+    assert not any(r.status.code == ERROR for r in results), [r.status.reason for r in results]

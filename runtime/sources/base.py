@@ -48,6 +48,7 @@ class SourceFrame:
         """Put what the server needs to know about these pixels (spacing, regions, transform) into ``frame``."""
         frame.source = self.source
         if self.signal is not None:
+            # One oneof: the window replaces the (empty) pixels a sender may have encoded first.
             frame.signal.CopyFrom(self.signal)
         if self.spacing_mm is not None:
             frame.spacing.row_mm, frame.spacing.column_mm = self.spacing_mm
