@@ -118,6 +118,7 @@ def gated_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
             frame_source="us",
             source_inputs=[parse_source_input(f"ecg:signal:1x{WINDOW}@250Hz:mV:0/0.5=synthetic:ecg?window={WINDOW}")],
             samples=3,
+            formats=("bundle", "triton"),
         ),
         log=lambda _line: None,
     )
@@ -132,13 +133,15 @@ def gated_server(gated_bundle: Bundle) -> Iterator[ServerThread]:
         running.stop()
 
 
-def test_the_manifest_declares_the_signal_window_and_the_gate_ran_it(gated_bundle: Bundle) -> None:
+def test_the_manifest_and_the_triton_config_declare_the_signal_window_and_the_gate_ran_it(gated_bundle: Bundle) -> None:
     manifest = gated_bundle.manifest
     assert [i.name for i in manifest.inputs] == ["image", "ecg"]
     assert [d.size for d in manifest.inputs[1].shape[1:]] == [1, WINDOW]
     (ecg_binding,) = [b for b in manifest.input_bindings if b.role == manifest_pb2.INPUT_ROLE_SOURCE]
     assert ecg_binding.source == "ecg" and ecg_binding.signal == SPEC
     assert manifest.validation.passed and manifest.golden.frames == 3
+    triton = (gated_bundle.path / "triton/ecg-gated/config.pbtxt").read_text()
+    assert f'name: "ecg"\n    data_type: TYPE_FP32\n    dims: [ 1, {WINDOW} ]' in triton
     broken = manifest_pb2.ModelManifest()
     broken.CopyFrom(manifest)
     broken.input_bindings[1].signal.samples = 0
@@ -180,6 +183,14 @@ def test_streamed_with_the_real_client_every_frame_is_answered_as_onnx_runtime_c
         (logits,) = session.run(None, {"image": image, "ecg": signal_tensor(window, SPEC, "ecg")})
         expected = np.exp(logits[0]) / np.exp(logits[0]).sum()
         np.testing.assert_allclose(result.outputs[0].classes.scores, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_kserve_lists_the_signal_input_with_its_window_shape(gated_server: ServerThread) -> None:
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    client = grpcclient.InferenceServerClient(gated_server.target)
+    metadata = client.get_model_metadata("ecg-gated")
+    assert [(i.name, list(i.shape)) for i in metadata.inputs] == [("image", [-1, 1, 64, 64]), ("ecg", [-1, 1, WINDOW])]
+    client.close()
 
 
 GRAY = encode_raw(np.random.default_rng(4).integers(0, 255, (96, 96), dtype=np.uint8))
