@@ -91,8 +91,9 @@ class SharedBufferSession(Session):
         pass
 
 
-def _job(lane: str, value: float, *, batchable: bool = False) -> Job[JobResult]:
-    return Job(lane=lane, finish=as_is, tensor=np.full((1, 4), value, np.float32), frame_input="x", batchable=batchable)
+def _job(lane: str, value: float, *, batchable: bool = False, live: bool = False) -> Job[JobResult]:
+    tensor = np.full((1, 4), value, np.float32)
+    return Job(lane=lane, finish=as_is, tensor=tensor, frame_input="x", batchable=batchable, live=live)
 
 
 def _worker(factory: Callable[[], Session], **options: int | float) -> ModelWorker:
@@ -198,6 +199,68 @@ def test_lanes_are_served_round_robin() -> None:
         _stop(worker)
     # The other lane's job ran right after the one already running, not after the nine waiting.
     assert order.index("2") <= 2, order
+
+
+def _recording(order: list[float], gate: threading.Event, delay_s: float = 0.0) -> type[GuardedSession]:
+    """A session that holds every call until ``gate`` opens, recording each input's first value."""
+
+    class Recording(GuardedSession):
+        def __init__(self) -> None:
+            super().__init__(delay_s=delay_s)
+
+        def _infer_impl(self, feed: Feed) -> Outputs:
+            gate.wait(10)
+            order.append(float(np.asarray(feed["x"])[0, 0]))
+            return super()._infer_impl(feed)
+
+    return Recording
+
+
+def test_a_live_frame_runs_before_requests_that_waited_longer() -> None:
+    gate, order = threading.Event(), []  # type: ignore[var-annotated]
+    worker = _worker(_recording(order, gate))
+
+    async def scenario() -> None:
+        requests = [asyncio.ensure_future(worker.infer(_job(f"client-{i}", 1.0))) for i in range(6)]
+        await asyncio.sleep(0.05)  # the first is running, five wait
+        live = asyncio.ensure_future(worker.infer(_job("stream", 2.0, live=True)))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(*requests, live)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        _stop(worker)
+    assert order.index(2.0) == 1, order
+
+
+def test_requests_keep_a_quarter_of_the_model_while_live_frames_wait_too() -> None:
+    gate, order = threading.Event(), []  # type: ignore[var-annotated]
+    gate.set()
+    worker = _worker(_recording(order, gate, delay_s=0.004))
+    jobs = [_job(f"stream-{i % 3}", 1.0, live=True) for i in range(60)] + [_job("client", 2.0) for _ in range(60)]
+    try:
+        asyncio.run(_run_all(worker, jobs))
+    finally:
+        _stop(worker)
+    # While both classes waited (the first 60 runs), requests had about one run in four: never starved,
+    # never more than their share.
+    share = order[:60].count(2.0) / 60
+    assert 0.15 <= share <= 0.35, order
+
+
+def test_a_live_frames_batch_takes_no_request_as_company() -> None:
+    sizes: list[int] = []
+    worker = _worker(_batching(sizes), max_batch=8, batch_delay_s=0.05)
+    jobs = [_job("stream-a", 1.0, batchable=True, live=True), _job("stream-b", 2.0, batchable=True, live=True)]
+    jobs += [_job(f"client-{i}", 3.0, batchable=True) for i in range(3)]
+    try:
+        results = asyncio.run(_run_all(worker, jobs))
+    finally:
+        _stop(worker)
+    assert all(isinstance(result, JobResult) for result in results)
+    assert sorted(sizes) == [2, 3], sizes
 
 
 def _batching(sizes: list[int]) -> type[GuardedSession]:

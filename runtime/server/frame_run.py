@@ -37,10 +37,12 @@ async def run_frame(
     deadline_ns: int | None = None,
     sequential: asyncio.Lock | None = None,
     partners: Mapping[str, FramePixels] | None = None,
+    live: bool = False,
 ) -> Finished:
     """One frame on ``model`` and its extra models, each leased for the time it takes.
 
     A model with recurrent state takes the frames of one ``sequential`` lock's holder one by one.
+    ``live``: a frame of a stream or capture, served before unary calls (see ``job_queue``).
     """
     leases: list[ServedModel] = []
     try:
@@ -51,7 +53,9 @@ async def run_frame(
         async with sequential if stateful and sequential is not None else contextlib.nullcontext():
             # One model after another: a frame's extra models are rare, and each keeps its own order.
             finished = [
-                await _in_time(job.model.infer(job_for(job, lane, state, frame.reset_state, deadline_ns)), deadline_ns)
+                await _in_time(
+                    job.model.infer(job_for(job, lane, state, frame.reset_state, deadline_ns, live)), deadline_ns
+                )
                 for job in jobs
             ]
         first = answer(jobs, finished)
@@ -59,7 +63,9 @@ async def run_frame(
         domain = first.result.domain
         if not other or not domain.checked or domain.in_domain:
             return first
-        return await _fall_back(models, other, first, frame, pixels, received_ns, lane, state, deadline_ns, partners)
+        return await _fall_back(
+            models, other, first, frame, pixels, received_ns, lane, state, deadline_ns, partners, live
+        )
     finally:
         for leased in leases:
             models.release(leased)
@@ -76,6 +82,7 @@ async def _fall_back(
     state: StreamState,
     deadline_ns: int | None,
     partners: Mapping[str, FramePixels] | None,
+    live: bool,
 ) -> Finished:
     """The answer of model ``other`` to a frame out of the first model's domain, the first's own beside it."""
     primary = first.result.provenance.model
@@ -92,7 +99,7 @@ async def _fall_back(
     try:
         (job,) = frame_jobs(frame, [fallback], pixels, received_ns, False, partners)
         finished = await _in_time(
-            fallback.infer(job_for(job, lane, state, frame.reset_state, deadline_ns)), deadline_ns
+            fallback.infer(job_for(job, lane, state, frame.reset_state, deadline_ns, live)), deadline_ns
         )
     finally:
         models.release(fallback)

@@ -223,10 +223,16 @@ def frame_jobs(
 
 
 def job_for(
-    frame_job: FrameJob, lane: str, stream: StreamState, reset: bool, deadline_ns: int | None = None
+    frame_job: FrameJob,
+    lane: str,
+    stream: StreamState,
+    reset: bool,
+    deadline_ns: int | None = None,
+    live: bool = False,
 ) -> Job[Finished]:
     """The worker job for one model on one frame, carrying the stream's state if the model has any,
-    and the frame's deadline (perf_counter ns), past which the worker does not run it."""
+    and the frame's deadline (perf_counter ns), past which the worker does not run it; ``live`` for a
+    frame of a stream or capture."""
     model = frame_job.model
     manifest = model.manifest
     state = stream.for_model(model.name, manifest) if is_stateful(manifest) else None
@@ -241,6 +247,7 @@ def job_for(
         batchable=state is None and model.batchable,
         rows=2 if model.policy.tta == FLIP else 1,
         deadline_ns=deadline_ns,
+        live=live,
     )
 
 

@@ -394,6 +394,7 @@ class StreamRun:
                 deadline_ns=None if frame.process_late else work.deadline_ns,
                 sequential=self._sequential,
                 partners=self._partner_pixels(work),
+                live=True,
             )
             if work.partners is not None:
                 _describe_set(finished.result, work, self.pairer)

@@ -16,17 +16,17 @@ postprocess, encode) right after it, where the data already is; the only
 other threads it meets are the submitter's event loop, at both ends.
 
 Everything submits a ``Job`` through ``submit`` (or ``infer``); jobs wait in one bounded queue
-made of lanes served round-robin: one per stream, and one per client for all
-of its unary calls (a client is a credential on a host, see
-``auth.current_client``), so a live stream keeps its share of the model
-however many calls another client opens. How many jobs one lane may hold is
-its owner's bound (a stream's window, ``admission`` for unary calls); the
-queue holds at most ``MAX_QUEUED_JOBS``, past which a new job is refused at
-once (``OverloadError``) rather than held. Batching is the worker's policy: jobs
-that carry one preprocessed frame of a stateless, dynamic-batch model are
-stacked across lanes (up to ``max_batch``, waiting at most ``batch_delay_s``
-for company); if a batch fails, its jobs are run one by one so a bad frame
-fails only itself.
+(``job_queue``) made of lanes: one per stream, and one per client for all of
+its unary calls (a client is a credential on a host, see
+``auth.current_client``); live frames go before requests, which keep a
+guaranteed share, and lanes of a class are served round-robin. How many jobs
+one lane may hold is its owner's bound (a stream's window, ``admission`` for
+unary calls); the queue holds at most ``MAX_QUEUED_JOBS``, past which a new
+job is refused at once (``OverloadError``) rather than held. Batching is the
+worker's policy: jobs that carry one preprocessed frame of a stateless,
+dynamic-batch model are stacked across lanes of one class (up to
+``max_batch``, waiting at most ``batch_delay_s`` for company); if a batch
+fails, its jobs are run one by one so a bad frame fails only itself.
 
 Retiring a worker stops it taking jobs, lets queued and running jobs finish,
 then each thread closes its session and exits.
@@ -39,7 +39,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -50,6 +49,8 @@ import numpy.typing as npt
 from edgescope.errors import BackendError, DeadlineExpiredError, EdgescopeError, OverloadError
 from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
 from edgescope.runtime.pipeline.state import ModelState
+from edgescope.runtime.server import job_queue
+from edgescope.runtime.server.job_queue import JobQueue
 from edgescope.runtime.server.statistics import ModelStatistics
 from edgescope.v1 import manifest_pb2, stream_pb2
 
@@ -90,6 +91,8 @@ class Job(Generic[T]):
     reset_state: bool = False
     feed: Feed | None = None
     batchable: bool = False
+    # A frame of a live source (a stream or capture), served before requests (see ``job_queue``).
+    live: bool = False
     # Rows of the tensor ``prepare`` will make (2: a frame and its mirror image, flip test-time augmentation).
     rows: int = 1
     # Inferences this job makes (a KServe request of batch 4 makes 4), for the statistics.
@@ -163,8 +166,7 @@ class ModelWorker:
         self._max_batch = max(1, max_batch)
         self._batch_delay_s = max(0.0, batch_delay_s)
         self._instances = [_Instance(i) for i in range(instances)]
-        self._lanes: OrderedDict[str, deque[Job[Any]]] = OrderedDict()
-        self._queued = 0
+        self._queue = JobQueue()
         self._cond = threading.Condition()
         self._retired = False
         self.capabilities: SessionCapabilities | None = None
@@ -245,11 +247,10 @@ class ModelWorker:
         with self._cond:
             if self._retired:
                 raise BackendError(f"model {self.name} is being unloaded; send the frame again")
-            if self._queued >= MAX_QUEUED_JOBS:
-                raise OverloadError(f"model {self.name} has {self._queued} requests waiting; try again shortly")
+            if len(self._queue) >= MAX_QUEUED_JOBS:
+                raise OverloadError(f"model {self.name} has {len(self._queue)} requests waiting; try again shortly")
             job.enqueued_ns = time.perf_counter_ns()
-            self._lanes.setdefault(job.lane, deque()).append(job)
-            self._queued += 1
+            self._queue.put(job)
             self._cond.notify()
         return future
 
@@ -268,12 +269,7 @@ class ModelWorker:
     def _withdraw(self, job: Job[Any]) -> None:
         with self._cond:
             job.cancelled = True
-            lane = self._lanes.get(job.lane)
-            if lane is not None and job in lane:
-                lane.remove(job)
-                self._queued -= 1
-                if not lane:
-                    del self._lanes[job.lane]
+            self._queue.withdraw(job)
 
     # -- the instance threads ----------------------------------------------------------------------
 
@@ -292,7 +288,9 @@ class ModelWorker:
             instance.ready.set()
         assert instance.session is not None
         try:
-            while (batch := self._next_batch()) is not None:
+            while (taken := self._next_batch()) is not None:
+                batch, charge = taken
+                start = time.perf_counter_ns()
                 try:
                     self._run(instance.session, batch)
                 except Exception as exc:
@@ -302,6 +300,8 @@ class ModelWorker:
                     logger.exception("an instance of %s failed outside its model; it serves on", self.name)
                     for job in batch:
                         self._settle(job, None, BackendError(f"model {self.name} failed: {type(exc).__name__}"))
+                with self._cond:
+                    self._queue.charge(charge, time.perf_counter_ns() - start)
         finally:
             if instance.owns_session:
                 # Shared sessions are closed by their owner once every user has left.
@@ -317,66 +317,30 @@ class ModelWorker:
             except Exception:
                 logger.exception("closing a session of %s failed", self.name)
 
-    def _next_batch(self) -> list[Job[Any]] | None:
-        """The next lane's job, plus batchable company from other lanes; None once retired and empty."""
+    def _next_batch(self) -> tuple[list[Job[Any]], int] | None:
+        """The next job, plus batchable company from other lanes, and the queue's charge for it;
+        None once retired and empty."""
         with self._cond:
-            while not self._lanes:
+            while not self._queue:
                 if self._retired:
                     return None
                 self._cond.wait()
-            batch = [self._pop_next()]
-            if batch[0].batchable and self._max_batch > 1 and self._batch_delay_s > 0:
+            first, charge = self._queue.pop_head()
+            if first.batchable and self._max_batch > 1 and self._batch_delay_s > 0:
                 deadline = time.monotonic() + self._batch_delay_s
-                while self._batchable_waiting(batch[0]) < self._max_batch - 1 and not self._retired:
+                while self._queue.company_waiting(first) < self._max_batch - 1 and not self._retired:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
-            if batch[0].batchable:
-                # One frame per requester: a stream's next frame waiting behind this one must not make it wait.
-                lanes, rows = {batch[0].lane}, self._rows(batch[0])
-                while (company := self._pop_batchable(batch[0], lanes, self._max_batch - rows)) is not None:
+            batch = [first]
+            if first.batchable:
+                lanes, taken = {first.lane}, job_queue.rows(first)
+                while (company := self._queue.pop_company(first, lanes, self._max_batch - taken)) is not None:
                     batch.append(company)
                     lanes.add(company.lane)
-                    rows += self._rows(company)
-            return batch
-
-    def _pop_next(self) -> Job[Any]:
-        lane_key, lane = next(iter(self._lanes.items()))
-        job = lane.popleft()
-        self._queued -= 1
-        # Round-robin: the lane goes to the back, or away when empty.
-        del self._lanes[lane_key]
-        if lane:
-            self._lanes[lane_key] = lane
-        return job
-
-    def _fits(self, job: Job[Any], first: Job[Any]) -> bool:
-        """Whether ``job`` can share ``first``'s batch: the same input, in rows of the same shape."""
-        if not job.batchable or job.frame_input != first.frame_input:
-            return False
-        if job.tensor is None or first.tensor is None:
-            # Frames prepared on this thread all take the manifest's input shape, one row each.
-            return job.prepare is not None and first.prepare is not None
-        return job.tensor.shape[1:] == first.tensor.shape[1:] and job.tensor.dtype == first.tensor.dtype
-
-    @staticmethod
-    def _rows(job: Job[Any]) -> int:
-        return job.rows if job.tensor is None else int(job.tensor.shape[0])
-
-    def _batchable_waiting(self, first: Job[Any]) -> int:
-        return sum(1 for key, lane in self._lanes.items() if key != first.lane and lane and self._fits(lane[0], first))
-
-    def _pop_batchable(self, first: Job[Any], taken: set[str], room: int) -> Job[Any] | None:
-        for lane_key, lane in self._lanes.items():
-            if lane_key not in taken and lane and self._fits(lane[0], first) and self._rows(lane[0]) <= room:
-                job = lane.popleft()
-                self._queued -= 1
-                del self._lanes[lane_key]
-                if lane:
-                    self._lanes[lane_key] = lane
-                return job
-        return None
+                    taken += job_queue.rows(company)
+            return batch, charge
 
     def _run(self, session: Session, batch: list[Job[Any]]) -> None:
         live = [job for job in batch if not job.cancelled and self._in_time(job) and self._prepared(job)]
@@ -434,7 +398,7 @@ class ModelWorker:
         self._record(jobs, start, elapsed, success=True)
         offset = 0
         for job in jobs:
-            count = self._rows(job)
+            count = job_queue.rows(job)
             own = {name: value[offset : offset + count] for name, value in outputs.items()}
             offset += count
             self._finish(job, JobResult(own, elapsed, rows, self.provenance))
