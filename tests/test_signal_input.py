@@ -13,7 +13,7 @@ import pytest
 from edgescope.bundle import Bundle
 from edgescope.errors import BundleError, ConfigError, FrameError
 from edgescope.export.sources import SignalInput, parse_source_input
-from edgescope.runtime.pipeline.decode import encode_raw
+from edgescope.runtime.pipeline.decode import decode_frame, encode_raw
 from edgescope.runtime.pipeline.manifest_check import check_manifest
 from edgescope.runtime.pipeline.signal import signal_tensor, window_of
 from edgescope.runtime.sources import SourceFrame, open_source
@@ -83,6 +83,9 @@ def test_a_window_becomes_the_normalised_input_and_a_mismatch_says_what_differs(
         signal_tensor(short, SPEC, "ecg")
     with pytest.raises(FrameError, match="not finite"):
         signal_tensor(window_of(np.full((1, WINDOW), np.nan), RATE), SPEC, "ecg")
+    # Where pixels are wanted (the frame input, a model of one source), a window is refused as such.
+    with pytest.raises(FrameError, match="carries a signal window, which only a model's signal source takes"):
+        decode_frame(stream_pb2.Frame(signal=window_of(samples, RATE)))
 
 
 def test_the_export_syntax_of_a_signal_input() -> None:
@@ -199,7 +202,7 @@ GRAY = encode_raw(np.random.default_rng(4).integers(0, 255, (96, 96), dtype=np.u
 def _frames(windows: dict[int, stream_pb2.SignalWindow]) -> list[stream_pb2.Frame]:
     """Image and ECG frames at 30 fps, each ECG frame ``windows[k]`` where given, else a good window."""
     good = window_of(ecg(np.arange(WINDOW) / RATE, bpm=70)[None, :], RATE, "mV")
-    frames = []
+    frames: list[stream_pb2.Frame] = []
     for k in range(10):
         for source in ("us", "ecg"):
             frame = stream_pb2.Frame(

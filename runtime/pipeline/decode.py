@@ -72,6 +72,11 @@ def decode_frame(
             raise FrameError("shared-memory frames are not accepted here; send the pixels as raw or encoded")
         # Same checks as raw pixels; the bytes are a read-only view of the client's slot.
         return _decode_raw(frame.shm.image, limits, shared_memory(frame.shm))
+    if kind == "signal":
+        raise FrameError(
+            "frame carries a signal window, which only a model's signal source takes (with Frame.source naming it); "
+            "this frame takes pixels: raw, encoded or shm"
+        )
     raise FrameError("frame carries no pixels: set raw, encoded or shm")
 
 

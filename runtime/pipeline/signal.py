@@ -60,7 +60,8 @@ def check_window(window: stream_pb2.SignalWindow, spec: manifest_pb2.SignalSpec,
     if not (math.isfinite(rate) and abs(rate - spec.sample_rate_hz) <= _RATE_TOLERANCE * spec.sample_rate_hz):
         raise FrameError(f"source {source!r}: the window is sampled at {rate:g} Hz; the model takes {expected}")
     if window.units and window.units != spec.units:
-        raise FrameError(f"source {source!r}: the window is in {window.units!r}; the model takes {spec.units!r}")
+        shown = window.units[:32]  # the client's string, echoed into the answer: bounded
+        raise FrameError(f"source {source!r}: the window is in {shown!r}; the model takes {spec.units!r}")
     size = spec.channels * spec.samples * _SAMPLE.itemsize
     if len(window.data) != size:
         raise FrameError(
