@@ -12,9 +12,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from edgescope.runtime.archive.recorders import CineRecorder
 from edgescope.runtime.archive.seg import SEGMENTATION_STORAGE, Algorithm, segmentation, segments_for
 from edgescope.runtime.archive.sr import measurement_report
-from edgescope.runtime.client.archive import SegmentationRecorder
 from edgescope.runtime.client.stream import StreamOptions, stream_source
 from edgescope.runtime.pipeline.encode import decode_mask
 from edgescope.runtime.sources import SourceFrame, open_source
@@ -92,9 +92,9 @@ def test_dciodvfy_finds_no_error_in_the_segmentation(written: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def recorded(server: ServerThread) -> SegmentationRecorder:
+def recorded(server: ServerThread) -> CineRecorder:
     """The client's recorder after the cine's first frames: masks and their areas in mm^2."""
-    recorder = SegmentationRecorder(Path(CINE))
+    recorder = CineRecorder(Path(CINE))
     with open_source(f"dicom:{CINE}") as source:
         options = StreamOptions(target=server.target, model="", realtime=False, max_frames=FRAMES)
         asyncio.run(stream_source(source, options, recorder.observe))
@@ -102,19 +102,20 @@ def recorded(server: ServerThread) -> SegmentationRecorder:
 
 
 def test_the_measurement_report_holds_the_runtimes_areas_in_mm2_and_is_valid(
-    recorded: SegmentationRecorder, tmp_path: Path
+    recorded: CineRecorder, tmp_path: Path
 ) -> None:
-    assert recorded.measurements, "the cine's calibrated regions gave no area in mm^2"
+    kept = recorded.kept
+    assert kept.measurements, "the cine's calibrated regions gave no area in mm^2"
     source = pydicom.dcmread(CINE, stop_before_pixels=True)
     algorithm = Algorithm("lesion-unet", "1", "ab" * 32)
-    seg = segmentation(source, recorded.masks, segments_for(recorded.labels), algorithm)
-    report = measurement_report(source, seg, recorded.measurements, algorithm)
+    seg = segmentation(source, kept.masks, segments_for(kept.labels), algorithm)
+    report = measurement_report(source, seg, kept.measurements, algorithm)
     path = tmp_path / "sr.dcm"
     report.save_as(path, enforce_file_format=True)
     read = highdicom.sr.srread(path)
     groups = read.content.get_planar_roi_measurement_groups()
-    assert len(groups) == len(recorded.measurements)
-    for group, measured in zip(groups, recorded.measurements, strict=True):
+    assert len(groups) == len(kept.measurements)
+    for group, measured in zip(groups, kept.measurements, strict=True):
         area = next(m for m in group.get_measurements() if m.name.meaning == "Area")
         assert area.unit.value == "mm2" and area.value == pytest.approx(measured.area_mm2)
         assert group.reference_type.meaning == "Image Region"

@@ -20,11 +20,11 @@ import pydicom
 import pytest
 
 from edgescope.errors import ConfigError
+from edgescope.runtime.archive.key_frames import KeyFrameChooser, parse_key_frames
 from edgescope.runtime.archive.local_orthanc import LocalOrthanc, orthanc_missing
 from edgescope.runtime.archive.outbox import Outbox
+from edgescope.runtime.archive.recorders import KeyFrameRecorder
 from edgescope.runtime.archive.study import load_study_context, parse_study_context
-from edgescope.runtime.client.archive import KeyFrameRecorder
-from edgescope.runtime.client.key_frames import KeyFrameChooser, parse_key_frames
 from edgescope.runtime.client.stream import StreamOptions, stream_source
 from edgescope.runtime.pipeline.encode import decode_mask, encode_mask
 from edgescope.runtime.sources import SourceFrame, open_source

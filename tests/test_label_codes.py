@@ -18,8 +18,9 @@ from edgescope.bundle import MANIFEST_FILE, load_bundle
 from edgescope.cli import main
 from edgescope.errors import BundleError, ConfigError
 from edgescope.export.api import ExportRequest, build_manifest
+from edgescope.runtime.archive.recorders import CineRecorder, algorithm_of
 from edgescope.runtime.archive.seg import Code, segmentation, segments_for
-from edgescope.runtime.client.archive import SegmentationRecorder, _algorithm, bundle_label_codes
+from edgescope.runtime.client.archive import bundle_label_codes
 from edgescope.runtime.client.stream import StreamOptions, stream_source
 from edgescope.runtime.server.repository import BundlePolicy
 from edgescope.runtime.sources import open_source
@@ -126,18 +127,19 @@ def test_the_segmentation_carries_the_bundles_codes_and_is_valid(
     coded_server: ServerThread, coded_bundle: tuple[Path, Path], tmp_path: Path
 ) -> None:
     highdicom = pytest.importorskip("highdicom")
-    recorder = SegmentationRecorder(Path(CINE), target=coded_server.target)
+    recorder = CineRecorder(Path(CINE))
     with open_source(f"dicom:{CINE}") as source:
         options = StreamOptions(target=coded_server.target, model="", realtime=False, max_frames=4)
         asyncio.run(stream_source(source, options, recorder.observe))
-    assert recorder.masks
+    kept = recorder.kept
+    assert kept.masks
     # What the recorder asks the server for when it writes: the codes of the bundle the results came from.
-    codes, said = bundle_label_codes(recorder.target, recorder.security, recorder.provenance)
+    codes, said = bundle_label_codes(coded_server.target, None, kept.provenance)
     assert said == "bundle" and codes["lesion"][1] == Code("4147007", "SCT", "Mass")
     # Without a server to ask: the rule, said so.
-    assert bundle_label_codes("", None, recorder.provenance)[1].startswith("default rule")
+    assert bundle_label_codes("", None, kept.provenance)[1].startswith("default rule")
     source = pydicom.dcmread(CINE, stop_before_pixels=True)
-    seg = segmentation(source, recorder.masks, segments_for(recorder.labels, codes), _algorithm(recorder.provenance))
+    seg = segmentation(source, kept.masks, segments_for(kept.labels, codes), algorithm_of(kept.provenance))
     path = tmp_path / "seg.dcm"
     seg.save_as(path, enforce_file_format=True)
     read = highdicom.seg.segread(path)

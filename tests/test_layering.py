@@ -3,7 +3,7 @@
 Every ``import`` in the package's source (lazy ones inside functions too) is
 an edge from the importing module's package to the imported one's. The
 server and the client never import each other, and what they share (pipeline,
-telemetry, render, transport) imports neither.
+telemetry, render, transport, archive) imports neither.
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def test_packages_import_each_other_without_cycles() -> None:
         ("edgescope.runtime.telemetry", "edgescope.runtime.server"),
         ("edgescope.runtime.telemetry", "edgescope.runtime.web"),
         ("edgescope.runtime.render", "edgescope.runtime.server"),
+        ("edgescope.runtime.archive", "edgescope.runtime.server"),
+        ("edgescope.runtime.archive", "edgescope.runtime.client"),
         ("edgescope.runtime.backends", "edgescope.runtime.server"),
         ("edgescope.runtime.evaluation", "edgescope.runtime.server"),
         ("edgescope.runtime.backends", "edgescope.runtime.evaluation"),

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 
 from edgescope.commands.options import DEFAULT_TARGET, add_client_security, add_outbox, client_security
 from edgescope.errors import ConfigError
-from edgescope.runtime.client.key_frames import DEFAULT_MAX_FRAMES, DEFAULT_POLICY
+from edgescope.runtime.archive.key_frames import DEFAULT_MAX_FRAMES, DEFAULT_POLICY
 
 if TYPE_CHECKING:
-    from edgescope.runtime.client.archive import KeyFrameRecorder, SegmentationRecorder
+    from edgescope.runtime.archive.recorders import CineRecorder, KeyFrameRecorder
     from edgescope.runtime.sources.base import SourceKind
 
-    Recorder = SegmentationRecorder | KeyFrameRecorder
+    Recorder = CineRecorder | KeyFrameRecorder
 
 _MODES = ("wait", "newest", "drop")
 
@@ -61,7 +61,8 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="URL",
         help="store the results in an archive: dicomweb+http(s)://HOST:PORT/PATH (STOW-RS) or "
         "dicom://CALLED_AET@HOST:PORT (C-STORE); a dicom: source's masks become a DICOM Segmentation of it, "
-        "another source's key frames Secondary Capture images with their Segmentation",
+        "its classes or boxes a Measurement Report (SR), another source's key frames Secondary Capture images "
+        "with their Segmentation or report",
     )
     archive.add_argument(
         "--study-context",
@@ -175,10 +176,11 @@ def _recording(args: argparse.Namespace, spec: str) -> Callable[[SourceKind], Re
         if args.study_context is not None or args.key_frames is not None:
             raise ConfigError("--study-context and --key-frames say how results are stored: give --results-to URL")
         return None
+    from edgescope.runtime.archive.key_frames import KeyFrameChooser, parse_key_frames
+    from edgescope.runtime.archive.recorders import CineRecorder, KeyFrameRecorder
     from edgescope.runtime.archive.senders import sender_for
     from edgescope.runtime.archive.study import load_study_context
-    from edgescope.runtime.client.archive import KeyFrameRecorder, SegmentationRecorder, dicom_source
-    from edgescope.runtime.client.key_frames import KeyFrameChooser, parse_key_frames
+    from edgescope.runtime.client.archive import dicom_source, server_label_codes
 
     sender_for(args.results_to)  # a wrong URL fails before the stream, not after it
     cine = dicom_source(spec)
@@ -188,7 +190,7 @@ def _recording(args: argparse.Namespace, spec: str) -> Callable[[SourceKind], Re
                 "a dicom: source's results go into its own study, for every analysed frame: "
                 "leave out --study-context and --key-frames"
             )
-        return lambda kind: SegmentationRecorder(cine, target=args.target, security=client_security(args))
+        return lambda kind: CineRecorder(cine, server_label_codes(args.target, client_security(args)))
     if args.study_context is None:
         raise ConfigError(
             "--results-to with a source that is not DICOM needs --study-context FILE: "
@@ -197,5 +199,5 @@ def _recording(args: argparse.Namespace, spec: str) -> Callable[[SourceKind], Re
     study = load_study_context(args.study_context)
     policy = parse_key_frames(args.key_frames or DEFAULT_POLICY, args.max_key_frames)
     return lambda kind: KeyFrameRecorder(
-        study, KeyFrameChooser(policy), kind, target=args.target, security=client_security(args)
+        study, KeyFrameChooser(policy), kind, server_label_codes(args.target, client_security(args))
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import cv2
 import highdicom as hd
@@ -37,6 +38,10 @@ PROCEDURE = {
 IMAGING = hd.sr.CodedConcept("363679005", "SCT", "Imaging")
 _AREA = hd.sr.CodedConcept("42798000", "SCT", "Area")
 _DIAMETER = hd.sr.CodedConcept("81827009", "SCT", "Diameter")
+# The kinds of image reference a report makes: a region's source image, a measurement group's.
+_Reference = TypeVar("_Reference", hd.sr.SourceImageForRegion, hd.sr.SourceImageForMeasurementGroup)
+# A measurement group of a report: on an image (TID 1501) or on a region of one (TID 1410).
+Group = hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 _UNITS = {
     "mm2": hd.sr.CodedConcept("mm2", "UCUM", "square millimeter"),
     "mm": hd.sr.CodedConcept("mm", "UCUM", "millimeter"),
@@ -85,15 +90,10 @@ def measurement_report(
     algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
     groups = []
     for measured in measurements:
-        if isinstance(source, Dataset):
-            image = hd.sr.SourceImageForRegion(
-                source.SOPClassUID, source.SOPInstanceUID, referenced_frame_numbers=[measured.frame]
-            )
-        else:
-            key_image = source[measured.frame - 1]
-            image = hd.sr.SourceImageForRegion(key_image.SOPClassUID, key_image.SOPInstanceUID)
         region = hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=measured.outline, source_image=image
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=measured.outline,
+            source_image=source_reference(hd.sr.SourceImageForRegion, source, measured.frame),
         )
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -108,6 +108,29 @@ def measurement_report(
                 ],
             )
         )
+    evidence = [source, segmentation] if isinstance(source, Dataset) else [*source, segmentation]
+    return report_of(evidence, groups, algorithm, procedure=procedure, series_number=series_number, new_uid=new_uid)
+
+
+def source_reference(kind: type[_Reference], source: Dataset | Sequence[Dataset], frame: int) -> _Reference:
+    """A reference to frame ``frame`` (1-based) of ``source``: a frame of one multi-frame instance, or the
+    ``frame``-th of several single-frame key images."""
+    if isinstance(source, Dataset):
+        return kind(source.SOPClassUID, source.SOPInstanceUID, referenced_frame_numbers=[frame])
+    image = source[frame - 1]
+    return kind(image.SOPClassUID, image.SOPInstanceUID)
+
+
+def report_of(
+    evidence: Sequence[Dataset],
+    groups: Sequence[Group],
+    algorithm: Algorithm,
+    *,
+    procedure: hd.sr.CodedConcept,
+    series_number: int,
+    new_uid: Callable[[], str],
+) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 Measurement Report of ``groups``, by the device running ``algorithm``, citing ``evidence``."""
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -123,7 +146,7 @@ def measurement_report(
         # The patient's name is the source's, copied as it is: highdicom's advice on its form is not ours to take.
         warnings.filterwarnings("ignore", message="The string .* is unlikely to represent the intended person name")
         return hd.sr.Comprehensive3DSR(
-            evidence=[source, segmentation] if isinstance(source, Dataset) else [*source, segmentation],
+            evidence=evidence,
             content=report,
             series_instance_uid=new_uid(),
             series_number=series_number,

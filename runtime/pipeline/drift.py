@@ -26,12 +26,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from edgescope.v1 import stream_pb2
 
-if TYPE_CHECKING:
-    from edgescope.runtime.archive.audit import AuditTrail
+
+class AuditLog(Protocol):
+    """Where a drift episode is recorded: the server's audit trail (``archive.audit.AuditTrail``), which sits
+    above the pipeline and so is named here by what it does."""
+
+    def append(self, event: str, **fields: Any) -> dict[str, Any]: ...
+
 
 DEFAULT_FALSE_ALARM_HOURS = 24.0
 # The frame rate the false-alarm interval is counted at: a faster stream reaches it sooner.
@@ -85,7 +90,7 @@ class StreamDrift:
     as answers leave, in order. A drift episode's start is recorded in the audit trail, when there is one."""
 
     lane: str
-    audit: AuditTrail | None = None
+    audit: AuditLog | None = None
     tests: dict[tuple[str, str], DriftTest] = field(default_factory=dict)
 
     def observe(self, result: stream_pb2.Result) -> None:
