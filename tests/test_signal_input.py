@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edgescope.bundle import Bundle
-from edgescope.errors import BundleError, ConfigError, FrameError
+from edgescope.errors import BundleError, ConfigError, ExportError, FrameError
 from edgescope.export.sources import SignalInput, parse_source_input
 from edgescope.runtime.pipeline.decode import decode_frame, encode_raw
 from edgescope.runtime.pipeline.manifest_check import check_manifest
@@ -125,6 +125,27 @@ def gated_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
         ),
         log=lambda _line: None,
     )
+
+
+def test_gate_data_whose_windows_are_not_the_models_is_refused_at_export(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from edgescope.export import ExportRequest, export_model
+
+    request = ExportRequest(
+        name="ecg-gated",
+        output=tmp_path / "ecg-gated",
+        factory=str(Path(__file__).parent.parent / "examples/families/models.py") + ":build_image_and_signal",
+        task="classification",
+        labels=["diastole", "systole"],
+        input_height=64,
+        input_width=64,
+        data="synthetic:ultrasound?height=96&width=96",
+        frame_source="us",
+        source_inputs=[parse_source_input(f"ecg:signal:1x{WINDOW}@250Hz=synthetic:ecg")],
+        samples=2,
+    )
+    with pytest.raises(ExportError, match=f"256 samples; the model takes 1 channel\\(s\\) x {WINDOW} samples"):
+        export_model(request, log=lambda _line: None)
 
 
 @pytest.fixture(scope="module")
