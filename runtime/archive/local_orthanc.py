@@ -2,8 +2,10 @@
 started on loopback with its own storage directory, receiving by STOW-RS and C-STORE.
 
 For demonstrations and tests, not for production: no authentication, plain
-HTTP, and it lives as long as the process that started it (``stop`` ends
-that process, by its id).
+HTTP, DICOM TLS (requiring a client certificate) when given ``OrthancTls``,
+and it lives as long as the process that started it (``stop`` ends that
+process, by its id). Orthanc's own HTTPS is left off: Debian's Orthanc 1.10
+build ends with a segmentation fault on its first HTTPS request.
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ def free_port() -> int:
         return port
 
 
+@dataclass(frozen=True)
+class OrthancTls:
+    """Orthanc's DICOM TLS certificate and key (PEM, for 127.0.0.1) and the CA of its callers' certificates."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+
+
 @dataclass
 class LocalOrthanc:
     """Orthanc on 127.0.0.1 with its storage in ``directory``; AE title ``ARCHIVE``."""
@@ -45,10 +56,11 @@ class LocalOrthanc:
     http: int
     dicom: int
     process: subprocess.Popen[bytes] | None = None
+    tls: OrthancTls | None = None
 
     @classmethod
-    def on_free_ports(cls, directory: Path) -> LocalOrthanc:
-        return cls(directory, free_port(), free_port())
+    def on_free_ports(cls, directory: Path, tls: OrthancTls | None = None) -> LocalOrthanc:
+        return cls(directory, free_port(), free_port(), tls=tls)
 
     @property
     def stow(self) -> str:
@@ -57,8 +69,8 @@ class LocalOrthanc:
 
     @property
     def c_store(self) -> str:
-        """The ``--results-to`` URL for C-STORE."""
-        return f"dicom://ARCHIVE@127.0.0.1:{self.dicom}"
+        """The ``--results-to`` URL for C-STORE (over TLS: add the caller's ``?ca=...&cert=...&key=...``)."""
+        return f"dicom{'s' if self.tls else ''}://ARCHIVE@127.0.0.1:{self.dicom}"
 
     def start(self) -> None:
         missing = orthanc_missing()
@@ -78,6 +90,14 @@ class LocalOrthanc:
             "Plugins": [str(DICOMWEB_PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }
+        if self.tls is not None:
+            config |= {
+                "DicomTlsEnabled": True,
+                "DicomTlsCertificate": str(self.tls.cert),
+                "DicomTlsPrivateKey": str(self.tls.key),
+                "DicomTlsTrustedCertificates": str(self.tls.client_ca),
+                "DicomTlsRemoteCertificateRequired": True,
+            }
         (self.directory / "orthanc.json").write_text(json.dumps(config), encoding="utf-8")
         with (self.directory / "orthanc.log").open("ab") as log:
             self.process = subprocess.Popen(["Orthanc", str(self.directory / "orthanc.json")], stdout=log, stderr=log)
