@@ -138,8 +138,7 @@ class StreamRun:
         self.stream_ids: set[str] = set()
         # A stream of several sources for one model: made on its first frame that names a source.
         self.pairer: Pairer[Work] | None = None
-        # The model's signal sources (ECG), whose windows are checked as they are read.
-        self._signals: dict[str, manifest_pb2.SignalSpec] = {}
+        self._signals: dict[str, manifest_pb2.SignalSpec] = {}  # the model's signal sources: windows checked as read
         # True while the reader waits for a busy model to take a frame: pairing's waits stand still then,
         # since the frames behind are already sent (waiting for the client or the window, they run).
         self._held_back = False
