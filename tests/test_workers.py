@@ -235,6 +235,36 @@ def test_a_live_frame_runs_before_requests_that_waited_longer() -> None:
     assert order.index(2.0) == 1, order
 
 
+def test_a_stream_between_frames_runs_next_when_its_frame_comes_however_busy_the_others() -> None:
+    order: list[float] = []
+    third_call, go_on = threading.Event(), threading.Event()
+
+    class HeldAtThird(GuardedSession):
+        def _infer_impl(self, feed: Feed) -> Outputs:
+            order.append(float(np.asarray(feed["x"])[0, 0]))
+            if len(order) == 3:
+                third_call.set()
+                go_on.wait(10)
+            return super()._infer_impl(feed)
+
+    worker = _worker(HeldAtThird)
+
+    async def scenario() -> None:
+        busy = [asyncio.ensure_future(worker.infer(_job(f"busy-{i % 2}", 1.0, live=True))) for i in range(10)]
+        await asyncio.to_thread(third_call.wait, 10)  # both busy lanes have had turns; more wait in each
+        sparse = asyncio.ensure_future(worker.infer(_job("sparse", 2.0, live=True)))
+        await asyncio.sleep(0.05)
+        go_on.set()
+        await asyncio.gather(*busy, sparse)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        _stop(worker)
+    # Round-robin would have put it behind the next frame of each busy lane.
+    assert order.index(2.0) == 3, order
+
+
 def test_requests_keep_a_quarter_of_the_model_while_live_frames_wait_too() -> None:
     gate, order = threading.Event(), []  # type: ignore[var-annotated]
     gate.set()
