@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from edgescope.errors import ConfigError
 
@@ -76,11 +76,22 @@ def verify(path: Path) -> Verdict:
     return Verdict(count, previous)
 
 
-class AuditTrail:
-    """Appends events to ``path``; thread-safe. Resumes an existing trail after verifying it."""
+class Forward(Protocol):
+    """Where each record also goes once it is on disk (``atna.SyslogForwarder``); must not block."""
 
-    def __init__(self, path: Path) -> None:
+    def submit(self, record: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class AuditTrail:
+    """Appends events to ``path``; thread-safe. Resumes an existing trail after verifying it.
+
+    With ``forward``, each record is also handed to it, in order, after it is written."""
+
+    def __init__(self, path: Path, forward: Forward | None = None) -> None:
         self.path = path
+        self.forward = forward
         self._lock = threading.Lock()
         if path.exists():
             verdict = verify(path)
@@ -108,8 +119,12 @@ class AuditTrail:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._seq, self._last = self._seq + 1, record["hash"]
+            if self.forward is not None:
+                self.forward.submit(record)
             return record
 
     def close(self) -> None:
         with self._lock:
             self._file.close()
+        if self.forward is not None:
+            self.forward.close()
