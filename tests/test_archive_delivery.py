@@ -15,6 +15,7 @@ from pydicom.data import get_testdata_file
 
 from edgescope.bundle import Bundle
 from edgescope.errors import ConfigError
+from edgescope.runtime.archive.audit import verify
 from edgescope.runtime.archive.local_orthanc import LocalOrthanc, orthanc_missing
 from edgescope.runtime.archive.outbox import Outbox
 from edgescope.runtime.archive.seg import Algorithm, segmentation, segments_for
@@ -53,7 +54,7 @@ def test_the_cines_segmentation_is_stored_by_stow_rs_from_edgescope_stream(
         run = subprocess.run(
             [sys.executable, "-m", "edgescope.cli", "stream", "--source", f"dicom:{CINE}", "--target", target,
              "--frames", "20", "--fast", "--results-to", archive.stow, "--outbox", str(tmp_path / "outbox"),
-             "--summary", str(summary)],
+             "--summary", str(summary), "--audit-log", str(tmp_path / "audit.jsonl")],
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
     finally:
@@ -68,6 +69,12 @@ def test_the_cines_segmentation_is_stored_by_stow_rs_from_edgescope_stream(
     study = pydicom.dcmread(CINE, stop_before_pixels=True).StudyInstanceUID
     assert all(i["StudyInstanceUID"] == study for i in stored.values())
     assert list((tmp_path / "outbox").glob("*.dcm")) == []
+    # The client's own audit trail: each object written, then each one the archive confirmed.
+    assert verify(tmp_path / "audit.jsonl").intact
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records] == ["archive_object_written"] * 2 + ["archive_object_delivered"] * 2
+    assert {r["sop_instance_uid"] for r in records} == set(report["delivered"])
+    assert all(r["by"] == "client" for r in records) and records[-1]["to"] == archive.stow
 
 
 def test_an_archive_that_is_down_gets_every_object_exactly_once_when_it_is_back(

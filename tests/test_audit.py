@@ -13,7 +13,7 @@ import pytest
 
 from edgescope.bundle import Bundle
 from edgescope.errors import ConfigError
-from edgescope.runtime.archive.audit import AuditTrail, verify
+from edgescope.runtime.archive.audit import AuditTrail, record_results, verify
 from edgescope.runtime.server.security import SecurityConfig
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
@@ -102,3 +102,22 @@ def test_the_server_records_loads_refusals_and_unloads_with_who_asked(tmp_path: 
         timeout=60,
     )
     assert run.returncode == 0 and "4 record(s), intact" in run.stdout
+
+
+def test_a_delivery_is_recorded_object_by_object_without_secrets_in_the_url(tmp_path: Path) -> None:
+    trail = AuditTrail(tmp_path / "audit.jsonl")
+    report = {
+        "to": "dicomweb+https://ops:s3cret@pacs.example:443/dicom-web?ca=/etc/site-ca.pem&key=/etc/device.key",
+        "written": [{"sop_class": "Segmentation", "sop_instance_uid": "1.2.3"}],
+        "delivered": [],
+        "waiting": 1,
+        "error": "STOW-RS to https://pacs.example/dicom-web failed: timed out",
+    }
+    record_results(trail, report, by="client", model="lesion-unet")
+    trail.close()
+    written, waiting = (json.loads(line) for line in _lines(tmp_path / "audit.jsonl"))
+    assert written["event"] == "archive_object_written" and written["sop_instance_uid"] == "1.2.3"
+    assert written["model"] == "lesion-unet" and written["by"] == "client"
+    assert waiting["event"] == "archive_delivery_waiting" and waiting["waiting"] == 1
+    assert "timed out" in waiting["reason"]
+    assert waiting["to"] == "dicomweb+https://ops@pacs.example:443/dicom-web"

@@ -15,6 +15,7 @@ from edgescope.errors import ConfigError
 from edgescope.runtime.archive.key_frames import DEFAULT_MAX_FRAMES, DEFAULT_POLICY
 
 if TYPE_CHECKING:
+    from edgescope.runtime.archive.audit import AuditTrail
     from edgescope.runtime.archive.recorders import CineRecorder, KeyFrameRecorder
     from edgescope.runtime.sources.base import SourceKind
 
@@ -60,7 +61,8 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--results-to",
         metavar="URL",
         help="store the results in an archive: dicomweb+http(s)://HOST:PORT/PATH (STOW-RS) or "
-        "dicom://CALLED_AET@HOST:PORT (C-STORE); a dicom: source's masks become a DICOM Segmentation of it, "
+        "dicom(s)://CALLED_AET@HOST:PORT (C-STORE; dicoms: over TLS); over TLS, ?ca=PEM&cert=PEM&key=PEM name the "
+        "CA to trust and a client certificate; a dicom: source's masks become a DICOM Segmentation of it, "
         "its classes or boxes a Measurement Report (SR), another source's key frames Secondary Capture images "
         "with their Segmentation or report",
     )
@@ -82,6 +84,13 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=DEFAULT_MAX_FRAMES,
         help=f"store at most this many key frames (default {DEFAULT_MAX_FRAMES})",
     )
+    archive.add_argument(
+        "--audit-log",
+        type=Path,
+        metavar="PATH",
+        help="append each DICOM object written and each one the archive confirmed to this hash-chained audit trail "
+        "(check it with `edgescope audit verify PATH`)",
+    )
     add_outbox(p)
     p.add_argument("--mask-encoding", default="png", choices=["png", "rle"])
     p.add_argument("--policy", choices=["every", "live"], help="live: newest frame wins; every: all frames (default)")
@@ -101,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--results-to stores the results of one source; this stream has several sources")
     # Checked before anything is streamed: a wrong study context must not cost the procedure's results.
     recording = _recording(args, spec)
+    trail = _trail(args)
 
     options = StreamOptions(
         target=args.target,
@@ -134,6 +144,11 @@ def run(args: argparse.Namespace) -> int:
         from edgescope.runtime.archive.outbox import Outbox
 
         archive = recorder.deliver(args.results_to, Outbox(args.outbox), args.delivery_timeout)
+        if trail is not None:
+            from edgescope.runtime.archive.audit import record_results
+
+            record_results(trail, archive, by="client", model=recorder.kept.provenance.model)
+            trail.close()
         print(
             f"results: {len(archive['delivered'])} object(s) stored at {args.results_to}, {archive['waiting']} waiting"
         )
@@ -168,6 +183,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"edgescope stream: results still in the outbox: {archive['error']}", file=sys.stderr)
     waiting = archive is not None and archive["waiting"]
     return 1 if report.latency.errors or report.error or waiting else 0
+
+
+def _trail(args: argparse.Namespace) -> AuditTrail | None:
+    """The audit trail of --audit-log, verified before anything is streamed; None without it."""
+    if args.audit_log is None:
+        return None
+    if not args.results_to:
+        raise ConfigError("--audit-log records the DICOM objects --results-to stores: give --results-to URL")
+    from edgescope.runtime.archive.audit import AuditTrail
+
+    return AuditTrail(args.audit_log)
 
 
 def _recording(args: argparse.Namespace, spec: str) -> Callable[[SourceKind], Recorder] | None:

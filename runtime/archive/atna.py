@@ -82,7 +82,6 @@ SOFTWARE_CONFIGURATION = Code("110131", "DCM", "Software Configuration")
 APPLICATION = Code("110150", "DCM", "Application")
 DESTINATION = Code("110152", "DCM", "Destination Role ID")
 SOURCE = Code("110153", "DCM", "Source Role ID")
-STUDY_INSTANCE_UID = Code("110180", "DCM", "Study Instance UID")
 URI = Code("12", "RFC-3881", "URI")
 MODEL_NAME = Code("model", LOCAL_SCHEME, "Model name")
 SOP_INSTANCE_UID = Code("sop_instance_uid", LOCAL_SCHEME, "SOP Instance UID")
@@ -179,12 +178,6 @@ def audit_message(record: Mapping[str, Any], source_id: str, trail: str) -> byte
     if "model" in record:
         # Type 2 (system object), role 26 (processing element): the model that produced or was changed.
         _participant_object(root, str(record["model"]), MODEL_NAME, str(record["model"]), "2", "26")
-    if "study_instance_uid" in record:
-        study = _participant_object(root, str(record["study_instance_uid"]), STUDY_INSTANCE_UID, "Study", "2", "3")
-        if "sop_instance_uid" in record:
-            description = ET.SubElement(study, "ParticipantObjectDescription")
-            sop_class = ET.SubElement(description, "SOPClass", {"NumberOfInstances": "1"})
-            ET.SubElement(sop_class, "Instance", {"UID": str(record["sop_instance_uid"])})
     if "sop_instance_uid" in record:
         kind = str(record.get("sop_class", "DICOM object"))
         _participant_object(root, str(record["sop_instance_uid"]), SOP_INSTANCE_UID, kind, "2", "3")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from edgescope.errors import ConfigError
 
@@ -128,3 +129,26 @@ class AuditTrail:
             self._file.close()
         if self.forward is not None:
             self.forward.close()
+
+
+def record_results(trail: AuditTrail, report: Mapping[str, Any], *, by: str, model: str) -> None:
+    """Record what a recorder's ``deliver`` did (``archive.recorders``): each DICOM object written to the
+    outbox, each one the archive confirmed, and objects left waiting, with why."""
+    to = _without_secrets(str(report.get("to", "")))
+    for written in report.get("written", []):
+        trail.append("archive_object_written", by=by, model=model, **written)
+    for uid in report.get("delivered", []):
+        trail.append("archive_object_delivered", by=by, to=to, sop_instance_uid=uid)
+    if report.get("waiting"):
+        waiting, reason = report["waiting"], report.get("error", "")
+        trail.append("archive_delivery_waiting", by=by, to=to, waiting=waiting, reason=reason)
+
+
+def _without_secrets(url: str) -> str:
+    """``url`` without a password or query (TLS file paths): scheme, AE title or user, host, port and path."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return url
+    user = f"{parts.username}@" if parts.username else ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{user}{parts.hostname}{port}{parts.path}"
