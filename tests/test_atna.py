@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edgescope.errors import ConfigError
-from edgescope.runtime.archive.atna import EVENTS, SyslogForwarder, audit_message
+from edgescope.runtime.archive.atna import EVENTS, SyslogForwarder, audit_message, open_trail
 from edgescope.runtime.archive.audit import AuditTrail
 from edgescope.runtime.archive.local_orthanc import free_port
 
@@ -275,3 +275,12 @@ def test_an_audit_repository_url_is_checked_before_anything_is_sent(tmp_path: Pa
     for url in ("udp://127.0.0.1:514", "tls://127.0.0.1", f"tcp://127.0.0.1:6514?ca={tmp_path}", "syslog.local:6514"):
         with pytest.raises(ConfigError):
             SyslogForwarder(url, tmp_path / "audit.jsonl")
+
+
+def test_forwarding_needs_the_local_trail(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--audit-log"):
+        open_trail(None, "tcp://127.0.0.1:6514")
+    assert open_trail(None, None) is None
+    trail = open_trail(tmp_path / "audit.jsonl", f"tcp://127.0.0.1:{free_port()}")
+    assert trail is not None and isinstance(trail.forward, SyslogForwarder)
+    trail.close()

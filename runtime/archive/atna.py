@@ -51,6 +51,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edgescope.errors import ConfigError
+from edgescope.runtime.archive.audit import AuditTrail
 from edgescope.runtime.archive.tls import TlsFiles
 
 logger = logging.getLogger(__name__)
@@ -300,6 +301,21 @@ class SyslogForwarder:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+def open_trail(path: Path | None, syslog: str | None) -> AuditTrail | None:
+    """The audit trail at ``path``, forwarding each record to ``syslog`` when given; None without a path."""
+    if path is None:
+        if syslog:
+            raise ConfigError("--audit-syslog forwards the audit trail: give --audit-log PATH too")
+        return None
+    forward = SyslogForwarder(syslog, path) if syslog else None
+    try:
+        return AuditTrail(path, forward=forward)
+    except ConfigError:
+        if forward is not None:
+            forward.close()
+        raise
 
 
 def _check_open(connection: socket.socket, wait_s: float) -> None:
