@@ -9,10 +9,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from edgescope.commands.options import add_outbox
 from edgescope.errors import ConfigError
+from edgescope.runtime.archive.key_frames import DEFAULT_MAX_FRAMES, DEFAULT_POLICY
 
 if TYPE_CHECKING:
     from edgescope.runtime.backends.base import Backend
+    from edgescope.runtime.server.capture_archive import CaptureResults
 
 T = TypeVar("T")
 
@@ -148,6 +151,33 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="read a source on the server (pull mode); clients call Subscribe. For a model fed by several "
         "sources, SOURCE is each SOURCE_NAME=SPEC joined by | (white=synthetic:endoscopy|nir=synthetic:fluorescence)",
     )
+    archive = p.add_argument_group("the captures' results to an archive (DICOM; see docs/dicom-results.md)")
+    archive.add_argument(
+        "--results-to",
+        metavar="URL",
+        help="store every capture's key frames as Secondary Capture images with their Segmentation or report: "
+        "dicomweb+http(s)://HOST:PORT/PATH (STOW-RS) or dicom://CALLED_AET@HOST:PORT (C-STORE)",
+    )
+    archive.add_argument(
+        "--study-context",
+        type=Path,
+        metavar="FILE",
+        help="with --results-to: the patient and study the captures' key frames belong to (.json or .toml)",
+    )
+    archive.add_argument(
+        "--key-frames",
+        metavar="POLICY",
+        help=f"which answered frames to store: every:SECONDS, on-alert, or both comma-separated "
+        f"(default {DEFAULT_POLICY})",
+    )
+    archive.add_argument(
+        "--max-key-frames",
+        type=int,
+        default=DEFAULT_MAX_FRAMES,
+        help=f"key frames per batch: a capture's batch is written when it holds this many, and when its run ends "
+        f"(default {DEFAULT_MAX_FRAMES})",
+    )
+    add_outbox(p)
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of the telemetry page and /metrics")
     p.add_argument("--metrics-port", type=int, default=8732, help="telemetry page and /metrics (0: any, -1: off)")
     p.add_argument(
@@ -218,6 +248,33 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g.add_argument("--kserve-max-tensor-mb", type=int, default=64, help="input tensors of one KServe request, in MiB")
 
 
+def _capture_results(args: argparse.Namespace) -> CaptureResults | None:
+    """Where the captures' results go (--results-to), checked before anything is served; None without it."""
+    if not args.results_to:
+        if args.study_context is not None or args.key_frames is not None:
+            raise ConfigError("--study-context and --key-frames say how results are stored: give --results-to URL")
+        return None
+    from edgescope.runtime.archive.key_frames import parse_key_frames
+    from edgescope.runtime.archive.senders import sender_for
+    from edgescope.runtime.archive.study import load_study_context
+    from edgescope.runtime.server.capture_archive import CaptureResults
+
+    if not args.capture:
+        raise ConfigError("--results-to stores the results of the server's captures: give --capture NAME=SOURCE@MODEL")
+    sender_for(args.results_to)  # a wrong URL fails before serving, not with the first batch
+    if args.study_context is None:
+        raise ConfigError(
+            "--results-to needs --study-context FILE: the patient and study the captures' key frames are stored in"
+        )
+    return CaptureResults(
+        url=args.results_to,
+        study=load_study_context(args.study_context),
+        policy=parse_key_frames(args.key_frames or DEFAULT_POLICY, args.max_key_frames),
+        outbox=args.outbox,
+        delivery_timeout_s=args.delivery_timeout,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from edgescope.runtime.pipeline.decode import FrameLimits
     from edgescope.runtime.server.app import ServerConfig, serve
@@ -256,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
             frame_limits=FrameLimits(max_pixels=args.max_frame_pixels, max_extra_models=args.max_extra_models),
         ),
         captures=[CaptureConfig.parse(c) for c in args.capture],
+        capture_results=_capture_results(args),
         port_file=args.port_file,
         telemetry=TelemetryConfig(
             interval_s=args.telemetry_interval,

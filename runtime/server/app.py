@@ -34,6 +34,7 @@ from edgescope.runtime.backends.base import Backend, cpu_cores
 from edgescope.runtime.render.overlay import load_fonts
 from edgescope.runtime.server.auth import CallerExecutor
 from edgescope.runtime.server.capture import CaptureConfig, CaptureHub, grpc_health_setter
+from edgescope.runtime.server.capture_archive import CaptureArchive, CaptureResults
 from edgescope.runtime.server.kserve import SERVICE as KSERVE_SERVICE
 from edgescope.runtime.server.kserve import KServeSettings, add_kserve_service
 from edgescope.runtime.server.kserve_tensors import DEFAULT_TENSOR_LIMITS, TensorLimits
@@ -78,6 +79,8 @@ class ServerConfig:
     scheduling: SchedulerConfig = field(default_factory=SchedulerConfig)
     models: WorkerOptions = field(default_factory=WorkerOptions)
     captures: Sequence[CaptureConfig] = ()
+    # Where the captures' results go as DICOM objects (serve --results-to); None: nowhere.
+    capture_results: CaptureResults | None = None
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     kserve_limits: TensorLimits = DEFAULT_TENSOR_LIMITS
@@ -124,6 +127,7 @@ class RunningServer:
             logger.warning("frames still in flight after %.1f s of draining were answered dropped: shutdown", grace_s)
         # Calls whose clients stop reading their last answers are cancelled by gRPC when the time is up.
         await self.server.stop(max(FLUSH_S, deadline - loop.time()))
+        await self.service.memory.close()
         for executor in self._executors:
             executor.shutdown(wait=False, cancel_futures=True)
         # Workers finish what they hold and close their sessions on their own threads; the loop only waits.
@@ -260,8 +264,15 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
     for health_name in ("", SERVICE_NAME):
         await health_servicer.set(health_name, health_pb2.HealthCheckResponse.NOT_SERVING)
     # Each capture reports on its own health service, edgescope.capture.<name>.
+    archive = CaptureArchive(config.capture_results, registry) if config.capture_results is not None else None
     captures = (
-        CaptureHub(list(config.captures), service.run_capture, telemetry.metrics, grpc_health_setter(health_servicer))
+        CaptureHub(
+            list(config.captures),
+            service.run_capture,
+            telemetry.metrics,
+            grpc_health_setter(health_servicer),
+            archive=archive,
+        )
         if config.captures
         else None
     )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
@@ -37,6 +38,7 @@ from grpc_health.v1 import health_pb2
 
 from edgescope.errors import ConfigError, EdgescopeError, ModelNotFoundError, SourceError
 from edgescope.runtime.pipeline.decode import encode_raw_into
+from edgescope.runtime.server.capture_archive import CaptureArchive
 from edgescope.runtime.sources import FrameSource, SourceFrame
 from edgescope.runtime.sources.merged import named_sources, open_sources
 from edgescope.runtime.telemetry.metrics import RuntimeMetrics
@@ -161,10 +163,18 @@ class CaptureHub:
         *,
         retry_backoff_s: float = RETRY_BACKOFF_S,
         max_retry_backoff_s: float = MAX_RETRY_BACKOFF_S,
+        archive: CaptureArchive | None = None,
     ) -> None:
         names = [c.name for c in configs]
         if len(set(names)) != len(names):
             raise ConfigError(f"capture names must be unique: {names}")
+        if archive is not None:
+            for c in configs:
+                if "|" in c.source or c.source.strip().lower().startswith("dicom:"):
+                    raise ConfigError(
+                        f"capture {c.name}: --results-to stores the key frames of a capture of one source that is "
+                        "not DICOM (a dicom: source has its own study; edgescope stream --results-to writes it)"
+                    )
         self._configs = {c.name: c for c in configs}
         self._run_stream = run_stream
         self._metrics = metrics
@@ -173,18 +183,24 @@ class CaptureHub:
         self._states = {c.name: _State() for c in configs}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._archive = archive
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._run(c), name=f"capture-{c.name}") for c in self._configs.values()]
 
     async def stop(self) -> None:
-        """Stop reading, answer what is in flight (up to STOP_GRACE_S), then end every subscription."""
+        """Stop reading, answer what is in flight (up to STOP_GRACE_S), then end every subscription; the
+        results kept for the archive are written and delivered (see ``capture_archive``)."""
         self._stopping.set()
+        if self._archive is not None:
+            self._archive.stopping()
         if self._tasks:
             _, late = await asyncio.wait(self._tasks, timeout=STOP_GRACE_S)
             for task in late:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._archive is not None:
+            await self._archive.close()
         for state in self._states.values():
             for subscription in state.subscribers:
                 subscription.end()
@@ -235,8 +251,13 @@ class CaptureHub:
     async def _serve(self, config: CaptureConfig, source: FrameSource) -> str | None:
         """Run the source until it ends (None) or fails (the reason)."""
         failure: list[str] = []
+        archive = self._archive
         with source:
-            frames = _paced_frames(iter(source), source.kind, config, failure, self._stopping)
+            sent = None
+            if archive is not None:
+                archive.started(config.name, source.kind)
+                sent = functools.partial(archive.sent, config.name)
+            frames = _paced_frames(iter(source), source.kind, config, failure, self._stopping, sent)
             results = self._run_stream(frames)
             try:
                 async for result in results:
@@ -244,12 +265,16 @@ class CaptureHub:
                         await self._up(config)
                     for subscription in list(self._states[config.name].subscribers):
                         subscription.offer(result)
+                    if archive is not None:
+                        archive.answered(config.name, result)
             except EdgescopeError as exc:
                 failure.append(str(exc))
             finally:
                 # Closed here, not left to garbage collection, so the stream's own cleanup runs now.
                 if isinstance(results, AsyncGenerator):
                     await results.aclose()
+                if archive is not None:
+                    archive.ended(config.name)
         return failure[0] if failure else None
 
     async def _up(self, config: CaptureConfig) -> None:
@@ -284,12 +309,18 @@ class CaptureHub:
 
 
 async def _paced_frames(
-    frames: Iterator[SourceFrame], kind: str, config: CaptureConfig, failure: list[str], stopping: asyncio.Event
+    frames: Iterator[SourceFrame],
+    kind: str,
+    config: CaptureConfig,
+    failure: list[str],
+    stopping: asyncio.Event,
+    sent: Callable[[int, SourceFrame], None] | None = None,
 ) -> AsyncIterator[stream_pb2.Frame]:
     """Frames at the source's own rate (each frame's timestamp), read on a worker thread.
 
     A source that fails ends the frames and leaves its reason in ``failure``;
     ``stopping`` ends them at once (a read still blocked ends when the source is closed).
+    ``sent`` is told of each frame (its seq and the source's frame) as it goes to the model.
     """
     start = time.monotonic()
     start_wall_ns = time.time_ns()
@@ -317,6 +348,8 @@ async def _paced_frames(
                 return
             # Frames of several sources carry their source's own time, so pairing sees when each was taken.
             stamp = start_wall_ns + int(source_frame.timestamp_s * 1e9) if source_frame.source else time.time_ns()
+            if sent is not None:
+                sent(seq, source_frame)
             yield _frame(source_frame, seq, source_kind, config, stamp)
             seq += 1
     finally:
