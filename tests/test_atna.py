@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import re
 import socket
 import ssl
@@ -15,12 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from edgescope.bundle import Bundle
 from edgescope.errors import ConfigError
 from edgescope.runtime.archive.atna import EVENTS, SyslogForwarder, audit_message, open_trail
 from edgescope.runtime.archive.audit import AuditTrail
 from edgescope.runtime.archive.local_orthanc import free_port
 
 from .certs import CertificateAuthority, Issued
+from .conftest import ServerThread
 
 HEADER = re.compile(rb"<85>1 (\S+) (\S+) edgescope (\d+) IHE\+RFC-3881 - \xef\xbb\xbf")
 RECORDS = [
@@ -284,3 +287,19 @@ def test_forwarding_needs_the_local_trail(tmp_path: Path) -> None:
     trail = open_trail(tmp_path / "audit.jsonl", f"tcp://127.0.0.1:{free_port()}")
     assert trail is not None and isinstance(trail.forward, SyslogForwarder)
     trail.close()
+
+
+def test_the_server_forwards_what_it_records(tmp_path: Path, example_bundle: Bundle) -> None:
+    receiver = SyslogReceiver()
+    audit = tmp_path / "audit.jsonl"
+    served = ServerThread([example_bundle.path], audit_log=audit, audit_syslog=f"tcp://127.0.0.1:{receiver.port}")
+    try:
+        messages = receiver.wait_for(1)
+    finally:
+        served.stop()
+        receiver.close()
+    (record,) = (json.loads(line) for line in audit.read_text().splitlines())
+    assert len(messages) == 1
+    root, details = _parse(messages[0])
+    _check(root, "model_loaded")
+    assert details["hash"] == record["hash"] and details["sha256"] == example_bundle.onnx_sha256

@@ -110,6 +110,12 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(check it with `edgescope audit verify PATH`)",
     )
     p.add_argument(
+        "--audit-syslog",
+        metavar="URL",
+        help="also send each audit record to the hospital's audit repository as a DICOM audit message (IHE ATNA): "
+        "tls://HOST:PORT[?ca=PEM&cert=PEM&key=PEM] (syslog over TLS, RFC 5425) or tcp://HOST:PORT",
+    )
+    p.add_argument(
         "--backend",
         default="onnxruntime",
         choices=["onnxruntime", "tensorrt", "remote"],
@@ -300,6 +306,7 @@ def run(args: argparse.Namespace) -> int:
         allow_failed_validation=args.allow_failed_validation,
         grace_s=args.grace,
         audit_log=args.audit_log,
+        audit_syslog=args.audit_syslog,
         monitoring=MonitoringOptions(
             drift_false_alarm_hours=args.drift_false_alarm_hours,
             out_of_domain=dict(args.out_of_domain),

@@ -29,7 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from edgescope.errors import BundleError, ConfigError, EdgescopeError
-from edgescope.runtime.archive.audit import AuditTrail
+from edgescope.runtime.archive.atna import open_trail
 from edgescope.runtime.backends.base import Backend, cpu_cores
 from edgescope.runtime.render.overlay import load_fonts
 from edgescope.runtime.server.auth import CallerExecutor
@@ -86,6 +86,8 @@ class ServerConfig:
     kserve_limits: TensorLimits = DEFAULT_TENSOR_LIMITS
     # Where model loads, refusals, unloads, failovers and drift alerts are recorded (hash-chained JSON lines).
     audit_log: Path | None = None
+    # Where each audit record is also sent, as a DICOM audit message over syslog (archive.atna); None: nowhere.
+    audit_syslog: str | None = None
     monitoring: MonitoringOptions = field(default_factory=MonitoringOptions)
 
 
@@ -213,7 +215,7 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
         fallback=config.fallback,
         policy=security.policy,
         run_self_test=config.self_test,
-        audit=AuditTrail(config.audit_log) if config.audit_log is not None else None,
+        audit=open_trail(config.audit_log, config.audit_syslog),
         monitoring=config.monitoring,
     )
     # Carries the caller of each call into the frame threads (shared memory belongs to its registrant).
