@@ -295,6 +295,9 @@ def test_the_server_forwards_what_it_records(tmp_path: Path, example_bundle: Bun
     served = ServerThread([example_bundle.path], audit_log=audit, audit_syslog=f"tcp://127.0.0.1:{receiver.port}")
     try:
         messages = receiver.wait_for(1)
+        metrics = served.running.telemetry.metrics.registry
+        assert metrics.get_sample_value("edgescope_audit_forwarded_total") == 1
+        assert metrics.get_sample_value("edgescope_audit_forward_failures_total") == 0
     finally:
         served.stop()
         receiver.close()

@@ -78,7 +78,13 @@ def verify(path: Path) -> Verdict:
 
 
 class Forward(Protocol):
-    """Where each record also goes once it is on disk (``atna.SyslogForwarder``); must not block."""
+    """Where each record also goes once it is on disk (``atna.SyslogForwarder``); must not block.
+
+    It counts the records it sent, those it dropped, and its failures to send."""
+
+    sent: int
+    dropped: int
+    failures: int
 
     def submit(self, record: Mapping[str, Any]) -> None: ...
 

@@ -222,6 +222,8 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
     frames = CallerExecutor(max_workers=config.frame_threads, thread_name_prefix="edgescope-frame")
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgescope-loader")
     telemetry = TelemetryHub(config.telemetry, security.web)
+    if registry.audit is not None and registry.audit.forward is not None:
+        telemetry.metrics.watch_audit_forwarding(registry.audit.forward)
     registry.on_change(lambda: telemetry.metrics.set_models(registry.names()))
     registry.on_change(lambda: telemetry.metrics.set_self_tests({m.name: m.self_test for m in registry.all()}))
     registry.on_degraded = telemetry.metrics.set_degraded

@@ -26,9 +26,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from edgescope.runtime.telemetry.alerts import (
     Alert,
@@ -399,6 +400,10 @@ class RuntimeMetrics:
             time_ns=time.time_ns(), models=models, streams=streams, device=device, alerts=alerts
         )
 
+    def watch_audit_forwarding(self, forward: ForwardCounts) -> None:
+        """Count the audit trail's forwarding (records sent, dropped, failures), read at scrape time."""
+        self.registry.register(_AuditForwardingCollector(forward))
+
     def live_families(self) -> Iterable[Metric]:
         """Gauges computed at scrape time: percentiles, jitter, fps, device health, alerts."""
         quantiles = GaugeMetricFamily(
@@ -450,6 +455,35 @@ class RuntimeMetrics:
         yield from alert_families(self.active_alerts(), models)
         if device is not None:
             yield from device_families(device)
+
+
+class ForwardCounts(Protocol):
+    """What the audit trail's forwarding counts (``archive.atna.SyslogForwarder``)."""
+
+    sent: int
+    dropped: int
+    failures: int
+
+
+class _AuditForwardingCollector:
+    def __init__(self, forward: ForwardCounts) -> None:
+        self._forward = forward
+
+    def collect(self) -> Iterable[Metric]:
+        forward = self._forward
+        yield CounterMetricFamily(
+            "edgescope_audit_forwarded", "Audit records sent to the audit repository", value=forward.sent
+        )
+        yield CounterMetricFamily(
+            "edgescope_audit_forward_dropped",
+            "Audit records not forwarded because the queue to the audit repository was full (the trail has them)",
+            value=forward.dropped,
+        )
+        yield CounterMetricFamily(
+            "edgescope_audit_forward_failures",
+            "Failed attempts to send to the audit repository (each retried)",
+            value=forward.failures,
+        )
 
 
 class _LiveCollector:
