@@ -162,7 +162,8 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--results-to",
         metavar="URL",
         help="store every capture's key frames as Secondary Capture images with their Segmentation or report: "
-        "dicomweb+http(s)://HOST:PORT/PATH (STOW-RS) or dicom://CALLED_AET@HOST:PORT (C-STORE)",
+        "dicomweb+http(s)://HOST:PORT/PATH (STOW-RS) or dicom(s)://CALLED_AET@HOST:PORT (C-STORE; dicoms: over "
+        "TLS); over TLS, ?ca=PEM&cert=PEM&key=PEM name the CA to trust and a client certificate",
     )
     archive.add_argument(
         "--study-context",
