@@ -27,6 +27,8 @@ from .conftest import ServerThread
 
 HEADER = re.compile(rb"<85>1 (\S+) (\S+) edgescope (\d+) IHE\+RFC-3881 - \xef\xbb\xbf")
 RECORDS = [
+    ("server_started", {"by": "server", "version": "0.9.0"}),
+    ("server_start_failed", {"by": "server", "reason": "a bundle named could not be served"}),
     ("model_loaded", {"by": "server", "model": "lesion-unet", "version": "3", "sha256": "ab" * 32}),
     ("model_refused", {"by": "token:ops@10.0.0.5", "model": "x", "bundle": "x", "reason": "no bundle named x"}),
     ("model_unloaded", {"by": "token:ops@10.0.0.5", "model": "lesion-unet"}),
@@ -37,9 +39,13 @@ RECORDS = [
     ("archive_object_delivered", {"by": "server", "to": "dicoms://PACS@pacs:2762", "sop_instance_uid": "1.2.3.4"}),
     ("archive_delivery_waiting", {"by": "server", "to": "dicoms://PACS@pacs:2762", "waiting": 2, "reason": "down"}),
     ("archive_write_failed", {"by": "server", "model": "m", "reason": "the outbox is full"}),
+    ("server_stopped", {"by": "server"}),
 ]
 # (EventID, action, standard EventTypeCode or None, outcome) each record type must become.
 EXPECTED = {
+    "server_started": ("110100", "E", "110120", "0"),
+    "server_start_failed": ("110100", "E", "110120", "4"),
+    "server_stopped": ("110100", "E", "110121", "0"),
     "model_loaded": ("110113", "E", "110131", "0"),
     "model_refused": ("110113", "E", "110131", "4"),
     "model_unloaded": ("110113", "E", "110131", "0"),
@@ -294,15 +300,20 @@ def test_the_server_forwards_what_it_records(tmp_path: Path, example_bundle: Bun
     audit = tmp_path / "audit.jsonl"
     served = ServerThread([example_bundle.path], audit_log=audit, audit_syslog=f"tcp://127.0.0.1:{receiver.port}")
     try:
-        messages = receiver.wait_for(1)
+        receiver.wait_for(2)
         metrics = served.running.telemetry.metrics.registry
-        assert metrics.get_sample_value("edgescope_audit_forwarded_total") == 1
+        assert metrics.get_sample_value("edgescope_audit_forwarded_total") == 2
         assert metrics.get_sample_value("edgescope_audit_forward_failures_total") == 0
     finally:
         served.stop()
+        # The stop's own record goes out as the trail closes.
+        messages = receiver.wait_for(3)
         receiver.close()
-    (record,) = (json.loads(line) for line in audit.read_text().splitlines())
-    assert len(messages) == 1
-    root, details = _parse(messages[0])
-    _check(root, "model_loaded")
-    assert details["hash"] == record["hash"] and details["sha256"] == example_bundle.onnx_sha256
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [r["event"] for r in records] == ["server_started", "model_loaded", "server_stopped"]
+    assert len(messages) == 3
+    for record, message in zip(records, messages, strict=True):
+        root, details = _parse(message)
+        _check(root, record["event"])
+        assert details["hash"] == record["hash"]
+    assert _parse(messages[1])[1]["sha256"] == example_bundle.onnx_sha256

@@ -88,8 +88,10 @@ def test_the_server_records_loads_refusals_and_unloads_with_who_asked(tmp_path: 
     finally:
         served.stop()
     records = [json.loads(line) for line in _lines(audit)]
-    assert [r["event"] for r in records] == ["model_loaded", "model_loaded", "model_refused", "model_unloaded"]
-    start, loaded, refused, unloaded = records
+    events = ["server_started", "model_loaded", "model_loaded", "model_refused", "model_unloaded", "server_stopped"]
+    assert [r["event"] for r in records] == events
+    started, start, loaded, refused, unloaded, _ = records
+    assert started["by"] == "server" and started["version"]
     assert start["by"] == "server" and start["sha256"] == example_bundle.onnx_sha256
     # Who asked: the credential and host of the call (anonymous on loopback here), never a patient.
     assert loaded["by"].startswith("anonymous@") and loaded["model"] == "second"
@@ -101,7 +103,7 @@ def test_the_server_records_loads_refusals_and_unloads_with_who_asked(tmp_path: 
         text=True,
         timeout=60,
     )
-    assert run.returncode == 0 and "4 record(s), intact" in run.stdout
+    assert run.returncode == 0 and "6 record(s), intact" in run.stdout
 
 
 def test_a_delivery_is_recorded_object_by_object_without_secrets_in_the_url(tmp_path: Path) -> None:

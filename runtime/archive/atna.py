@@ -11,7 +11,8 @@ facility 10, security; severity 5, notice; MSGID ``IHE+RFC-3881``) over
 
 Both frame a message by octet counting (``LEN SP MSG``).
 
-Which message a record becomes (``EVENTS``): model loads, unloads and refusals
+Which message a record becomes (``EVENTS``): the server's start (or a start
+that failed) and stop are Application Activity; model loads, unloads and refusals
 are Security Alerts of type Software Configuration; a model's failover to
 another device and its return, of type Hardware Configuration; a domain drift
 alert is a Security Alert with only the record's own type; a DICOM object
@@ -75,9 +76,12 @@ class Code:
     meaning: str
 
 
+APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")
 INSTANCES_ACCESSED = Code("110103", "DCM", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
 SECURITY_ALERT = Code("110113", "DCM", "Security Alert")
+APPLICATION_START = Code("110120", "DCM", "Application Start")
+APPLICATION_STOP = Code("110121", "DCM", "Application Stop")
 HARDWARE_CONFIGURATION = Code("110130", "DCM", "Hardware Configuration")
 SOFTWARE_CONFIGURATION = Code("110131", "DCM", "Software Configuration")
 APPLICATION = Code("110150", "DCM", "Application")
@@ -100,6 +104,9 @@ class Event:
 
 
 EVENTS: dict[str, Event] = {
+    "server_started": Event(APPLICATION_ACTIVITY, "E", APPLICATION_START),
+    "server_start_failed": Event(APPLICATION_ACTIVITY, "E", APPLICATION_START, failed=True),
+    "server_stopped": Event(APPLICATION_ACTIVITY, "E", APPLICATION_STOP),
     "model_loaded": Event(SECURITY_ALERT, "E", SOFTWARE_CONFIGURATION),
     "model_unloaded": Event(SECURITY_ALERT, "E", SOFTWARE_CONFIGURATION),
     "model_refused": Event(SECURITY_ALERT, "E", SOFTWARE_CONFIGURATION, failed=True),

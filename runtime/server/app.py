@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from edgescope import __version__
 from edgescope.errors import BundleError, ConfigError, EdgescopeError
 from edgescope.runtime.archive.atna import open_trail
 from edgescope.runtime.backends.base import Backend, cpu_cores
@@ -143,6 +144,7 @@ class RunningServer:
         REGIONS.close()
         self.telemetry.close()
         if self.registry.audit is not None:
+            self.registry.audit.append("server_stopped", by="server")
             self.registry.audit.close()
 
     async def wait(self) -> None:
@@ -194,6 +196,7 @@ def _abandon(
     registry.close()
     telemetry.close()
     if registry.audit is not None:
+        registry.audit.append("server_start_failed", by="server", reason="a bundle named could not be served")
         registry.audit.close()
 
 
@@ -222,8 +225,10 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
     frames = CallerExecutor(max_workers=config.frame_threads, thread_name_prefix="edgescope-frame")
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgescope-loader")
     telemetry = TelemetryHub(config.telemetry, security.web)
-    if registry.audit is not None and registry.audit.forward is not None:
-        telemetry.metrics.watch_audit_forwarding(registry.audit.forward)
+    if registry.audit is not None:
+        registry.audit.append("server_started", by="server", version=__version__)
+        if registry.audit.forward is not None:
+            telemetry.metrics.watch_audit_forwarding(registry.audit.forward)
     registry.on_change(lambda: telemetry.metrics.set_models(registry.names()))
     registry.on_change(lambda: telemetry.metrics.set_self_tests({m.name: m.self_test for m in registry.all()}))
     registry.on_degraded = telemetry.metrics.set_degraded
