@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import grpc
 import pytest
 
 from edgescope.bundle import Bundle
-from edgescope.errors import ConfigError
+from edgescope.errors import ConfigError, EdgescopeError
 from edgescope.runtime.archive.audit import AuditTrail, record_results, verify
 from edgescope.runtime.server.security import SecurityConfig
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
@@ -123,3 +124,16 @@ def test_a_delivery_is_recorded_object_by_object_without_secrets_in_the_url(tmp_
     assert waiting["event"] == "archive_delivery_waiting" and waiting["waiting"] == 1
     assert "timed out" in waiting["reason"]
     assert waiting["to"] == "dicomweb+https://ops@pacs.example:443/dicom-web"
+
+
+def test_a_start_that_fails_is_recorded_with_why(tmp_path: Path) -> None:
+    from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from edgescope.runtime.server.app import ServerConfig, start_server
+
+    audit = tmp_path / "audit.jsonl"
+    config = ServerConfig(bundles=[tmp_path / "no-such-bundle"], host="127.0.0.1", port=0, audit_log=audit)
+    with pytest.raises(EdgescopeError):
+        asyncio.run(start_server(config, OnnxRuntimeBackend(intra_op_threads=1)))
+    records = [json.loads(line) for line in _lines(audit)]
+    assert [r["event"] for r in records] == ["server_started", "model_refused", "server_start_failed"]
+    assert "no-such-bundle" in records[-1]["reason"] and verify(audit).intact

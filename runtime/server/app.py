@@ -188,15 +188,19 @@ class HealthBoard:
 
 
 def _abandon(
-    frames: ThreadPoolExecutor, loader: ThreadPoolExecutor, registry: ModelRegistry, telemetry: TelemetryHub
+    frames: ThreadPoolExecutor,
+    loader: ThreadPoolExecutor,
+    registry: ModelRegistry,
+    telemetry: TelemetryHub,
+    error: BaseException,
 ) -> None:
-    """Undo a start that failed before serving."""
+    """Undo a start that failed before serving (``error`` says why)."""
     for executor in (frames, loader):
         executor.shutdown(wait=False)
     registry.close()
     telemetry.close()
     if registry.audit is not None:
-        registry.audit.append("server_start_failed", by="server", reason="a bundle named could not be served")
+        registry.audit.append("server_start_failed", by="server", reason=str(error) or type(error).__name__)
         registry.audit.close()
 
 
@@ -236,17 +240,17 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
     for bundle in config.bundles:
         try:
             model = await loop.run_in_executor(loader, registry.load, Path(bundle))
-        except (BundleError, ConfigError):
+        except (BundleError, ConfigError) as exc:
             # The bundle named is not one this server may serve (missing, altered, unsigned, failed gate):
             # a configuration error, reported by refusing to start.
-            _abandon(frames, loader, registry, telemetry)
+            _abandon(frames, loader, registry, telemetry, exc)
             raise
         except EdgescopeError as exc:
             # This device cannot run it (a backend, an engine, a self-test): serve the rest, say why.
             logger.error("NOT serving %s: %s", bundle, exc)
             continue
-        except BaseException:
-            _abandon(frames, loader, registry, telemetry)
+        except BaseException as exc:
+            _abandon(frames, loader, registry, telemetry, exc)
             raise
         logger.info(
             "loaded %s %s (%s, %d instance(s), sha256 %s)",
@@ -316,9 +320,9 @@ async def start_server(config: ServerConfig, backend: Backend) -> RunningServer:
         if port == 0:
             raise OSError(f"cannot bind {config.host}:{config.port}")
         await server.start()
-    except BaseException:
+    except BaseException as exc:
         # Nothing serves yet: close every worker and session the start made.
-        _abandon(frames, loader, registry, telemetry)
+        _abandon(frames, loader, registry, telemetry, exc)
         raise
     board = HealthBoard(health_servicer, registry, loop)
     registry.on_change(board.refresh)
