@@ -101,5 +101,6 @@ def test_tls_files_are_checked_before_anything_is_sent(tmp_path: Path) -> None:
         with pytest.raises(ConfigError):
             sender_for(url)
     # A file that is there but is not a CA bundle is refused as one too.
-    with pytest.raises(ConfigError, match="cannot use the TLS files"):
-        sender_for(f"dicoms://ARCHIVE@127.0.0.1:1?ca={CINE}")
+    for url in (f"dicoms://ARCHIVE@127.0.0.1:1?ca={CINE}", f"dicomweb+https://127.0.0.1:1/dicom-web?ca={CINE}"):
+        with pytest.raises(ConfigError, match="cannot use the TLS files"):
+            sender_for(url)

@@ -36,7 +36,10 @@ def sender_for(url: str) -> Sender:
     """The sender ``url`` names (see the module docstring); raises ConfigError for anything else."""
     parts = urlsplit(url)
     if parts.scheme in ("dicomweb+http", "dicomweb+https"):
-        tls = TlsFiles.from_query(url, parts.query, tls=parts.scheme == "dicomweb+https")
+        secure = parts.scheme == "dicomweb+https"
+        tls = TlsFiles.from_query(url, parts.query, tls=secure)
+        if secure:
+            tls.context()  # the files load, or ConfigError now rather than at the first delivery
         root = f"{parts.scheme.removeprefix('dicomweb+')}://{parts.netloc}{parts.path}"
         return _stow(root, tls)
     if parts.scheme in ("dicom", "dicoms"):
