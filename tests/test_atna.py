@@ -193,6 +193,13 @@ def test_every_record_type_becomes_its_audit_message() -> None:
             assert roles == {"edgescope@device-7": "110153", "dicoms://PACS@pacs:2762": "110152"}
 
 
+def test_text_xml_cannot_hold_is_replaced_not_sent_broken() -> None:
+    record = {"seq": 0, "time": "2026-12-06T10:00:00.000+00:00", "event": "model_refused", "model": "m\x00",
+              "reason": "bad byte \x07 in the manifest", "prev": "0", "hash": "1"}  # fmt: skip
+    root = ET.fromstring(audit_message(record, "edgescope@device-7", "file://device-7/audit.jsonl"))
+    assert root.findtext("EventIdentification/EventOutcomeDescription") == "bad byte \ufffd in the manifest"
+
+
 def test_an_event_added_later_still_goes_as_a_security_alert_of_its_own_type() -> None:
     record = {"seq": 0, "time": "2026-12-06T10:00:00.000+00:00", "event": "something_new", "prev": "0", "hash": "1"}
     root = ET.fromstring(audit_message(record, "edgescope@device-7", "file://device-7/audit.jsonl"))

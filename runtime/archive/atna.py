@@ -18,8 +18,9 @@ another device and its return, of type Hardware Configuration; a domain drift
 alert is a Security Alert with only the record's own type; a DICOM object
 written is DICOM Instances Accessed (create); one the archive confirmed, DICOM
 Instances Transferred (read: the sender does not know what the receiver
-held). A failure (a refusal, a failover, a drift, objects left waiting) has
-outcome 4, minor failure, with the record's reason as the outcome description.
+held). A failure (a start or a load refused, a failover, a drift, objects not
+written or left waiting) has outcome 4, minor failure, with the record's
+reason as the outcome description.
 Every message also carries the record's event name as an extra type code in
 the local scheme ``99EDGESCOPE``, and the local record itself (its ``seq``,
 ``hash`` and fields) as the details of a Security Audit Log participant
@@ -41,6 +42,7 @@ import json
 import logging
 import os
 import queue
+import re
 import socket
 import ssl
 import threading
@@ -122,6 +124,14 @@ EVENTS: dict[str, Event] = {
 OTHER = Event(SECURITY_ALERT, "E")
 
 
+# Characters XML 1.0 cannot hold (ElementTree would write them, and the message would not parse).
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _text(value: object) -> str:
+    return _NOT_XML.sub("\ufffd", str(value))
+
+
 def _code(parent: ET.Element, tag: str, code: Code) -> None:
     ET.SubElement(parent, tag, {"csd-code": code.value, "codeSystemName": code.scheme, "originalText": code.meaning})
 
@@ -145,7 +155,7 @@ def _participant_object(
 
 def audit_message(record: Mapping[str, Any], source_id: str, trail: str) -> bytes:
     """The DICOM audit message (UTF-8 XML) for one audit trail record; ``trail`` names the local trail (a URI)."""
-    name = str(record.get("event", ""))
+    name = _text(record.get("event", ""))
     event = EVENTS.get(name, OTHER)
     reason = record.get("reason")
     root = ET.Element("AuditMessage")
@@ -154,7 +164,7 @@ def audit_message(record: Mapping[str, Any], source_id: str, trail: str) -> byte
         "EventIdentification",
         {
             "EventActionCode": event.action,
-            "EventDateTime": str(record["time"]),
+            "EventDateTime": _text(record["time"]),
             "EventOutcomeIndicator": "4" if event.failed else "0",
         },
     )
@@ -163,9 +173,9 @@ def audit_message(record: Mapping[str, Any], source_id: str, trail: str) -> byte
         _code(identification, "EventTypeCode", event.type)
     _code(identification, "EventTypeCode", Code(name, LOCAL_SCHEME, name.replace("_", " ")))
     if reason:
-        ET.SubElement(identification, "EventOutcomeDescription").text = str(reason)
+        ET.SubElement(identification, "EventOutcomeDescription").text = _text(reason)
 
-    by = str(record.get("by", "server"))
+    by = _text(record.get("by", "server"))
     transfer = event.id == INSTANCES_TRANSFERRED
     application = ET.SubElement(
         root, "ActiveParticipant", {"UserID": source_id, "UserIsRequestor": "true" if by == "server" else "false"}
@@ -176,7 +186,7 @@ def audit_message(record: Mapping[str, Any], source_id: str, trail: str) -> byte
         ET.SubElement(root, "ActiveParticipant", {"UserID": by, "UserIsRequestor": "true"})
     if transfer and "to" in record:
         destination = ET.SubElement(
-            root, "ActiveParticipant", {"UserID": str(record["to"]), "UserIsRequestor": "false"}
+            root, "ActiveParticipant", {"UserID": _text(record["to"]), "UserIsRequestor": "false"}
         )
         _code(destination, "RoleIDCode", DESTINATION)
 
@@ -185,10 +195,11 @@ def audit_message(record: Mapping[str, Any], source_id: str, trail: str) -> byte
 
     if "model" in record:
         # Type 2 (system object), role 26 (processing element): the model that produced or was changed.
-        _participant_object(root, str(record["model"]), MODEL_NAME, str(record["model"]), "2", "26")
+        model = _text(record["model"])
+        _participant_object(root, model, MODEL_NAME, model, "2", "26")
     if "sop_instance_uid" in record:
-        kind = str(record.get("sop_class", "DICOM object"))
-        _participant_object(root, str(record["sop_instance_uid"]), SOP_INSTANCE_UID, kind, "2", "3")
+        kind = _text(record.get("sop_class", "DICOM object"))
+        _participant_object(root, _text(record["sop_instance_uid"]), SOP_INSTANCE_UID, kind, "2", "3")
 
     log = _participant_object(root, trail, URI, "Security Audit Log", "2", "13")
     for key, value in record.items():
@@ -262,11 +273,16 @@ class SyslogForwarder:
                     if self._stop.is_set():
                         break
                     continue
-                frame = syslog_frame(
-                    audit_message(record, self._source_id, self._trail),
-                    timestamp=str(record["time"]),
-                    hostname=self._hostname,
-                )
+                try:
+                    frame = syslog_frame(
+                        audit_message(record, self._source_id, self._trail),
+                        timestamp=_text(record["time"]),
+                        hostname=self._hostname,
+                    )
+                except Exception:  # a record this cannot express must not end the forwarding of the rest
+                    self.dropped += 1
+                    logger.exception("audit record %s was not forwarded (the local trail has it)", record.get("seq"))
+                    continue
             try:
                 self._send(frame)
             except OSError as exc:  # ssl.SSLError and timeouts included
