@@ -11,8 +11,10 @@ other's answers.
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -214,6 +216,29 @@ def _recording(order: list[float], gate: threading.Event, delay_s: float = 0.0) 
             return super()._infer_impl(feed)
 
     return Recording
+
+
+def test_an_idle_worker_keeps_nothing_of_the_frames_it_ran() -> None:
+    # A 1080p frame is 6 MB: the instance thread must not hold its last batch while it waits for the next.
+    class Frame:
+        def finish(self, result: JobResult) -> JobResult:
+            return result
+
+    worker = _worker(GuardedSession)
+    try:
+        frame = Frame()
+        gone = weakref.ref(frame)
+        job = Job(lane="a", finish=frame.finish, tensor=np.ones((1, 4), np.float32), frame_input="x")
+        asyncio.run(_run_all(worker, [job]))
+        del frame, job
+        for _ in range(50):
+            gc.collect()
+            if gone() is None:
+                break
+            time.sleep(0.02)
+        assert gone() is None, "the worker still holds a frame it has answered"
+    finally:
+        _stop(worker)
 
 
 def test_a_live_frame_runs_before_requests_that_waited_longer() -> None:

@@ -24,6 +24,7 @@ from edgescope.runtime.server.admission import Admission
 from edgescope.runtime.server.auth import current_client
 from edgescope.runtime.server.capture import CaptureHub
 from edgescope.runtime.server.frame_run import infer_one, unary_lane
+from edgescope.runtime.server.memory import MemoryReturn
 from edgescope.runtime.server.grpc_status import status_code_for
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel
 from edgescope.runtime.server.repository import ModelRepository
@@ -67,6 +68,7 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
         self.streams = StreamRegistry()
         # Unary calls per client at once (Infer here, ModelInfer in KServe): the rest wait their turn.
         self.admission = Admission()
+        self.memory = MemoryReturn()
 
     def attach_captures(self, captures: CaptureHub | None) -> None:
         self._captures = captures
@@ -108,6 +110,7 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
             # A client that crashed never unregisters its ring; unmap it with its stream.
             for stream_id in run.stream_ids:
                 REGIONS.release_stream(stream_id)
+            self.memory.stream_ended()
         outcome = run.outcome()
         if outcome.code != grpc.StatusCode.OK:
             context.set_code(outcome.code)

@@ -288,20 +288,8 @@ class ModelWorker:
             instance.ready.set()
         assert instance.session is not None
         try:
-            while (taken := self._next_batch()) is not None:
-                batch, charge = taken
-                start = time.perf_counter_ns()
-                try:
-                    self._run(instance.session, batch)
-                except Exception as exc:
-                    # A fault of the worker's own (statistics, hand-off) must not strand the jobs it took,
-                    # nor end the instance: they are answered, the fault is counted, the thread serves on.
-                    self.faults += 1
-                    logger.exception("an instance of %s failed outside its model; it serves on", self.name)
-                    for job in batch:
-                        self._settle(job, None, BackendError(f"model {self.name} failed: {type(exc).__name__}"))
-                with self._cond:
-                    self._queue.charge(charge, time.perf_counter_ns() - start)
+            while self._take_and_run(instance.session):
+                pass
         finally:
             if instance.owns_session:
                 # Shared sessions are closed by their owner once every user has left.
@@ -309,6 +297,27 @@ class ModelWorker:
                     if other is not instance and not other.owns_session and other.thread is not None:
                         other.thread.join()
             self._close(instance)
+
+    def _take_and_run(self, session: Session) -> bool:
+        """Run the next batch; False once retired and empty. Its frames (megabytes each) go with this call's
+        frame, not kept while the thread waits for the next batch."""
+        taken = self._next_batch()
+        if taken is None:
+            return False
+        batch, charge = taken
+        start = time.perf_counter_ns()
+        try:
+            self._run(session, batch)
+        except Exception as exc:
+            # A fault of the worker's own (statistics, hand-off) must not strand the jobs it took,
+            # nor end the instance: they are answered, the fault is counted, the thread serves on.
+            self.faults += 1
+            logger.exception("an instance of %s failed outside its model; it serves on", self.name)
+            for job in batch:
+                self._settle(job, None, BackendError(f"model {self.name} failed: {type(exc).__name__}"))
+        with self._cond:
+            self._queue.charge(charge, time.perf_counter_ns() - start)
+        return True
 
     def _close(self, instance: _Instance) -> None:
         if instance.owns_session and instance.session is not None:
