@@ -15,7 +15,9 @@ outbox runs on one thread, delivering what waits there on another, so
 neither the frame path nor the loop waits for the archive, and an archive
 that is slow or down holds no batch in memory: batches are written as they
 come, and one delivery at a time sends all that waits (at most one more is
-queued). Every object written and every one the archive confirms is
+queued). Should writing fall behind (``MAX_BATCHES_WAITING``), no key frame
+is taken until it catches up, and the log says so: memory stays bounded and
+the frame path does not wait. Every object written and every one the archive confirms is
 recorded in the audit trail (by SOP Instance UID, never by patient), as is a
 delivery that left objects waiting; those wait in the outbox for the next
 delivery or ``edgescope outbox send``. The labels are coded as the bundle the
@@ -33,11 +35,9 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
 from edgescope.errors import EdgescopeError
-from edgescope.runtime.archive.audit import AuditTrail
+from edgescope.runtime.archive.audit import AuditTrail, record_results
 from edgescope.runtime.archive.key_frames import KeyFrameChooser, KeyFramePolicy
 from edgescope.runtime.archive.outbox import Outbox
 from edgescope.runtime.archive.recorders import KeyFrameRecorder, LabelCodesFor, deliver_outbox
@@ -56,6 +56,8 @@ MAX_IN_FLIGHT = 64
 STOP_DELIVERY_S = 5.0
 # A delivery is made of tries this long, so that a stop cuts one short.
 DELIVERY_SLICE_S = 1.0
+# Batches waiting to be written, at most: while the writing thread is this far behind, no key frame is taken.
+MAX_BATCHES_WAITING = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +87,6 @@ def registry_label_codes(registry: ModelRegistry) -> LabelCodesFor:
     return codes
 
 
-def _where(url: str) -> str:
-    """``url`` without any user name or password, as the audit trail records it."""
-    parts = urlsplit(url)
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl() if parts.netloc else url
-
-
 @dataclass(slots=True)
 class _Capture:
     kind: SourceKind
@@ -108,9 +104,17 @@ class CaptureArchive:
         self._label_codes = registry_label_codes(registry)
         self._captures: dict[str, _Capture] = {}
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgescope-archive-write")
-        self._deliverer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgescope-archive-send")
+        # One delivery at a time sends all that waits; a request while one runs starts one more after it.
+        self._wanted = threading.Event()
+        self._closing = False
+        # Set when the stop leaves a delivery behind: the audit trail is closed next, so that delivery records nothing.
+        self._left = False
+        # A daemon: a try that the archive holds (an unreachable archive's retries) cannot hold the process's exit.
+        self._sender = threading.Thread(target=self._send, name="edgescope-archive-send", daemon=True)
+        self._sender.start()
         self._lock = threading.Lock()
-        self._delivery_queued = False
+        self._batches_waiting = 0
+        self._behind = False
         # Set once the server stops (monotonic clock): no delivery goes on past it.
         self._stop_by: float | None = None
 
@@ -130,7 +134,7 @@ class CaptureArchive:
         """A result of frame ``result.seq``: the recorder decides whether it is a key frame."""
         state = self._captures[capture]
         frame = state.in_flight.pop(result.seq, None)
-        if frame is None:
+        if frame is None or self._writing_behind():
             return
         state.recorder.observe(frame, result)
         if len(state.recorder.frames) >= self.settings.policy.max_frames:
@@ -147,11 +151,18 @@ class CaptureArchive:
         self._stop_by = time.monotonic() + STOP_DELIVERY_S
 
     async def close(self) -> None:
-        """Write what every capture kept, then wait for the writing and the last delivery to finish."""
+        """Write what every capture kept, then wait for the last delivery, up to ``STOP_DELIVERY_S`` (a single
+        try the archive holds longer is left to finish on its own; what it did not send waits in the outbox)."""
         for capture in list(self._captures):
             self.ended(capture)
         await asyncio.to_thread(self._writer.shutdown, wait=True)
-        await asyncio.to_thread(self._deliverer.shutdown, wait=True)
+        self._closing = True
+        self._wanted.set()
+        await asyncio.to_thread(self._sender.join, STOP_DELIVERY_S)
+        if self._sender.is_alive():
+            self._left = True
+            logger.warning("the archive still holds a delivery at the stop; what it did not confirm waits in %s",
+                           self.settings.outbox)  # fmt: skip
 
     def _recorder(self, kind: SourceKind, chooser: KeyFrameChooser | None = None) -> KeyFrameRecorder:
         return KeyFrameRecorder(
@@ -165,7 +176,20 @@ class CaptureArchive:
         # The next batch keeps the policy's clock, so a batch boundary takes no extra frame; its count starts anew.
         chooser.kept = 0
         state.recorder = self._recorder(state.kind, chooser)
+        with self._lock:
+            self._batches_waiting += 1
         self._writer.submit(self._write, capture, full)
+
+    def _writing_behind(self) -> bool:
+        with self._lock:
+            behind = self._batches_waiting >= MAX_BATCHES_WAITING
+        if behind != self._behind:
+            self._behind = behind
+            if behind:
+                logger.warning("the captures' results are written more slowly than they come: no key frames now")
+            else:
+                logger.info("the captures' results are written again: key frames are taken")
+        return behind
 
     def _write(self, capture: str, recorder: KeyFrameRecorder) -> None:
         """On the writing thread: the batch's objects into the outbox, each recorded; then a delivery."""
@@ -178,38 +202,43 @@ class CaptureArchive:
             # Another library's words may quote a value of the study context: only the project's own are kept.
             reason = str(exc) if isinstance(exc, EdgescopeError) else type(exc).__name__
             logger.error("capture %s: its results could not be written to the outbox: %s", capture, reason)
-            self._record("archive_write_failed", capture=capture, model=model, reason=reason)
+            if self._audit is not None:
+                self._audit.append("archive_write_failed", by="server", capture=capture, model=model, reason=reason)
             return
-        for written in report["written"]:
-            self._record("archive_object_written", capture=capture, model=model, **written)
-        with self._lock:
-            if self._delivery_queued:
-                return  # the delivery waiting to start sends these too
-            self._delivery_queued = True
-        self._deliverer.submit(self._deliver)
+        finally:
+            with self._lock:
+                self._batches_waiting -= 1
+        if self._audit is not None:
+            record_results(self._audit, report, by="server", model=model)
+        self._wanted.set()
+
+    def _send(self) -> None:
+        """The delivering thread: a delivery whenever one is wanted, until the archive is closed."""
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            self._deliver()
+            if self._closing and not self._wanted.is_set():
+                return
 
     def _deliver(self) -> None:
         """On the delivering thread: send what waits in the outbox, in tries of ``DELIVERY_SLICE_S``, until
         nothing waits, the delivery timeout is spent, or the server's stop allows no more."""
-        with self._lock:
-            self._delivery_queued = False
-        settings, where = self.settings, _where(self.settings.url)
+        settings = self.settings
         deadline = time.monotonic() + settings.delivery_timeout_s
         while True:
             until = min(deadline, self._stop_by or deadline)
             report = deliver_outbox(self._outbox, settings.url, min(DELIVERY_SLICE_S, until - time.monotonic()), {})
-            for uid in report["delivered"]:
-                self._record("archive_object_delivered", to=where, sop_instance_uid=uid)
+            done = not report["waiting"] or time.monotonic() >= until
+            if self._audit is not None and not self._left:
+                # Objects still waiting are recorded once, when this delivery leaves them.
+                record_results(self._audit, {**report, "waiting": report["waiting"] if done else 0}, by="server",
+                               model="")  # fmt: skip
             if report["delivered"]:
-                logger.info("%d DICOM object(s) stored at %s", len(report["delivered"]), where)
-            if not report["waiting"] or time.monotonic() >= until:
+                logger.info("%d DICOM object(s) stored at %s", len(report["delivered"]), settings.url)
+            if done:
                 break
         if report["waiting"]:
             logger.warning(
                 "%d DICOM object(s) wait in the outbox %s: %s", report["waiting"], settings.outbox, report["error"]
             )
-            self._record("archive_delivery_waiting", to=where, waiting=report["waiting"], reason=report["error"])
-
-    def _record(self, event: str, **fields: Any) -> None:
-        if self._audit is not None:
-            self._audit.append(event, by="server", **fields)
