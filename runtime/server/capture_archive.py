@@ -14,14 +14,15 @@ chosen frame's pixels; a decoded mask). Writing a batch into the durable
 outbox runs on one thread, delivering what waits there on another, so
 neither the frame path nor the loop waits for the archive, and an archive
 that is slow or down holds no batch in memory: batches are written as they
-come, and one delivery at a time sends all that waits (at most one more is
-queued). Should writing fall behind (``MAX_BATCHES_WAITING``), no key frame
-is taken until it catches up, and the log says so: memory stays bounded and
-the frame path does not wait. Every object written and every one the archive confirms is
-recorded in the audit trail (by SOP Instance UID, never by patient), as is a
-delivery that left objects waiting; those wait in the outbox for the next
-delivery or ``edgescope outbox send``. The labels are coded as the bundle the
-results came from codes them, read from the registry.
+come, and one delivery at a time sends all that waits (a request while one
+runs starts one more after it). Should writing fall behind
+(``MAX_BATCHES_WAITING``), no key frame is taken until it catches up, and the
+log says so: memory stays bounded and the frame path does not wait. Every
+object written and every one the archive confirms is recorded in the audit
+trail (by SOP Instance UID, never by patient), as is a delivery that left
+objects waiting; those wait in the outbox for the next delivery or
+``edgescope outbox send``. The labels are coded as the bundle the results
+came from codes them, read from the registry.
 """
 
 from __future__ import annotations
