@@ -9,6 +9,11 @@ client (send to answer), first alone, then beside each load:
 - a busy model: 4 KServe callers sending batches of 8, with the stream's
   frames carrying a 100 ms deadline (share of OK answers older than it at
   the client);
+- two clients streaming 1080p RGB frames flat out and never reading an
+  answer (the server's resident memory before, at its peak, and 3 s after
+  they go);
+- a storm of 200 streams that each send a frame and are cancelled, or
+  their channel closed, 20 a second;
 - then a frame with a 1 MB stream id (time to its answer) and SIGTERM to
   the server mid-stream (time to exit, against ``--grace`` 5 s + 2 s).
 
@@ -49,6 +54,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "ultrasound_unet"
 RESULTS = ROOT / "benchmarks" / "results"
 OPTIONS = channel_options(DEFAULT_MAX_MESSAGE_BYTES)
+NON_READERS = "2 clients streaming 1080p, never reading"
+STORM = "200 streams cancelled or closed, 20 a second"
 
 
 def cine() -> list[stream_pb2.RawImage]:
@@ -153,6 +160,76 @@ async def beside(target: str, frames: list[stream_pb2.RawImage], seconds: float,
     return {**stream, "load_outcomes": outcomes}
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+async def non_reader(target: str, frame: stream_pb2.RawImage, name: str, sent: dict[str, int]) -> None:
+    """Streams ``frame`` as fast as the server takes it and never reads an answer; ends when cancelled."""
+    async with grpc.aio.insecure_channel(target, options=OPTIONS) as channel:
+        call = stream_pb2_grpc.StreamServiceStub(channel).Stream()
+        try:
+            while True:
+                await call.write(stream_pb2.Frame(stream_id=name, seq=sent[name], raw=frame))
+                sent[name] += 1
+        finally:
+            call.cancel()
+
+
+async def beside_non_readers(target: str, frames: list[stream_pb2.RawImage], seconds: float, pid: int) -> Any:
+    big = encode_raw(np.random.default_rng(0).integers(0, 256, (1080, 1920, 3), np.uint8))
+    before = rss_mb(pid)
+    sent = {"idle-0": 0, "idle-1": 0}
+    peak = before
+    readers = [asyncio.create_task(non_reader(target, big, name, sent)) for name in sent]
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, rss_mb(pid))
+            await asyncio.sleep(0.1)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(1.0)
+    stream = await live_stream(target, frames, seconds)
+    for task in readers:
+        task.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    await asyncio.sleep(3.0)
+    watcher.cancel()
+    after = rss_mb(pid)
+    memory = {"rss_before_mb": before, "rss_peak_mb": peak, "rss_3s_after_mb": after, "frames_taken": sent}
+    return {**stream, "memory": memory}
+
+
+async def beside_cancel_storm(target: str, frames: list[stream_pb2.RawImage], seconds: float) -> Any:
+    async def cancelled(index: int) -> None:
+        async with grpc.aio.insecure_channel(target, options=OPTIONS) as channel:
+            call = stream_pb2_grpc.StreamServiceStub(channel).Stream()
+            await call.write(stream_pb2.Frame(stream_id=f"gone-{index}", seq=0, raw=frames[0]))
+            await asyncio.sleep(0.02)
+            if index % 2:
+                call.cancel()
+            # else: the channel closes under the call
+
+    async def storm() -> int:
+        done = 0
+        for index in range(200):
+            await asyncio.sleep(0.05)
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await cancelled(index)
+            done += 1
+        return done
+
+    storm_task = asyncio.create_task(storm())
+    stream = await live_stream(target, frames, seconds)
+    return {**stream, "cancelled": await storm_task}
+
+
 async def huge_stream_id(target: str, frame: stream_pb2.RawImage) -> float:
     async def send() -> AsyncIterator[stream_pb2.Frame]:
         yield stream_pb2.Frame(stream_id="x" * (1 << 20), raw=frame)
@@ -196,6 +273,8 @@ def main() -> int:
                 "4 KServe callers, batches of 8; stream deadline 100 ms",
             ):
                 report[load] = asyncio.run(beside(target, frames, args.seconds, load, tensor))
+            report[NON_READERS] = asyncio.run(beside_non_readers(target, frames, args.seconds, server.pid))
+            report[STORM] = asyncio.run(beside_cancel_storm(target, frames, args.seconds))
             report["1 MB stream id answered in (s)"] = asyncio.run(huge_stream_id(target, frames[0]))
 
             async def stream_then_stop() -> float:
@@ -231,6 +310,13 @@ def main() -> int:
     }
     busy = report["4 KServe callers, batches of 8; stream deadline 100 ms"]
     report["targets"]["busy model: <= 5 % of OK answers older than 100 ms"] = busy["share_late"] <= 0.05
+    idle = report[NON_READERS]
+    grown = idle["memory"]["rss_peak_mb"] - idle["memory"]["rss_before_mb"]
+    kept = idle["memory"]["rss_3s_after_mb"] - idle["memory"]["rss_before_mb"]
+    report["targets"]["non-readers: RSS grows <= 100 MB each"] = grown <= 200
+    report["targets"]["non-readers: memory returned when they go (<= 20 MB kept)"] = kept <= 20
+    for key in (NON_READERS, STORM):
+        report["targets"][f"{key}: stream p99 <= 2x alone"] = report[key]["p99_ms"] <= 2 * alone_p99
     report["targets"]["1 MB stream id answered within 1 s"] = report["1 MB stream id answered in (s)"] <= 1.0
     report["targets"]["SIGTERM: exit within grace + 2 s"] = report["SIGTERM mid-stream: exit after (s), grace 5"] <= 7.0
     print(f"1 MB stream id answered in {report['1 MB stream id answered in (s)']} s")
