@@ -76,7 +76,7 @@ def kserve_job(model: ServedModel, request: pb.ModelInferRequest, feed: Feed, la
         return infer_response(model, request, inferred.outputs)
 
     (name, tensor), *others = feed.items()
-    if not others and model.batchable and tensor.dtype == np.float32:
+    if not others and model.batches_requests:
         rows_of = np.asarray(tensor, dtype=np.float32)
         return Job(lane=lane, finish=finish, tensor=rows_of, frame_input=name, batchable=True, inferences=rows)
     return Job(lane=lane, finish=finish, feed=feed, inferences=rows)

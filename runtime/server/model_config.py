@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from edgescope.kserve.datatypes import MANIFEST_DATATYPES, batches
 from edgescope.kserve.v2 import model_config_pb2 as mc
-from edgescope.runtime.pipeline.state import is_stateful
 from edgescope.runtime.server.registry import ServedModel
 from edgescope.v1 import manifest_pb2
 
@@ -78,9 +77,7 @@ def model_config(model: ServedModel, *, max_batch: int, batch_delay_us: int) -> 
         )
     for spec in manifest.outputs:
         config.output.add(name=spec.name, data_type=_data_type(spec), dims=_dims(spec, batched))
-    # Requests are combined only for a model of one float input (see ``kserve.kserve_job``).
-    single_float = len(manifest.inputs) == 1 and manifest.inputs[0].dtype == manifest_pb2.DATA_TYPE_FLOAT32
-    if batched and max_batch > 1 and not is_stateful(manifest) and single_float:
+    if batched and max_batch > 1 and model.batches_requests:
         config.dynamic_batching.max_queue_delay_microseconds = batch_delay_us
     provenance = {
         "task": manifest_pb2.Task.Name(manifest.task).removeprefix("TASK_").lower(),

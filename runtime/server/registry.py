@@ -162,6 +162,12 @@ class ServedModel:
         # Only the frame input is stacked across streams: a model fed by other sources runs frame by frame.
         return self.capabilities.dynamic_batch and not is_stateful(self.manifest) and not source_inputs(self.manifest)
 
+    @property
+    def batches_requests(self) -> bool:
+        """KServe requests may share one inference (as rows of the model's one input, which is float)."""
+        inputs = self.manifest.inputs
+        return self.batchable and len(inputs) == 1 and inputs[0].dtype == manifest_pb2.DATA_TYPE_FLOAT32
+
     def infer(self, job: Job[T]) -> Awaitable[T]:
         """Queue ``job`` now and return its answer to await (see ``ModelRoute.infer``)."""
         return self.route.infer(job)

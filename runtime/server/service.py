@@ -24,8 +24,8 @@ from edgescope.runtime.server.admission import Admission
 from edgescope.runtime.server.auth import current_client
 from edgescope.runtime.server.capture import CaptureHub
 from edgescope.runtime.server.frame_run import infer_one, unary_lane
-from edgescope.runtime.server.memory import MemoryReturn
 from edgescope.runtime.server.grpc_status import status_code_for
+from edgescope.runtime.server.memory import MemoryReturn
 from edgescope.runtime.server.registry import ModelRegistry, ServedModel
 from edgescope.runtime.server.repository import ModelRepository
 from edgescope.runtime.server.shm import REGIONS, SharedMemoryServicer
