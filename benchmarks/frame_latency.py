@@ -33,7 +33,6 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ import cv2
 import grpc
 import numpy as np
 import onnxruntime as ort
+from common import RESULTS, ROOT, Timed
 
 from edgescope.bundle import load_bundle
 from edgescope.export import ExportRequest, export_model
@@ -51,38 +51,7 @@ from edgescope.runtime.sources import open_source
 from edgescope.runtime.transport import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 PACED_FPS = 30.0
-
-
-def percentiles(values_ms: list[float]) -> dict[str, float]:
-    data = np.asarray(values_ms)
-    return {
-        "p50_ms": round(float(np.percentile(data, 50)), 2),
-        "p99_ms": round(float(np.percentile(data, 99)), 2),
-        "max_ms": round(float(data.max()), 2),
-    }
-
-
-@dataclass
-class Timed:
-    """One mode's per-frame latencies (ms) and wall time, pooled over rounds."""
-
-    times: list[float] = field(default_factory=list)
-    elapsed: float = 0.0
-    frames: int = 0
-    # The server's own stage timings of each answer (ms), where it reports them.
-    stages: dict[str, list[float]] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, Any]:
-        summary = {"frames": self.frames, "fps": round(self.frames / self.elapsed, 2), **percentiles(self.times)}
-        if self.stages:
-            summary["stages_p50_ms"] = {name: round(float(np.median(v)), 2) for name, v in self.stages.items()}
-            inside = np.sum([values for values in self.stages.values()], axis=0)
-            # Transport both ways, the client's encode and decode, and what the server does between stages.
-            summary["outside_stages_p50_ms"] = round(float(np.median(np.asarray(self.times) - inside)), 2)
-        return summary
 
 
 def echo_cine_gray() -> list[np.ndarray[Any, Any]]:

@@ -38,9 +38,8 @@ from typing import Any
 
 import grpc
 import numpy as np
+from common import RESULTS, export_example
 
-from edgescope.bundle import load_bundle
-from edgescope.export import ExportRequest, export_model
 from edgescope.kserve.v2 import inference_pb2 as kserve
 from edgescope.kserve.v2 import inference_pb2_grpc as kserve_grpc
 from edgescope.runtime.client.demo import start_server
@@ -50,9 +49,6 @@ from edgescope.runtime.sources import open_source
 from edgescope.runtime.transport import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "ultrasound_unet"
-RESULTS = ROOT / "benchmarks" / "results"
 OPTIONS = channel_options(DEFAULT_MAX_MESSAGE_BYTES)
 NON_READERS = "2 clients streaming 1080p, never reading"
 STORM = "200 streams cancelled or closed, 20 a second"
@@ -247,18 +243,8 @@ def main() -> int:
     args = parser.parse_args()
     frames = cine()
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = Path(tmp) / "lesion-unet"
-        export_model(
-            ExportRequest(
-                name="lesion-unet",
-                output=bundle,
-                factory=f"{EXAMPLE / 'model.py'}:build",
-                weights=EXAMPLE / "weights.pt",
-                samples=4,
-            ),
-            log=lambda _line: None,
-        )
-        manifest = load_bundle(bundle).manifest
+        exported = export_example(Path(tmp))
+        bundle, manifest = exported.path, exported.manifest
         tensor, _ = preprocess(np.frombuffer(frames[0].data, np.uint8).reshape(480, 640, 3), manifest.preprocessing)
         server, target = start_server([bundle], Path(tmp) / "port", ["--grace", "5"], log=Path(tmp) / "server.log")
         report: dict[str, Any] = {

@@ -46,6 +46,7 @@ from typing import Any
 import cv2
 import grpc
 import numpy as np
+from common import EXAMPLE, RESULTS, ROOT, Timed, export_example, percentiles
 from replay import ReplaySource
 
 from edgescope.bundle import load_bundle
@@ -56,30 +57,6 @@ from edgescope.runtime.client.stream import StreamOptions, stream_source
 from edgescope.runtime.pipeline.preprocess import preprocess
 from edgescope.runtime.sources import SourceFrame, open_source
 from edgescope.v1 import stream_pb2
-
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "ultrasound_unet"
-RESULTS = ROOT / "benchmarks" / "results"
-
-
-def percentiles(values_ms: list[float]) -> dict[str, float]:
-    data = np.asarray(values_ms)
-    return {
-        "p50_ms": round(float(np.percentile(data, 50)), 3),
-        "p99_ms": round(float(np.percentile(data, 99)), 3),
-        "max_ms": round(float(data.max()), 3),
-    }
-
-
-@dataclass
-class Timed:
-    """One mode's per-frame times (ms) and wall time, pooled over rounds."""
-
-    times: list[float] = field(default_factory=list)
-    elapsed: float = 0.0
-
-    def summary(self) -> dict[str, Any]:
-        return {"frames": len(self.times), "fps": round(len(self.times) / self.elapsed, 2), **percentiles(self.times)}
 
 
 def rotated(items: list[Any], offset: int) -> list[Any]:
@@ -425,17 +402,7 @@ def main() -> int:
         frames, fps = list(source), source.fps
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        bundle = workdir / "lesion-unet"
-        export_model(
-            ExportRequest(
-                name="lesion-unet",
-                output=bundle,
-                factory=f"{EXAMPLE / 'model.py'}:build",
-                weights=EXAMPLE / "weights.pt",
-                samples=4,
-            ),
-            log=lambda _line: None,
-        )
+        bundle = export_example(workdir).path
         heavy = bench_heavy(frames, fps, counts["heavy"], 4 if rounds > 2 else rounds, workdir)
         edgescope = bench_lesion(bundle, frames, fps, counts, rounds, workdir)
     raw, torch_unary, plain_ort = edgescope.pop("raw"), edgescope.pop("torch_unary"), edgescope.pop("plain_ort")

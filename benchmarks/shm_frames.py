@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from common import export_example
 from replay import ReplaySource
 
 from edgescope.runtime.client.stream import StreamOptions, stream_source
@@ -131,23 +132,6 @@ def serve(bundle: Path, port_file: Path) -> None:
     asyncio.run(serve(config, OnnxRuntimeBackend()))
 
 
-def export_example(out: Path) -> Path:
-    from edgescope.export import ExportRequest, export_model
-
-    example = ROOT / "examples" / "ultrasound_unet"
-    bundle = export_model(
-        ExportRequest(
-            name="lesion-unet",
-            output=out / "lesion-unet",
-            factory=str(example / "model.py") + ":build",
-            weights=example / "weights.pt",
-            samples=4,
-        ),
-        log=lambda _line: None,
-    )
-    return bundle.path
-
-
 def plot(results: list[dict[str, Any]], path: Path) -> bool:
     try:
         import matplotlib
@@ -192,7 +176,7 @@ def main() -> None:
     # On a shared machine the background load moves every figure; it is recorded with them.
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as scratch:
-        bundle = args.bundle or export_example(Path(scratch))
+        bundle = args.bundle or export_example(Path(scratch)).path
         port_file = Path(scratch) / "port"
         child = subprocess.Popen(
             [sys.executable, __file__, "--serve", str(bundle), "--port-file", str(port_file)],

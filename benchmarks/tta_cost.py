@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import export_example
 
 from edgescope.bundle import Bundle, load_bundle
 from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
@@ -34,21 +35,6 @@ from edgescope.runtime.sources import open_source
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "tta_cost.json"
 TARGET = 1.6
-
-
-def _export(directory: Path) -> Bundle:
-    from edgescope.export import ExportRequest, export_model
-
-    return export_model(
-        ExportRequest(
-            name="lesion-unet",
-            output=directory / "lesion-unet",
-            factory=str(ROOT / "examples" / "ultrasound_unet" / "model.py") + ":build",
-            weights=ROOT / "examples" / "ultrasound_unet" / "weights.pt",
-            samples=4,
-        ),
-        log=lambda _line: None,
-    )
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -100,7 +86,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=200)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = load_bundle(args.bundle) if args.bundle else _export(Path(tmp))
+        bundle = load_bundle(args.bundle) if args.bundle else export_example(Path(tmp))
         report = measure(bundle, args.frames)
     for mode in ("one", "flip"):
         infer, total = report[f"{mode}_infer"], report[f"{mode}_total"]
