@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ from edgescope.runtime.archive.outbox import Outbox
 from edgescope.runtime.archive.seg import Algorithm, segmentation, segments_for
 from edgescope.runtime.archive.senders import sender_for
 from edgescope.runtime.client.demo import start_server, stop_server
+
+from .syslog_receiver import SyslogReceiver
 
 pytestmark = pytest.mark.skipif(bool(orthanc_missing()), reason=orthanc_missing() or "-")
 CINE = get_testdata_file("color3d_jpeg_baseline.dcm")
@@ -50,15 +53,19 @@ def test_the_cines_segmentation_is_stored_by_stow_rs_from_edgescope_stream(
 ) -> None:
     server, target = start_server([example_bundle.path], tmp_path / "port")
     summary = tmp_path / "summary.json"
+    repository = SyslogReceiver()
     try:
         run = subprocess.run(
             [sys.executable, "-m", "edgescope.cli", "stream", "--source", f"dicom:{CINE}", "--target", target,
              "--frames", "20", "--fast", "--results-to", archive.stow, "--outbox", str(tmp_path / "outbox"),
-             "--summary", str(summary), "--audit-log", str(tmp_path / "audit.jsonl")],
+             "--summary", str(summary), "--audit-log", str(tmp_path / "audit.jsonl"),
+             "--audit-syslog", f"tcp://127.0.0.1:{repository.port}"],
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
+        forwarded = repository.wait_for(4)
     finally:
         stop_server(server)
+        repository.close()
     assert run.returncode == 0, run.stderr
     report = json.loads(summary.read_text())["archive"]
     # The Segmentation, and the Measurement Report of the areas measured in the cine's calibrated regions.
@@ -75,6 +82,9 @@ def test_the_cines_segmentation_is_stored_by_stow_rs_from_edgescope_stream(
     assert [r["event"] for r in records] == ["archive_object_written"] * 2 + ["archive_object_delivered"] * 2
     assert {r["sop_instance_uid"] for r in records} == set(report["delivered"])
     assert all(r["by"] == "client" for r in records) and records[-1]["to"] == archive.stow
+    # ... and each record sent on to the audit repository, as DICOM Instances Accessed, then Transferred.
+    event_ids = [re.findall(rb'<EventID csd-code="(\d+)"', message) for message in forwarded]
+    assert event_ids == [[b"110103"]] * 2 + [[b"110104"]] * 2
 
 
 def test_an_archive_that_is_down_gets_every_object_exactly_once_when_it_is_back(

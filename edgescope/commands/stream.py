@@ -91,6 +91,12 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="append each DICOM object written and each one the archive confirmed to this hash-chained audit trail "
         "(check it with `edgescope audit verify PATH`)",
     )
+    archive.add_argument(
+        "--audit-syslog",
+        metavar="URL",
+        help="also send each audit record to the hospital's audit repository (IHE ATNA), as serve does: "
+        "tls://HOST:PORT[?ca=PEM&cert=PEM&key=PEM] or tcp://HOST:PORT",
+    )
     add_outbox(p)
     p.add_argument("--mask-encoding", default="png", choices=["png", "rle"])
     p.add_argument("--policy", choices=["every", "live"], help="live: newest frame wins; every: all frames (default)")
@@ -186,14 +192,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _trail(args: argparse.Namespace) -> AuditTrail | None:
-    """The audit trail of --audit-log, verified before anything is streamed; None without it."""
-    if args.audit_log is None:
-        return None
-    if not args.results_to:
+    """The audit trail of --audit-log (forwarded by --audit-syslog), verified before anything is streamed;
+    None without it."""
+    if args.audit_log is not None and not args.results_to:
         raise ConfigError("--audit-log records the DICOM objects --results-to stores: give --results-to URL")
-    from edgescope.runtime.archive.audit import AuditTrail
+    from edgescope.runtime.archive.atna import open_trail
 
-    return AuditTrail(args.audit_log)
+    return open_trail(args.audit_log, args.audit_syslog)
 
 
 def _recording(args: argparse.Namespace, spec: str) -> Callable[[SourceKind], Recorder] | None:
