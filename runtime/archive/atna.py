@@ -64,7 +64,7 @@ CONNECT_S = 10.0
 FIRST_RETRY_S = 0.5
 MAX_RETRY_S = 30.0
 CLOSE_S = 5.0
-ACCEPT_S = 0.5
+ACCEPT_S = 1.0
 # RFC 5424 PRI: facility 10 (security/authorization) * 8 + severity 5 (notice).
 PRI = 85
 MSGID = "IHE+RFC-3881"
