@@ -129,8 +129,8 @@ class ExportRequest:
     # The window or VOI LUT the model was trained with: an explanation, or a position; "" the frame's own.
     voi: str = ""
     labels: list[str] = field(default_factory=lambda: ["background", "lesion"])
-    # Segmentation: each label's DICOM codes (export/label_codes.py), a .json or .toml file; None: the
-    # Segmentation writer's own rule ("lesion" a lesion, other labels tissue).
+    # Segmentation, classification, detection: each label's DICOM codes (export/label_codes.py), a .json or
+    # .toml file; None: the DICOM writers' own rules ("lesion" a lesion, other labels tissue; a local scheme).
     label_codes: Path | None = None
     activation: str = "sigmoid"
     threshold: float = 0.5
@@ -276,11 +276,18 @@ def build_manifest(request: ExportRequest) -> manifest_pb2.ModelManifest:
     add_source_inputs(manifest, request.frame_source, request.source_inputs, tasks.batch_dim(request), request.scale)
     tasks.add_inputs(manifest, request)
     if request.label_codes is not None:
-        if task != manifest_pb2.TASK_SEGMENTATION:
-            raise ConfigError(f"--label-codes code a Segmentation's segments; task {request.task} makes none")
-        manifest.label_codes.extend(load_label_codes(request.label_codes, request.labels))
+        if task not in _CODED_TASKS:
+            raise ConfigError(
+                f"--label-codes code a Segmentation's segments or a report's findings; task {request.task} "
+                "makes neither"
+            )
+        segmentation = task == manifest_pb2.TASK_SEGMENTATION
+        manifest.label_codes.extend(load_label_codes(request.label_codes, request.labels, background=segmentation))
     return manifest
 
+
+# The tasks whose results are written as DICOM objects that code their labels (runtime/archive).
+_CODED_TASKS = (manifest_pb2.TASK_SEGMENTATION, manifest_pb2.TASK_CLASSIFICATION, manifest_pb2.TASK_DETECTION)
 
 _ONNX_DTYPES: dict[int, manifest_pb2.DataType.ValueType] = {
     onnx.TensorProto.FLOAT: manifest_pb2.DATA_TYPE_FLOAT32,

@@ -1,14 +1,16 @@
-"""``edgescope export --label-codes FILE``: how each label's segments are coded in a DICOM Segmentation.
+"""``edgescope export --label-codes FILE``: how each label is coded in DICOM: a Segmentation's segments
+(Segmented Property Category and Type), or a classifier's or a detector's findings in a Measurement
+Report (Finding Category and the finding's type).
 
-The file (``.json`` or ``.toml``) maps each label after the background to its Segmented Property
-Category and Type, each ``[code value, coding scheme designator, code meaning]``::
+The file (``.json`` or ``.toml``) maps each label (after the background, for a segmentation model) to
+its category and type, each ``[code value, coding scheme designator, code meaning]``::
 
     [lesion]
     category = ["49755003", "SCT", "Morphologically Altered Structure"]
     type = ["52988006", "SCT", "Lesion"]
 
 Checked at export, before anything is run: every label in the file is one of the model's, every label
-after the background has its codes, and each part fits its DICOM element (code value and scheme: SH,
+(after the background) has its codes, and each part fits its DICOM element (code value and scheme: SH,
 at most 16 characters; meaning: LO, at most 64; none empty, none with a backslash or a control
 character). The codes go into the manifest (``label_codes``), which the bundle's signature covers.
 """
@@ -26,18 +28,22 @@ from edgescope.v1 import manifest_pb2
 _PARTS = (("code value", 16), ("coding scheme designator", 16), ("code meaning", 64))
 
 
-def load_label_codes(path: Path, labels: Sequence[str]) -> list[manifest_pb2.LabelCode]:
-    """The label codes in ``path`` (``.json`` or ``.toml``) for a model with ``labels`` (background first), checked."""
-    return parse_label_codes(read_table(path, "label codes", "labels", (".json", ".toml")), labels, str(path))
+def load_label_codes(path: Path, labels: Sequence[str], *, background: bool = True) -> list[manifest_pb2.LabelCode]:
+    """The label codes in ``path`` (``.json`` or ``.toml``) for a model with ``labels``, checked; ``background``:
+    the first label is the background (a segmentation model's), which has none."""
+    table = read_table(path, "label codes", "labels", (".json", ".toml"))
+    return parse_label_codes(table, labels, str(path), background=background)
 
 
-def parse_label_codes(data: dict[str, object], labels: Sequence[str], where: str) -> list[manifest_pb2.LabelCode]:
+def parse_label_codes(
+    data: dict[str, object], labels: Sequence[str], where: str, *, background: bool = True
+) -> list[manifest_pb2.LabelCode]:
     """``data`` (label -> {category: [value, scheme, meaning], type: [...]}) checked against ``labels``."""
     if not labels:
         raise ConfigError(f"label codes {where}: the model has no labels to code")
-    background, segments = labels[0], list(labels[1:])
+    segments = list(labels[1:]) if background else list(labels)
     for label in data:
-        if label == background:
+        if background and label == labels[0]:
             raise ConfigError(
                 f"label codes {where}: label {label!r} is the background (the first label): it has no segment to code"
             )
@@ -48,7 +54,8 @@ def parse_label_codes(data: dict[str, object], labels: Sequence[str], where: str
     missing = [label for label in segments if label not in data]
     if missing:
         raise ConfigError(
-            f"label codes {where}: label {missing[0]!r} has no codes (every label after the background needs them)"
+            f"label codes {where}: label {missing[0]!r} has no codes "
+            f"(every label{' after the background' if background else ''} needs them)"
         )
     codes = []
     for label in segments:

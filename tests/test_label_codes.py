@@ -60,7 +60,7 @@ def test_bad_label_codes_fail_at_export_naming_the_label(tmp_path: Path, codes: 
         _manifest_with(tmp_path, codes)
 
 
-def test_label_codes_in_toml_and_only_for_segmentation(tmp_path: Path) -> None:
+def test_label_codes_in_toml_and_only_for_tasks_that_code_their_labels(tmp_path: Path) -> None:
     toml = (
         '[lesion]\ncategory = ["49755003", "SCT", "Morphologically Altered Structure"]\n'
         'type = ["4147007", "SCT", "Mass"]\n'
@@ -71,8 +71,12 @@ def test_label_codes_in_toml_and_only_for_segmentation(tmp_path: Path) -> None:
     assert [(c.label, c.type.value, c.type.scheme, c.type.meaning) for c in manifest.label_codes] == [
         ("lesion", "4147007", "SCT", "Mass")
     ]
-    with pytest.raises(ConfigError, match="task classification makes none"):
+    with pytest.raises(ConfigError, match="task image makes neither"):
+        _manifest_with(tmp_path, CODES, task="image")
+    # A classifier's or a detector's first label is a class like the others: it needs codes too.
+    with pytest.raises(ConfigError, match=r"label 'background' has no codes \(every label needs them\)"):
         _manifest_with(tmp_path, CODES, task="classification")
+    _manifest_with(tmp_path, {"background": CODES["lesion"], **CODES}, task="detection")
     with pytest.raises(ConfigError, match=r"name it \.json or \.toml"):
         _manifest_with(tmp_path, CODES, suffix=".yaml")
 

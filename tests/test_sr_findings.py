@@ -23,8 +23,8 @@ from edgescope.runtime.archive.key_frames import KeyFrameChooser, parse_key_fram
 from edgescope.runtime.archive.local_orthanc import LocalOrthanc, orthanc_missing
 from edgescope.runtime.archive.outbox import Outbox
 from edgescope.runtime.archive.recorders import CineRecorder, KeyFrameRecorder
-from edgescope.runtime.archive.seg import Code
-from edgescope.runtime.archive.sr_findings import LOCAL_SCHEME, label_concept
+from edgescope.runtime.archive.seg import Algorithm, Code
+from edgescope.runtime.archive.sr_findings import LOCAL_SCHEME, Finding, findings_report, label_concept
 from edgescope.runtime.archive.study import parse_study_context
 from edgescope.runtime.client.stream import StreamOptions, stream_source
 from edgescope.runtime.sources import SourceFrame, open_source
@@ -114,6 +114,21 @@ def test_a_label_is_coded_as_the_bundle_codes_it_else_in_the_local_scheme() -> N
     assert (local.value, local.scheme_designator, local.meaning) == ("A4C", LOCAL_SCHEME, "A4C")
     long = label_concept("apical four chamber view")
     assert len(long.value) == 16 and long.meaning == "apical four chamber view"
+
+
+def test_the_bundles_codes_give_the_findings_type_and_category(tmp_path: Path) -> None:
+    mass = (Code("49755003", "SCT", "Morphologically Altered Structure"), Code("4147007", "SCT", "Mass"))
+    source = pydicom.dcmread(CINE, stop_before_pixels=True)
+    findings = [Finding(3, "lesion", 0.9), Finding(4, "lesion", 0.6, (10.0, 20.0, 50.0, 60.0))]
+    report = findings_report(source, findings, Algorithm("m", "1", "0" * 64), label_codes={"lesion": mass})
+    path = tmp_path / "sr.dcm"
+    report.save_as(path, enforce_file_format=True)
+    assert _dciodvfy_errors(path) == []
+    content = highdicom.sr.srread(path).content
+    groups = [*content.get_image_measurement_groups(), *content.get_planar_roi_measurement_groups()]
+    assert [(g.finding_type.value, g.finding_category.value) for g in groups] == [("4147007", "49755003")] * 2
+    # Every code is a standard one: no local scheme to identify.
+    assert "CodingSchemeIdentificationSequence" not in report
 
 
 def test_a_classification_of_a_cine_is_a_finding_per_frame_on_that_frame(served: ServerThread, tmp_path: Path) -> None:

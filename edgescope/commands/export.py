@@ -69,8 +69,9 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--label-codes",
         type=Path,
         metavar="FILE",
-        help="segmentation: each label's DICOM Segmented Property Category and Type (.json or .toml: "
-        "label -> {category: [value, scheme, meaning], type: [...]}); default: lesion as a lesion, others as tissue",
+        help="segmentation, classification, detection: each label's DICOM category and type (.json or .toml: "
+        "label -> {category: [value, scheme, meaning], type: [...]}); default: lesion as a lesion, others as "
+        "tissue (segments), the local scheme 99EDGESCOPE (findings)",
     )
     p.add_argument("--activation", default="sigmoid", choices=["sigmoid", "softmax", "none"])
     p.add_argument("--threshold", type=float, default=0.5)

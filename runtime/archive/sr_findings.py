@@ -12,7 +12,8 @@
 A score is the model's output, not a calibrated probability: it is written
 as a number without unit (UCUM ``1``), under "Certainty of Finding" rather
 than "Probability". A label is coded as the bundle codes it (its manifest's
-``label_codes``: the type), else in the local scheme ``99EDGESCOPE`` with the
+``label_codes``: the type as the finding's, the category as its Finding
+Category), else in the local scheme ``99EDGESCOPE`` with the
 label as both code value (a short hash where the label passes the 16
 characters a code value may hold) and meaning; the report then identifies
 that scheme (Coding Scheme Identification Sequence), as PS3.3 C.12.1 asks of
@@ -51,6 +52,14 @@ class Finding:
     box: tuple[float, float, float, float] | None = None
 
 
+def label_category(label: str, label_codes: LabelCodes | None = None) -> hd.sr.CodedConcept | None:
+    """The bundle's category for ``label`` (the finding's category), None where it gives none."""
+    if not label_codes or label not in label_codes:
+        return None
+    code = label_codes[label][0]
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+
+
 def label_concept(label: str, label_codes: LabelCodes | None = None) -> hd.sr.CodedConcept:
     """The bundle's code for ``label`` (its type), else a code of the local scheme (see the module docstring)."""
     if label_codes and label in label_codes:
@@ -81,7 +90,7 @@ def findings_report(
     algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version)
     groups: list[Group] = []
     for number, found in enumerate(findings, start=1):
-        concept = label_concept(found.label, label_codes)
+        concept, category = label_concept(found.label, label_codes), label_category(found.label, label_codes)
         certainty = hd.sr.Measurement(_CERTAINTY, found.score, _NO_UNIT, algorithm_id=algorithm_id)
         tracking = hd.sr.TrackingIdentifier(uid=new_uid(), identifier=f"finding {number} frame {found.frame}")
         if found.box is None:
@@ -89,6 +98,7 @@ def findings_report(
                 hd.sr.MeasurementsAndQualitativeEvaluations(
                     tracking_identifier=tracking,
                     finding_type=concept,
+                    finding_category=category,
                     algorithm_id=algorithm_id,
                     measurements=[certainty],
                     source_images=[source_reference(hd.sr.SourceImageForMeasurementGroup, source, found.frame)],
@@ -105,6 +115,7 @@ def findings_report(
                     tracking_identifier=tracking,
                     referenced_region=region,
                     finding_type=concept,
+                    finding_category=category,
                     algorithm_id=algorithm_id,
                     measurements=[certainty],
                 )
