@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,6 @@ from edgescope.bundle import Bundle, load_bundle, sha256_file
 from edgescope.engines import DeviceFacts, read_sidecar
 from edgescope.errors import BackendError, ValidationFailedError
 from edgescope.export.tensorrt import EngineOptions, build_engine
-from edgescope.export.tensorrt import builder as builder_module
 from edgescope.runtime.backends.base import Feed, Outputs
 from edgescope.runtime.evaluation import Runner, onnxruntime_runner, self_test, tensorrt_info, tensorrt_runner
 from edgescope.v1 import manifest_pb2
@@ -40,7 +40,7 @@ def bundle_copy(example_bundle: Bundle, tmp_path: Path) -> Bundle:
 
 @pytest.fixture
 def recording_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(builder_module._trt, "load", lambda: Recorder(set(), H200.tensorrt_version))
+    monkeypatch.setitem(sys.modules, "tensorrt", Recorder(set(), H200.tensorrt_version))
 
 
 @contextmanager

@@ -25,7 +25,6 @@ from edgescope.engines import (
 )
 from edgescope.errors import BundleError, ConfigError, MissingDependencyError
 from edgescope.export.tensorrt import EngineOptions, build_engine
-from edgescope.export.tensorrt import builder as builder_module
 from edgescope.v1 import manifest_pb2
 
 A4000 = DeviceFacts("NVIDIA RTX A4000", (8, 6), 48, "10.16.1.11")
@@ -132,7 +131,7 @@ def bundle_copy(example_bundle: Bundle, tmp_path: Path) -> Bundle:
 def test_tensorrt_11_refuses_a_precision_the_graph_does_not_carry(
     bundle_copy: Bundle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(builder_module._trt, "load", lambda: SimpleNamespace(__version__="11.4.0.106"))
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="11.4.0.106"))
     with pytest.raises(ConfigError, match="export --precision fp16"):
         build_engine(bundle_copy, EngineOptions(precision="fp16"), device=A4000, log=lambda _: None)
 
@@ -140,7 +139,7 @@ def test_tensorrt_11_refuses_a_precision_the_graph_does_not_carry(
 def test_tensorrt_10_int8_from_fp32_needs_calibration_frames(
     bundle_copy: Bundle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(builder_module._trt, "load", lambda: SimpleNamespace(__version__="10.16.1.11"))
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.16.1.11"))
     with pytest.raises(ConfigError, match="calibration"):
         build_engine(bundle_copy, EngineOptions(precision="int8"), device=A4000, log=lambda _: None)
 

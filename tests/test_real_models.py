@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,7 +254,7 @@ def test_triton_and_tensorrt_take_the_fixed_batch(
         def __bytes__(self) -> bytes:
             return b"plan"
 
-    monkeypatch.setattr(builder_module._trt, "load", StaticNetwork)
+    monkeypatch.setitem(sys.modules, "tensorrt", StaticNetwork())
     entry = builder_module.build_engine(
         load_bundle(copy),
         builder_module.EngineOptions(max_batch=8),

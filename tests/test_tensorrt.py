@@ -115,7 +115,7 @@ def test_a_bundle_without_an_engine_for_this_gpu_is_a_device_failure_not_a_bundl
     from edgescope.errors import BackendError, BundleError
     from edgescope.runtime.backends import tensorrt
 
-    monkeypatch.setattr(tensorrt, "_tensorrt", lambda: None)
+    monkeypatch.setattr(tensorrt, "_require_tensorrt", lambda: None)
     monkeypatch.setattr(tensorrt, "device_facts", lambda _device: DeviceFacts("NVIDIA RTX A4000", (8, 6), 48, "10.16"))
     with pytest.raises(BackendError, match="no fp32 TensorRT engine for NVIDIA RTX A4000") as caught:
         tensorrt.TensorRTBackend().load(example_bundle)
@@ -186,7 +186,7 @@ def test_instances_share_one_engine_per_plan_and_device_each_with_its_own_contex
 
     deserialised: list[object] = []
     contexts: list[object] = []
-    monkeypatch.setattr(backend, "_tensorrt", lambda: _fake_tensorrt(deserialised, contexts))
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(deserialised, contexts))
     monkeypatch.setattr(backend, "CudaAdapter", _FakeCuda)
     cache = backend.EngineCache()
     entry = manifest_pb2.EngineEntry(plan="engines/a.plan", max_batch=4)

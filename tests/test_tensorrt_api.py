@@ -1,14 +1,17 @@
-"""Every TensorRT name our code touches exists in the real bindings of TensorRT 10 and 11.
+"""Every TensorRT name our code and our stubs use exists in the real bindings of TensorRT 10 and 11.
 
 The small ``tensorrt_cu1X_bindings`` wheels on PyPI carry the compiled module;
 its pybind11 names are NUL-terminated strings in the shared object, so they
 can be checked without a GPU or the TensorRT libraries. The wheels are
 downloaded once into the virtualenv and reused.
 
-Two checks: a static scan of ``export/tensorrt/*.py`` for names reached from
-``trt`` and TensorRT objects, and a run of the builder against a recording
-stand-in for each generation, which records exactly the names that
-generation's code path touches.
+The main check of the TensorRT code is mypy against typed stubs of each
+generation (tests/test_tensorrt_types.py); these cross-check names: every name
+the stubs declare, a static scan of ``export/tensorrt/*.py`` and
+``runtime/backends/tensorrt.py`` for names reached from ``trt`` and TensorRT
+objects, and a run of the builder against a recording stand-in for each
+generation, which records exactly the names that generation's code path
+touches.
 """
 
 from __future__ import annotations
@@ -31,9 +34,24 @@ from edgescope.v1 import manifest_pb2
 
 from .conftest import ROOT, onnxruntime_engine
 
-TRT_SOURCES = sorted((ROOT / "export" / "tensorrt").glob("*.py"))
-# Variables that hold TensorRT objects in export/tensorrt (see _trt.py).
-TRT_ROOTS = {"trt", "builder", "network", "config", "parser", "profile", "tensor", "logger"}
+# Each source and the variables (or attributes of self) that hold the tensorrt module or its objects there.
+# The _10 names are untyped views of what only TensorRT 10 has (see builder.py, calibrator.py).
+EXPORT_ROOTS = {
+    *("trt", "builder", "network", "config", "parser", "profile", "tensor", "logger"),
+    *("trt_10", "flags_10", "config_10"),
+}
+TRT_SOURCES = {
+    **{path: EXPORT_ROOTS for path in sorted((ROOT / "export" / "tensorrt").glob("*.py"))},
+    ROOT / "runtime" / "backends" / "tensorrt.py": {
+        "trt",
+        "self.logger",
+        "self.runtime",
+        "self.engine",
+        "self._engine",
+        "self._context",
+    },
+}
+STUBS = {major: ROOT / "typings" / f"tensorrt{major}" / "tensorrt" / "__init__.pyi" for major in (10, 11)}
 WHEELS = {10: "tensorrt_cu12_bindings==10.*", 11: "tensorrt_cu13_bindings==11.*"}
 TRT10_ONLY = builder_module.TRT10_ONLY | calibrator_module.TRT10_ONLY
 # What TensorRT 11 removed, per NVIDIA's 10.x -> 11.x migration guide: our 10-only path must be needed.
@@ -89,45 +107,82 @@ def bindings(request: pytest.FixtureRequest) -> tuple[int, bytes]:
         return major, archive.read(module)
 
 
+def python_names(major: int) -> set[str]:
+    """Names the bindings' package defines in Python (``nptype`` and its parameter, ...), beside its module."""
+    with zipfile.ZipFile(_download(major)) as archive:
+        tree = ast.parse(archive.read("tensorrt_bindings/__init__.py"))
+    names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    return names | {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)}
+
+
 def _has(blob: bytes, name: str) -> bool:
     # pybind11 keeps each name as a C string; the linker may share a tail with a longer one.
     return name.encode() + b"\0" in blob
 
 
-def _root(node: ast.expr) -> ast.expr:
+def _origin(node: ast.expr) -> str | None:
+    """The variable (or ``self.attribute``) a chain of attributes, calls and subscripts starts from."""
     while isinstance(node, ast.Attribute | ast.Call | ast.Subscript):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+            return f"self.{node.attr}"
         node = node.func if isinstance(node, ast.Call) else node.value
-    return node
+    return node.id if isinstance(node, ast.Name) else None
 
 
 def scanned_names() -> set[str]:
-    """Attribute names reached from a TensorRT object in export/tensorrt, plus methods our subclasses override."""
+    """Attribute names reached from a TensorRT object in our sources, plus methods our subclasses override."""
     names: set[str] = set()
-    for path in TRT_SOURCES:
+    for path, roots in TRT_SOURCES.items():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute):
-                root = _root(node)
-                if isinstance(root, ast.Name) and root.id in TRT_ROOTS:
+                if _origin(node.value) in roots:
                     names.add(node.attr)
             elif isinstance(node, ast.ClassDef) and any(
-                isinstance(b, ast.Attribute) and isinstance(b.value, ast.Name) and b.value.id == "trt"
-                for b in node.bases
+                isinstance(b, ast.Attribute) and _origin(b.value) in roots for b in node.bases
             ):
                 names.update(f.name for f in node.body if isinstance(f, ast.FunctionDef) and f.name != "__init__")
     return names
 
 
-def test_the_scan_sees_the_builder() -> None:
+def test_the_scan_sees_the_builder_and_the_runtime() -> None:
     names = scanned_names()
     # A scan that found nothing would pass every check below.
-    assert {"BuilderFlag", "create_optimization_profile", "set_memory_pool_limit", "get_batch"} <= names
+    assert {"BuilderFlag", "create_optimization_profile", "set_memory_pool_limit", "get_batch", "INT8"} <= names
+    assert {"deserialize_cuda_engine", "create_execution_context", "set_tensor_address", "execute_async_v3"} <= names
+
+
+def stub_names(major: int) -> set[str]:
+    """Every public name the stubs of TensorRT ``major`` declare: classes, functions, attributes, parameters."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(STUBS[major].read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ClassDef | ast.FunctionDef):
+            names.add(node.name)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.arg) and node.arg != "self":
+            names.add(node.arg)
+    # Private names are the stubs' own (type aliases, a common enum base); dunders are Python's.
+    return {n for n in names if not n.startswith("_")}
+
+
+def test_every_stub_name_exists_in_the_bindings(bindings: tuple[int, bytes]) -> None:
+    major, blob = bindings
+    names = stub_names(major)
+    assert {"Builder", "IBuilderConfig", "set_tensor_address", "stream_handle", "nptype"} <= names
+    missing = sorted(n for n in names - python_names(major) if not _has(blob, n))
+    assert not missing, f"the TensorRT {major} stubs declare {missing}, which its bindings lack"
+
+
+def test_the_tensorrt_11_stubs_lack_what_11_removed() -> None:
+    assert not stub_names(11) & REMOVED_IN_11
+    assert stub_names(10) >= REMOVED_IN_11
 
 
 def test_every_scanned_name_exists_in_the_bindings(bindings: tuple[int, bytes]) -> None:
     major, blob = bindings
     wanted = scanned_names() if major == 10 else scanned_names() - TRT10_ONLY
-    missing = sorted(n for n in wanted if not _has(blob, n))
+    missing = sorted(n for n in wanted - python_names(major) if not _has(blob, n))
     assert not missing, f"TensorRT {major} bindings lack {missing}"
 
 
@@ -145,6 +200,9 @@ class Recorder:
         object.__setattr__(self, "__version__", version)
 
     def __getattr__(self, name: str) -> Recorder:
+        if name.startswith("_"):
+            # Importing it probes module dunders (__spec__); TensorRT's API has no private names to record.
+            raise AttributeError(name)
         self._touched.add(name)
         return Recorder(self._touched)
 
@@ -204,7 +262,7 @@ def test_each_generation_touches_only_its_own_names(
     if int(version.split(".")[0]) != major:
         pytest.skip(f"this case is for TensorRT {version.split('.')[0]}")
     touched: set[str] = set()
-    monkeypatch.setattr(builder_module._trt, "load", lambda: Recorder(touched, version))
+    monkeypatch.setitem(sys.modules, "tensorrt", Recorder(touched, version))
     monkeypatch.setattr(calibrator_module, "entropy_calibrator", lambda *args: object())
     bundle = _as_precision(bundle_copy, bundle_precision)
     device = DeviceFacts("NVIDIA RTX A4000", (8, 6), 48, version)
@@ -220,7 +278,7 @@ def test_each_generation_touches_only_its_own_names(
     entry = builder_module.build_engine(
         bundle, options, device=device, log=lambda _line: None, engine_runner=onnxruntime_engine
     )
-    missing = sorted(n for n in touched if not n.startswith("__") and not _has(blob, n))
+    missing = sorted(n for n in touched if not _has(blob, n))
     assert not missing, f"TensorRT {major} bindings lack {missing}"
     if major == 11:
         assert not touched & TRT10_ONLY

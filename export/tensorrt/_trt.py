@@ -1,13 +1,14 @@
-"""The one place that imports ``tensorrt``.
+"""The check that the installed ``tensorrt`` is one edgescope supports.
 
-Code that touches TensorRT names the module ``trt`` (``trt = load()``), so
-tests/test_tensorrt_api.py can find every ``trt.X.Y`` it uses and check it
-against the real bindings of each supported major version.
+Code that touches TensorRT calls ``require()`` and then imports the module as
+``trt`` itself (``import tensorrt as trt``): mypy types a module only where it
+is imported, so every ``trt.X.Y`` is checked against the stubs of each
+supported major version (tests/test_tensorrt_types.py), and
+tests/test_tensorrt_api.py finds those names and checks them against the real
+bindings.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from edgescope.engines import TENSORRT_HINT
 from edgescope.errors import MissingDependencyError
@@ -15,19 +16,16 @@ from edgescope.errors import MissingDependencyError
 SUPPORTED_MAJORS = (10, 11)
 
 
-def load() -> Any:
-    """The ``tensorrt`` module; MissingDependencyError when it is absent or of an unsupported major version."""
+def require() -> int:
+    """The installed TensorRT's major version; MissingDependencyError when it is absent or unsupported."""
     try:
         import tensorrt
     except ImportError as exc:
         raise MissingDependencyError("TensorRT", TENSORRT_HINT) from exc
-    if major(tensorrt) not in SUPPORTED_MAJORS:
+    major = int(str(tensorrt.__version__).split(".", 1)[0])
+    if major not in SUPPORTED_MAJORS:
         raise MissingDependencyError(
             f"TensorRT {'/'.join(map(str, SUPPORTED_MAJORS))}.x",
             f"found TensorRT {tensorrt.__version__}; {TENSORRT_HINT}",
         )
-    return tensorrt
-
-
-def major(trt: Any) -> int:
-    return int(str(trt.__version__).split(".", 1)[0])
+    return major

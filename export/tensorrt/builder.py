@@ -27,7 +27,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgescope.bundle import ENGINES_DIR, Bundle, write_manifest
 from edgescope.engines import GPU, PRECISION_NAMES, DeviceFacts, EngineKey, device_facts, write_sidecar
@@ -38,6 +38,9 @@ from edgescope.runtime.evaluation.report import now
 from edgescope.runtime.evaluation.runners import Runner, describe, tensorrt_info, tensorrt_runner
 from edgescope.runtime.evaluation.selftest import format_self_test, self_test
 from edgescope.v1 import manifest_pb2
+
+if TYPE_CHECKING:
+    import tensorrt as trt
 
 Log = Callable[[str], None]
 # Opens the built engine as a runner (the runtime's TensorRT session; a stand-in in tests).
@@ -106,7 +109,7 @@ def _check_options(options: EngineOptions) -> None:
         raise ConfigError(f"builder optimization level {options.optimization_level} is not in 0..5")
 
 
-def _shapes(tensor_shape: Any, options: EngineOptions) -> tuple[tuple[int, ...], ...]:
+def _shapes(tensor_shape: trt.Dims, options: EngineOptions) -> tuple[tuple[int, ...], ...]:
     dims = list(tensor_shape)
     if any(d < 0 for d in dims[1:]):
         raise ExportError(f"only the batch axis may be dynamic for a TensorRT profile, the graph has {dims}")
@@ -114,8 +117,10 @@ def _shapes(tensor_shape: Any, options: EngineOptions) -> tuple[tuple[int, ...],
 
 
 def _parse(
-    trt: Any, builder: Any, logger: Any, onnx_path: Path, strongly_typed: bool, generation: int
-) -> tuple[Any, Any]:
+    builder: trt.Builder, logger: trt.ILogger, onnx_path: Path, strongly_typed: bool, generation: int
+) -> tuple[trt.INetworkDefinition, trt.OnnxParser]:
+    import tensorrt as trt
+
     # TensorRT 11 networks are always strongly typed; on 10 it is asked for by flag.
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed and generation == 10 else 0
     network = builder.create_network(flags)
@@ -128,8 +133,10 @@ def _parse(
 
 
 def _configure(
-    trt: Any, builder: Any, network: Any, options: EngineOptions, precision: str, strongly_typed: bool
-) -> tuple[Any, Any]:
+    builder: trt.Builder, network: trt.INetworkDefinition, options: EngineOptions, precision: str, strongly_typed: bool
+) -> tuple[trt.IBuilderConfig, trt.IOptimizationProfile | None]:
+    import tensorrt as trt
+
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
     config.builder_optimization_level = options.optimization_level
@@ -144,7 +151,10 @@ def _configure(
     if precision == "fp32":
         config.clear_flag(trt.BuilderFlag.TF32)
     elif not strongly_typed:
-        config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.INT8)
+        # TensorRT 11 removed these flags; _plan takes this branch on 10 only, and the untyped view keeps
+        # the module checkable against 11's API as well.
+        flags_10: Any = trt.BuilderFlag
+        config.set_flag(flags_10.FP16 if precision == "fp16" else flags_10.INT8)
     if options.dla_core != GPU:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = options.dla_core
@@ -179,8 +189,9 @@ def build_engine(
     if fixed is not None and fixed.WhichOneof("kind") == "size":
         # The graph takes exactly this batch; the engine's (and its calibrator's) batch is that one.
         options = replace(options, min_batch=fixed.size, opt_batch=fixed.size, max_batch=fixed.size)
-    trt = _trt.load()
-    generation = _trt.major(trt)
+    generation = _trt.require()
+    import tensorrt as trt
+
     precision, strongly_typed = _plan(bundle, options, generation)
     device = device or device_facts(options.device)
     key = EngineKey(device, precision, options.dla_core)
@@ -189,8 +200,8 @@ def build_engine(
     start = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network, _parser = _parse(trt, builder, logger, bundle.onnx_path, strongly_typed, generation)
-    config, profile = _configure(trt, builder, network, options, precision, strongly_typed)
+    network, _parser = _parse(builder, logger, bundle.onnx_path, strongly_typed, generation)
+    config, profile = _configure(builder, network, options, precision, strongly_typed)
     calibration = manifest_pb2.CalibrationInfo()
     if precision == "int8" and not strongly_typed:
         from edgescope.export.precision import calibration_inputs
@@ -199,9 +210,11 @@ def build_engine(
         source = options.calibration_data or ""  # _plan refused an INT8 request without one
         frames = calibration_inputs(source, options.calibration_samples, bundle.manifest.preprocessing)
         cache = plan_path.with_suffix(".calibration")
-        config.int8_calibrator = entropy_calibrator(trt, frames, options.opt_batch, cache)
+        # Calibrators are TensorRT 10 only (_plan); reached untyped for the reason the flags are.
+        config_10: Any = config
+        config_10.int8_calibrator = entropy_calibrator(frames, options.opt_batch, cache)
         if profile is not None:
-            config.set_calibration_profile(profile)
+            config_10.set_calibration_profile(profile)
         calibration = manifest_pb2.CalibrationInfo(data_source=source, samples=len(frames), method="tensorrt entropy2")
     if options.timing_cache is not None:
         existing = options.timing_cache.read_bytes() if options.timing_cache.is_file() else b""

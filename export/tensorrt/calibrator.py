@@ -29,8 +29,12 @@ def _check(error: Any, what: str) -> None:
         raise ExportError(f"{what} failed during INT8 calibration: {error}")
 
 
-def entropy_calibrator(trt: Any, frames: Sequence[npt.NDArray[np.float32]], batch: int, cache: Path) -> Any:
+def entropy_calibrator(frames: Sequence[npt.NDArray[np.float32]], batch: int, cache: Path) -> Any:
     """A ``trt.IInt8EntropyCalibrator2`` over ``frames`` (each ``(1, C, H, W)``) that caches to ``cache``."""
+    import tensorrt
+
+    # TensorRT 11 has no calibrators and this module runs on 10 only; untyped, it is checkable against 11 too.
+    trt_10: Any = tensorrt
     cudart = cuda_runtime()
     batches = [
         np.ascontiguousarray(np.concatenate(frames[i : i + batch]), dtype=np.float32)
@@ -39,9 +43,9 @@ def entropy_calibrator(trt: Any, frames: Sequence[npt.NDArray[np.float32]], batc
     if not batches:
         raise ExportError(f"INT8 calibration needs at least {batch} frames (the profile's opt batch)")
 
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]
+    class EntropyCalibrator(trt_10.IInt8EntropyCalibrator2):  # type: ignore[misc]
         def __init__(self) -> None:
-            trt.IInt8EntropyCalibrator2.__init__(self)
+            trt_10.IInt8EntropyCalibrator2.__init__(self)
             self._pending = iter(batches)
             error, self._device = cudart.cudaMalloc(batches[0].nbytes)
             _check(error, "cudaMalloc")

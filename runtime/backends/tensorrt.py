@@ -39,12 +39,12 @@ from edgescope.runtime.backends.cuda import CudaAdapter
 from edgescope.v1 import manifest_pb2
 
 
-def _tensorrt() -> Any:
+def _require_tensorrt() -> None:
+    """MissingDependencyError when tensorrt does not import; callers then import it as ``trt``, which mypy types."""
     try:
-        import tensorrt
+        import tensorrt  # noqa: F401
     except ImportError as exc:
         raise MissingDependencyError("TensorRT", TENSORRT_HINT) from exc
-    return tensorrt
 
 
 @dataclass(slots=True)
@@ -64,12 +64,15 @@ class _Engine:
     """A deserialised engine and the runtime that owns it, shared by the sessions that hold it."""
 
     def __init__(self, plan: bytes, name: str) -> None:
-        trt = _tensorrt()
+        _require_tensorrt()
+        import tensorrt as trt
+
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(plan)
-        if self.engine is None:
+        engine = self.runtime.deserialize_cuda_engine(plan)
+        if engine is None:
             raise BackendError(f"TensorRT could not deserialize {name} (built for another GPU or TensorRT?)")
+        self.engine = engine
         self.users = 0
 
     def close(self) -> None:
@@ -121,7 +124,9 @@ class TensorRTSession(Session):
         super().__init__(manifest)
         sha256 = hashlib.sha256(plan).hexdigest()
         self._info = tensorrt_info(entry, sha256, device)
-        trt = _tensorrt()
+        _require_tensorrt()
+        import tensorrt as trt
+
         # The device is made current on this thread before the engine is touched.
         self._cuda = CudaAdapter(device)
         self._cache = engines if engines is not None else EngineCache()
@@ -132,9 +137,10 @@ class TensorRTSession(Session):
             raise
         self._engine = self._shared.engine
         try:
-            self._context = self._engine.create_execution_context()
-            if self._context is None:
+            context = self._engine.create_execution_context()
+            if context is None:
                 raise BackendError(f"TensorRT could not create an execution context for {entry.plan}")
+            self._context = context
         except BaseException:
             self._cache.release(self._shared)
             self._cuda.close()
@@ -240,7 +246,7 @@ class TensorRTBackend:
     default_instances = 1
 
     def __init__(self, *, precision: str | None = None, device: int = 0, cuda_graph: bool = False) -> None:
-        _tensorrt()
+        _require_tensorrt()
         self.precision = precision
         self.device = device
         self.cuda_graph = cuda_graph
