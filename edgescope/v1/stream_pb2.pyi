@@ -297,6 +297,7 @@ class Frame(_message.Message):
     PIXEL_TRANSFORM_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     PAIRING_FIELD_NUMBER: _builtins.int
+    WANT_PROBABILITIES_FIELD_NUMBER: _builtins.int
     RAW_FIELD_NUMBER: _builtins.int
     ENCODED_FIELD_NUMBER: _builtins.int
     SHM_FIELD_NUMBER: _builtins.int
@@ -322,6 +323,10 @@ class Frame(_message.Message):
     """Which of the stream's sources took this frame, for a model fed by several (its manifest's
     InputBinding.source); empty on a stream of one source. Frames of every source share one
     `seq` order and are paired by `capture_time_ns` (see PairingPolicy).
+    """
+    want_probabilities: _builtins.bool
+    """Also send each segmentation label's probability (Mask.probability_png), for a FRACTIONAL DICOM
+    Segmentation; off by default: it costs a resize and a PNG per label.
     """
     @_builtins.property
     def spacing(self) -> Global___PixelSpacing: ...
@@ -374,6 +379,7 @@ class Frame(_message.Message):
         pixel_transform: Global___PixelTransform | None = ...,
         source: _builtins.str = ...,
         pairing: Global___PairingPolicy | None = ...,
+        want_probabilities: _builtins.bool = ...,
         raw: Global___RawImage | None = ...,
         encoded: Global___EncodedImage | None = ...,
         shm: Global___SharedMemoryFrame | None = ...,
@@ -381,7 +387,7 @@ class Frame(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["encoded", b"encoded", "pairing", b"pairing", "pixel_transform", b"pixel_transform", "pixels", b"pixels", "raw", b"raw", "shm", b"shm", "signal", b"signal", "spacing", b"spacing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_time_ns", b"capture_time_ns", "deadline_ms", b"deadline_ms", "encoded", b"encoded", "extra_models", b"extra_models", "mask_encoding", b"mask_encoding", "model", b"model", "pairing", b"pairing", "pixel_transform", b"pixel_transform", "pixels", b"pixels", "policy", b"policy", "process_late", b"process_late", "raw", b"raw", "regions", b"regions", "reset_state", b"reset_state", "seq", b"seq", "shm", b"shm", "signal", b"signal", "source", b"source", "source_kind", b"source_kind", "spacing", b"spacing", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_time_ns", b"capture_time_ns", "deadline_ms", b"deadline_ms", "encoded", b"encoded", "extra_models", b"extra_models", "mask_encoding", b"mask_encoding", "model", b"model", "pairing", b"pairing", "pixel_transform", b"pixel_transform", "pixels", b"pixels", "policy", b"policy", "process_late", b"process_late", "raw", b"raw", "regions", b"regions", "reset_state", b"reset_state", "seq", b"seq", "shm", b"shm", "signal", b"signal", "source", b"source", "source_kind", b"source_kind", "spacing", b"spacing", "stream_id", b"stream_id", "want_probabilities", b"want_probabilities"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_pixels: _TypeAlias = _typing.Literal["raw", "encoded", "shm", "signal"]  # noqa: Y015
     _WhichOneofArgType_pixels: _TypeAlias = _typing.Literal["pixels", b"pixels"]  # noqa: Y015
@@ -726,6 +732,7 @@ class Mask(_message.Message):
     PNG_FIELD_NUMBER: _builtins.int
     RLE_COUNTS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    PROBABILITY_PNG_FIELD_NUMBER: _builtins.int
     width: _builtins.int
     height: _builtins.int
     encoding: Global___MaskEncoding.ValueType
@@ -734,6 +741,13 @@ class Mask(_message.Message):
     def rle_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def probability_png(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Only when the frame asked (Frame.want_probabilities): one 8-bit grayscale PNG per label after the
+        background, in `labels` order, at the mask's size; value v is probability v/255 (the model's
+        activation, resized from its grid bilinearly after the letterbox is cut off, as the mask is).
+        """
+
     def __init__(
         self,
         *,
@@ -743,10 +757,11 @@ class Mask(_message.Message):
         png: _builtins.bytes = ...,
         rle_counts: _abc.Iterable[_builtins.int] | None = ...,
         labels: _abc.Iterable[_builtins.str] | None = ...,
+        probability_png: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "height", b"height", "labels", b"labels", "png", b"png", "rle_counts", b"rle_counts", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "height", b"height", "labels", b"labels", "png", b"png", "probability_png", b"probability_png", "rle_counts", b"rle_counts", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -72,6 +72,8 @@ class StreamOptions:
     security: ClientSecurity = field(default_factory=ClientSecurity)
     # Several sources (a ``MergedSources``): how the server pairs their frames; None: its defaults.
     pairing: stream_pb2.PairingPolicy | None = None
+    # Ask for each label's probabilities with the mask (a FRACTIONAL Segmentation is made of them).
+    want_probabilities: bool = False
 
 
 @dataclass(slots=True)
@@ -106,6 +108,7 @@ def build_frame(
         mask_encoding=options.mask_encoding,
         policy=options.policy,
         deadline_ms=options.deadline_ms,
+        want_probabilities=options.want_probabilities,
     )
     if with_pixels and source_frame.signal is None:
         encode_raw_into(frame.raw, source_frame.pixels)

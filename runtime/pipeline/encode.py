@@ -65,6 +65,18 @@ def decode_mask(mask: stream_pb2.Mask) -> npt.NDArray[np.uint8]:
     return np.asarray(image, dtype=np.uint8)
 
 
+def decode_probabilities(mask: stream_pb2.Mask) -> npt.NDArray[np.uint8]:
+    """Each label after the background's 8-bit probability (v/255), ``(labels - 1, H, W)``, from a Mask message
+    whose frame asked for them (``Frame.want_probabilities``); ``(0, H, W)`` when it carries none."""
+    planes = []
+    for png in mask.probability_png:
+        image = cv2.imdecode(np.frombuffer(png, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        if image is None or image.shape != (mask.height, mask.width):
+            raise ValueError(f"a probability PNG could not be decoded as {mask.height}x{mask.width} grayscale")
+        planes.append(image)
+    return np.asarray(np.stack(planes), np.uint8) if planes else np.zeros((0, mask.height, mask.width), np.uint8)
+
+
 def encode_png(image: npt.NDArray[np.uint8]) -> stream_pb2.EncodedImage:
     """8-bit gray ``(H, W)`` or RGB ``(H, W, 3)`` -> PNG."""
     message = stream_pb2.EncodedImage()
@@ -106,7 +118,13 @@ def decode_tensor(tensor: stream_pb2.Tensor) -> npt.NDArray[np.float32]:
 
 def fill_result(result: stream_pb2.Result, task: TaskResult, mask_encoding: int) -> None:
     if task.mask is not None:
-        _fill_mask(result.outputs.add(name="mask").mask, task.mask, task.labels, mask_encoding)
+        mask = result.outputs.add(name="mask").mask
+        _fill_mask(mask, task.mask, task.labels, mask_encoding)
+        for plane in task.probabilities if task.probabilities is not None else ():
+            ok, png = cv2.imencode(".png", plane, _FAST_PNG)
+            if not ok:
+                raise BackendError("PNG encoding of a label's probabilities failed")
+            mask.probability_png.append(png.tobytes())
     if task.class_scores is not None:
         classes = stream_pb2.ClassScores(labels=task.labels, scores=task.class_scores.tolist())
         result.outputs.append(stream_pb2.Output(name="classes", classes=classes))

@@ -21,13 +21,13 @@ from edgescope.runtime.pipeline.confidence import segmentation_confidence
 from edgescope.runtime.pipeline.preprocess import Geometry
 from edgescope.runtime.pipeline.tasks.anomaly import postprocess_anomaly
 from edgescope.runtime.pipeline.tasks.classification import postprocess_classification
-from edgescope.runtime.pipeline.tasks.common import TaskResult, sigmoid
+from edgescope.runtime.pipeline.tasks.common import TaskResult, sigmoid, softmax
 from edgescope.runtime.pipeline.tasks.detection import postprocess_detection
 from edgescope.runtime.pipeline.tasks.image import postprocess_image
 from edgescope.runtime.pipeline.tasks.registration import postprocess_registration
 from edgescope.v1 import manifest_pb2, stream_pb2
 
-__all__ = ["TaskResult", "postprocess", "segmentation_mask"]
+__all__ = ["TaskResult", "postprocess", "segmentation_mask", "segmentation_probabilities"]
 
 Postprocessor = Callable[
     [Outputs, manifest_pb2.ModelManifest, Geometry, Sequence[stream_pb2.CalibratedRegion]],
@@ -57,6 +57,30 @@ def segmentation_mask(
     else:
         above = sigmoid(scores[0]) > threshold
     return np.asarray(above, dtype=np.uint8)
+
+
+def segmentation_probabilities(
+    logits: npt.NDArray[np.generic], params: manifest_pb2.SegmentationParams, geometry: Geometry
+) -> npt.NDArray[np.uint8]:
+    """Each label after the background's probability at the frame's size, 8-bit (v/255): ``(C - 1, H, W)``
+    from ``(1, C, H, W)`` scores (softmax), or ``(1, H, W)`` from one channel (sigmoid, or as they are),
+    read as ``segmentation_mask`` and ``segmentation_confidence`` read them."""
+    scores = np.asarray(logits, dtype=np.float32)
+    scores = scores[0] if scores.ndim == 4 else scores
+    scores = scores[None] if scores.ndim == 2 else scores
+    if scores.ndim != 3:
+        raise BackendError(f"segmentation output has shape {logits.shape}; expected (1, C, H, W)")
+    if params.activation == manifest_pb2.ACTIVATION_SOFTMAX or scores.shape[0] > 1:
+        foreground = softmax(scores, axis=0)[1:]
+    elif params.activation == manifest_pb2.ACTIVATION_SIGMOID:
+        foreground = sigmoid(scores)
+    else:
+        foreground = np.clip(scores, 0.0, 1.0)
+    inner = foreground[:, geometry.top : geometry.top + geometry.height, geometry.left : geometry.left + geometry.width]
+    size = (geometry.frame_width, geometry.frame_height)
+    # Resized as float, rounded once: v/255 is the probability to within half a step.
+    planes = [cv2.resize(np.ascontiguousarray(plane), size, interpolation=cv2.INTER_LINEAR) for plane in inner]
+    return np.asarray(np.rint(np.stack(planes) * 255.0), dtype=np.uint8)
 
 
 def remove_small_components(mask: npt.NDArray[np.uint8], min_pixels: int) -> npt.NDArray[np.uint8]:
@@ -155,14 +179,21 @@ def postprocess(
     geometry: Geometry,
     spacing: stream_pb2.PixelSpacing | None,
     regions: Sequence[stream_pb2.CalibratedRegion] = (),
+    want_probabilities: bool = False,
 ) -> TaskResult:
     """Outputs -> task results; quantities are measured in the frame's calibrated ``regions``
-    (``Frame.regions``), or over the whole frame with ``spacing`` when it has none, else in pixels."""
+    (``Frame.regions``), or over the whole frame with ``spacing`` when it has none, else in pixels.
+    ``want_probabilities`` (``Frame.want_probabilities``): a segmentation also gives its labels' probabilities."""
     handler = _POSTPROCESSORS.get(manifest.task)
     if handler is None:
         raise BundleError(f"task {manifest_pb2.Task.Name(manifest.task)} has no postprocessor in this runtime version")
     calibrated = calibrated_regions(regions, spacing, geometry.frame_height, geometry.frame_width)
-    return handler(outputs, manifest, geometry, calibrated)
+    task = handler(outputs, manifest, geometry, calibrated)
+    if want_probabilities and manifest.task == manifest_pb2.TASK_SEGMENTATION:
+        # Only when asked: a resize and, once encoded, a PNG per label.
+        name = manifest.postprocessing.output or manifest.outputs[0].name
+        task.probabilities = segmentation_probabilities(outputs[name], manifest.postprocessing.segmentation, geometry)
+    return task
 
 
 _POSTPROCESSORS: dict[int, Postprocessor] = {

@@ -144,7 +144,9 @@ class FrameJob:
         start = time.perf_counter_ns()
         if model.policy.tta == FLIP:
             inferred = replace(inferred, outputs=merge_flip(inferred.outputs, model.manifest))
-        task = postprocess(inferred.outputs, model.manifest, self.geometry, _spacing(frame), frame.regions)
+        task = postprocess(
+            inferred.outputs, model.manifest, self.geometry, _spacing(frame), frame.regions, frame.want_probabilities
+        )
         encoded = time.perf_counter_ns()
         result.timings.add(stage="postprocess", duration_ns=encoded - start)
         fill_result(result, task, frame.mask_encoding)

@@ -36,6 +36,9 @@ class TaskResult:
     tensors: dict[str, FloatArray] = field(default_factory=dict)
     # How sure the model is of this answer (``confidence``); None for tasks without one.
     confidence: float | None = None
+    # Segmentation, when the frame asked: each label after the background's probability, 8-bit (v/255),
+    # ``(labels - 1, H, W)`` at the mask's size.
+    probabilities: npt.NDArray[np.uint8] | None = None
 
 
 def task_output(outputs: Outputs, manifest: manifest_pb2.ModelManifest, name: str = "") -> FloatArray:
