@@ -85,6 +85,13 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help=f"store at most this many key frames (default {DEFAULT_MAX_FRAMES})",
     )
     archive.add_argument(
+        "--seg-type",
+        choices=["binary", "fractional"],
+        default="binary",
+        help="a mask's DICOM Segmentation: binary (the mask), or fractional (each label's probability, 8-bit, as "
+        "the server sends it when asked; costs a resize and a PNG per label a frame) (default binary)",
+    )
+    archive.add_argument(
         "--audit-log",
         type=Path,
         metavar="PATH",
@@ -139,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
             wait_ms=args.pair_wait_ms,
             max_age_ms=args.pair_max_age_ms,
         ),
+        want_probabilities=bool(args.results_to) and args.seg_type == "fractional",
     )
     with open_sources(named, args.loop) as source:
         recorder = recording(source.kind) if recording is not None else None
@@ -204,8 +212,10 @@ def _trail(args: argparse.Namespace) -> AuditTrail | None:
 def _recording(args: argparse.Namespace, spec: str) -> Callable[[SourceKind], Recorder] | None:
     """What records the results for --results-to, made once the source's kind is known; None without it."""
     if not args.results_to:
-        if args.study_context is not None or args.key_frames is not None:
-            raise ConfigError("--study-context and --key-frames say how results are stored: give --results-to URL")
+        if args.study_context is not None or args.key_frames is not None or args.seg_type != "binary":
+            raise ConfigError(
+                "--study-context, --key-frames and --seg-type say how results are stored: give --results-to URL"
+            )
         return None
     from edgescope.runtime.archive.key_frames import KeyFrameChooser, parse_key_frames
     from edgescope.runtime.archive.recorders import CineRecorder, KeyFrameRecorder
@@ -221,7 +231,9 @@ def _recording(args: argparse.Namespace, spec: str) -> Callable[[SourceKind], Re
                 "a dicom: source's results go into its own study, for every analysed frame: "
                 "leave out --study-context and --key-frames"
             )
-        return lambda kind: CineRecorder(cine, server_label_codes(args.target, client_security(args)))
+        return lambda kind: CineRecorder(
+            cine, server_label_codes(args.target, client_security(args)), seg_type=args.seg_type
+        )
     if args.study_context is None:
         raise ConfigError(
             "--results-to with a source that is not DICOM needs --study-context FILE: "
@@ -230,5 +242,5 @@ def _recording(args: argparse.Namespace, spec: str) -> Callable[[SourceKind], Re
     study = load_study_context(args.study_context)
     policy = parse_key_frames(args.key_frames or DEFAULT_POLICY, args.max_key_frames)
     return lambda kind: KeyFrameRecorder(
-        study, KeyFrameChooser(policy), kind, server_label_codes(args.target, client_security(args))
+        study, KeyFrameChooser(policy), kind, server_label_codes(args.target, client_security(args)), args.seg_type
     )

@@ -7,6 +7,10 @@ and for the server's captures (``edgescope serve --results-to``).
   TID 1500 Measurement Report of them (``sr``); a classification's or a
   detection's findings go into a Measurement Report of their own
   (``sr_findings``), on the cine's frames.
+- Either writes a BINARY Segmentation, or with ``seg_type`` ``fractional`` a
+  FRACTIONAL one of the probabilities the runtime sent with each mask (the
+  frames must have asked for them: ``StreamOptions.want_probabilities``); a
+  result without them is refused at ``write``, never filled in.
 - Any other source (``KeyFrameRecorder``): the key frames the policy chooses
   (``key_frames``) are kept, pixels and result, and written as Secondary
   Capture images in the study the study context names (``sc``), with a
@@ -35,6 +39,7 @@ import numpy.typing as npt
 import pydicom
 from pydicom import Dataset
 
+from edgescope.errors import FrameError
 from edgescope.runtime.archive.key_frames import KeyFrameChooser
 from edgescope.runtime.archive.outbox import Outbox
 from edgescope.runtime.archive.sc import KeyFrame, key_images
@@ -43,13 +48,15 @@ from edgescope.runtime.archive.senders import sender_for
 from edgescope.runtime.archive.sr import IMAGING, PROCEDURE, FrameMeasurement, measurement_report, outline_of
 from edgescope.runtime.archive.sr_findings import Finding, findings_report
 from edgescope.runtime.archive.study import StudyContext
-from edgescope.runtime.pipeline.encode import decode_mask
+from edgescope.runtime.pipeline.encode import decode_mask, decode_probabilities
 from edgescope.runtime.sources.base import SourceFrame, SourceKind
 from edgescope.v1 import stream_pb2
 
 SR_CLASS = "Comprehensive 3D SR (TID 1500)"
 # A segmentation model's labels when its results did not name them.
 _DEFAULT_LABELS = ["background", "lesion"]
+# How a recorder writes the masks as a Segmentation (``edgescope stream --seg-type``).
+SEG_TYPES = ("binary", "fractional")
 
 # The codes the bundle the results came from (its provenance) gives its labels, and where they came from in words.
 LabelCodesFor = Callable[[stream_pb2.Provenance], tuple[dict[str, tuple[Code, Code]], str]]
@@ -133,6 +140,8 @@ class _Kept:
 
     # (source frame or key image number, 1-based; label mask)
     masks: list[tuple[int, npt.NDArray[np.uint8]]] = field(default_factory=list)
+    # Each mask's labels' probabilities (``decode_probabilities``; empty when its result had none).
+    probabilities: list[npt.NDArray[np.uint8]] = field(default_factory=list)
     measurements: list[FrameMeasurement] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
@@ -145,8 +154,25 @@ class _Kept:
         if mask_message is not None:
             mask = decode_mask(mask_message)
             self.masks.append((frame, mask))
+            self.probabilities.append(decode_probabilities(mask_message))
             self.labels = list(mask_message.labels) or self.labels
             self.measurements.extend(measured(frame, mask, result.quantities, self.labels))
+
+    def fractions(self, seg_type: str) -> list[npt.NDArray[np.uint8]] | None:
+        """The probabilities a FRACTIONAL Segmentation is made of (None for BINARY); every mask must have come
+        with its labels' probabilities, or there is nothing true to write."""
+        if seg_type not in SEG_TYPES:
+            raise FrameError(f"segmentation type {seg_type!r}: use one of {', '.join(SEG_TYPES)}")
+        if seg_type == "binary":
+            return None
+        missing = [frame for (frame, _), plane in zip(self.masks, self.probabilities, strict=True) if not len(plane)]
+        if missing:
+            raise FrameError(
+                f"a FRACTIONAL Segmentation needs each label's probabilities, and the results of frame(s) "
+                f"{', '.join(map(str, missing[:5]))} carry none (ask with want_probabilities, from a server that "
+                f"sends them; or write --seg-type binary)"
+            )
+        return self.probabilities
 
 
 @dataclass(slots=True)
@@ -155,6 +181,7 @@ class CineRecorder:
 
     source: Path
     label_codes: LabelCodesFor = no_label_codes
+    seg_type: str = "binary"
     kept: _Kept = field(default_factory=_Kept)
 
     def observe(self, frame: SourceFrame, result: stream_pb2.Result) -> None:
@@ -173,7 +200,7 @@ class CineRecorder:
         if kept.masks:
             report["segment_codes"] = said
             segments = segments_for(kept.labels or _DEFAULT_LABELS, codes)
-            seg = segmentation(source, kept.masks, segments, algorithm)
+            seg = segmentation(source, kept.masks, segments, algorithm, probabilities=kept.fractions(self.seg_type))
             _put(outbox, report, seg, "Segmentation")
             if kept.measurements:
                 _put(outbox, report, measurement_report(source, seg, kept.measurements, algorithm), SR_CLASS)
@@ -197,6 +224,7 @@ class KeyFrameRecorder:
     chooser: KeyFrameChooser
     source_kind: SourceKind
     label_codes: LabelCodesFor = no_label_codes
+    seg_type: str = "binary"
     frames: list[KeyFrame] = field(default_factory=list)
     kept: _Kept = field(default_factory=_Kept)
 
@@ -224,6 +252,8 @@ class KeyFrameRecorder:
         if not self.frames:
             return report
         kept = self.kept
+        # Refused before anything is written: the key images without their Segmentation would be half an answer.
+        fractions = kept.fractions(self.seg_type) if kept.masks else None
         images = key_images(self.frames, self.study, self.source_kind)
         for image in images:
             _put(outbox, report, image, "Secondary Capture")
@@ -235,7 +265,9 @@ class KeyFrameRecorder:
             masked = [images[frame - 1] for frame, _ in kept.masks]
             masks = [mask for _, mask in kept.masks]
             segments = segments_for(kept.labels or _DEFAULT_LABELS, codes)
-            seg = segmentation_of_images(masked, masks, segments, algorithm, new_uid=self.study.new_uid)
+            seg = segmentation_of_images(
+                masked, masks, segments, algorithm, probabilities=fractions, new_uid=self.study.new_uid
+            )
             _put(outbox, report, seg, "Segmentation")
             if kept.measurements:
                 sr = measurement_report(

@@ -1,4 +1,5 @@
-"""Masks -> a DICOM Segmentation (BINARY) of the frames they were found on.
+"""Masks -> a DICOM Segmentation of the frames they were found on: BINARY, or FRACTIONAL (PROBABILITY) from
+the runtime's 8-bit probabilities when they were asked for (``Frame.want_probabilities``).
 
 Written with pydicom because the common ultrasound case, a multi-frame cine
 without a Frame of Reference, is the one highdicom refuses. PS3.3 A.51.5.1
@@ -9,7 +10,9 @@ instance and its Referenced Frame Number (purpose of reference 121322,
 "Segmentation"). Without a frame of reference the frames' one dimension is
 the segment number; the source frame each came from is its reference. Rows and columns are the source's; every source
 frame analysed has one frame per segment (empty where nothing was found), so
-frame k of the source is frame k of each segment's block. Key images of a
+frame k of the source is frame k of each segment's block. A FRACTIONAL one holds
+each segment's probability as the runtime sent it (8 bits, Maximum Fractional
+Value 255), so a reader gets back exactly the values the runtime returned. Key images of a
 source that is not DICOM (single-frame Secondary Captures, which have no
 frame of reference either) are referenced the same way, by instance:
 ``segmentation_of_images``.
@@ -132,13 +135,23 @@ def segmentation(
     segments: Sequence[Segment],
     algorithm: Algorithm,
     *,
+    probabilities: Sequence[npt.NDArray[np.uint8]] | None = None,
     series_number: int = 900,
     sop_instance_uid: str | None = None,
 ) -> Dataset:
-    """A BINARY Segmentation of ``source``: ``masks`` are (source frame number, 1-based; label mask)."""
-    references = [(source, frame_number, mask) for frame_number, mask in masks]
+    """A Segmentation of ``source``: ``masks`` are (source frame number, 1-based; label mask). BINARY, or
+    with ``probabilities`` FRACTIONAL: array k holds each segment's probability (v/255) on mask k's frame,
+    ``(segments, rows, columns)``."""
+    planes = _planes([mask for _, mask in masks], segments, probabilities)
+    references = [(source, frame_number, plane) for (frame_number, _), plane in zip(masks, planes, strict=True)]
     return _segmentation(
-        references, segments, algorithm, series_number, sop_instance_uid or generate_uid(), generate_uid
+        references,
+        segments,
+        algorithm,
+        series_number,
+        sop_instance_uid or generate_uid(),
+        generate_uid,
+        fractional=probabilities is not None,
     )
 
 
@@ -148,20 +161,45 @@ def segmentation_of_images(
     segments: Sequence[Segment],
     algorithm: Algorithm,
     *,
+    probabilities: Sequence[npt.NDArray[np.uint8]] | None = None,
     series_number: int = 900,
     new_uid: Callable[[], str] = generate_uid,
 ) -> Dataset:
-    """A BINARY Segmentation of single-frame ``images`` (key images of one study): mask k is of image k.
+    """A Segmentation of single-frame ``images`` (key images of one study): mask k is of image k; BINARY,
+    or FRACTIONAL with ``probabilities`` (as for ``segmentation``).
 
     ``new_uid`` makes its UIDs (under the organisation's root, for one).
     """
     if len(images) != len(masks):
         raise FrameError(f"{len(masks)} masks for {len(images)} images: a Segmentation needs one mask per image")
-    references = [(image, None, mask) for image, mask in zip(images, masks, strict=True)]
-    return _segmentation(references, segments, algorithm, series_number, new_uid(), new_uid)
+    planes = _planes(masks, segments, probabilities)
+    references = [(image, None, plane) for image, plane in zip(images, planes, strict=True)]
+    return _segmentation(
+        references, segments, algorithm, series_number, new_uid(), new_uid, fractional=probabilities is not None
+    )
 
 
-# A mask and what it is of: an instance, and its frame number (1-based) when it has several frames.
+def _planes(
+    masks: Sequence[npt.NDArray[np.uint8]],
+    segments: Sequence[Segment],
+    probabilities: Sequence[npt.NDArray[np.uint8]] | None,
+) -> list[npt.NDArray[np.uint8]]:
+    """Each analysed frame's segments, ``(segments, rows, columns)``: 0/1 from its mask (BINARY), or the
+    probabilities as they are (FRACTIONAL), which must be there for every frame and segment."""
+    if probabilities is None:
+        return [np.stack([mask == segment.number for segment in segments]).astype(np.uint8) for mask in masks]
+    if len(probabilities) != len(masks):
+        raise FrameError(f"probabilities for {len(probabilities)} of {len(masks)} frames: FRACTIONAL needs all")
+    for mask, plane in zip(masks, probabilities, strict=True):
+        if plane.shape != (len(segments), *mask.shape):
+            raise FrameError(
+                f"probabilities of shape {plane.shape} for {len(segments)} segments on a {mask.shape} mask"
+            )
+    return [np.asarray(plane, np.uint8) for plane in probabilities]
+
+
+# What a frame's segments are of: an instance, and its frame number (1-based) when it has several frames;
+# the segments' planes, ``(segments, rows, columns)``.
 _Reference = tuple[Dataset, int | None, npt.NDArray[np.uint8]]
 
 
@@ -172,15 +210,17 @@ def _segmentation(
     series_number: int,
     sop_instance_uid: str,
     new_uid: Callable[[], str],
+    *,
+    fractional: bool,
 ) -> Dataset:
     if not references or not segments:
         raise FrameError("a Segmentation needs at least one analysed frame and one segment")
     source = references[0][0]
     rows, columns = int(source.Rows), int(source.Columns)
-    for image, frame_number, mask in references:
-        if mask.shape != (rows, columns) or (int(image.Rows), int(image.Columns)) != (rows, columns):
+    for image, frame_number, planes in references:
+        if planes.shape[1:] != (rows, columns) or (int(image.Rows), int(image.Columns)) != (rows, columns):
             where = f"frame {frame_number}" if frame_number is not None else f"image {image.SOPInstanceUID}"
-            raise FrameError(f"the mask of {where} is {mask.shape}; the source is {(rows, columns)}")
+            raise FrameError(f"the mask of {where} is {planes.shape[1:]}; the source is {(rows, columns)}")
     now = datetime.now(timezone.utc)
     seg = Dataset()
     seg.file_meta = FileMetaDataset()
@@ -204,24 +244,32 @@ def _segmentation(
     seg.ContentLabel = "SEGMENTATION"
     seg.ContentDescription = f"{algorithm.name} {algorithm.version}"[:64]
     seg.ContentCreatorName = ""
-    seg.SegmentationType = "BINARY"
+    seg.SegmentationType = "FRACTIONAL" if fractional else "BINARY"
+    if fractional:
+        # The runtime's 8-bit probabilities as they came: v/255.
+        seg.SegmentationFractionalType = "PROBABILITY"
+        seg.MaximumFractionalValue = 255
     seg.SegmentSequence = DicomSequence([_segment(segment, algorithm) for segment in segments])
     seg.SamplesPerPixel, seg.PhotometricInterpretation = 1, "MONOCHROME2"
     seg.Rows, seg.Columns = rows, columns
-    seg.BitsAllocated, seg.BitsStored, seg.HighBit, seg.PixelRepresentation = 1, 1, 0, 0
+    bits = 8 if fractional else 1
+    seg.BitsAllocated, seg.BitsStored, seg.HighBit, seg.PixelRepresentation = bits, bits, bits - 1, 0
     seg.LossyImageCompression = "00"
     # No frame of reference: the orientation is that of the source's own frames.
     seg.PatientOrientation = ""
     _dimensions(seg, new_uid())
     frames = [
-        (segment, image, number, mask == segment.number) for segment in segments for image, number, mask in references
+        (segment, image, number, planes[index])
+        for index, segment in enumerate(segments)
+        for image, number, planes in references
     ]
     seg.NumberOfFrames = len(frames)
     seg.SharedFunctionalGroupsSequence = DicomSequence([Dataset()])
     seg.PerFrameFunctionalGroupsSequence = DicomSequence(
         [_frame_groups(image, segment.number, number) for segment, image, number, _ in frames]
     )
-    seg.PixelData = pack_bits(np.stack([bits for *_, bits in frames]).astype(np.uint8), pad=True)
+    pixels = np.stack([plane for *_, plane in frames]).astype(np.uint8)
+    seg.PixelData = pixels.tobytes() if fractional else pack_bits(pixels, pad=True)
     seg.ReferencedSeriesSequence = DicomSequence(_referenced_series([image for image, _, _ in references]))
     return seg
 
