@@ -60,3 +60,13 @@ def test_a_call_cancelled_while_waiting_gives_its_place_back() -> None:
         return len(admission._clients)
 
     assert asyncio.run(scenario()) == 0
+
+
+def test_a_clients_streams_beyond_its_places_are_refused_and_a_closed_one_frees_its_place() -> None:
+    admission = Admission(streams=2)
+    assert admission.open_stream("a") is None and admission.open_stream("a") is None
+    refusal = admission.open_stream("a")
+    assert refusal is not None and "2 streams open" in refusal
+    assert admission.open_stream("b") is None  # another client has places of its own
+    admission.close_stream("a")
+    assert admission.open_stream("a") is None

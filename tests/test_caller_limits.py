@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from edgescope.bundle import Bundle
 from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
 from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgescope.runtime.pipeline.decode import MAX_NAME_CHARS, encode_raw
+from edgescope.runtime.server.admission import STREAMS_PER_CLIENT
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 from .conftest import ServerThread
@@ -39,6 +41,38 @@ def test_a_megabyte_stream_id_is_refused_as_it_is_read_and_the_stream_goes_on(se
     assert len(refused.stream_id) == MAX_NAME_CHARS and refused.ByteSize() < 2048
     assert refused_at < 1.0
     assert good.status.code == OK and good.stream_id == "ok"
+
+
+def test_a_client_holding_its_most_streams_is_refused_another_until_one_closes(server: ServerThread) -> None:
+    async def run() -> tuple[grpc.StatusCode, str, int]:
+        release = asyncio.Event()
+
+        async def held(seq: int) -> AsyncIterator[stream_pb2.Frame]:
+            yield stream_pb2.Frame(stream_id=f"held-{seq}", seq=0, raw=PIXELS)
+            await release.wait()
+
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = stream_pb2_grpc.StreamServiceStub(channel)
+            calls = [stub.Stream(held(i), timeout=30) for i in range(STREAMS_PER_CLIENT)]
+            for call in calls:  # each is open once its first answer is back
+                await asyncio.wait_for(call.read(), 20)
+            refused = stub.Stream(held(99), timeout=30)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await asyncio.wait_for(refused.read(), 20)
+            code, details = await refused.code(), await refused.details()
+            calls[0].cancel()
+            await asyncio.sleep(0.2)
+            again = stub.Stream(held(100), timeout=30)
+            answer = await asyncio.wait_for(again.read(), 20)
+            release.set()
+            for call in [*calls[1:], again]:
+                while await asyncio.wait_for(call.read(), 20) is not grpc.aio.EOF:
+                    pass
+            return code, details, answer.status.code
+
+    code, details, answer = asyncio.run(run())
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and f"{STREAMS_PER_CLIENT} streams open" in details, details
+    assert answer == OK
 
 
 class _Hanging(Session):

@@ -290,6 +290,20 @@ def test_a_stream_between_frames_runs_next_when_its_frame_comes_however_busy_the
     assert order.index(2.0) == 3, order
 
 
+def test_a_client_with_many_streams_shares_one_clients_part_of_the_model() -> None:
+    gate, order = threading.Event(), []  # type: ignore[var-annotated]
+    gate.set()
+    worker = _worker(_recording(order, gate, delay_s=0.002))
+    many = [_job(f"anonymous@ipv4:10.0.0.1/stream-{i % 3}", 1.0, live=True) for i in range(30)]
+    one = [_job("anonymous@ipv4:10.0.0.2/stream-1", 2.0, live=True) for _ in range(15)]
+    try:
+        asyncio.run(_run_all(worker, many + one))
+    finally:
+        _stop(worker)
+    # Per stream, the lone stream would have had a quarter of the turns while all four waited.
+    assert 8 <= order[:20].count(2.0) <= 12, order
+
+
 def test_requests_keep_a_quarter_of_the_model_while_live_frames_wait_too() -> None:
     gate, order = threading.Event(), []  # type: ignore[var-annotated]
     gate.set()

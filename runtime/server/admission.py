@@ -1,4 +1,5 @@
-"""How many unary calls of one client run at once; the rest wait their turn, then are refused.
+"""How many unary calls of one client run at once (the rest wait their turn, then are refused), and how many
+streams it may hold open.
 
 A client firing a hundred calls at once should get its share of the model,
 not a hundred refusals a second to retry: that churn alone took most of a
@@ -6,7 +7,9 @@ not a hundred refusals a second to retry: that churn alone took most of a
 ``auth.current_client``) has ``running`` calls at the model's queue at once;
 further calls wait here, costing nothing but their request's memory, and past
 ``waiting`` more they are refused at once with ``OverloadError``
-(RESOURCE_EXHAUSTED).
+(RESOURCE_EXHAUSTED). A client's streams are each bounded (a window of frames),
+but not their number: past ``STREAMS_PER_CLIENT`` open at once, a new one is
+refused.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from edgescope.errors import OverloadError
 
 RUNNING_PER_CLIENT = 16
 WAITING_PER_CLIENT = 256
+# Each holds up to 6 frames (36 MB at 1080p): enough for every probe of a device, not for a flood.
+STREAMS_PER_CLIENT = 16
 
 
 @dataclass(slots=True)
@@ -33,10 +38,27 @@ class _Client:
 class Admission:
     """Per-client limits on unary calls; use ``async with admission.turn(client):`` around a call's work."""
 
-    def __init__(self, running: int = RUNNING_PER_CLIENT, waiting: int = WAITING_PER_CLIENT) -> None:
+    def __init__(
+        self, running: int = RUNNING_PER_CLIENT, waiting: int = WAITING_PER_CLIENT, streams: int = STREAMS_PER_CLIENT
+    ) -> None:
         self._running = running
         self._waiting = waiting
         self._clients: dict[str, _Client] = {}
+        self._max_streams = streams
+        self._streams: dict[str, int] = {}
+
+    def open_stream(self, client: str) -> str | None:
+        """Take one of the client's stream places; if it has none left, why not (and nothing is taken)."""
+        held = self._streams.get(client, 0)
+        if held >= self._max_streams:
+            return f"this client has {held} streams open, the most it may; close one before opening another"
+        self._streams[client] = held + 1
+        return None
+
+    def close_stream(self, client: str) -> None:
+        held = self._streams.pop(client) - 1
+        if held:
+            self._streams[client] = held
 
     @asynccontextmanager
     async def turn(self, client: str) -> AsyncIterator[None]:

@@ -17,15 +17,17 @@ open, and requests are never starved (after at most three times
 ``MAX_REQUEST_DEBT_NS`` of live frames). When one class waits alone it has
 the whole model.
 
-Within a class, lanes share by start-time fair queueing, in rows: each lane's
-next job is tagged with the virtual time at which it may start (the later of
-the class's clock and the end of the lane's previous job), and the smallest
-tag runs (on a tie, a lane that was idle first: the order within one round
-does not change anyone's share). Lanes that always have work take turns; a
-lane that has been idle, such as a 30 fps stream between frames, starts at
-the clock and so runs next, after only the job already running, yet cannot
-take more than its share by coming and going (a lane that empties forgets
-its tag, which lets it return at most one job ahead).
+Within a class, clients share by start-time fair queueing, in rows, and
+each client's lanes share that client's turns the same way: a client
+opening many streams or calls shares one client's part of the model. Each
+client's (and lane's) next job is tagged with the virtual time at which it
+may start (the later of the clock and the end of its previous job), and the
+smallest tag runs (on a tie, one that was idle first: the order within one
+round does not change anyone's share). Those that always have work take
+turns; one that has been idle, such as a 30 fps stream between frames,
+starts at the clock and so runs next, after only the job already running,
+yet cannot take more than its share by coming and going (one that empties
+forgets its tag, which lets it return at most one job ahead).
 
 A batch holds jobs of one class only, one per lane: on a CPU a batch of n
 rows costs nearly n inferences, so a live frame that took a request's rows
@@ -54,41 +56,85 @@ MAX_REQUEST_DEBT_NS = 100_000_000
 
 
 @dataclass(slots=True)
-class _Lane:
-    jobs: deque[Job[Any]]
-    # Virtual start time of the job at its head; ties go to lanes that were idle (``fresh``), then by arrival.
+class _Tagged:
+    # Virtual start time of the next job; ties go to what was idle (``fresh``), then by arrival.
     start: float
     order: int
     fresh: bool = True
 
+    def key(self) -> tuple[float, bool, int]:
+        return (self.start, not self.fresh, self.order)
+
+    def served(self, job: Job[Any], order: int) -> None:
+        self.start += rows(job)
+        self.order, self.fresh = order, False
+
+
+@dataclass(slots=True)
+class _Lane(_Tagged):
+    jobs: deque[Job[Any]] = field(default_factory=deque)
+
+
+@dataclass(slots=True)
+class _Client(_Tagged):
+    lanes: dict[str, _Lane] = field(default_factory=dict)
+    # Virtual time among this client's lanes.
+    clock: float = 0.0
+
 
 @dataclass(slots=True)
 class _Class:
-    lanes: dict[str, _Lane] = field(default_factory=dict)
-    # Virtual time: the start tag of the job that ran last.
+    clients: dict[str, _Client] = field(default_factory=dict)
+    # Virtual time among the clients: the start tag of the client whose job ran last.
     clock: float = 0.0
 
     def put(self, job: Job[Any], order: int) -> None:
-        lane = self.lanes.get(job.lane)
+        name = client_of(job.lane)
+        client = self.clients.get(name)
+        if client is None:
+            client = self.clients[name] = _Client(self.clock, order)
+        lane = client.lanes.get(job.lane)
         if lane is None:
-            self.lanes[job.lane] = _Lane(deque([job]), self.clock, order)
-        else:
-            lane.jobs.append(job)
+            lane = client.lanes[job.lane] = _Lane(client.clock, order)
+        lane.jobs.append(job)
 
-    def heads(self) -> list[tuple[str, _Lane]]:
-        """Lanes by the order their heads may run in."""
-        return sorted(self.lanes.items(), key=lambda item: (item[1].start, not item[1].fresh, item[1].order))
+    def lanes(self) -> list[tuple[str, _Lane]]:
+        """Every lane, clients and each client's lanes in the order their heads may run."""
+        return [
+            item
+            for _, client in sorted(self.clients.items(), key=lambda c: c[1].key())
+            for item in sorted(client.lanes.items(), key=lambda lane: lane[1].key())
+        ]
+
+    def find(self, job: Job[Any]) -> tuple[_Client, _Lane] | None:
+        client = self.clients.get(client_of(job.lane))
+        lane = None if client is None else client.lanes.get(job.lane)
+        return None if client is None or lane is None else (client, lane)
 
     def pop(self, key: str, order: int) -> Job[Any]:
-        lane = self.lanes[key]
+        name = client_of(key)
+        client = self.clients[name]
+        lane = client.lanes[key]
         job = lane.jobs.popleft()
-        self.clock = max(self.clock, lane.start)
+        self.clock = max(self.clock, client.start)
+        client.clock = max(client.clock, lane.start)
         if lane.jobs:
-            lane.start += rows(job)
-            lane.order, lane.fresh = order, False
+            lane.served(job, order)
         else:
-            del self.lanes[key]
+            del client.lanes[key]
+        if client.lanes:
+            client.served(job, order)
+        else:
+            del self.clients[name]
         return job
+
+    def forget_if_empty(self, key: str) -> None:
+        name = client_of(key)
+        client = self.clients[name]
+        if not client.lanes[key].jobs:
+            del client.lanes[key]
+        if not client.lanes:
+            del self.clients[name]
 
 
 class JobQueue:
@@ -111,14 +157,13 @@ class JobQueue:
 
     def withdraw(self, job: Job[Any]) -> bool:
         """Take ``job`` out if it is still waiting; True when it was."""
-        lanes = self._class(job).lanes
-        lane = lanes.get(job.lane)
-        if lane is None or job not in lane.jobs:
+        chosen = self._class(job)
+        found = chosen.find(job)
+        if found is None or job not in found[1].jobs:
             return False
-        lane.jobs.remove(job)
+        found[1].jobs.remove(job)
         self._count -= 1
-        if not lane.jobs:
-            del lanes[job.lane]
+        chosen.forget_if_empty(job.lane)
         return True
 
     def pop_head(self) -> tuple[Job[Any], int]:
@@ -127,10 +172,10 @@ class JobQueue:
         The charge is +1 for a live job run while requests wait, -1 for a
         request, 0 for a live job that waited alone.
         """
-        requests_wait = bool(self._requests.lanes)
-        live = bool(self._live.lanes) and (not requests_wait or self._owed_ns <= 0)
+        requests_wait = bool(self._requests.clients)
+        live = bool(self._live.clients) and (not requests_wait or self._owed_ns <= 0)
         chosen = self._live if live else self._requests
-        key, _ = chosen.heads()[0]
+        key, _ = chosen.lanes()[0]
         self._count -= 1
         return chosen.pop(key, next(self._order)), (1 if requests_wait else 0) if live else -1
 
@@ -143,13 +188,13 @@ class JobQueue:
 
     def company_waiting(self, first: Job[Any]) -> int:
         """How many other lanes of ``first``'s class have a job at their head that could share its batch."""
-        lanes = self._class(first).lanes
-        return sum(1 for key, lane in lanes.items() if key != first.lane and fits(lane.jobs[0], first))
+        lanes = self._class(first).lanes()
+        return sum(1 for key, lane in lanes if key != first.lane and fits(lane.jobs[0], first))
 
     def pop_company(self, first: Job[Any], taken: set[str], room: int) -> Job[Any] | None:
         """The head of the next lane of ``first``'s class, not in ``taken``, that fits in ``room`` rows."""
         chosen = self._class(first)
-        for key, lane in chosen.heads():
+        for key, lane in chosen.lanes():
             if key not in taken and fits(lane.jobs[0], first) and rows(lane.jobs[0]) <= room:
                 self._count -= 1
                 return chosen.pop(key, next(self._order))
@@ -157,6 +202,11 @@ class JobQueue:
 
     def _class(self, job: Job[Any]) -> _Class:
         return self._live if job.live else self._requests
+
+
+def client_of(lane: str) -> str:
+    """The client a lane belongs to: lanes are named ``CLIENT/NAME`` (see ``auth.current_client``)."""
+    return lane.rpartition("/")[0] or lane
 
 
 def fits(job: Job[Any], first: Job[Any]) -> bool:

@@ -98,8 +98,17 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
         request_iterator: AsyncIterable[stream_pb2.Frame],
         context: grpc.aio.ServicerContext[stream_pb2.Frame, stream_pb2.Result],
     ) -> AsyncIterator[stream_pb2.Result]:
+        # Refused by ending with a status, not by an abort: an abort before the first answer reads as INTERNAL.
         if self.streams.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; use another server")
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details("the server is shutting down; use another server")
+            return
+        client = current_client()
+        refusal = self.admission.open_stream(client)
+        if refusal is not None:
+            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.set_details(refusal)
+            return
         run = self._new_run("stream")
         self.streams.add(run)
         try:
@@ -107,6 +116,7 @@ class StreamService(SharedMemoryServicer, stream_pb2_grpc.StreamServiceServicer)
                 yield result
         finally:
             self.streams.remove(run)
+            self.admission.close_stream(client)
             # A client that crashed never unregisters its ring; unmap it with its stream.
             for stream_id in run.stream_ids:
                 REGIONS.release_stream(stream_id)
