@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,12 +22,16 @@ from pydicom.data import get_testdata_file
 
 from edgescope.bundle import Bundle
 from edgescope.errors import FrameError
+from edgescope.runtime.archive.key_frames import parse_key_frames
 from edgescope.runtime.archive.local_orthanc import LocalOrthanc, orthanc_missing
 from edgescope.runtime.archive.outbox import Outbox
 from edgescope.runtime.archive.recorders import CineRecorder
+from edgescope.runtime.archive.study import parse_study_context
 from edgescope.runtime.client.demo import start_server, stop_server
 from edgescope.runtime.client.stream import StreamOptions, stream_source
 from edgescope.runtime.pipeline.encode import decode_mask, decode_probabilities
+from edgescope.runtime.server.capture import CaptureConfig
+from edgescope.runtime.server.capture_archive import CaptureResults
 from edgescope.runtime.sources import SourceFrame, open_source
 from edgescope.v1 import stream_pb2
 
@@ -56,6 +61,17 @@ def _fetch(archive: LocalOrthanc, sop_instance_uid: str) -> bytes:
         if pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID == sop_instance_uid:
             return data
     raise AssertionError(f"{sop_instance_uid} is not in the archive")
+
+
+def _in_study(archive: LocalOrthanc, study_instance_uid: str) -> list[pydicom.Dataset]:
+    found = []
+    for instance in archive.get("/instances"):  # type: ignore[attr-defined]
+        url = f"http://127.0.0.1:{archive.http}/instances/{instance}/file"
+        with urllib.request.urlopen(url, timeout=10) as got:
+            dataset = pydicom.dcmread(io.BytesIO(got.read()))
+        if dataset.StudyInstanceUID == study_instance_uid:
+            found.append(dataset)
+    return found
 
 
 def _stream(target: str, observe: object, want_probabilities: bool) -> None:
@@ -180,3 +196,41 @@ def test_edgescope_stream_seg_type_fractional_stores_a_fractional_segmentation(
     seg_uid = next(w["sop_instance_uid"] for w in written if w["sop_class"] == "Segmentation")
     seg = pydicom.dcmread(io.BytesIO(_fetch(archive, seg_uid)))
     assert seg.SegmentationType == "FRACTIONAL" and seg.NumberOfFrames == 3 * len(seg.SegmentSequence)
+
+
+def test_a_captures_key_frames_get_a_fractional_segmentation_with_serve_seg_type_fractional(
+    example_bundle: Bundle, archive: LocalOrthanc, tmp_path: Path
+) -> None:
+    study = {"patient_id": "EDGE-PAT-0031", "patient_name": "Capture^Fractional",
+             "study_instance_uid": "1.2.826.0.1.3680043.8.498.90311", "accession_number": "ACC-0031"}  # fmt: skip
+    server = ServerThread(
+        [example_bundle.path],
+        captures=[CaptureConfig.parse(f"probe=synthetic:ultrasound?fps=10&seed=3@{example_bundle.manifest.name}")],
+        capture_results=CaptureResults(
+            url=archive.stow,
+            study=parse_study_context(study, "test"),
+            policy=parse_key_frames("every:0.2", max_frames=3),
+            outbox=tmp_path / "outbox",
+            delivery_timeout_s=30.0,
+            seg_type="fractional",
+        ),
+    )
+    try:
+        deadline = time.monotonic() + 90.0
+        segs: list[pydicom.Dataset] = []
+        while not segs and time.monotonic() < deadline:
+            time.sleep(0.5)
+            segs = [d for d in _in_study(archive, study["study_instance_uid"]) if d.Modality == "SEG"]
+    finally:
+        server.stop()
+    assert segs, "no Segmentation of the capture's key frames was stored"
+    seg = segs[0]
+    assert seg.SegmentationType == "FRACTIONAL" and seg.BitsAllocated == 8
+    values = np.frombuffer(seg.PixelData, np.uint8)[: seg.NumberOfFrames * seg.Rows * seg.Columns]
+    # Probabilities, not a mask written as 0 and 255.
+    assert len(np.unique(values)) > 2
+    if shutil.which("dciodvfy"):
+        path = tmp_path / "capture-seg.dcm"
+        seg.save_as(path, enforce_file_format=True)
+        run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+        assert [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")] == []

@@ -178,6 +178,13 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         f"(default {DEFAULT_POLICY})",
     )
     archive.add_argument(
+        "--seg-type",
+        choices=["binary", "fractional"],
+        default="binary",
+        help="the key frames' DICOM Segmentation: binary (the masks), or fractional (each label's probability, "
+        "8-bit; every captured frame then costs a resize and a PNG per label) (default binary)",
+    )
+    archive.add_argument(
         "--max-key-frames",
         type=int,
         default=DEFAULT_MAX_FRAMES,
@@ -258,8 +265,10 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _capture_results(args: argparse.Namespace) -> CaptureResults | None:
     """Where the captures' results go (--results-to), checked before anything is served; None without it."""
     if not args.results_to:
-        if args.study_context is not None or args.key_frames is not None:
-            raise ConfigError("--study-context and --key-frames say how results are stored: give --results-to URL")
+        if args.study_context is not None or args.key_frames is not None or args.seg_type != "binary":
+            raise ConfigError(
+                "--study-context, --key-frames and --seg-type say how results are stored: give --results-to URL"
+            )
         return None
     from edgescope.runtime.archive.key_frames import parse_key_frames
     from edgescope.runtime.archive.senders import sender_for
@@ -279,6 +288,7 @@ def _capture_results(args: argparse.Namespace) -> CaptureResults | None:
         policy=parse_key_frames(args.key_frames or DEFAULT_POLICY, args.max_key_frames),
         outbox=args.outbox,
         delivery_timeout_s=args.delivery_timeout,
+        seg_type=args.seg_type,
     )
 
 

@@ -257,7 +257,8 @@ class CaptureHub:
             if archive is not None:
                 archive.started(config.name, source.kind)
                 sent = functools.partial(archive.sent, config.name)
-            frames = _paced_frames(iter(source), source.kind, config, failure, self._stopping, sent)
+            fractional = archive is not None and archive.settings.seg_type == "fractional"
+            frames = _paced_frames(iter(source), source.kind, config, failure, self._stopping, sent, fractional)
             results = self._run_stream(frames)
             try:
                 async for result in results:
@@ -315,6 +316,7 @@ async def _paced_frames(
     failure: list[str],
     stopping: asyncio.Event,
     sent: Callable[[int, SourceFrame], None] | None = None,
+    want_probabilities: bool = False,
 ) -> AsyncIterator[stream_pb2.Frame]:
     """Frames at the source's own rate (each frame's timestamp), read on a worker thread.
 
@@ -350,7 +352,7 @@ async def _paced_frames(
             stamp = start_wall_ns + int(source_frame.timestamp_s * 1e9) if source_frame.source else time.time_ns()
             if sent is not None:
                 sent(seq, source_frame)
-            yield _frame(source_frame, seq, source_kind, config, stamp)
+            yield _frame(source_frame, seq, source_kind, config, stamp, want_probabilities)
             seq += 1
     finally:
         stop.cancel()
@@ -362,6 +364,7 @@ def _frame(
     source_kind: stream_pb2.SourceKind.ValueType,
     config: CaptureConfig,
     capture_time_ns: int,
+    want_probabilities: bool = False,
 ) -> stream_pb2.Frame:
     frame = stream_pb2.Frame(
         stream_id=f"capture:{config.name}",
@@ -370,6 +373,7 @@ def _frame(
         model=config.model,
         source_kind=source_kind,
         policy=stream_pb2.STREAM_POLICY_LIVE,
+        want_probabilities=want_probabilities,
     )
     encode_raw_into(frame.raw, source_frame.pixels)
     source_frame.describe(frame)

@@ -70,6 +70,9 @@ class CaptureResults:
     policy: KeyFramePolicy
     outbox: Path
     delivery_timeout_s: float = 60.0
+    # "fractional": the captures' frames ask for probabilities (every frame: a key frame is chosen after its
+    # answer), and their Segmentations are FRACTIONAL.
+    seg_type: str = "binary"
 
 
 def registry_label_codes(registry: ModelRegistry) -> LabelCodesFor:
@@ -167,7 +170,11 @@ class CaptureArchive:
 
     def _recorder(self, kind: SourceKind, chooser: KeyFrameChooser | None = None) -> KeyFrameRecorder:
         return KeyFrameRecorder(
-            self.settings.study, chooser or KeyFrameChooser(self.settings.policy), kind, self._label_codes
+            self.settings.study,
+            chooser or KeyFrameChooser(self.settings.policy),
+            kind,
+            self._label_codes,
+            self.settings.seg_type,
         )
 
     def _flush(self, capture: str, state: _Capture) -> None:
