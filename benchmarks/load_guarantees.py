@@ -2,7 +2,8 @@
 
 One ``edgescope serve`` process with the example model; a live stream of
 the echo cine's frames (480x640 RGB, raw) paced at 30 fps, measured at the
-client (send to answer), first alone, then beside each load:
+client (send to answer), first alone, then beside each load, run by a
+process of its own on the same two cores, as another client would:
 
 - 100 concurrent unary ``Infer`` callers, each calling again as soon as answered;
 - 100 concurrent KServe ``ModelInfer`` callers, likewise;
@@ -30,6 +31,7 @@ import json
 import os
 import platform
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,6 +42,7 @@ import grpc
 import numpy as np
 from common import RESULTS, export_example
 
+from edgescope.bundle import load_bundle
 from edgescope.kserve.v2 import inference_pb2 as kserve
 from edgescope.kserve.v2 import inference_pb2_grpc as kserve_grpc
 from edgescope.runtime.client.demo import start_server
@@ -50,6 +53,9 @@ from edgescope.runtime.transport import DEFAULT_MAX_MESSAGE_BYTES, channel_optio
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 OPTIONS = channel_options(DEFAULT_MAX_MESSAGE_BYTES)
+INFER = "100 unary Infer callers"
+KSERVE = "100 KServe ModelInfer callers"
+BUSY = "4 KServe callers, batches of 8; stream deadline 100 ms"
 NON_READERS = "2 clients streaming 1080p, never reading"
 STORM = "200 streams cancelled or closed, 20 a second"
 
@@ -120,42 +126,6 @@ async def callers(count: int, call: Callable[[], Awaitable[object]], stop: async
     return outcomes
 
 
-async def beside(target: str, frames: list[stream_pb2.RawImage], seconds: float, load: str, tensor: Any) -> Any:
-    stop = asyncio.Event()
-    async with grpc.aio.insecure_channel(target, options=OPTIONS) as channel:
-        stub = stream_pb2_grpc.StreamServiceStub(channel)
-        inference = kserve_grpc.GRPCInferenceServiceStub(channel)
-
-        def request(batch: int) -> kserve.ModelInferRequest:
-            rows = np.repeat(tensor, batch, axis=0)
-            message = kserve.ModelInferRequest(model_name="lesion-unet")
-            message.inputs.add(name="image", datatype="FP32", shape=list(rows.shape))
-            message.raw_input_contents.append(rows.tobytes())
-            return message
-
-        one, eight = request(1), request(8)
-        loads: dict[str, tuple[int, Callable[[], Awaitable[object]], int]] = {
-            "100 unary Infer callers": (
-                100,
-                lambda: stub.Infer(stream_pb2.Frame(stream_id="u", raw=frames[0]), timeout=60),
-                0,
-            ),
-            "100 KServe ModelInfer callers": (100, lambda: inference.ModelInfer(one, timeout=60), 0),
-            "4 KServe callers, batches of 8; stream deadline 100 ms": (
-                4,
-                lambda: inference.ModelInfer(eight, timeout=60),
-                100,
-            ),
-        }
-        count, call, deadline_ms = loads[load]
-        load_task = asyncio.create_task(callers(count, call, stop))
-        await asyncio.sleep(1.0)
-        stream = await live_stream(target, frames, seconds, deadline_ms)
-        stop.set()
-        outcomes = await load_task
-    return {**stream, "load_outcomes": outcomes}
-
-
 def rss_mb(pid: int) -> float:
     """Resident memory of process ``pid`` (Linux)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -176,12 +146,106 @@ async def non_reader(target: str, frame: stream_pb2.RawImage, name: str, sent: d
             call.cancel()
 
 
-async def beside_non_readers(target: str, frames: list[stream_pb2.RawImage], seconds: float, pid: int) -> Any:
-    big = encode_raw(np.random.default_rng(0).integers(0, 256, (1080, 1920, 3), np.uint8))
+async def storm(target: str, frame: stream_pb2.RawImage, stop: asyncio.Event) -> dict[str, int]:
+    """Streams that send a frame and go, 20 a second: half cancelled, half with their channel closed."""
+
+    async def gone(index: int) -> None:
+        async with grpc.aio.insecure_channel(target, options=OPTIONS) as channel:
+            call = stream_pb2_grpc.StreamServiceStub(channel).Stream()
+            await call.write(stream_pb2.Frame(stream_id=f"gone-{index}", seq=0, raw=frame))
+            await asyncio.sleep(0.02)
+            if index % 2:
+                call.cancel()
+
+    index = 0
+    while not stop.is_set() and index < 200:
+        await asyncio.sleep(0.05)
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await gone(index)
+        index += 1
+    return {"cancelled": index}
+
+
+async def run_load(load: str, target: str, bundle: Path) -> None:
+    """The load named ``load``, in this process, until its standard input closes; prints what it saw."""
+    frames = cine()
+    manifest = load_bundle(bundle).manifest
+    tensor, _ = preprocess(np.frombuffer(frames[0].data, np.uint8).reshape(480, 640, 3), manifest.preprocessing)
+
+    def request(batch: int) -> kserve.ModelInferRequest:
+        rows = np.repeat(tensor, batch, axis=0)
+        message = kserve.ModelInferRequest(model_name="lesion-unet")
+        message.inputs.add(name="image", datatype="FP32", shape=list(rows.shape))
+        message.raw_input_contents.append(rows.tobytes())
+        return message
+
+    stop = asyncio.Event()
+    async with grpc.aio.insecure_channel(target, options=OPTIONS) as channel:
+        stub = stream_pb2_grpc.StreamServiceStub(channel)
+        inference = kserve_grpc.GRPCInferenceServiceStub(channel)
+        one, eight = request(1), request(8)
+        if load == INFER:
+            task = asyncio.create_task(
+                callers(100, lambda: stub.Infer(stream_pb2.Frame(stream_id="u", raw=frames[0]), timeout=60), stop)
+            )
+        elif load == KSERVE:
+            task = asyncio.create_task(callers(100, lambda: inference.ModelInfer(one, timeout=60), stop))
+        elif load == BUSY:
+            task = asyncio.create_task(callers(4, lambda: inference.ModelInfer(eight, timeout=60), stop))
+        elif load == NON_READERS:
+            big = encode_raw(np.random.default_rng(0).integers(0, 256, (1080, 1920, 3), np.uint8))
+            sent = {"idle-0": 0, "idle-1": 0}
+            readers = [asyncio.create_task(non_reader(target, big, name, sent)) for name in sent]
+
+            async def idle() -> dict[str, int]:
+                await stop.wait()
+                for reader in readers:
+                    reader.cancel()
+                await asyncio.gather(*readers, return_exceptions=True)
+                return sent
+
+            task = asyncio.create_task(idle())
+        else:
+            task = asyncio.create_task(storm(target, frames[0], stop))
+        print("started", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        stop.set()
+        print(json.dumps(await task), flush=True)
+
+
+async def beside(target: str, frames: list[stream_pb2.RawImage], seconds: float, load: str, bundle: Path) -> Any:
+    """The live stream measured while ``load`` runs in a process of its own (as another client would)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--load",
+        load,
+        "--target",
+        target,
+        "--bundle",
+        str(bundle),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        await asyncio.wait_for(process.stdout.readline(), 60)
+        await asyncio.sleep(1.0)
+        stream = await live_stream(target, frames, seconds, 100 if load == BUSY else 0)
+        process.stdin.close()
+        outcomes = json.loads(await asyncio.wait_for(process.stdout.readline(), 60))
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+    return {**stream, "load": outcomes}
+
+
+async def beside_non_readers(
+    target: str, frames: list[stream_pb2.RawImage], seconds: float, bundle: Path, pid: int
+) -> Any:
     before = rss_mb(pid)
-    sent = {"idle-0": 0, "idle-1": 0}
     peak = before
-    readers = [asyncio.create_task(non_reader(target, big, name, sent)) for name in sent]
 
     async def watch() -> None:
         nonlocal peak
@@ -190,40 +254,11 @@ async def beside_non_readers(target: str, frames: list[stream_pb2.RawImage], sec
             await asyncio.sleep(0.1)
 
     watcher = asyncio.create_task(watch())
-    await asyncio.sleep(1.0)
-    stream = await live_stream(target, frames, seconds)
-    for task in readers:
-        task.cancel()
-    await asyncio.gather(*readers, return_exceptions=True)
+    stream = await beside(target, frames, seconds, NON_READERS, bundle)
     await asyncio.sleep(3.0)
     watcher.cancel()
-    after = rss_mb(pid)
-    memory = {"rss_before_mb": before, "rss_peak_mb": peak, "rss_3s_after_mb": after, "frames_taken": sent}
+    memory = {"rss_before_mb": before, "rss_peak_mb": peak, "rss_3s_after_mb": rss_mb(pid)}
     return {**stream, "memory": memory}
-
-
-async def beside_cancel_storm(target: str, frames: list[stream_pb2.RawImage], seconds: float) -> Any:
-    async def cancelled(index: int) -> None:
-        async with grpc.aio.insecure_channel(target, options=OPTIONS) as channel:
-            call = stream_pb2_grpc.StreamServiceStub(channel).Stream()
-            await call.write(stream_pb2.Frame(stream_id=f"gone-{index}", seq=0, raw=frames[0]))
-            await asyncio.sleep(0.02)
-            if index % 2:
-                call.cancel()
-            # else: the channel closes under the call
-
-    async def storm() -> int:
-        done = 0
-        for index in range(200):
-            await asyncio.sleep(0.05)
-            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                await cancelled(index)
-            done += 1
-        return done
-
-    storm_task = asyncio.create_task(storm())
-    stream = await live_stream(target, frames, seconds)
-    return {**stream, "cancelled": await storm_task}
 
 
 async def huge_stream_id(target: str, frame: stream_pb2.RawImage) -> float:
@@ -240,12 +275,16 @@ async def huge_stream_id(target: str, frame: stream_pb2.RawImage) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each measured stream")
+    parser.add_argument("--load", choices=(INFER, KSERVE, BUSY, NON_READERS, STORM), help=argparse.SUPPRESS)
+    parser.add_argument("--target", help=argparse.SUPPRESS)
+    parser.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.load:
+        asyncio.run(run_load(args.load, args.target, args.bundle))
+        return 0
     frames = cine()
     with tempfile.TemporaryDirectory() as tmp:
-        exported = export_example(Path(tmp))
-        bundle, manifest = exported.path, exported.manifest
-        tensor, _ = preprocess(np.frombuffer(frames[0].data, np.uint8).reshape(480, 640, 3), manifest.preprocessing)
+        bundle = export_example(Path(tmp)).path
         server, target = start_server([bundle], Path(tmp) / "port", ["--grace", "5"], log=Path(tmp) / "server.log")
         report: dict[str, Any] = {
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, CPU only",
@@ -253,14 +292,9 @@ def main() -> int:
         }
         try:
             report["alone"] = asyncio.run(live_stream(target, frames, args.seconds))
-            for load in (
-                "100 unary Infer callers",
-                "100 KServe ModelInfer callers",
-                "4 KServe callers, batches of 8; stream deadline 100 ms",
-            ):
-                report[load] = asyncio.run(beside(target, frames, args.seconds, load, tensor))
-            report[NON_READERS] = asyncio.run(beside_non_readers(target, frames, args.seconds, server.pid))
-            report[STORM] = asyncio.run(beside_cancel_storm(target, frames, args.seconds))
+            for load in (INFER, KSERVE, BUSY, STORM):
+                report[load] = asyncio.run(beside(target, frames, args.seconds, load, bundle))
+            report[NON_READERS] = asyncio.run(beside_non_readers(target, frames, args.seconds, bundle, server.pid))
             report["1 MB stream id answered in (s)"] = asyncio.run(huge_stream_id(target, frames[0]))
 
             async def stream_then_stop() -> float:
@@ -292,9 +326,9 @@ def main() -> int:
         f"{key}: >= 27 fps and p99 <= max(2x alone, 100 ms)": (
             report[key]["ok_fps"] >= 27 and report[key]["p99_ms"] <= max(2 * alone_p99, 100.0)
         )
-        for key in rows[1:3]
+        for key in (INFER, KSERVE)
     }
-    busy = report["4 KServe callers, batches of 8; stream deadline 100 ms"]
+    busy = report[BUSY]
     report["targets"]["busy model: <= 5 % of OK answers older than 100 ms"] = busy["share_late"] <= 0.05
     idle = report[NON_READERS]
     grown = idle["memory"]["rss_peak_mb"] - idle["memory"]["rss_before_mb"]
