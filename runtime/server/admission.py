@@ -23,8 +23,8 @@ from edgescope.errors import OverloadError
 
 RUNNING_PER_CLIENT = 16
 WAITING_PER_CLIENT = 256
-# Each holds up to 6 frames (36 MB at 1080p): enough for every probe of a device, not for a flood.
-STREAMS_PER_CLIENT = 16
+# Each holds up to 6 frames (36 MB at 1080p): room for every source of a busy device, not for a flood.
+STREAMS_PER_CLIENT = 64
 
 
 @dataclass(slots=True)
