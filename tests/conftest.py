@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from edgescope.bundle import Bundle
+from edgescope.runtime.archive.local_orthanc import LocalOrthanc, orthanc_missing
 from edgescope.v1 import manifest_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,6 +107,19 @@ def server(example_bundle: Bundle) -> Iterator[ServerThread]:
     from edgescope.runtime.server.security import SecurityConfig
 
     running = ServerThread([example_bundle.path], security=SecurityConfig(model_repository=example_bundle.path.parent))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Iterator[LocalOrthanc]:
+    """A real Orthanc (DICOMweb and DICOM) on free loopback ports, with its own storage; skipped without it."""
+    if orthanc_missing():
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (Debian: orthanc orthanc-dicomweb)")
+    running = LocalOrthanc.on_free_ports(tmp_path / "orthanc")
+    running.start()
     try:
         yield running
     finally:

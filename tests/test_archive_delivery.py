@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,16 +26,6 @@ from .syslog_receiver import SyslogReceiver
 
 pytestmark = pytest.mark.skipif(bool(orthanc_missing()), reason=orthanc_missing() or "-")
 CINE = get_testdata_file("color3d_jpeg_baseline.dcm")
-
-
-@pytest.fixture
-def archive(tmp_path: Path) -> Iterator[LocalOrthanc]:
-    running = LocalOrthanc.on_free_ports(tmp_path / "orthanc")
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def _seg() -> pydicom.Dataset:

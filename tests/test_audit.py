@@ -32,6 +32,16 @@ def _lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines(keepends=True)
 
 
+def _audit_verify(path: Path) -> subprocess.CompletedProcess[str]:
+    """``edgescope audit verify PATH``, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "edgescope.cli", "audit", "verify", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_an_untouched_trail_verifies_and_resumes_where_it_ended(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     _trail(path, 3)
@@ -63,12 +73,7 @@ def test_any_change_removal_or_reordering_is_found(tmp_path: Path, tamper: str) 
     # A trail that does not verify is not appended to: it is kept as evidence.
     with pytest.raises(ConfigError, match="does not verify"):
         AuditTrail(path)
-    run = subprocess.run(
-        [sys.executable, "-m", "edgescope.cli", "audit", "verify", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = _audit_verify(path)
     assert run.returncode == 1 and "NOT intact" in run.stderr
 
 
@@ -98,12 +103,7 @@ def test_the_server_records_loads_refusals_and_unloads_with_who_asked(tmp_path: 
     assert loaded["by"].startswith("anonymous@") and loaded["model"] == "second"
     assert refused["by"] == loaded["by"] and "no-such-entry" in refused["reason"]
     assert unloaded["model"] == "second"
-    run = subprocess.run(
-        [sys.executable, "-m", "edgescope.cli", "audit", "verify", str(audit)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = _audit_verify(audit)
     assert run.returncode == 0 and "6 record(s), intact" in run.stdout
 
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -18,7 +18,7 @@ import pytest
 
 from edgescope.bundle import Bundle
 from edgescope.runtime.archive.key_frames import parse_key_frames
-from edgescope.runtime.archive.local_orthanc import LocalOrthanc, orthanc_missing
+from edgescope.runtime.archive.local_orthanc import LocalOrthanc
 from edgescope.runtime.archive.study import parse_study_context
 from edgescope.runtime.server.capture import CaptureConfig
 from edgescope.runtime.server.capture_archive import CaptureResults
@@ -33,18 +33,6 @@ CONTEXT = {
 }
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 SERVE = [sys.executable, "-m", "edgescope.cli", "serve", "bundle-not-read", "--port", "0", "--metrics-port", "-1"]
-
-
-@pytest.fixture
-def archive(tmp_path: Path) -> Iterator[LocalOrthanc]:
-    if orthanc_missing():
-        pytest.skip("Orthanc with its DICOMweb plugin is not installed (Debian: orthanc orthanc-dicomweb)")
-    running = LocalOrthanc.on_free_ports(tmp_path / "orthanc")
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float) -> None:

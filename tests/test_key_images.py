@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import highdicom
@@ -21,7 +20,7 @@ import pytest
 
 from edgescope.errors import ConfigError
 from edgescope.runtime.archive.key_frames import KeyFrameChooser, parse_key_frames
-from edgescope.runtime.archive.local_orthanc import LocalOrthanc, orthanc_missing
+from edgescope.runtime.archive.local_orthanc import LocalOrthanc
 from edgescope.runtime.archive.outbox import Outbox
 from edgescope.runtime.archive.recorders import KeyFrameRecorder
 from edgescope.runtime.archive.study import load_study_context, parse_study_context
@@ -179,18 +178,6 @@ def test_a_dicom_source_keeps_its_own_study(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 2 and "leave out --study-context" in run.stderr
-
-
-@pytest.fixture
-def archive(tmp_path: Path) -> Iterator[LocalOrthanc]:
-    if orthanc_missing():
-        pytest.skip("Orthanc with its DICOMweb plugin is not installed (Debian: orthanc orthanc-dicomweb)")
-    running = LocalOrthanc.on_free_ports(tmp_path / "orthanc")
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def _runtime_masks(server: ServerThread) -> tuple[list[np.ndarray], list[np.ndarray]]:

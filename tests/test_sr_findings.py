@@ -20,7 +20,7 @@ from pydicom.data import get_testdata_file
 
 from edgescope.bundle import Bundle
 from edgescope.runtime.archive.key_frames import KeyFrameChooser, parse_key_frames
-from edgescope.runtime.archive.local_orthanc import LocalOrthanc, orthanc_missing
+from edgescope.runtime.archive.local_orthanc import LocalOrthanc
 from edgescope.runtime.archive.outbox import Outbox
 from edgescope.runtime.archive.recorders import CineRecorder, KeyFrameRecorder
 from edgescope.runtime.archive.seg import Algorithm, Code
@@ -189,18 +189,6 @@ def test_boxes_on_key_frames_are_closed_polylines_on_their_key_images(served: Se
         (certainty,) = group.get_measurements()
         assert certainty.value == pytest.approx(box.score)
     assert sr.StudyInstanceUID == CONTEXT["study_instance_uid"] and sr.PatientID == CONTEXT["patient_id"]
-
-
-@pytest.fixture
-def archive(tmp_path: Path) -> Iterator[LocalOrthanc]:
-    if orthanc_missing():
-        pytest.skip("Orthanc with its DICOMweb plugin is not installed (Debian: orthanc orthanc-dicomweb)")
-    running = LocalOrthanc.on_free_ports(tmp_path / "orthanc")
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def test_edgescope_stream_stores_a_detectors_key_frames_and_report_in_the_archive(
