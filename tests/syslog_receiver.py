@@ -6,44 +6,22 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-import threading
 import time
 from pathlib import Path
 
 from .certs import Issued
+from .loopback_server import LoopbackServer, mutual_tls
 
 
-class SyslogReceiver:
+class SyslogReceiver(LoopbackServer):
     """An audit repository on loopback: syslog over TLS (a client certificate required) or TCP, octet-counted."""
 
     def __init__(self, port: int = 0, tls: tuple[Issued, Path] | None = None) -> None:
-        self.context: ssl.SSLContext | None = None
-        if tls is not None:
-            server, client_ca = tls
-            self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(client_ca))
-            self.context.verify_mode = ssl.CERT_REQUIRED
-            self.context.load_cert_chain(str(server.cert), str(server.key))
-        self.listener = socket.create_server(("127.0.0.1", port))
-        self.listener.settimeout(0.2)
-        self.port: int = self.listener.getsockname()[1]
+        self.context = None if tls is None else mutual_tls(tls[0].cert, tls[0].key, tls[1])
         self.messages: list[bytes] = []
-        self._stopping = threading.Event()
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
+        super().__init__(port)
 
-    def _accept(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                raw, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            reader = threading.Thread(target=self._read, args=(raw,), daemon=True)
-            reader.start()
-            self._threads.append(reader)
-
-    def _read(self, raw: socket.socket) -> None:
+    def handle(self, raw: socket.socket) -> None:
         raw.settimeout(0.2)
         with contextlib.ExitStack() as closing:
             closing.callback(raw.close)
@@ -53,7 +31,7 @@ class SyslogReceiver:
                 return
             closing.callback(connection.close)
             buffer = b""
-            while not self._stopping.is_set():
+            while not self.stopping:
                 try:
                     chunk = connection.recv(65536)
                 except TimeoutError:
@@ -75,9 +53,3 @@ class SyslogReceiver:
         while len(self.messages) < count and time.monotonic() < deadline:
             time.sleep(0.02)
         return list(self.messages)
-
-    def close(self) -> None:
-        self._stopping.set()
-        self.listener.close()
-        for thread in self._threads:
-            thread.join(5)

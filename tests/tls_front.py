@@ -12,37 +12,19 @@ import ssl
 import threading
 from pathlib import Path
 
+from .loopback_server import LoopbackServer, mutual_tls
+
 IDLE_S = 30.0
 
 
-class TlsFront:
+class TlsFront(LoopbackServer):
     def __init__(self, backend_port: int, cert: Path, key: Path, client_ca: Path) -> None:
         self.backend_port = backend_port
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(client_ca))
-        self.context.verify_mode = ssl.CERT_REQUIRED
-        self.context.load_cert_chain(str(cert), str(key))
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.2)
-        self.port: int = self.listener.getsockname()[1]
+        self.context = mutual_tls(cert, key, client_ca)
         self.handshake_failures = 0
-        self._relays: list[threading.Thread] = []
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._accept, name="tls-front", daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                raw, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            relay = threading.Thread(target=self._serve, args=(raw,), daemon=True)
-            relay.start()
-            self._relays.append(relay)
-
-    def _serve(self, raw: socket.socket) -> None:
+    def handle(self, raw: socket.socket) -> None:
         raw.settimeout(IDLE_S)
         try:
             outside = self.context.wrap_socket(raw, server_side=True)
@@ -59,11 +41,7 @@ class TlsFront:
         inside.close()
 
     def close(self) -> None:
-        self._stopping.set()
-        self.listener.close()
-        self._thread.join(5)
-        for relay in self._relays:
-            relay.join(IDLE_S)
+        super().close(IDLE_S)
 
 
 def _pump(source: socket.socket, sink: socket.socket) -> None:
