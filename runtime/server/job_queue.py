@@ -188,7 +188,9 @@ class JobQueue:
 
     def company_waiting(self, first: Job[Any]) -> int:
         """How many other lanes of ``first``'s class have a job at their head that could share its batch."""
-        lanes = self._class(first).lanes()
+        clients = self._class(first).clients.values()
+        lanes = [(key, lane) for client in clients for key, lane in client.lanes.items()]
+        # Only counted, so in no particular order (``lanes()`` sorts).
         return sum(1 for key, lane in lanes if key != first.lane and fits(lane.jobs[0], first))
 
     def pop_company(self, first: Job[Any], taken: set[str], room: int) -> Job[Any] | None:
