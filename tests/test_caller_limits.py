@@ -51,12 +51,17 @@ def test_a_client_holding_its_most_streams_is_refused_another_until_one_closes(s
             yield stream_pb2.Frame(stream_id=f"held-{seq}", seq=0, raw=PIXELS)
             await release.wait()
 
+        async def quiet() -> AsyncIterator[stream_pb2.Frame]:
+            await release.wait()
+            yield stream_pb2.Frame(stream_id="refused", seq=0, raw=PIXELS)
+
         async with grpc.aio.insecure_channel(server.target) as channel:
             stub = stream_pb2_grpc.StreamServiceStub(channel)
             calls = [stub.Stream(held(i), timeout=30) for i in range(STREAMS_PER_CLIENT)]
             for call in calls:  # each is open once its first answer is back
                 await asyncio.wait_for(call.read(), 20)
-            refused = stub.Stream(held(99), timeout=30)
+            # Sends nothing until released: a frame in flight as the server ends the call can read as INTERNAL.
+            refused = stub.Stream(quiet(), timeout=30)
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await asyncio.wait_for(refused.read(), 20)
             code, details = await refused.code(), await refused.details()
