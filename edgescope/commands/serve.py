@@ -75,6 +75,13 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--port-file", type=Path, help="write the bound port here once serving")
     p.add_argument("--max-message-mb", type=int, default=64)
     p.add_argument(
+        "--adaptive-window",
+        action="store_true",
+        help="let gRPC grow each stream's receive window with the link (clients across a network with a long "
+        "round trip); by default it stays at 64 KB, so frames a stream has not read yet wait in the client, "
+        "not in the server's memory",
+    )
+    p.add_argument(
         "--instances",
         type=int,
         default=0,
@@ -314,6 +321,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
+        adaptive_window=args.adaptive_window,
         allow_failed_validation=args.allow_failed_validation,
         grace_s=args.grace,
         audit_log=args.audit_log,
