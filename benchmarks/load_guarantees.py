@@ -275,6 +275,9 @@ async def huge_stream_id(target: str, frame: stream_pb2.RawImage) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each measured stream")
+    parser.add_argument(
+        "--only", choices=(INFER, KSERVE, BUSY, NON_READERS, STORM), help="measure alone and beside this load only"
+    )
     parser.add_argument("--load", choices=(INFER, KSERVE, BUSY, NON_READERS, STORM), help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
     parser.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
@@ -293,8 +296,13 @@ def main() -> int:
         try:
             report["alone"] = asyncio.run(live_stream(target, frames, args.seconds))
             for load in (INFER, KSERVE, BUSY, STORM):
-                report[load] = asyncio.run(beside(target, frames, args.seconds, load, bundle))
-            report[NON_READERS] = asyncio.run(beside_non_readers(target, frames, args.seconds, bundle, server.pid))
+                if args.only in (None, load):
+                    report[load] = asyncio.run(beside(target, frames, args.seconds, load, bundle))
+            if args.only in (None, NON_READERS):
+                report[NON_READERS] = asyncio.run(beside_non_readers(target, frames, args.seconds, bundle, server.pid))
+            if args.only is not None:
+                print(json.dumps(report, indent=2))
+                return 0
             report["1 MB stream id answered in (s)"] = asyncio.run(huge_stream_id(target, frames[0]))
 
             async def stream_then_stop() -> float:
