@@ -93,9 +93,11 @@ class SharedBufferSession(Session):
         pass
 
 
-def _job(lane: str, value: float, *, batchable: bool = False, live: bool = False) -> Job[JobResult]:
+def _job(
+    lane: str, value: float, *, batchable: bool = False, live: bool = False, opening: bool = False
+) -> Job[JobResult]:
     tensor = np.full((1, 4), value, np.float32)
-    return Job(lane=lane, finish=as_is, tensor=tensor, frame_input="x", batchable=batchable, live=live)
+    return Job(lane=lane, finish=as_is, tensor=tensor, frame_input="x", batchable=batchable, live=live, opening=opening)
 
 
 def _worker(factory: Callable[[], Session], **options: int | float) -> ModelWorker:
@@ -288,6 +290,59 @@ def test_a_stream_between_frames_runs_next_when_its_frame_comes_however_busy_the
         _stop(worker)
     # Round-robin would have put it behind the next frame of each busy lane.
     assert order.index(2.0) == 3, order
+
+
+def test_a_running_streams_frame_goes_before_the_first_frames_of_a_burst_of_new_streams() -> None:
+    gate, order = threading.Event(), []  # type: ignore[var-annotated]
+    worker = _worker(_recording(order, gate))
+
+    async def scenario() -> None:
+        running = asyncio.ensure_future(worker.infer(_job("host/running", 2.0, live=True)))
+        await asyncio.sleep(0.05)  # it runs (the gate holds it); a burst of new streams' first frames comes
+        burst = [
+            asyncio.ensure_future(worker.infer(_job(f"host/new-{i}", 1.0, live=True, opening=True))) for i in range(8)
+        ]
+        await asyncio.sleep(0.05)
+        again = asyncio.ensure_future(worker.infer(_job("host/running", 3.0, live=True)))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(running, *burst, again)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        _stop(worker)
+    # Without the tie going to the running stream, its next frame waited for all eight.
+    assert order.index(3.0) == 1, order
+
+
+def test_a_new_streams_first_frame_is_no_company_for_a_running_streams_frame() -> None:
+    sizes: list[int] = []
+    gate = threading.Event()
+
+    class Held(_batching(sizes)):  # type: ignore[misc]
+        def _infer_impl(self, feed: Feed) -> Outputs:
+            gate.wait(10)
+            return super()._infer_impl(feed)
+
+    worker = _worker(Held, max_batch=8, batch_delay_s=0.05)
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(worker.infer(_job("host/other", 0.0, batchable=True, live=True)))
+        await asyncio.sleep(0.1)  # running alone, held
+        new = [_job(f"host/new-{i}", 1.0, batchable=True, live=True, opening=True) for i in range(3)]
+        waiting = [asyncio.ensure_future(worker.infer(job)) for job in new]
+        waiting.append(asyncio.ensure_future(worker.infer(_job("host/running", 2.0, batchable=True, live=True))))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(first, *waiting)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        _stop(worker)
+    # The running stream's frame alone, then the three first frames together (they may batch among themselves).
+    assert sizes == [1, 1, 3], sizes
 
 
 def test_a_client_with_many_streams_shares_one_clients_part_of_the_model() -> None:

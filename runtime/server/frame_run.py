@@ -38,11 +38,13 @@ async def run_frame(
     sequential: asyncio.Lock | None = None,
     partners: Mapping[str, FramePixels] | None = None,
     live: bool = False,
+    opening: bool = False,
 ) -> Finished:
     """One frame on ``model`` and its extra models, each leased for the time it takes.
 
     A model with recurrent state takes the frames of one ``sequential`` lock's holder one by one.
-    ``live``: a frame of a stream or capture, served before unary calls (see ``job_queue``).
+    ``live``: a frame of a stream or capture, served before unary calls; ``opening``: the stream's first
+    frame, which gives way to the frames of streams already running (see ``job_queue``).
     """
     leases: list[ServedModel] = []
     try:
@@ -54,7 +56,8 @@ async def run_frame(
             # One model after another: a frame's extra models are rare, and each keeps its own order.
             finished = [
                 await _in_time(
-                    job.model.infer(job_for(job, lane, state, frame.reset_state, deadline_ns, live)), deadline_ns
+                    job.model.infer(job_for(job, lane, state, frame.reset_state, deadline_ns, live, opening)),
+                    deadline_ns,
                 )
                 for job in jobs
             ]

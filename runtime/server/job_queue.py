@@ -27,7 +27,13 @@ round does not change anyone's share). Those that always have work take
 turns; one that has been idle, such as a 30 fps stream between frames,
 starts at the clock and so runs next, after only the job already running,
 yet cannot take more than its share by coming and going (one that empties
-forgets its tag, which lets it return at most one job ahead).
+forgets its tag, which lets it return at most one job ahead). A stream's
+first frame (``Job.opening``) loses a tie to the frames of streams already
+running, so a burst of new streams, each sending a frame, waits behind a
+running stream's next frame instead of it waiting behind all of theirs; it
+still runs before any later turn of theirs, and from its second frame on
+the stream shares like any other. Nor does it join a running stream's frame
+as company in a batch.
 
 A batch holds jobs of one class only, one per lane: on a CPU a batch of n
 rows costs nearly n inferences, so a live frame that took a request's rows
@@ -57,17 +63,19 @@ MAX_REQUEST_DEBT_NS = 100_000_000
 
 @dataclass(slots=True)
 class _Tagged:
-    # Virtual start time of the next job; ties go to what was idle (``fresh``), then by arrival.
+    # Virtual start time of the next job; ties go to what was running before (not ``opening``), then to
+    # what was idle (``fresh``), then by arrival.
     start: float
     order: int
     fresh: bool = True
+    opening: bool = False
 
-    def key(self) -> tuple[float, bool, int]:
-        return (self.start, not self.fresh, self.order)
+    def key(self) -> tuple[float, bool, bool, int]:
+        return (self.start, self.opening, not self.fresh, self.order)
 
     def served(self, job: Job[Any], order: int) -> None:
         self.start += rows(job)
-        self.order, self.fresh = order, False
+        self.order, self.fresh, self.opening = order, False, False
 
 
 @dataclass(slots=True)
@@ -92,10 +100,12 @@ class _Class:
         name = client_of(job.lane)
         client = self.clients.get(name)
         if client is None:
-            client = self.clients[name] = _Client(self.clock, order)
+            client = self.clients[name] = _Client(self.clock, order, opening=job.opening)
+        elif not job.opening:
+            client.opening = False  # one of its streams is running
         lane = client.lanes.get(job.lane)
         if lane is None:
-            lane = client.lanes[job.lane] = _Lane(client.clock, order)
+            lane = client.lanes[job.lane] = _Lane(client.clock, order, opening=job.opening)
         lane.jobs.append(job)
 
     def lanes(self) -> list[tuple[str, _Lane]]:
@@ -191,13 +201,13 @@ class JobQueue:
         clients = self._class(first).clients.values()
         lanes = [(key, lane) for client in clients for key, lane in client.lanes.items()]
         # Only counted, so in no particular order (``lanes()`` sorts).
-        return sum(1 for key, lane in lanes if key != first.lane and fits(lane.jobs[0], first))
+        return sum(1 for key, lane in lanes if key != first.lane and may_join(lane.jobs[0], first))
 
     def pop_company(self, first: Job[Any], taken: set[str], room: int) -> Job[Any] | None:
         """The head of the next lane of ``first``'s class, not in ``taken``, that fits in ``room`` rows."""
         chosen = self._class(first)
         for key, lane in chosen.lanes():
-            if key not in taken and fits(lane.jobs[0], first) and rows(lane.jobs[0]) <= room:
+            if key not in taken and may_join(lane.jobs[0], first) and rows(lane.jobs[0]) <= room:
                 self._count -= 1
                 return chosen.pop(key, next(self._order))
         return None
@@ -219,6 +229,12 @@ def fits(job: Job[Any], first: Job[Any]) -> bool:
         # Frames prepared on the instance thread all take the manifest's input shape.
         return job.prepare is not None and first.prepare is not None
     return job.tensor.shape[1:] == first.tensor.shape[1:] and job.tensor.dtype == first.tensor.dtype
+
+
+def may_join(job: Job[Any], first: Job[Any]) -> bool:
+    """Whether ``job`` may be company in ``first``'s batch: it fits, and a stream's first frame does not
+    join a running stream's (it would make that frame wait for it)."""
+    return fits(job, first) and (first.opening or not job.opening)
 
 
 def rows(job: Job[Any]) -> int:

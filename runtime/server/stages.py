@@ -231,10 +231,11 @@ def job_for(
     reset: bool,
     deadline_ns: int | None = None,
     live: bool = False,
+    opening: bool = False,
 ) -> Job[Finished]:
     """The worker job for one model on one frame, carrying the stream's state if the model has any,
     and the frame's deadline (perf_counter ns), past which the worker does not run it; ``live`` for a
-    frame of a stream or capture."""
+    frame of a stream or capture, ``opening`` for its first."""
     model = frame_job.model
     manifest = model.manifest
     state = stream.for_model(model.name, manifest) if is_stateful(manifest) else None
@@ -250,6 +251,7 @@ def job_for(
         rows=2 if model.policy.tta == FLIP else 1,
         deadline_ns=deadline_ns,
         live=live,
+        opening=opening,
     )
 
 

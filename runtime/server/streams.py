@@ -130,6 +130,8 @@ class StreamRun:
         self._reader: asyncio.Task[None] | None = None
         self._unanswered: set[Work] = set()
         self._model = ""
+        # Whether a frame has gone to a model yet: the first gives way to streams already running.
+        self._opened = False
         # Recurrent state and previous frames live as long as this stream.
         self._state = StreamState()
         self._draining = False
@@ -380,6 +382,7 @@ class StreamRun:
                 return
             if frame.model:
                 self._model = frame.model
+            opening, self._opened = not self._opened, True
             finished = await run_frame(
                 self._models,
                 frame,
@@ -394,6 +397,7 @@ class StreamRun:
                 sequential=self._sequential,
                 partners=self._partner_pixels(work),
                 live=True,
+                opening=opening,
             )
             if work.partners is not None:
                 _describe_set(finished.result, work, self.pairer)

@@ -93,6 +93,8 @@ class Job(Generic[T]):
     batchable: bool = False
     # A frame of a live source (a stream or capture), served before requests (see ``job_queue``).
     live: bool = False
+    # A stream's first frame: on a tie it waits behind frames of streams already running (see ``job_queue``).
+    opening: bool = False
     # Rows of the tensor ``prepare`` will make (2: a frame and its mirror image, flip test-time augmentation).
     rows: int = 1
     # Inferences this job makes (a KServe request of batch 4 makes 4), for the statistics.
