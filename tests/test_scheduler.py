@@ -16,6 +16,7 @@ from edgescope.runtime.pipeline.decode import encode_raw
 from edgescope.runtime.server.capture import CaptureConfig
 from edgescope.runtime.server.registry import WorkerOptions
 from edgescope.runtime.server.security import SecurityConfig
+from edgescope.runtime.server.statistics import StatisticsSnapshot
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 from .conftest import ServerThread
@@ -155,6 +156,33 @@ def test_eight_streams_on_two_models_are_batched(batching_server: ServerThread, 
         assert figures.inference_count == 48 and figures.fail.count == 0, name
         # Frames of concurrent streams share inferences: fewer executions than frames, batches above one.
         assert figures.execution_count < 48 and max(figures.batches) > 1, name
+
+
+def test_a_streams_first_frame_runs_alone_and_its_later_frames_in_batches(batching_server: ServerThread) -> None:
+    (model,) = [model for model in batching_server.running.registry.all() if model.name == "lesion-unet"]
+    before = model.statistics.snapshot()
+
+    async def frames(index: int, count: int) -> AsyncIterator[stream_pb2.Frame]:
+        for seq in range(count):
+            yield stream_pb2.Frame(stream_id=f"new-{index}", seq=seq, model="lesion-unet", raw=PIXELS)
+
+    async def run_all(count: int) -> list[list[stream_pb2.Result]]:
+        return await asyncio.gather(*(_stream(batching_server.target, frames(index, count)) for index in range(8)))
+
+    def sizes_since(snapshot: StatisticsSnapshot) -> dict[int, int]:
+        counts = {size: figures.compute_infer.count for size, figures in model.statistics.snapshot().batches.items()}
+        for size, figures in snapshot.batches.items():
+            counts[size] -= figures.compute_infer.count
+        return {size: count for size, count in counts.items() if count}
+
+    for results in asyncio.run(run_all(1)):
+        assert [r.status.code for r in results] == [OK]
+    # Eight new streams at once, one frame each: eight runs of one, no batch a running stream could wait for.
+    assert sizes_since(before) == {1: 8}
+    before = model.statistics.snapshot()
+    for results in asyncio.run(run_all(6)):
+        assert [r.status.code for r in results] == [OK] * 6
+    assert max(sizes_since(before)) > 1
 
 
 def test_reload_mid_stream_loses_nothing(server: ServerThread, example_bundle: Bundle) -> None:

@@ -316,33 +316,27 @@ def test_a_running_streams_frame_goes_before_the_first_frames_of_a_burst_of_new_
     assert order.index(3.0) == 1, order
 
 
-def test_a_new_streams_first_frame_is_no_company_for_a_running_streams_frame() -> None:
-    sizes: list[int] = []
-    gate = threading.Event()
-
-    class Held(_batching(sizes)):  # type: ignore[misc]
-        def _infer_impl(self, feed: Feed) -> Outputs:
-            gate.wait(10)
-            return super()._infer_impl(feed)
-
-    worker = _worker(Held, max_batch=8, batch_delay_s=0.05)
+def test_a_burst_of_new_streams_counts_as_one_lane_against_a_running_stream() -> None:
+    gate, order = threading.Event(), []  # type: ignore[var-annotated]
+    worker = _worker(_recording(order, gate))
 
     async def scenario() -> None:
-        first = asyncio.ensure_future(worker.infer(_job("host/other", 0.0, batchable=True, live=True)))
-        await asyncio.sleep(0.1)  # running alone, held
-        new = [_job(f"host/new-{i}", 1.0, batchable=True, live=True, opening=True) for i in range(3)]
-        waiting = [asyncio.ensure_future(worker.infer(job)) for job in new]
-        waiting.append(asyncio.ensure_future(worker.infer(_job("host/running", 2.0, batchable=True, live=True))))
+        held = asyncio.ensure_future(worker.infer(_job("host/other", 0.0, live=True)))
+        await asyncio.sleep(0.05)
+        burst = [
+            asyncio.ensure_future(worker.infer(_job(f"host/new-{i}", 1.0, live=True, opening=True))) for i in range(8)
+        ]
+        running = [asyncio.ensure_future(worker.infer(_job("host/running", 2.0, live=True))) for _ in range(3)]
         await asyncio.sleep(0.05)
         gate.set()
-        await asyncio.gather(first, *waiting)
+        await asyncio.gather(held, *burst, *running)
 
     try:
         asyncio.run(scenario())
     finally:
         _stop(worker)
-    # The running stream's frame alone, then the three first frames together (they may batch among themselves).
-    assert sizes == [1, 1, 3], sizes
+    # Turn about with the first frames; as eight lanes they would have gone between its first and second.
+    assert order[1:7] == [2.0, 1.0, 2.0, 1.0, 2.0, 1.0], order
 
 
 def test_a_client_with_many_streams_shares_one_clients_part_of_the_model() -> None:

@@ -32,8 +32,11 @@ first frame (``Job.opening``) loses a tie to the frames of streams already
 running, so a burst of new streams, each sending a frame, waits behind a
 running stream's next frame instead of it waiting behind all of theirs; it
 still runs before any later turn of theirs, and from its second frame on
-the stream shares like any other. Nor does it join a running stream's frame
-as company in a batch.
+the stream shares like any other. The first frames of a client's new
+streams wait in one lane of the client's, so that a burst of new streams
+counts as one lane, not one each, against the streams already running. (A
+first frame also runs alone, see ``stages.job_for``: in a batch it would
+make a running stream's frame wait for it.)
 
 A batch holds jobs of one class only, one per lane: on a CPU a batch of n
 rows costs nearly n inferences, so a live frame that took a request's rows
@@ -53,6 +56,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from edgescope.runtime.server.workers import Job
 
+# The lane of a client's streams' first frames (stream lanes are named ``kind-N``, so never this).
+FIRST_FRAMES = "first frames"
 # The least share of the model's time that waiting requests get while live frames wait too.
 REQUEST_SHARE = 0.25
 _LIVE_PER_REQUEST = (1.0 - REQUEST_SHARE) / REQUEST_SHARE
@@ -63,8 +68,8 @@ MAX_REQUEST_DEBT_NS = 100_000_000
 
 @dataclass(slots=True)
 class _Tagged:
-    # Virtual start time of the next job; ties go to what was running before (not ``opening``), then to
-    # what was idle (``fresh``), then by arrival.
+    # Virtual start time of the next job; ties go to what was running before (not ``opening``: a lane of
+    # first frames, a client with nothing else waiting), then to what was idle (``fresh``), then by arrival.
     start: float
     order: int
     fresh: bool = True
@@ -75,7 +80,7 @@ class _Tagged:
 
     def served(self, job: Job[Any], order: int) -> None:
         self.start += rows(job)
-        self.order, self.fresh, self.opening = order, False, False
+        self.order, self.fresh = order, False
 
 
 @dataclass(slots=True)
@@ -97,15 +102,15 @@ class _Class:
     clock: float = 0.0
 
     def put(self, job: Job[Any], order: int) -> None:
-        name = client_of(job.lane)
+        name, key = client_of(job.lane), lane_of(job)
         client = self.clients.get(name)
         if client is None:
             client = self.clients[name] = _Client(self.clock, order, opening=job.opening)
         elif not job.opening:
             client.opening = False  # one of its streams is running
-        lane = client.lanes.get(job.lane)
+        lane = client.lanes.get(key)
         if lane is None:
-            lane = client.lanes[job.lane] = _Lane(client.clock, order, opening=job.opening)
+            lane = client.lanes[key] = _Lane(client.clock, order, opening=job.opening)
         lane.jobs.append(job)
 
     def lanes(self) -> list[tuple[str, _Lane]]:
@@ -118,7 +123,7 @@ class _Class:
 
     def find(self, job: Job[Any]) -> tuple[_Client, _Lane] | None:
         client = self.clients.get(client_of(job.lane))
-        lane = None if client is None else client.lanes.get(job.lane)
+        lane = None if client is None else client.lanes.get(lane_of(job))
         return None if client is None or lane is None else (client, lane)
 
     def pop(self, key: str, order: int) -> Job[Any]:
@@ -173,7 +178,7 @@ class JobQueue:
             return False
         found[1].jobs.remove(job)
         self._count -= 1
-        chosen.forget_if_empty(job.lane)
+        chosen.forget_if_empty(lane_of(job))
         return True
 
     def pop_head(self) -> tuple[Job[Any], int]:
@@ -201,19 +206,24 @@ class JobQueue:
         clients = self._class(first).clients.values()
         lanes = [(key, lane) for client in clients for key, lane in client.lanes.items()]
         # Only counted, so in no particular order (``lanes()`` sorts).
-        return sum(1 for key, lane in lanes if key != first.lane and may_join(lane.jobs[0], first))
+        return sum(1 for key, lane in lanes if key != lane_of(first) and fits(lane.jobs[0], first))
 
     def pop_company(self, first: Job[Any], taken: set[str], room: int) -> Job[Any] | None:
         """The head of the next lane of ``first``'s class, not in ``taken``, that fits in ``room`` rows."""
         chosen = self._class(first)
         for key, lane in chosen.lanes():
-            if key not in taken and may_join(lane.jobs[0], first) and rows(lane.jobs[0]) <= room:
+            if key not in taken and fits(lane.jobs[0], first) and rows(lane.jobs[0]) <= room:
                 self._count -= 1
                 return chosen.pop(key, next(self._order))
         return None
 
     def _class(self, job: Job[Any]) -> _Class:
         return self._live if job.live else self._requests
+
+
+def lane_of(job: Job[Any]) -> str:
+    """The lane ``job`` waits in: its own, or for a stream's first frame, its client's lane of first frames."""
+    return f"{client_of(job.lane)}/{FIRST_FRAMES}" if job.opening else job.lane
 
 
 def client_of(lane: str) -> str:
@@ -229,12 +239,6 @@ def fits(job: Job[Any], first: Job[Any]) -> bool:
         # Frames prepared on the instance thread all take the manifest's input shape.
         return job.prepare is not None and first.prepare is not None
     return job.tensor.shape[1:] == first.tensor.shape[1:] and job.tensor.dtype == first.tensor.dtype
-
-
-def may_join(job: Job[Any], first: Job[Any]) -> bool:
-    """Whether ``job`` may be company in ``first``'s batch: it fits, and a stream's first frame does not
-    join a running stream's (it would make that frame wait for it)."""
-    return fits(job, first) and (first.opening or not job.opening)
 
 
 def rows(job: Job[Any]) -> int:

@@ -247,7 +247,9 @@ def job_for(
         side_inputs=frame_job.side,
         state=state,
         reset_state=reset,
-        batchable=state is None and model.batchable,
+        # A stream's first frame runs alone: a burst of new streams would otherwise come in batches
+        # that a running stream's frame waits for (on a CPU a batch of n costs about n frames).
+        batchable=state is None and model.batchable and not opening,
         rows=2 if model.policy.tta == FLIP else 1,
         deadline_ns=deadline_ns,
         live=live,

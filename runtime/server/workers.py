@@ -346,10 +346,10 @@ class ModelWorker:
                     self._cond.wait(remaining)
             batch = [first]
             if first.batchable:
-                lanes, taken = {first.lane}, job_queue.rows(first)
+                lanes, taken = {job_queue.lane_of(first)}, job_queue.rows(first)
                 while (company := self._queue.pop_company(first, lanes, self._max_batch - taken)) is not None:
                     batch.append(company)
-                    lanes.add(company.lane)
+                    lanes.add(job_queue.lane_of(company))
                     taken += job_queue.rows(company)
             return batch, charge
 
