@@ -7,12 +7,13 @@ import asyncio
 import gc
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 
 import pytest
 
-from edgescope.runtime.server.memory import MIN_INTERVAL_S, MemoryReturn
+from edgescope.runtime.server.memory import MIN_INTERVAL_S, PASSES, MemoryReturn
 
 
 @pytest.fixture
@@ -27,21 +28,28 @@ def no_automatic_collection() -> Iterator[None]:
             gc.enable()
 
 
-def test_streams_ending_together_cost_one_trim_on_a_thread_and_later_ends_another() -> None:
+async def _returns(memory: MemoryReturn, count: int) -> None:
+    """Until ``memory`` has made ``count`` returns (bounded by the caller's timeout)."""
+    while memory.returns < count:
+        await asyncio.sleep(0.01)
+
+
+def test_streams_ending_together_cost_one_return_on_a_thread_and_later_ends_another() -> None:
     threads: list[int] = []
     memory = MemoryReturn(lambda: threads.append(threading.get_ident()))
 
     async def scenario() -> None:
         for _ in range(20):
             memory.stream_ended()
-        await memory.close()
-        assert memory.returns == 1
+        await _returns(memory, PASSES)
+        await asyncio.sleep(0.05)
+        assert memory.returns == PASSES
         memory.stream_ended()
-        await memory.close()
+        await _returns(memory, 2 * PASSES)
 
     loop_thread = threading.get_ident()
     asyncio.run(asyncio.wait_for(scenario(), 10 * MIN_INTERVAL_S))
-    assert memory.returns == 2 and len(threads) == 2
+    assert memory.returns == 2 * PASSES and len(threads) == 2 * PASSES
     assert loop_thread not in threads
 
 
@@ -64,10 +72,10 @@ def test_a_finished_streams_reference_cycles_are_collected_before_the_trim() -> 
 
     async def scenario() -> None:
         memory.stream_ended()
-        await memory.close()
+        await _returns(memory, PASSES)
 
-    asyncio.run(asyncio.wait_for(scenario(), 10))
-    assert alive_at_trim == [False]
+    asyncio.run(asyncio.wait_for(scenario(), 10 * MIN_INTERVAL_S))
+    assert alive_at_trim == [False] * PASSES
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
@@ -77,7 +85,21 @@ def test_the_c_library_trim_is_found_and_runs() -> None:
 
     async def scenario() -> None:
         memory.stream_ended()
-        await memory.close()
+        await _returns(memory, PASSES)
 
-    asyncio.run(asyncio.wait_for(scenario(), 10))
-    assert memory.returns == 1
+    asyncio.run(asyncio.wait_for(scenario(), 10 * MIN_INTERVAL_S))
+    assert memory.returns == PASSES
+
+
+def test_closing_gives_up_the_returns_still_to_come_without_waiting_for_them() -> None:
+    memory = MemoryReturn(lambda: None)
+
+    async def scenario() -> float:
+        memory.stream_ended()
+        await _returns(memory, 1)
+        started = time.monotonic()
+        await memory.close()
+        return time.monotonic() - started
+
+    took = asyncio.run(asyncio.wait_for(scenario(), 10 * MIN_INTERVAL_S))
+    assert memory.returns == 1 and took < MIN_INTERVAL_S / 2
