@@ -27,16 +27,16 @@ round does not change anyone's share). Those that always have work take
 turns; one that has been idle, such as a 30 fps stream between frames,
 starts at the clock and so runs next, after only the job already running,
 yet cannot take more than its share by coming and going (one that empties
-forgets its tag, which lets it return at most one job ahead). A stream's
-first frame (``Job.opening``) loses a tie to the frames of streams already
-running, so a burst of new streams, each sending a frame, waits behind a
-running stream's next frame instead of it waiting behind all of theirs; it
-still runs before any later turn of theirs, and from its second frame on
-the stream shares like any other. The first frames of a client's new
-streams wait in one lane of the client's, so that a burst of new streams
-counts as one lane, not one each, against the streams already running. (A
-first frame also runs alone, see ``stages.job_for``: in a batch it would
-make a running stream's frame wait for it.)
+forgets its tag, which lets it return at most one job ahead).
+
+A stream's first frame (``Job.opening``) waits in one lane of its client's
+for the first frames of all that client's new streams, and that lane loses
+ties to lanes of streams already running: a burst of new streams, each
+sending a frame, counts as one lane, not one each, and a running stream's
+next frame goes first when they are level. From its second frame on a
+stream has its lane like any other. (A first frame also runs alone, see
+``stages.job_for``: in a batch it would make a running stream's frame wait
+for it.)
 
 A batch holds jobs of one class only, one per lane: on a CPU a batch of n
 rows costs nearly n inferences, so a live frame that took a request's rows

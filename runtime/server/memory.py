@@ -9,12 +9,12 @@ And glibc keeps what the server frees in its heaps: past the first few,
 large blocks such as 6 MB 1080p frames are no longer unmapped when freed but
 kept for reuse, so the resident memory stays at the peak long after.
 
-So after streams end, at most once a second, and once more a second later,
-the cycles are collected (on
-the event loop, where automatic collections run too, so finalizers run
-where they always do; about a millisecond, the startup objects being
-frozen) and ``malloc_trim`` hands the free pages back, on a thread (it walks
-every heap). On a C library without it, only the collection is done.
+So after streams end (at once, and again a second later; at most once a
+second) the cycles are collected, on the event loop, where automatic
+collections run too, so finalizers run where they always do (about a
+millisecond: the startup objects are frozen), and ``malloc_trim`` hands the
+free pages back, on a thread (it walks every heap). On a C library without
+it, only the collection is done.
 """
 
 from __future__ import annotations
