@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 
 from edgescope.bundle import Bundle
-from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
-from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgescope.runtime.pipeline.decode import encode_raw
 from edgescope.runtime.server.streams import window_frames
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 from .conftest import ServerThread
+from .hooked_backend import HookedBackend
 
 # 256 KB a frame: gRPC's adaptive window takes 16 of them unread, the fixed one none.
 BIG = encode_raw(np.full((512, 512), 90, dtype=np.uint8))
@@ -24,42 +23,13 @@ BIG = encode_raw(np.full((512, 512), 90, dtype=np.uint8))
 STALL_S = 1.0
 
 
-class _Gated(Session):
-    """The real session, except that while ``gate`` is closed every inference waits for it."""
-
-    backend_name = "gated"
-
-    def __init__(self, inner: Session, gate: threading.Event) -> None:
-        super().__init__(inner.manifest)
-        self._inner, self._gate = inner, gate
-
-    @property
-    def capabilities(self) -> SessionCapabilities:
-        return self._inner.capabilities
-
-    def _infer_impl(self, feed: Feed) -> Outputs:
-        self._gate.wait(30)
-        return self._inner.infer(feed)
-
-    def _close_impl(self) -> None:
-        self._inner.close()
-
-
-class _GatedBackend(OnnxRuntimeBackend):
-    def __init__(self) -> None:
-        super().__init__(intra_op_threads=1, spinning="off")
-        self.gate = threading.Event()
-        self.gate.set()  # open for the load's self-test and warm-up
-
-    def load(self, bundle: Bundle) -> _Gated:  # type: ignore[override]
-        return _Gated(super().load(bundle), self.gate)
-
-
 def frames_taken_from_a_client_flooding_a_stalled_stream(bundle: Bundle, adaptive_window: bool) -> tuple[int, int]:
     """How many frames the client could hand over while the model was stuck, and how many were answered."""
-    backend = _GatedBackend()
-    served = ServerThread([bundle.path], backend=backend, adaptive_window=adaptive_window)
-    backend.gate.clear()
+    # Open for the load's self-test and warm-up, then every inference waits for it.
+    gate = threading.Event()
+    gate.set()
+    served = ServerThread([bundle.path], backend=HookedBackend(lambda: gate.wait(30)), adaptive_window=adaptive_window)
+    gate.clear()
 
     async def run() -> tuple[int, int]:
         written, stop = 0, False
@@ -82,7 +52,7 @@ def frames_taken_from_a_client_flooding_a_stalled_stream(bundle: Bundle, adaptiv
                     break
             taken, stop = written, True
             # Cancelling a write would cancel the call: the one under way completes once the model is free.
-            backend.gate.set()
+            gate.set()
             await asyncio.wait_for(writer, 30)
             await call.done_writing()
             answered = 0
@@ -93,7 +63,7 @@ def frames_taken_from_a_client_flooding_a_stalled_stream(bundle: Bundle, adaptiv
     try:
         return asyncio.run(run())
     finally:
-        backend.gate.set()
+        gate.set()
         served.stop()
 
 

@@ -12,13 +12,13 @@ import grpc
 import numpy as np
 
 from edgescope.bundle import Bundle
-from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
 from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgescope.runtime.pipeline.decode import MAX_NAME_CHARS, encode_raw
 from edgescope.runtime.server.admission import STREAMS_PER_CLIENT
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 from .conftest import ServerThread
+from .hooked_backend import HookedBackend
 
 PIXELS = encode_raw(np.full((48, 64), 90, dtype=np.uint8))
 OK, ERROR = stream_pb2.FRAME_STATUS_CODE_OK, stream_pb2.FRAME_STATUS_CODE_ERROR
@@ -80,35 +80,16 @@ def test_a_client_holding_its_most_streams_is_refused_another_until_one_closes(s
     assert answer == OK
 
 
-class _Hanging(Session):
+class _HangingBackend(HookedBackend):
     """Serves normally until ``hang`` is set; then every inference blocks for a minute."""
 
-    backend_name = "hanging"
-
-    def __init__(self, inner: Session, hang: threading.Event) -> None:
-        super().__init__(inner.manifest)
-        self._inner, self._hang = inner, hang
-
-    @property
-    def capabilities(self) -> SessionCapabilities:
-        return self._inner.capabilities
-
-    def _infer_impl(self, feed: Feed) -> Outputs:
-        if self._hang.is_set():
-            time.sleep(60)
-        return self._inner.infer(feed)
-
-    def _close_impl(self) -> None:
-        self._inner.close()
-
-
-class _HangingBackend(OnnxRuntimeBackend):
     def __init__(self) -> None:
-        super().__init__(intra_op_threads=1, spinning="off")
         self.hang = threading.Event()
+        super().__init__(self._hold)
 
-    def load(self, bundle: Bundle) -> _Hanging:  # type: ignore[override]
-        return _Hanging(super().load(bundle), self.hang)
+    def _hold(self) -> None:
+        if self.hang.is_set():
+            time.sleep(60)
 
 
 def test_a_hung_model_cannot_hold_the_stop_past_the_grace_period(example_bundle: Bundle) -> None:

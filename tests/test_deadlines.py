@@ -12,50 +12,30 @@ import numpy as np
 import pytest
 
 from edgescope.bundle import Bundle
-from edgescope.runtime.backends.base import Feed, Outputs, Session, SessionCapabilities
-from edgescope.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgescope.runtime.pipeline.decode import encode_raw
 from edgescope.v1 import stream_pb2, stream_pb2_grpc
 
 from .conftest import ServerThread
+from .hooked_backend import HookedBackend
 
 PIXELS = encode_raw(np.full((48, 64), 90, dtype=np.uint8))
 OK, DROPPED = stream_pb2.FRAME_STATUS_CODE_OK, stream_pb2.FRAME_STATUS_CODE_DROPPED
 DEADLINE = stream_pb2.DROP_REASON_DEADLINE
 
 
-class _Slow(Session):
-    """The real session, ``delay_s`` slower once ``slow`` is set; counts the frames it ran."""
+class _SlowBackend(HookedBackend):
+    """The real model, ``delay_s`` slower once ``slow`` is set; counts the frames it ran since."""
 
-    backend_name = "slow"
-
-    def __init__(self, inner: Session, backend: _SlowBackend) -> None:
-        super().__init__(inner.manifest)
-        self._inner, self._backend = inner, backend
-
-    @property
-    def capabilities(self) -> SessionCapabilities:
-        return self._inner.capabilities
-
-    def _infer_impl(self, feed: Feed) -> Outputs:
-        if self._backend.slow.is_set():
-            self._backend.ran += 1
-            time.sleep(self._backend.delay_s)
-        return self._inner.infer(feed)
-
-    def _close_impl(self) -> None:
-        self._inner.close()
-
-
-class _SlowBackend(OnnxRuntimeBackend):
     def __init__(self) -> None:
-        super().__init__(intra_op_threads=1, spinning="off")
         self.slow = threading.Event()
         self.delay_s = 0.0
         self.ran = 0
+        super().__init__(self._hold)
 
-    def load(self, bundle: Bundle) -> _Slow:  # type: ignore[override]
-        return _Slow(super().load(bundle), self)
+    def _hold(self) -> None:
+        if self.slow.is_set():
+            self.ran += 1
+            time.sleep(self.delay_s)
 
 
 @pytest.fixture
