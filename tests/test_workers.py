@@ -292,49 +292,42 @@ def test_a_stream_between_frames_runs_next_when_its_frame_comes_however_busy_the
     assert order.index(2.0) == 3, order
 
 
-def test_a_running_streams_frame_goes_before_the_first_frames_of_a_burst_of_new_streams() -> None:
+def _order_of_waves(waves: list[list[Job[JobResult]]]) -> list[float]:
+    """The order a held worker runs ``waves`` of jobs in: the first wave's first job runs and is held
+    while the rest of the waves are queued one after another, then all go."""
     gate, order = threading.Event(), []  # type: ignore[var-annotated]
     worker = _worker(_recording(order, gate))
 
     async def scenario() -> None:
-        running = asyncio.ensure_future(worker.infer(_job("host/running", 2.0, live=True)))
-        await asyncio.sleep(0.05)  # it runs (the gate holds it); a burst of new streams' first frames comes
-        burst = [
-            asyncio.ensure_future(worker.infer(_job(f"host/new-{i}", 1.0, live=True, opening=True))) for i in range(8)
-        ]
-        await asyncio.sleep(0.05)
-        again = asyncio.ensure_future(worker.infer(_job("host/running", 3.0, live=True)))
-        await asyncio.sleep(0.05)
+        waiting = []
+        for wave in waves:
+            waiting += [asyncio.ensure_future(worker.infer(job)) for job in wave]
+            await asyncio.sleep(0.05)
         gate.set()
-        await asyncio.gather(running, *burst, again)
+        await asyncio.gather(*waiting)
 
     try:
         asyncio.run(scenario())
     finally:
         _stop(worker)
+    return order
+
+
+def _burst() -> list[Job[JobResult]]:
+    """Eight new streams' first frames (value 1.0)."""
+    return [_job(f"host/new-{i}", 1.0, live=True, opening=True) for i in range(8)]
+
+
+def test_a_running_streams_frame_goes_before_the_first_frames_of_a_burst_of_new_streams() -> None:
+    # It runs (held), a burst of new streams' first frames comes, then its next frame.
+    order = _order_of_waves([[_job("host/running", 2.0, live=True)], _burst(), [_job("host/running", 3.0, live=True)]])
     # Without the tie going to the running stream, its next frame waited for all eight.
     assert order.index(3.0) == 1, order
 
 
 def test_a_burst_of_new_streams_counts_as_one_lane_against_a_running_stream() -> None:
-    gate, order = threading.Event(), []  # type: ignore[var-annotated]
-    worker = _worker(_recording(order, gate))
-
-    async def scenario() -> None:
-        held = asyncio.ensure_future(worker.infer(_job("host/other", 0.0, live=True)))
-        await asyncio.sleep(0.05)
-        burst = [
-            asyncio.ensure_future(worker.infer(_job(f"host/new-{i}", 1.0, live=True, opening=True))) for i in range(8)
-        ]
-        running = [asyncio.ensure_future(worker.infer(_job("host/running", 2.0, live=True))) for _ in range(3)]
-        await asyncio.sleep(0.05)
-        gate.set()
-        await asyncio.gather(held, *burst, *running)
-
-    try:
-        asyncio.run(scenario())
-    finally:
-        _stop(worker)
+    running = [_job("host/running", 2.0, live=True) for _ in range(3)]
+    order = _order_of_waves([[_job("host/other", 0.0, live=True)], _burst() + running])
     # Turn about with the first frames; as eight lanes they would have gone between its first and second.
     assert order[1:7] == [2.0, 1.0, 2.0, 1.0, 2.0, 1.0], order
 
